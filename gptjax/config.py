@@ -1,0 +1,76 @@
+"""GPTConfig with the book's keys, and the GPT-2 presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLS = ("auto", "xla", "cudnn", "einsum")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    # The book's GPTModel has its own out_head; OpenAI's GPT-2 ties it to wte.
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype; params stay float32
+    attn_impl: str = "auto"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"GPTConfig.emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
+                f"choose n_heads among {[h for h in range(1, self.emb_dim + 1) if self.emb_dim % h == 0][:12]}..."
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"GPTConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def replace(self, **overrides: Any) -> "GPTConfig":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; valid keys: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        return cls().replace(**d)
+
+
+# The book's model settings (qkv_bias=False, untied head, dropout 0.1).
+# OpenAI's released weights use qkv_bias=True and a tied head; gpt2_weights sets those.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),
+}
+ALIASES = {"124M": "gpt2-small", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+
+def get_config(name: str, **overrides: Any) -> GPTConfig:
+    key = ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)} (or {list(ALIASES)})")
+    return GPTConfig(**PRESETS[key]).replace(**overrides)
