@@ -1,0 +1,16 @@
+import os
+
+# Tests never touch the network: loaders go straight to their local options.
+os.environ.setdefault("GPTJAX_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from gptjax.config import GPTConfig  # noqa: E402
+
+
+@pytest.fixture
+def tiny_cfg() -> GPTConfig:
+    return GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
