@@ -1,9 +1,11 @@
-"""Causal multi-head attention: the production kernel the model uses, and its einsum reference.
+"""Causal multi-head attention: the production kernel the model uses, its einsum reference,
+and the book's chapter-3 progression that leads up to them.
 
-Shapes: B batch, T query time, S key time, H heads, K head dim.
+Shapes: B batch, T query time, S key time, H heads, K head dim, D d_in, E d_out (= H * K).
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -27,7 +29,7 @@ def causal_attention_einsum(
     `q_offset` is the absolute position of q's first row (non-zero when decoding with a cache).
     """
     T, S, K = q_BTHK.shape[1], k_BSHK.shape[1], q_BTHK.shape[-1]
-    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK).astype(jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
+    att_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK, k_BSHK, preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
     causal_TS = (jnp.arange(T)[:, None] + q_offset) >= jnp.arange(S)[None, :]
     att_BHTS = jnp.where(causal_TS, att_BHTS, jnp.finfo(jnp.float32).min)
     att_BHTS = jax.nn.softmax(att_BHTS, axis=-1)
@@ -54,3 +56,131 @@ def causal_attention(
     if impl == "cudnn" and (q_BTHK.dtype == jnp.float32):
         impl = "xla"  # cuDNN flash attention needs half precision
     return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation=impl)
+
+
+# Chapter 3, step by step: readable references for teaching and tests. The model uses
+# `causal_attention` above; tests check that every step below agrees with it.
+
+
+def simplified_self_attention(inputs_TD: jax.Array) -> jax.Array:
+    """Section 3.3: no weights; each token's context vector mixes all tokens by dot-product similarity."""
+    att_TT = inputs_TD @ inputs_TD.T
+    w_TT = jax.nn.softmax(att_TT, axis=-1)
+    return w_TT @ inputs_TD
+
+
+class SelfAttentionV1(nn.Module):
+    """Section 3.4: trainable (d_in, d_out) matrices and scaled dot-product attention, no mask."""
+    d_out: int
+
+    @nn.compact
+    def __call__(self, x_TD: jax.Array) -> jax.Array:
+        shape = (x_TD.shape[-1], self.d_out)
+        init = nn.initializers.uniform(scale=1.0)  # the book's torch.rand
+        W_query = self.param("W_query", init, shape)
+        W_key = self.param("W_key", init, shape)
+        W_value = self.param("W_value", init, shape)
+        q_TK, k_TK, v_TK = x_TD @ W_query, x_TD @ W_key, x_TD @ W_value
+        att_TT = q_TK @ k_TK.swapaxes(-1, -2)
+        w_TT = jax.nn.softmax(att_TT / jnp.sqrt(k_TK.shape[-1]), axis=-1)
+        return w_TT @ v_TK
+
+
+class SelfAttentionV2(nn.Module):
+    """SelfAttentionV1 with Dense layers (better init, optional bias); same math."""
+    d_out: int
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x_TD: jax.Array) -> jax.Array:
+        q_TK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_query")(x_TD)
+        k_TK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_key")(x_TD)
+        v_TK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_value")(x_TD)
+        att_TT = q_TK @ k_TK.swapaxes(-1, -2)
+        w_TT = jax.nn.softmax(att_TT / jnp.sqrt(k_TK.shape[-1]), axis=-1)
+        return w_TT @ v_TK
+
+
+def _check_length(T: int, context_length: int) -> None:
+    if T > context_length:
+        raise ValueError(f"input has {T} tokens but context_length is {context_length}; "
+                         f"crop the input to its last {context_length} tokens")
+
+
+def _causal_mask(T: int) -> jax.Array:
+    """True where a query (row) may attend to a key (column): itself and the past."""
+    return jnp.tril(jnp.ones((T, T), dtype=bool))
+
+
+class CausalAttention(nn.Module):
+    """Section 3.5: SelfAttentionV2 on batches, future keys masked with -inf, dropout on the weights.
+
+    The weights after dropout are sown as intermediates/attn_weights for inspection.
+    """
+    d_out: int
+    context_length: int
+    drop_rate: float
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+        T = x_BTD.shape[-2]
+        _check_length(T, self.context_length)
+        q_BTK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_query")(x_BTD)
+        k_BTK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_key")(x_BTD)
+        v_BTK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_value")(x_BTD)
+        att_BTT = q_BTK @ k_BTK.swapaxes(-1, -2) / jnp.sqrt(self.d_out)
+        # -inf (not a zeroed weight) so the softmax renormalises over the visible keys only
+        att_BTT = jnp.where(_causal_mask(T), att_BTT, -jnp.inf)
+        w_BTT = jax.nn.softmax(att_BTT, axis=-1)
+        w_BTT = nn.Dropout(self.drop_rate)(w_BTT, deterministic=deterministic)
+        self.sow("intermediates", "attn_weights", w_BTT)
+        return w_BTT @ v_BTK
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """Section 3.6.1: `num_heads` independent CausalAttention heads, outputs concatenated (num_heads * d_out)."""
+    d_out: int
+    context_length: int
+    drop_rate: float
+    num_heads: int
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+        heads = [CausalAttention(self.d_out, self.context_length, self.drop_rate, self.qkv_bias, name=f"head_{h}")
+                 for h in range(self.num_heads)]
+        return jnp.concatenate([head(x_BTD, deterministic) for head in heads], axis=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Section 3.6.2: one projection each for q, k, v split into heads, one batched softmax, then out_proj.
+
+    The weights after dropout are sown as intermediates/attn_weights for inspection.
+    """
+    d_out: int
+    context_length: int
+    drop_rate: float
+    num_heads: int
+    qkv_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+        if self.d_out % self.num_heads:
+            raise ValueError(f"d_out={self.d_out} is not divisible by num_heads={self.num_heads}")
+        B, T, _ = x_BTD.shape
+        H, K, E = self.num_heads, self.d_out // self.num_heads, self.d_out
+        _check_length(T, self.context_length)
+
+        def heads(name: str) -> jax.Array:
+            a_BTE = nn.Dense(E, use_bias=self.qkv_bias, name=name)(x_BTD)
+            return a_BTE.reshape(B, T, H, K).transpose(0, 2, 1, 3)
+
+        q_BHTK, k_BHTK, v_BHTK = heads("W_query"), heads("W_key"), heads("W_value")
+        att_BHTT = q_BHTK @ k_BHTK.swapaxes(-1, -2) / jnp.sqrt(K)
+        att_BHTT = jnp.where(_causal_mask(T), att_BHTT, -jnp.inf)
+        w_BHTT = jax.nn.softmax(att_BHTT, axis=-1)
+        w_BHTT = nn.Dropout(self.drop_rate)(w_BHTT, deterministic=deterministic)
+        self.sow("intermediates", "attn_weights", w_BHTT)
+        ctx_BTE = (w_BHTT @ v_BHTK).transpose(0, 2, 1, 3).reshape(B, T, E)
+        return nn.Dense(E, name="out_proj")(ctx_BTE)

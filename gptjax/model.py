@@ -4,6 +4,7 @@ Letters: B batch, T time, D emb_dim, H heads, K head dim, V vocab.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ def _dense(cfg: GPTConfig, features: int, name: str, use_bias: bool = True, std:
 
 def _layer_norm(name: str) -> nn.LayerNorm:
     # float32 statistics whatever the compute dtype; GPT-2's eps
-    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+    return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
 class CausalSelfAttention(nn.Module):
@@ -102,11 +103,10 @@ class GPT(nn.Module):
         return logits_BTV.astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: GPTConfig, key: jax.Array) -> dict:
-    """Random params for `cfg`; jit so the big buffers are made once, on device."""
-    model = GPT(cfg)
-    dummy = jnp.zeros((1, min(cfg.context_length, 8)), jnp.int32)
-    return jax.jit(lambda k: model.init(k, dummy)["params"])(key)
+    """Random params for `cfg`, made once, on device."""
+    return GPT(cfg).init(key, jnp.zeros((1, min(cfg.context_length, 8)), jnp.int32))["params"]
 
 
 def abstract_params(cfg: GPTConfig) -> dict:

@@ -1,0 +1,511 @@
+"""Download, convert and export GPT-2 weights as safetensors (no torch or TensorFlow).
+
+Two checkpoint namings load into the same Flax params:
+  * OpenAI's / Hugging Face's GPT-2 (`wte.weight`, `h.{i}.attn.c_attn.weight`, ...; optionally under
+    `transformer.`), as on the hub and as `GPT2LMHeadModel.save_pretrained` writes it;
+  * the book's PyTorch `GPTModel` state dict (`tok_emb.weight`, `trf_blocks.{i}.att.W_query.weight`, ...).
+Both are a rename table away from gptjax's names (`_TOP`, `_BLOCK`); exporting walks the table backwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from gptjax.config import ALIASES, DTYPES, PRESETS, GPTConfig
+from gptjax.model import abstract_params
+
+HUB_REPOS: dict[str, str] = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+_PRESET_ALIASES = {
+    **{k.lower(): v for k, v in ALIASES.items()},
+    **{f"gpt2-{k.lower()}": v for k, v in ALIASES.items()},  # gpt2-124m
+    **{p: p for p in PRESETS},
+    "gpt2": "gpt2-small",
+    **{repo: p for p, repo in HUB_REPOS.items()},
+}
+DEFAULT_CACHE_DIR = Path("checkpoints") / "hf"
+_LOCAL_HINT = ("pass a local directory or .safetensors file: load_gpt2('/path/to/gpt2') "
+               "(CLI: --model PATH)")
+
+# How checkpoint tensor(s) become one Flax leaf (and, run backwards, how the leaf is exported).
+COPY, T, QKV, CAT = "copy", "T", "qkv", "cat"
+
+# (Flax leaf, OpenAI/HF name, HF transform, book name(s), book transform).
+# HF's Conv1D already stores (in, out) like a Flax kernel; the book's nn.Linear stores (out, in)
+# and splits c_attn into three projections.
+_TOP = [
+    ("wte/embedding", "wte.weight", COPY, ("tok_emb.weight",), COPY),
+    ("wpe/embedding", "wpe.weight", COPY, ("pos_emb.weight",), COPY),
+    ("ln_f/scale", "ln_f.weight", COPY, ("final_norm.scale",), COPY),
+    ("ln_f/bias", "ln_f.bias", COPY, ("final_norm.shift",), COPY),
+    ("lm_head/kernel", "lm_head.weight", T, ("out_head.weight",), T),  # only when untied
+]
+_BLOCK = [
+    ("ln_1/scale", "ln_1.weight", COPY, ("norm1.scale",), COPY),
+    ("ln_1/bias", "ln_1.bias", COPY, ("norm1.shift",), COPY),
+    ("attn/c_attn/kernel", "attn.c_attn.weight", COPY,
+     ("att.W_query.weight", "att.W_key.weight", "att.W_value.weight"), QKV),
+    ("attn/c_attn/bias", "attn.c_attn.bias", COPY, ("att.W_query.bias", "att.W_key.bias", "att.W_value.bias"), CAT),
+    ("attn/c_proj/kernel", "attn.c_proj.weight", COPY, ("att.out_proj.weight",), T),
+    ("attn/c_proj/bias", "attn.c_proj.bias", COPY, ("att.out_proj.bias",), COPY),
+    ("ln_2/scale", "ln_2.weight", COPY, ("norm2.scale",), COPY),
+    ("ln_2/bias", "ln_2.bias", COPY, ("norm2.shift",), COPY),
+    ("mlp/c_fc/kernel", "mlp.c_fc.weight", COPY, ("ff.layers.0.weight",), T),
+    ("mlp/c_fc/bias", "mlp.c_fc.bias", COPY, ("ff.layers.0.bias",), COPY),
+    ("mlp/c_proj/kernel", "mlp.c_proj.weight", COPY, ("ff.layers.2.weight",), T),
+    ("mlp/c_proj/bias", "mlp.c_proj.bias", COPY, ("ff.layers.2.bias",), COPY),
+]
+_BLOCK_PREFIX = {"hf": "h.{i}.", "book": "trf_blocks.{i}."}
+# Non-parameter buffers some checkpoints carry (causal masks): never loaded.
+_BUFFERS = {"hf": re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$"), "book": re.compile(r"^trf_blocks\.\d+\.att\.mask$")}
+_STRIP_PREFIXES = ("_orig_mod.", "transformer.")  # torch.compile wrapper; GPT2LMHeadModel's base model
+_MAX_LISTED = 10
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no")
+               for v in ("GPTJAX_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def resolve_preset(name: str) -> str | None:
+    """'gpt2', '124M', 'gpt2-small', 'openai-community/gpt2' ... -> 'gpt2-small'; None if not a preset."""
+    return _PRESET_ALIASES.get(str(name).strip().lower())
+
+
+def download_gpt2(preset: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Fetch config.json + model.safetensors of a preset from the hub (cached); returns their directory."""
+    from huggingface_hub import hf_hub_download
+
+    key = resolve_preset(preset)
+    if key is None:
+        raise ValueError(f"unknown GPT-2 preset {preset!r}; choose one of {list(HUB_REPOS)} (or 'gpt2', "
+                         f"{list(ALIASES)}), or {_LOCAL_HINT}")
+    repo = HUB_REPOS[key]
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
+    offline = _offline()
+    try:
+        paths = [hf_hub_download(repo, name, cache_dir=str(cache), local_files_only=offline)
+                 for name in ("config.json", "model.safetensors")]
+    except Exception as e:  # no network, no cache, hub errors: all end in the same advice
+        why = (f"offline (GPTJAX_OFFLINE/HF_HUB_OFFLINE is set) and not in the cache {cache}" if offline
+               else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        raise ConnectionError(f"could not get {key} weights ({repo}/model.safetensors) from the Hugging Face hub: "
+                              f"{why}. Without network, {_LOCAL_HINT}.") from e
+    return Path(paths[1]).parent
+
+
+class _Reader:
+    """Names, shapes and dtypes of a (possibly sharded) safetensors checkpoint; reads one tensor at a time.
+
+    Each read opens and closes the file: safe_open memory-maps it, and the mapped pages it touched
+    would otherwise stay resident until the end, doubling peak memory for a big model.
+    """
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        self.metadata: dict[str, str] = {}
+        for path in files:
+            with safe_open(str(path), framework="numpy") as f:
+                self.metadata.update(f.metadata() or {})
+                for name in f.keys():
+                    s = f.get_slice(name)
+                    self.where[name], self.shapes[name], self.dtypes[name] = path, tuple(s.get_shape()), s.get_dtype()
+        # checkpoint names without wrapper prefixes -> names as stored
+        self.stored: dict[str, str] = {}
+        for name in self.where:
+            canon = name
+            for prefix in _STRIP_PREFIXES:
+                canon = canon.removeprefix(prefix)
+            self.stored[canon] = name
+        prefixes = [n[: len(n) - len(c)] for c, n in self.stored.items() if c != "lm_head.weight"]
+        self.prefix = max(set(prefixes), key=prefixes.count) if prefixes else ""
+
+    def get(self, canon: str) -> np.ndarray:
+        name = self.stored[canon]
+        with safe_open(str(self.where[name]), framework="numpy") as f:
+            return f.get_tensor(name)
+
+    def shape(self, canon: str) -> tuple[int, ...] | None:
+        return self.shapes[self.stored[canon]] if canon in self.stored else None
+
+    def show(self, canon: str) -> str:
+        """The name as a person finds it in the file (with its `transformer.` prefix, if it has one)."""
+        if canon in self.stored:
+            return self.stored[canon]
+        return canon if canon == "lm_head.weight" else self.prefix + canon
+
+
+def _checkpoint_files(source: Path) -> tuple[list[Path], Path | None]:
+    """(safetensors files, config.json or None) of a directory or a .safetensors file."""
+    if not source.exists():
+        raise FileNotFoundError(f"no such file or directory: {str(source)!r}; pass a GPT-2 preset "
+                                f"({', '.join(HUB_REPOS)}, 'gpt2', '124M'...), a directory with model.safetensors "
+                                f"(+ config.json), or a .safetensors file")
+    if source.is_file():
+        if source.suffix != ".safetensors":
+            raise ValueError(f"{str(source)!r} is not a .safetensors file; convert PyTorch .bin/.pth checkpoints with "
+                             f"safetensors.torch.save_file(model.state_dict(), 'model.safetensors') first")
+        config = source.parent / "config.json"
+        return [source], config if config.is_file() else None
+    config = source / "config.json"
+    config = config if config.is_file() else None
+    if (source / "model.safetensors").is_file():
+        return [source / "model.safetensors"], config
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [source / s for s in shards], config
+    found = sorted(p.name for p in source.iterdir())[:_MAX_LISTED]
+    raise FileNotFoundError(f"{str(source)!r} holds no model.safetensors (found {found}); pass a directory with "
+                            f"model.safetensors (+ config.json) or a .safetensors file")
+
+
+def _naming(reader: _Reader, where: str) -> str:
+    names = set(reader.stored)
+    if any(n.startswith("trf_blocks.") for n in names) or "tok_emb.weight" in names:
+        return "book"
+    if any(n.startswith("h.") for n in names) or "wte.weight" in names:
+        return "hf"
+    raise ValueError(f"{where}: unrecognised tensor names {sorted(reader.where)[:5]}...; expected GPT-2's "
+                     f"(wte.weight, h.0.attn.c_attn.weight, ...) or the book's GPTModel "
+                     f"(tok_emb.weight, trf_blocks.0.att.W_query.weight, ...)")
+
+
+def _config_from_hf(d: dict[str, Any], where: str) -> dict[str, Any]:
+    D = d["n_embd"]
+    checks = [
+        (d.get("model_type", "gpt2") == "gpt2", f"model_type {d.get('model_type')!r} (need 'gpt2')"),
+        (d.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+         f"activation_function {d.get('activation_function')!r} (gptjax uses the tanh GELU, 'gelu_new')"),
+        (abs(d.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, f"layer_norm_epsilon {d.get('layer_norm_epsilon')} (need 1e-5)"),
+        (d.get("n_inner") in (None, 4 * D), f"n_inner {d.get('n_inner')} (need 4 * n_embd = {4 * D})"),
+        (d.get("scale_attn_weights", True) and not d.get("scale_attn_by_inverse_layer_idx", False),
+         "attention scaling other than 1/sqrt(head_dim)"),
+    ]
+    bad = [msg for ok, msg in checks if not ok]
+    if bad:
+        raise ValueError(f"{where}: this GPT-2 variant is not supported by gptjax's model: {'; '.join(bad)}")
+    return dict(vocab_size=d["vocab_size"], context_length=d.get("n_positions", d.get("n_ctx")), emb_dim=D,
+                n_heads=d["n_head"], n_layers=d["n_layer"], qkv_bias=True,
+                tie_embeddings=bool(d.get("tie_word_embeddings", True)))
+
+
+def _config_from_shapes(reader: _Reader, naming: str, n_heads: int | None, where: str) -> dict[str, Any]:
+    emb, pos, block = ("wte.weight", "wpe.weight", r"h\.(\d+)\.") if naming == "hf" else \
+        ("tok_emb.weight", "pos_emb.weight", r"trf_blocks\.(\d+)\.")
+    missing = [n for n in (emb, pos) if reader.shape(n) is None]
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {missing}; without them (and without config.json) the "
+                         f"model size cannot be inferred")
+    (V, D), (C, _) = reader.shape(emb), reader.shape(pos)
+    layers = {int(m.group(1)) for n in reader.stored if (m := re.match(block, n))}
+    if n_heads is None:
+        # every GPT-2 size has 64-dimensional heads
+        if D % 64:
+            raise ValueError(f"{where}: no config.json, and the head count of emb_dim={D} cannot be read from "
+                             f"tensor shapes; pass n_heads=... (or put a config.json next to the weights)")
+        n_heads = D // 64
+    return dict(vocab_size=V, context_length=C, emb_dim=D, n_heads=n_heads, n_layers=max(layers, default=-1) + 1)
+
+
+def _resolve_config(reader: _Reader, naming: str, config_path: Path | None, n_heads: int | None,
+                    where: str, file_given: bool) -> dict[str, Any]:
+    d = None
+    # A file's own metadata (export_book's self-description) describes it best; in a directory,
+    # config.json is the Hugging Face convention. A config.json beside a file is the fallback.
+    if "config" in reader.metadata and (file_given or config_path is None):
+        d = json.loads(reader.metadata["config"])
+    elif config_path is not None:
+        d = json.loads(config_path.read_text())
+    if d is not None and "n_embd" in d:
+        kw = _config_from_hf(d, str(config_path or where))
+    elif d is not None and "emb_dim" in d:  # the book's GPT_CONFIG keys
+        kw = {k: d[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers") if k in d}
+        if "qkv_bias" in d:
+            kw["qkv_bias"] = bool(d["qkv_bias"])
+        kw = {**_config_from_shapes(reader, naming, kw.get("n_heads"), where), **kw}
+    else:
+        kw = _config_from_shapes(reader, naming, n_heads, where)
+    if n_heads is not None:
+        kw["n_heads"] = n_heads
+    if naming == "book":
+        kw.setdefault("qkv_bias", reader.shape("trf_blocks.0.att.W_query.bias") is not None)
+        kw["tie_embeddings"] = False  # the book's out_head is its own tensor
+    else:
+        kw.setdefault("qkv_bias", True)
+        if "tie_embeddings" not in kw:  # no config: untied only if lm_head is there and differs from wte
+            head = reader.shape("lm_head.weight")
+            kw["tie_embeddings"] = head is None or (
+                head == reader.shape("wte.weight") and np.array_equal(reader.get("lm_head.weight"), reader.get("wte.weight")))
+    return kw
+
+
+def _ckpt_shapes(kind: str, flax_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    if kind == COPY:
+        return [flax_shape]
+    if kind == T:
+        return [flax_shape[::-1]]
+    if kind == QKV:  # Flax (D, 3D) <- three nn.Linear weights (D_out, D_in)
+        return [(flax_shape[1] // 3, flax_shape[0])] * 3
+    return [(flax_shape[0] // 3,)] * 3  # CAT
+
+
+def _to_flax(kind: str, arrays: list[np.ndarray]) -> np.ndarray:
+    if kind == COPY:
+        return arrays[0]
+    if kind == T:
+        return arrays[0].T
+    if kind == QKV:
+        return np.concatenate([a.T for a in arrays], axis=1)
+    return np.concatenate(arrays)
+
+
+def _from_flax(kind: str, x: np.ndarray) -> list[np.ndarray]:
+    if kind == COPY:
+        return [x]
+    if kind == T:
+        return [np.ascontiguousarray(x.T)]
+    if kind == QKV:
+        return [np.ascontiguousarray(p.T) for p in np.split(x, 3, axis=1)]
+    return [np.ascontiguousarray(p) for p in np.split(x, 3)]
+
+
+def _rules(cfg: GPTConfig, naming: str) -> list[tuple[tuple[str, ...], tuple[str, ...], str, list[tuple[int, ...]]]]:
+    """(Flax path, checkpoint names, transform, checkpoint shapes) for every leaf of `cfg`'s params."""
+    table = {}
+    for flax, hf, hf_kind, book, book_kind in _TOP:
+        table[flax] = ((hf,), hf_kind) if naming == "hf" else (book, book_kind)
+    for i in range(cfg.n_layers):
+        pre = _BLOCK_PREFIX[naming].format(i=i)
+        for flax, hf, hf_kind, book, book_kind in _BLOCK:
+            table[f"h_{i}/{flax}"] = ((pre + hf,), hf_kind) if naming == "hf" else (tuple(pre + b for b in book), book_kind)
+    rules = []
+    for keypath, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg)):
+        path = tuple(k.key for k in keypath)
+        names, kind = table["/".join(path)]
+        rules.append((path, names, kind, _ckpt_shapes(kind, tuple(leaf.shape))))
+    return rules
+
+
+def _raise_problems(problems: list[str], where: str, cfg: GPTConfig) -> None:
+    if problems:
+        shown = "\n  - ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise ValueError(f"{where} does not match GPTConfig(vocab_size={cfg.vocab_size}, context_length="
+                         f"{cfg.context_length}, emb_dim={cfg.emb_dim}, n_heads={cfg.n_heads}, n_layers={cfg.n_layers}, "
+                         f"qkv_bias={cfg.qkv_bias}, tie_embeddings={cfg.tie_embeddings}): {len(problems)} problem(s):"
+                         f"\n  - {shown}{more}")
+
+
+def _check_checkpoint(reader: _Reader, rules, naming: str, cfg: GPTConfig, where: str) -> None:
+    problems, used = [], set()
+    for _, names, _, shapes in rules:
+        for name, want in zip(names, shapes):
+            found = reader.shape(name)
+            if found is None:
+                problems.append(f"missing tensor {reader.show(name)!r} (expected shape {want})")
+            elif found != want:
+                problems.append(f"tensor {reader.show(name)!r}: expected shape {want}, found {found}")
+            elif not reader.dtypes[reader.stored[name]].startswith(("F", "BF")):
+                problems.append(f"tensor {reader.show(name)!r}: expected a float dtype, found {reader.dtypes[reader.stored[name]]}")
+            used.add(name)
+    if naming == "hf" and cfg.tie_embeddings:
+        used.add("lm_head.weight")  # a tied head is wte; a stored copy is redundant
+    for name in sorted(set(reader.stored) - used, key=_natural):
+        if not _BUFFERS[naming].match(name):
+            problems.append(f"unexpected tensor {reader.stored[name]!r} (shape {reader.shape(name)})")
+    _raise_problems(problems, where, cfg)
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_gpt2(source: str | os.PathLike, *, dtype: str = "float32", cache_dir: str | os.PathLike | None = None,
+              drop_rate: float = 0.0, n_heads: int | None = None) -> tuple[dict, GPTConfig]:
+    """GPT-2 weights -> (Flax params, GPTConfig).
+
+    `source`: a preset ('gpt2-small|medium|large|xl', 'gpt2', '124M'...) downloaded from the hub into
+    `cache_dir` (default checkpoints/hf); or a local directory with model.safetensors (+ config.json,
+    or a sharded model.safetensors.index.json); or a .safetensors file. OpenAI/HF and book namings are
+    detected. `dtype` is the params' storage dtype and the returned config's compute dtype.
+    `n_heads` is only needed for a non-GPT-2 size without a config.json.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    preset = resolve_preset(str(source))
+    if preset is not None and not Path(source).exists():
+        files, config_path = _checkpoint_files(download_gpt2(preset, cache_dir))
+    else:
+        files, config_path = _checkpoint_files(Path(source).expanduser())
+    where = str(files[0]) if len(files) == 1 else str(files[0].parent)
+    reader = _Reader(files)
+    naming = _naming(reader, where)
+    kw = _resolve_config(reader, naming, config_path, n_heads, where, file_given=len(files) == 1 and
+                         Path(source).expanduser().is_file())
+    cfg = GPTConfig(**kw, drop_rate=drop_rate, dtype=dtype)
+    rules = _rules(cfg, naming)
+    _check_checkpoint(reader, rules, naming, cfg, where)
+
+    params: dict = {}
+    for path, names, kind, _ in rules:
+        x = _to_flax(kind, [reader.get(n) for n in names])
+        # one tensor on the host at a time: the numpy copy dies as soon as the jax array exists
+        _set(params, path, jnp.asarray(x, dtype=dtype))
+        del x
+    return params, cfg
+
+
+def _check_params(params: dict, cfg: GPTConfig) -> None:
+    want = {"/".join(k.key for k in kp): tuple(v.shape) for kp, v in jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
+    have = {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(np.shape(v))
+            for kp, v in jax.tree_util.tree_leaves_with_path(params)}
+    problems = [f"missing param {k!r} (expected shape {s})" for k, s in want.items() if k not in have]
+    problems += [f"param {k!r}: expected shape {s}, found {have[k]}" for k, s in want.items() if k in have and have[k] != s]
+    problems += [f"unexpected param {k!r} (shape {s})" for k, s in have.items() if k not in want]
+    _raise_problems(problems, "params", cfg)
+
+
+def _host(x) -> np.ndarray:
+    """A numpy view of a (CPU) jax array, float32 unless it is already a float type safetensors stores."""
+    a = np.asarray(x)
+    return a if a.dtype in (np.float32, np.float16, jnp.bfloat16) else a.astype(np.float32)
+
+
+def hf_config(cfg: GPTConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """config.json of a Hugging Face GPT2LMHeadModel with `cfg`'s sizes."""
+    eos = 50256 if cfg.vocab_size > 50256 else cfg.vocab_size - 1  # GPT-2's <|endoftext|>
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
+        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos, "eos_token_id": eos,
+        "use_cache": True, "torch_dtype": torch_dtype,
+    }
+
+
+def _staging_dir(target: Path) -> Path:
+    """Where to stage files for `target` (itself if an existing directory, else its nearest existing
+    ancestor, so the final rename stays on one filesystem); a clear error when it cannot be written."""
+    where = target if target.is_dir() else target.parent
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir() or not os.access(where, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise PermissionError(f"cannot write {str(target)!r}: {str(where)!r} is not a writable directory; "
+                              f"choose another output path")
+    return where
+
+
+def export_hf(params: dict, cfg: GPTConfig, out_dir: str | os.PathLike) -> Path:
+    """Write params as a Hugging Face GPT-2 directory (model.safetensors + config.json); returns out_dir.
+
+    Files are staged in a temporary directory and moved into place last, so a failure leaves nothing
+    half-written. Other files already in out_dir (a tokenizer, say) are kept.
+    """
+    _check_params(params, cfg)
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"export_hf needs a directory, but {str(out)!r} is a file; choose another path")
+    stage_in = _staging_dir(out)
+    tensors: dict[str, np.ndarray] = {}
+    for path, names, kind, _ in _rules(cfg, "hf"):
+        leaf = params
+        for key in path:
+            leaf = leaf[key]
+        for name, x in zip(names, _from_flax(kind, _host(leaf))):
+            tensors[name] = x
+    if not cfg.qkv_bias:  # GPT-2 always has a qkv bias; zeros are the same model
+        for i in range(cfg.n_layers):
+            tensors[f"h.{i}.attn.c_attn.bias"] = np.zeros(3 * cfg.emb_dim, tensors["wte.weight"].dtype)
+    torch_dtype = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}[tensors["wte.weight"].dtype.name]
+
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=stage_in))
+    except OSError as e:
+        raise PermissionError(f"cannot write {str(out)!r}: {e}; choose a writable output directory") from e
+    try:
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype), indent=2) + "\n")
+        if out.exists():
+            for f in ("model.safetensors", "config.json"):
+                os.replace(staging / f, out / f)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def book_config(cfg: GPTConfig) -> dict[str, Any]:
+    """The book's GPT_CONFIG dict for `cfg`."""
+    return {k: getattr(cfg, k) for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
+                                         "drop_rate", "qkv_bias")}
+
+
+def export_book(params: dict, cfg: GPTConfig, path: str | os.PathLike) -> Path:
+    """Write params as the book's GPTModel state dict (.safetensors) that `load_state_dict` accepts as is.
+
+    A tied head is written as its own `out_head.weight`, as the book's `load_weights_into_gpt` does; the
+    causal-mask buffers are included because the book registers them as (persistent) state. The book's
+    GPT_CONFIG travels in the file's metadata, so `load_gpt2(path)` needs nothing else.
+    """
+    _check_params(params, cfg)
+    out = Path(path).expanduser().resolve()
+    if out.suffix != ".safetensors":
+        raise ValueError(f"export_book writes a .safetensors file; got {str(out)!r}")
+    stage_in = _staging_dir(out)
+    tensors: dict[str, np.ndarray] = {}
+    for p, names, kind, _ in _rules(cfg.replace(tie_embeddings=False) if cfg.tie_embeddings else cfg, "book"):
+        if p == ("lm_head", "kernel") and cfg.tie_embeddings:
+            tensors["out_head.weight"] = _host(params["wte"]["embedding"])
+            continue
+        leaf = params
+        for key in p:
+            leaf = leaf[key]
+        for name, x in zip(names, _from_flax(kind, _host(leaf))):
+            tensors[name] = x
+    mask = np.triu(np.ones((cfg.context_length, cfg.context_length), np.float32), k=1)
+    for i in range(cfg.n_layers):
+        tensors[f"trf_blocks.{i}.att.mask"] = mask
+    metadata = {"format": "pt", "config": json.dumps(book_config(cfg))}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=stage_in)
+        os.close(fd)
+    except OSError as e:
+        raise PermissionError(f"cannot write {str(out)!r}: {e}; choose a writable output path") from e
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out

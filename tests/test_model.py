@@ -1,0 +1,256 @@
+"""GPT model: the book's parameter counts, OpenAI's names, causality, dropout, precision, errors,
+and an independent NumPy forward pass."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax.config import PRESETS, GPTConfig, get_config
+from gptjax.model import GPT, abstract_params, count_params, init_params, num_params
+
+# (untied head, tied head), qkv_bias=False: the book's chapter 4 numbers
+BOOK_PARAM_COUNTS = {
+    "gpt2-small": (163_009_536, 124_412_160),
+    "gpt2-medium": (406_212_608, 354_749_440),
+    "gpt2-large": (838_220_800, 773_891_840),
+    "gpt2-xl": (1_637_792_000, 1_557_380_800),
+}
+
+
+def _tokens(cfg: GPTConfig, seed: int = 0, batch: int = 2, T: int | None = None) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (batch, T or cfg.context_length), 0, cfg.vocab_size)
+
+
+def _randomize(params: dict, seed: int = 0, scale: float = 0.2) -> dict:
+    """Push every leaf off its init (biases non-zero, LayerNorm scales not one) so nothing hides."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([a + scale * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
+
+
+def _params(cfg: GPTConfig, seed: int = 0) -> dict:
+    # params depend only on the shapes: share one init (one compile) across dtype/impl/dropout variants
+    return _init(cfg.replace(dtype="float32", attn_impl="auto", drop_rate=0.0), seed)
+
+
+@functools.cache
+def _init(cfg: GPTConfig, seed: int) -> dict:
+    return init_params(cfg, jax.random.key(seed))
+
+
+@functools.cache
+def _forward(cfg: GPTConfig, deterministic: bool = True):
+    """Jitted (params, idx, dropout key) -> logits, one compile per config; eager Flax is slow on CPU."""
+    def f(params, idx_BT, key):
+        return GPT(cfg).apply({"params": params}, idx_BT, deterministic=deterministic, rngs={"dropout": key})
+    return jax.jit(f)
+
+
+def _apply(cfg: GPTConfig, params: dict, idx_BT: jax.Array, deterministic: bool = True,
+           key: jax.Array | None = None) -> jax.Array:
+    return _forward(cfg, deterministic)(params, idx_BT, jax.random.key(0) if key is None else key)
+
+
+# --- parameter counts and names ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_num_params_match_book(name):
+    untied, tied = BOOK_PARAM_COUNTS[name]
+    assert num_params(get_config(name)) == untied
+    assert num_params(get_config(name, tie_embeddings=True)) == tied
+
+
+def test_num_params_openai_gpt2_small():
+    cfg = get_config("124M", qkv_bias=True, tie_embeddings=True)
+    assert num_params(cfg) == 124_439_808
+    # nanoGPT's "number of parameters: 123.65M" leaves out the position embeddings
+    assert num_params(cfg, exclude_embeddings=True) == 124_439_808 - 1024 * 768
+
+
+def test_count_params_matches_real_init(tiny_cfg):
+    assert count_params(_params(tiny_cfg)) == num_params(tiny_cfg) == 2 * 97 * 32 + 16 * 32 + 2 * 12_608 + 64
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_param_tree_uses_openai_names(tiny_cfg, tie, qkv_bias):
+    cfg = tiny_cfg.replace(tie_embeddings=tie, qkv_bias=qkv_bias)
+    shapes = jax.tree.map(jnp.shape, abstract_params(cfg))
+    D, L = cfg.emb_dim, cfg.n_layers
+    expected_top = {"wte", "wpe", "ln_f", *(f"h_{i}" for i in range(L))} | (set() if tie else {"lm_head"})
+    assert set(shapes) == expected_top
+    assert shapes["wte"] == {"embedding": (cfg.vocab_size, D)}
+    assert shapes["wpe"] == {"embedding": (cfg.context_length, D)}
+    assert shapes["ln_f"] == {"scale": (D,), "bias": (D,)}
+    if not tie:
+        assert shapes["lm_head"] == {"kernel": (D, cfg.vocab_size)}
+    c_attn = {"kernel": (D, 3 * D)} | ({"bias": (3 * D,)} if qkv_bias else {})
+    for i in range(L):
+        assert shapes[f"h_{i}"] == {
+            "ln_1": {"scale": (D,), "bias": (D,)},
+            "attn": {"c_attn": c_attn, "c_proj": {"kernel": (D, D), "bias": (D,)}},
+            "ln_2": {"scale": (D,), "bias": (D,)},
+            "mlp": {"c_fc": {"kernel": (D, 4 * D), "bias": (4 * D,)},
+                    "c_proj": {"kernel": (4 * D, D), "bias": (D,)}},
+        }
+
+
+def test_params_are_float32_even_for_bfloat16_compute(tiny_cfg):
+    params = abstract_params(tiny_cfg.replace(dtype="bfloat16"))
+    assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+# --- behaviour ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn_impl", ["auto", "einsum"])
+def test_model_is_causal(tiny_cfg, attn_impl):
+    cfg = tiny_cfg.replace(attn_impl=attn_impl)
+    params = _params(cfg)
+    idx_BT, t = _tokens(cfg), 6
+    changed_BT = idx_BT.at[:, t + 1:].set((idx_BT[:, t + 1:] + 1) % cfg.vocab_size)
+    logits, logits2 = _apply(cfg, params, idx_BT), _apply(cfg, params, changed_BT)
+    assert logits.shape == (2, cfg.context_length, cfg.vocab_size)
+    np.testing.assert_allclose(logits[:, :t + 1], logits2[:, :t + 1], rtol=1e-6, atol=1e-6)
+    assert not np.any(np.all(np.isclose(logits[:, t + 1:], logits2[:, t + 1:], atol=1e-5), axis=-1))
+
+
+def test_shorter_inputs_are_prefixes(tiny_cfg):
+    """A prompt shorter than the context gives the same logits as the first rows of a longer one."""
+    params = _params(tiny_cfg)
+    idx_BT = _tokens(tiny_cfg)
+    np.testing.assert_allclose(_apply(tiny_cfg, params, idx_BT[:, :5]), _apply(tiny_cfg, params, idx_BT)[:, :5],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_is_driven_by_rng_and_deterministic_flag(tiny_cfg):
+    cfg = tiny_cfg.replace(drop_rate=0.3)
+    params = _params(cfg)
+    idx_BT = _tokens(cfg)
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    run = lambda key, det: _apply(cfg, params, idx_BT, deterministic=det, key=key)  # noqa: E731
+    np.testing.assert_array_equal(run(k1, True), run(k2, True))
+    np.testing.assert_array_equal(run(k1, False), run(k1, False))
+    assert not np.allclose(run(k1, False), run(k2, False))
+    assert not np.allclose(run(k1, False), run(k1, True))
+
+
+def test_zero_dropout_needs_no_rng(tiny_cfg):
+    params = _params(tiny_cfg)
+    idx_BT = _tokens(tiny_cfg)
+    apply = jax.jit(lambda p, idx: GPT(tiny_cfg).apply({"params": p}, idx, deterministic=False))
+    np.testing.assert_allclose(apply(params, idx_BT), _apply(tiny_cfg, params, idx_BT), rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_compute_gives_float32_logits_close_to_float32(tiny_cfg):
+    params = _randomize(_params(tiny_cfg), scale=0.05)
+    idx_BT = _tokens(tiny_cfg)
+    ref = _apply(tiny_cfg, params, idx_BT)
+    bf16 = _apply(tiny_cfg.replace(dtype="bfloat16"), params, idx_BT)
+    assert ref.dtype == bf16.dtype == jnp.float32
+    err = np.abs(np.asarray(bf16) - np.asarray(ref)).max()
+    assert err < 0.05 * np.abs(np.asarray(ref)).max(), err
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_head_reads_final_layernorm(tiny_cfg, tie):
+    """Tied: logits = x @ wte.T; untied: x @ lm_head, with x the output of ln_f."""
+    cfg = tiny_cfg.replace(tie_embeddings=tie)
+    params = _randomize(_params(cfg))
+    logits, state = jax.jit(lambda p, idx: GPT(cfg).apply({"params": p}, idx, capture_intermediates=True,
+                                                          mutable=["intermediates"]))(params, _tokens(cfg))
+    x_BTD = state["intermediates"]["ln_f"]["__call__"][0]
+    head_DV = params["wte"]["embedding"].T if tie else params["lm_head"]["kernel"]
+    np.testing.assert_allclose(logits, x_BTD @ head_DV, rtol=1e-5, atol=1e-5)
+
+
+# --- errors a person can act on ----------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(emb_dim=30, n_heads=4), "not divisible by n_heads"),
+    (dict(emb_dim=0), "emb_dim must be a positive integer"),
+    (dict(n_layers=-1), "n_layers must be a positive integer"),
+    (dict(vocab_size=0), "vocab_size must be a positive integer"),
+    (dict(context_length=-8), "context_length must be a positive integer"),
+    (dict(n_heads=0), "n_heads must be a positive integer"),
+    (dict(drop_rate=1.0), "drop_rate must be in"),
+    (dict(drop_rate=-0.1), "drop_rate must be in"),
+    (dict(dtype="float64"), "dtype must be one of"),
+    (dict(attn_impl="flash"), "attn_impl must be one of"),
+])
+def test_bad_config_raises_clear_error(tiny_cfg, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_cfg.replace(**overrides)
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**{**tiny_cfg.to_dict(), **overrides})
+
+
+def test_unknown_preset_and_key():
+    with pytest.raises(ValueError, match="unknown preset 'gpt3'.*gpt2-small"):
+        get_config("gpt3")
+    with pytest.raises(ValueError, match=r"unknown GPTConfig keys \['n_embd'\]"):
+        get_config("gpt2-small", n_embd=768)
+    assert get_config("355M") == get_config("gpt2-medium")
+
+
+def test_input_longer_than_context_raises(tiny_cfg):
+    params = _params(tiny_cfg)
+    with pytest.raises(ValueError, match="17 tokens but context_length is 16"):
+        GPT(tiny_cfg).apply({"params": params}, _tokens(tiny_cfg, T=tiny_cfg.context_length + 1))
+
+
+# --- an independent NumPy forward pass ---------------------------------------------------
+
+def _np_layer_norm(x, p, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)  # biased, as in the book and GPT-2
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _np_gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_linear(x, p):
+    return x @ p["kernel"] + p.get("bias", 0.0)
+
+
+def _np_gpt(cfg: GPTConfig, params: dict, idx_BT: np.ndarray) -> np.ndarray:
+    """GPT-2 forward in float64 NumPy, written from the paper/book, not from model.py."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    B, T = idx_BT.shape
+    H, K = cfg.n_heads, cfg.emb_dim // cfg.n_heads
+    x = p["wte"]["embedding"][idx_BT] + p["wpe"]["embedding"][:T]
+    future = np.triu(np.ones((T, T), bool), k=1)
+    for i in range(cfg.n_layers):
+        blk = p[f"h_{i}"]
+        h = _np_layer_norm(x, blk["ln_1"])
+        q, k, v = np.split(_np_linear(h, blk["attn"]["c_attn"]), 3, axis=-1)
+        q, k, v = (a.reshape(B, T, H, K).transpose(0, 2, 1, 3) for a in (q, k, v))
+        scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(K)
+        scores[..., future] = -np.inf
+        w = np.exp(scores - scores.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        y = (w @ v).transpose(0, 2, 1, 3).reshape(B, T, cfg.emb_dim)
+        x = x + _np_linear(y, blk["attn"]["c_proj"])
+        h = _np_gelu(_np_linear(_np_layer_norm(x, blk["ln_2"]), blk["mlp"]["c_fc"]))
+        x = x + _np_linear(h, blk["mlp"]["c_proj"])
+    x = _np_layer_norm(x, p["ln_f"])
+    return x @ (p["wte"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"])
+
+
+@pytest.mark.parametrize("tie, qkv_bias, attn_impl", [
+    (False, False, "auto"),  # the book's model
+    (True, True, "auto"),  # OpenAI's layout
+    (False, False, "einsum"),
+])
+def test_matches_numpy_reference(tiny_cfg, tie, qkv_bias, attn_impl):
+    cfg = tiny_cfg.replace(tie_embeddings=tie, qkv_bias=qkv_bias, attn_impl=attn_impl)
+    params = _randomize(_params(cfg), seed=1)
+    idx_BT = _tokens(cfg, seed=2)
+    logits = _apply(cfg, params, idx_BT)
+    ref = _np_gpt(cfg, params, np.asarray(idx_BT))
+    assert np.abs(ref).max() > 1.0  # the check is not vacuous
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
