@@ -33,6 +33,10 @@ def perplexity(loss: float) -> float:
     return float(math.exp(min(loss, 700.0)))
 
 
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(tree)))
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array      # int32 scalar: optimizer updates done
@@ -123,7 +127,7 @@ def make_steps(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x_BT, y_BT, key, False)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": jnp.asarray(schedule(state.step))}
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": jnp.asarray(schedule(state.step))}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     @jax.jit

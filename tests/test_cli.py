@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import pytest
+
+from gptjax.cli import build_parser, main
+
+TINY = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "4", "--context-length", "16", "--batch-size", "2",
+        "--eval-freq", "2", "--eval-iter", "1", "--quiet"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("It had always been his fate to have women say such things of him. " * 30)
+    return path
+
+
+def test_pretrain_then_generate(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--corpus", str(corpus), "--epochs", "1", "--out", str(run), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "done in" in out and "sample:" in out
+    assert (run / "loss.png").exists() and (run / "metrics.jsonl").exists()
+    assert main(["generate", "--model", str(run), "--prompt", "It had", "--max-new-tokens", "5", "--top-k", "5",
+                 "--temperature", "1.0", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("It had")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "gpt2-tiny"], "unknown preset 'gpt2-tiny'"),
+    (["--n-heads", "5"], "emb_dim=32 is not divisible by n_heads=5"),
+    (["--context-length", "0"], "context_length must be a positive integer, got 0"),
+    (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+    (["--epochs", "-1"], "epochs must be a positive integer, got -1"),
+    (["--lr", "-0.1"], "learning rate must be a positive number"),
+    (["--drop-rate", "1.5"], "drop_rate must be in [0, 1)"),
+    (["--context-length", "1024"], "needed"),
+])
+def test_pretrain_bad_input(tmp_path, corpus, capsys, argv, message):
+    args = ["pretrain", "--corpus", str(corpus), "--out", str(tmp_path / "run"), *TINY, *argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "run" / "params").exists()
+
+
+def test_missing_and_empty_corpus(tmp_path, capsys):
+    assert main(["pretrain", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["pretrain", "--corpus", str(empty), "--out", str(tmp_path / "r"), *TINY]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_generate_bad_input(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_help_lists_commands():
+    text = build_parser().format_help()
+    assert "pretrain" in text and "generate" in text
+    out = subprocess.run([sys.executable, "-m", "gptjax.cli", "pretrain", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--corpus" in out.stdout and "--context-length" in out.stdout

@@ -1,0 +1,160 @@
+import json
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gptjax.checkpoint import load_run
+from gptjax.config import GPTConfig
+from gptjax.data import Batches, make_windows
+from gptjax.generate import generate
+from gptjax.train import (OptimConfig, TrainConfig, create_state, cross_entropy, make_optimizer, make_steps,
+                          perplexity, train)
+
+
+def test_cross_entropy_matches_numpy_and_ignores_minus_100():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    targets = np.array([[1, 4, -100], [0, -100, 2]])
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = [logp[b, t, targets[b, t]] for b in range(2) for t in range(3) if targets[b, t] != -100]
+    np.testing.assert_allclose(float(cross_entropy(logits, targets)), -np.mean(picked), rtol=1e-6)
+    assert float(cross_entropy(logits, np.full((2, 3), -100))) == 0.0
+    assert perplexity(np.log(10.0)) == pytest.approx(10.0)
+
+
+def _batches(cfg, n_tokens=200, batch_size=4, seed=0):
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, n_tokens)
+    x, y = make_windows(ids, cfg.context_length, cfg.context_length // 2)
+    return Batches(x, y, batch_size, shuffle=True, seed=seed)
+
+
+def _losses(cfg, steps=8, seeds=(0,)):
+    tx = make_optimizer(OptimConfig(lr=1e-3))
+    train_step, _ = make_steps(cfg, tx)
+    return [_run(train_step, create_state(cfg, tx, seed), cfg, steps) for seed in seeds]
+
+
+def _run(train_step, state, cfg, steps):
+    out, batches = [], _batches(cfg)
+    for i in range(steps):
+        state, m = train_step(state, batches.batch_at(i // len(batches), i % len(batches)))
+        out.append(float(m["loss"]))
+    return out
+
+
+def test_tiny_model_overfits_a_short_text(tiny_cfg):
+    text_ids = np.tile(np.arange(40) % tiny_cfg.vocab_size, 3)
+    x, y = make_windows(text_ids, tiny_cfg.context_length, 1)
+    tx = make_optimizer(OptimConfig(lr=3e-3, weight_decay=0.0))
+    state = create_state(tiny_cfg, tx, 0)
+    train_step, eval_step = make_steps(tiny_cfg, tx)
+    batch = (x[:16], y[:16])
+    first = float(eval_step(state.params, batch))
+    for _ in range(150):
+        state, _ = train_step(state, batch)
+    last = float(eval_step(state.params, batch))
+    assert first > 4.0 and last < 0.05, (first, last)
+
+
+def test_same_seed_same_losses_with_dropout(tiny_cfg):
+    cfg = tiny_cfg.replace(drop_rate=0.2)
+    a, b, c = _losses(cfg, steps=4, seeds=(3, 3, 4))
+    assert a == b
+    assert a != c
+
+
+def test_schedule_warmup_cosine_and_clipping():
+    ocfg = OptimConfig(lr=1e-3, initial_lr=1e-5, warmup_steps=10, decay_steps=90, min_lr=1e-4, clip_norm=1.0)
+    sched = ocfg.schedule()
+    assert float(sched(0)) == pytest.approx(1e-5, rel=1e-4)
+    assert float(sched(10)) == pytest.approx(1e-3, rel=1e-5)
+    assert float(sched(55)) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4), rel=1e-4)
+    assert float(sched(100)) == pytest.approx(1e-4)
+    tx = make_optimizer(ocfg)
+    params = {"w": jnp.ones(3)}
+    updates, _ = tx.update({"w": jnp.full(3, 100.0)}, tx.init(params), params)
+    assert np.isfinite(np.asarray(updates["w"])).all()
+
+
+def test_gradient_accumulation_equals_a_big_batch(tiny_cfg):
+    cfg = tiny_cfg
+    batches = _batches(cfg, batch_size=4)
+    x, y = batches.batch_at(0, 0)
+    big_tx = make_optimizer(OptimConfig(lr=1e-3, weight_decay=0.1))
+    acc_tx = make_optimizer(OptimConfig(lr=1e-3, weight_decay=0.1, grad_accum=2))
+    big = create_state(cfg, big_tx, 0)
+    acc = create_state(cfg, acc_tx, 0)
+    big_step, _ = make_steps(cfg, big_tx)
+    acc_step, _ = make_steps(cfg, acc_tx)
+    big, _ = big_step(big, (x, y))
+    acc, _ = acc_step(acc, (x[:2], y[:2]))
+    acc, _ = acc_step(acc, (x[2:], y[2:]))
+    for a, b in zip(jax.tree_util.tree_leaves(acc.params), jax.tree_util.tree_leaves(big.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=0.0), "learning rate must be a positive"),
+    (dict(lr=float("nan")), "learning rate must be a positive"),
+    (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+    (dict(grad_accum=0), "grad_accum must be >= 1"),
+])
+def test_bad_optimizer_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimConfig(**kwargs)
+
+
+def test_bad_train_settings():
+    with pytest.raises(ValueError, match="epochs must be a positive integer, got 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got -2"):
+        TrainConfig(batch_size=-2)
+
+
+class _CharTok:
+    """A byte-level stand-in for the GPT-2 tokenizer (keeps this test independent of BPE files)."""
+    eot_token = 0
+
+    def encode(self, text, allowed_special=()):
+        return [b % 96 + 1 for b in text.encode()]
+
+    def decode(self, ids):
+        return "".join(chr(i + 31) for i in ids)
+
+
+def test_train_loop_writes_a_loadable_run(tmp_path, tiny_cfg):
+    tok = _CharTok()
+    ids = np.array(tok.encode("the quick brown fox jumps over the lazy dog. " * 12))
+    x, y = make_windows(ids, tiny_cfg.context_length, tiny_cfg.context_length)
+    n = int(0.8 * len(x))
+    train_b = Batches(x[:n], y[:n], 4, shuffle=True, seed=0)
+    val_b = Batches(x[n:], y[n:], 4, shuffle=False, drop_last=False)
+    tcfg = TrainConfig(epochs=3, batch_size=4, eval_freq=2, eval_iter=2, sample_tokens=5, start_context="the",
+                       optim=OptimConfig(lr=3e-3))
+    res = train(tiny_cfg, tcfg, train_b, val_b, tok, tmp_path / "run", progress=False)
+    h = res["history"]
+    assert h["step"][0] == 0 and h["train_loss"][-1] < h["train_loss"][0]
+    assert res["tokens_seen"] == 3 * len(train_b) * 4 * tiny_cfg.context_length
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == h["step"] and {"lr", "grad_norm", "val_loss"} <= set(lines[0])
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert len(res["samples"]) == 3
+    params, cfg = load_run(tmp_path / "run")
+    assert cfg == tiny_cfg
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(res["state"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(generate(params, cfg, [[1, 2]], 4), generate(res["state"].params, cfg, [[1, 2]], 4))
+
+
+def test_unwritable_output_directory(tmp_path, tiny_cfg):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="cannot write to output directory"):
+        train(tiny_cfg, TrainConfig(), None, None, None, blocker / "run")
+
+
+def test_missing_run_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a gptjax run directory"):
+        load_run(tmp_path / "nope")
