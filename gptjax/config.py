@@ -20,6 +20,8 @@ class GPTConfig:
     qkv_bias: bool = False
     # The book's GPTModel has its own out_head; OpenAI's GPT-2 ties it to wte.
     tie_embeddings: bool = False
+    # > 0 replaces the LM head by a classifier head (the book's chapter 6): Dense(emb_dim -> n_classes)
+    n_classes: int = 0
     dtype: str = "float32"  # compute dtype; params stay float32
     attn_impl: str = "auto"
 
@@ -33,6 +35,8 @@ class GPTConfig:
                 f"GPTConfig.emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
                 f"choose n_heads among {[h for h in range(1, self.emb_dim + 1) if self.emb_dim % h == 0][:12]}..."
             )
+        if not isinstance(self.n_classes, int) or self.n_classes < 0 or self.n_classes == 1:
+            raise ValueError(f"GPTConfig.n_classes must be 0 (language model) or >= 2, got {self.n_classes!r}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if self.dtype not in DTYPES:

@@ -80,7 +80,7 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, idx_BT: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Token ids (B, T) -> float32 logits (B, T, V)."""
+        """Token ids (B, T) -> float32 logits (B, T, V), or (B, T, n_classes) for a classifier."""
         cfg = self.cfg
         T = idx_BT.shape[1]
         if T > cfg.context_length:
@@ -95,7 +95,9 @@ class GPT(nn.Module):
         for i in range(cfg.n_layers):
             x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic)
         x_BTD = _layer_norm("ln_f")(x_BTD)
-        if cfg.tie_embeddings:
+        if cfg.n_classes:
+            logits_BTV = nn.Dense(cfg.n_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="cls_head")(x_BTD)
+        elif cfg.tie_embeddings:
             logits_BTV = wte.attend(x_BTD.astype(jnp.float32))
         else:
             logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
