@@ -45,8 +45,11 @@ def write_random_checkpoint(preset: str, out_dir: Path, seed: int = 0) -> int:
     return sum(x.nbytes for x in tensors.values())
 
 
-def _child(task: str, path: str, dtype: str, out: str | None) -> None:
+def _child(task: str, path: str, dtype: str, out: str | None, preset: str) -> None:
     """Runs in a fresh process: one load (or load + export), peak RSS as JSON on stdout."""
+    if task == "write":
+        print(json.dumps(dict(weights=write_random_checkpoint(preset, Path(path)))))
+        return
     import jax
 
     from gptjax.gpt2_weights import export_hf, load_gpt2
@@ -69,8 +72,10 @@ def _child(task: str, path: str, dtype: str, out: str | None) -> None:
                           seconds=seconds)))
 
 
-def _measure(task: str, path: Path, dtype: str, out: Path | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", task, "--path", str(path), "--dtype", dtype]
+def _run_child(task: str, path: Path, dtype: str = "float32", out: Path | None = None, preset: str = "") -> dict:
+    # Everything heavy happens in children: Linux carries a process's peak RSS across fork+exec into
+    # its child's ru_maxrss, so this parent stays small (stdlib only).
+    cmd = [sys.executable, __file__, "--child", task, "--path", str(path), "--dtype", dtype, "--preset", preset]
     if out is not None:
         cmd += ["--out", str(out)]
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
@@ -87,11 +92,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--export", action="store_true", help="also measure export_hf of the loaded params")
     ap.add_argument("--tmp-dir", default=None, help="where the temporary checkpoint goes (default: system temp)")
-    ap.add_argument("--child", choices=["load", "export"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["write", "load", "export"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return _child(args.child, args.path, args.dtype, args.out)
+        return _child(args.child, args.path, args.dtype, args.out, args.preset)
 
     tmp = None
     try:
@@ -100,14 +105,14 @@ def main() -> None:
         else:
             tmp = Path(tempfile.mkdtemp(prefix="gpt2_load_memory.", dir=args.tmp_dir))
             t0 = time.perf_counter()
-            nbytes = write_random_checkpoint(args.preset, tmp / "ckpt")
+            nbytes = _run_child("write", tmp / "ckpt", preset=args.preset)["weights"]
             print(f"wrote a random {args.preset} checkpoint ({nbytes / 1e9:.2f} GB) to {tmp} in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
             path, label = tmp / "ckpt", f"random {args.preset}"
-        rows = [("load_gpt2", _measure("load", path, args.dtype))]
+        rows = [("load_gpt2", _run_child("load", path, args.dtype))]
         if args.export:
             out = Path(tmp or tempfile.mkdtemp(prefix="gpt2_load_memory.", dir=args.tmp_dir)) / "export"
-            rows.append(("load + export_hf", _measure("export", path, args.dtype, out)))
+            rows.append(("load + export_hf", _run_child("export", path, args.dtype, out)))
             if not tmp:
                 shutil.rmtree(out.parent, ignore_errors=True)
     finally:

@@ -54,6 +54,9 @@ _TOP = [
     ("ln_f/scale", "ln_f.weight", COPY, ("final_norm.scale",), COPY),
     ("ln_f/bias", "ln_f.bias", COPY, ("final_norm.shift",), COPY),
     ("lm_head/kernel", "lm_head.weight", T, ("out_head.weight",), T),  # only when untied
+    # the book's chapter-6 classifier replaces out_head by Linear(emb_dim, n_classes); GPT2LMHeadModel has no such head
+    ("cls_head/kernel", None, None, ("out_head.weight",), T),
+    ("cls_head/bias", None, None, ("out_head.bias",), COPY),
 ]
 _BLOCK = [
     ("ln_1/scale", "ln_1.weight", COPY, ("norm1.scale",), COPY),
@@ -190,12 +193,17 @@ def _naming(reader: _Reader, where: str) -> str:
 
 
 def _config_from_hf(d: dict[str, Any], where: str) -> dict[str, Any]:
+    missing = [k for k in ("n_embd", "n_layer", "n_head", "vocab_size") if k not in d]
+    if missing or ("n_positions" not in d and "n_ctx" not in d):
+        raise ValueError(f"{where}: GPT-2 config.json lacks {missing or ['n_positions']}; fix it or delete it "
+                         f"(sizes are then read from the tensor shapes)")
     D = d["n_embd"]
     checks = [
         (d.get("model_type", "gpt2") == "gpt2", f"model_type {d.get('model_type')!r} (need 'gpt2')"),
         (d.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
          f"activation_function {d.get('activation_function')!r} (gptjax uses the tanh GELU, 'gelu_new')"),
-        (abs(d.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12, f"layer_norm_epsilon {d.get('layer_norm_epsilon')} (need 1e-5)"),
+        (abs(d.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12,
+         f"layer_norm_epsilon {d.get('layer_norm_epsilon')} (need 1e-5)"),
         (d.get("n_inner") in (None, 4 * D), f"n_inner {d.get('n_inner')} (need 4 * n_embd = {4 * D})"),
         (d.get("scale_attn_weights", True) and not d.get("scale_attn_by_inverse_layer_idx", False),
          "attention scaling other than 1/sqrt(head_dim)"),
@@ -238,10 +246,10 @@ def _resolve_config(reader: _Reader, naming: str, config_path: Path | None, n_he
     if d is not None and "n_embd" in d:
         kw = _config_from_hf(d, str(config_path or where))
     elif d is not None and "emb_dim" in d:  # the book's GPT_CONFIG keys
-        kw = {k: d[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers") if k in d}
+        kw = {k: d[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_classes") if k in d}
         if "qkv_bias" in d:
             kw["qkv_bias"] = bool(d["qkv_bias"])
-        kw = {**_config_from_shapes(reader, naming, kw.get("n_heads"), where), **kw}
+        kw = {**_config_from_shapes(reader, naming, kw.get("n_heads", n_heads), where), **kw}
     else:
         kw = _config_from_shapes(reader, naming, n_heads, where)
     if n_heads is not None:
@@ -249,12 +257,14 @@ def _resolve_config(reader: _Reader, naming: str, config_path: Path | None, n_he
     if naming == "book":
         kw.setdefault("qkv_bias", reader.shape("trf_blocks.0.att.W_query.bias") is not None)
         kw["tie_embeddings"] = False  # the book's out_head is its own tensor
+        if "n_classes" not in kw and (head := reader.shape("out_head.bias")) is not None:
+            kw["n_classes"] = head[0]  # chapter 6: a classifier head has a bias, the LM head has none
     else:
         kw.setdefault("qkv_bias", True)
         if "tie_embeddings" not in kw:  # no config: untied only if lm_head is there and differs from wte
             head = reader.shape("lm_head.weight")
-            kw["tie_embeddings"] = head is None or (
-                head == reader.shape("wte.weight") and np.array_equal(reader.get("lm_head.weight"), reader.get("wte.weight")))
+            kw["tie_embeddings"] = head is None or (head == reader.shape("wte.weight") and np.array_equal(
+                reader.get("lm_head.weight"), reader.get("wte.weight")))
     return kw
 
 
@@ -292,7 +302,8 @@ def _rules(cfg: GPTConfig, naming: str) -> list[tuple[tuple[str, ...], tuple[str
     """(Flax path, checkpoint names, transform, checkpoint shapes) for every leaf of `cfg`'s params."""
     table = {}
     for flax, hf, hf_kind, book, book_kind in _TOP:
-        table[flax] = ((hf,), hf_kind) if naming == "hf" else (book, book_kind)
+        if naming == "book" or hf is not None:
+            table[flax] = ((hf,), hf_kind) if naming == "hf" else (book, book_kind)
     for i in range(cfg.n_layers):
         pre = _BLOCK_PREFIX[naming].format(i=i)
         for flax, hf, hf_kind, book, book_kind in _BLOCK:
@@ -300,6 +311,8 @@ def _rules(cfg: GPTConfig, naming: str) -> list[tuple[tuple[str, ...], tuple[str
     rules = []
     for keypath, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg)):
         path = tuple(k.key for k in keypath)
+        if "/".join(path) not in table:
+            raise ValueError(f"param {'/'.join(path)!r} has no name in a {naming} checkpoint")
         names, kind = table["/".join(path)]
         rules.append((path, names, kind, _ckpt_shapes(kind, tuple(leaf.shape))))
     return rules
@@ -324,8 +337,8 @@ def _check_checkpoint(reader: _Reader, rules, naming: str, cfg: GPTConfig, where
                 problems.append(f"missing tensor {reader.show(name)!r} (expected shape {want})")
             elif found != want:
                 problems.append(f"tensor {reader.show(name)!r}: expected shape {want}, found {found}")
-            elif not reader.dtypes[reader.stored[name]].startswith(("F", "BF")):
-                problems.append(f"tensor {reader.show(name)!r}: expected a float dtype, found {reader.dtypes[reader.stored[name]]}")
+            elif not (dt := reader.dtypes[reader.stored[name]]).startswith(("F", "BF")):
+                problems.append(f"tensor {reader.show(name)!r}: expected a float dtype, found {dt}")
             used.add(name)
     if naming == "hf" and cfg.tie_embeddings:
         used.add("lm_head.weight")  # a tied head is wte; a stored copy is redundant
@@ -381,7 +394,8 @@ def load_gpt2(source: str | os.PathLike, *, dtype: str = "float32", cache_dir: s
 
 
 def _check_params(params: dict, cfg: GPTConfig) -> None:
-    want = {"/".join(k.key for k in kp): tuple(v.shape) for kp, v in jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
+    want = {"/".join(k.key for k in kp): tuple(v.shape)
+            for kp, v in jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
     have = {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(np.shape(v))
             for kp, v in jax.tree_util.tree_leaves_with_path(params)}
     problems = [f"missing param {k!r} (expected shape {s})" for k, s in want.items() if k not in have]
@@ -429,6 +443,9 @@ def export_hf(params: dict, cfg: GPTConfig, out_dir: str | os.PathLike) -> Path:
     Files are staged in a temporary directory and moved into place last, so a failure leaves nothing
     half-written. Other files already in out_dir (a tokenizer, say) are kept.
     """
+    if cfg.n_classes:
+        raise ValueError(f"export_hf writes a GPT2LMHeadModel, but this model has a classifier head "
+                         f"(n_classes={cfg.n_classes}); use export_book(params, cfg, 'classifier.safetensors') to keep it")
     _check_params(params, cfg)
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -465,9 +482,9 @@ def export_hf(params: dict, cfg: GPTConfig, out_dir: str | os.PathLike) -> Path:
 
 
 def book_config(cfg: GPTConfig) -> dict[str, Any]:
-    """The book's GPT_CONFIG dict for `cfg`."""
-    return {k: getattr(cfg, k) for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
-                                         "drop_rate", "qkv_bias")}
+    """The book's GPT_CONFIG dict for `cfg` (plus n_classes for a chapter-6 classifier)."""
+    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+    return {k: getattr(cfg, k) for k in keys + (("n_classes",) if cfg.n_classes else ())}
 
 
 def export_book(params: dict, cfg: GPTConfig, path: str | os.PathLike) -> Path:
