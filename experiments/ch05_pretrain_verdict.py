@@ -35,7 +35,7 @@ def main() -> None:
     sha = VERDICT_SHA256 if args.corpus.startswith("http") else None
     text = load_corpus(args.corpus, sha256=sha)
     tok = get_gpt2_tokenizer()
-    cfg = get_config("gpt2-small", context_length=256, drop_rate=0.1, qkv_bias=False)
+    cfg = get_config("gpt2-small", context_length=256, drop_rate=0.1, qkv_bias=False, init="book")
     tcfg = TrainConfig(epochs=args.epochs, batch_size=2, eval_freq=5, eval_iter=5, seed=args.seed,
                        optim=OptimConfig(lr=4e-4, weight_decay=0.1))
     train_b, val_b = create_dataloaders(text, tok, context_length=256, batch_size=2, train_ratio=0.9, seed=args.seed)

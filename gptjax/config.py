@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
+INITS = ("gpt2", "book")
 ATTN_IMPLS = ("auto", "xla", "cudnn", "einsum")
 
 
@@ -22,6 +23,9 @@ class GPTConfig:
     tie_embeddings: bool = False
     # > 0 replaces the LM head by a classifier head (the book's chapter 6): Dense(emb_dim -> n_classes)
     n_classes: int = 0
+    # "gpt2": normal(0.02) with scaled residual projections (GPT-2/nanoGPT); "book": PyTorch's defaults,
+    # which the book's GPTModel gets (Embedding N(0,1), Linear U(+-1/sqrt(fan_in))) and its ch05 numbers need
+    init: str = "gpt2"
     dtype: str = "float32"  # compute dtype; params stay float32
     attn_impl: str = "auto"
 
@@ -39,6 +43,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_classes must be 0 (language model) or >= 2, got {self.n_classes!r}")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.init not in INITS:
+            raise ValueError(f"GPTConfig.init must be one of {INITS}, got {self.init!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attn_impl not in ATTN_IMPLS:
