@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.tokenizer import text_to_token_ids
+from gptjax.tokenizer import is_offline, text_to_token_ids
 
 VERDICT_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
@@ -25,10 +25,6 @@ VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b3
 IGNORE_INDEX = -100  # target value the loss skips; fills the padded rows of a last partial batch
 
 _SOURCES_HELP = "a local UTF-8 text file, an http(s) URL, 'hf:NAME[:CONFIG][:SPLIT]', 'default' or 'offline'"
-
-
-def _offline() -> bool:
-    return os.environ.get("GPTJAX_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def default_cache_dir() -> Path:
@@ -56,7 +52,7 @@ def cached_download(url: str, *, cache_dir: str | os.PathLike | None = None, sha
     path = _cache_path(url, cache_dir)
     if path.is_file() and (sha256 is None or _file_sha256(path) == sha256.lower()):
         return path
-    if _offline() and not url.startswith("file:"):
+    if is_offline() and not url.startswith("file:"):
         raise RuntimeError(
             f"GPTJAX_OFFLINE is set and {url} is not in the cache ({path}); unset GPTJAX_OFFLINE to download it, "
             f"or download it yourself and pass the local file path instead"
@@ -177,7 +173,7 @@ def load_corpus(
             path = cached_download(VERDICT_URL, cache_dir=cache_dir, sha256=VERDICT_SHA256)
             return _check_text(_read_text(path, VERDICT_URL), VERDICT_URL)
         except Exception as e:
-            reason = "GPTJAX_OFFLINE is set" if _offline() else f"the download failed ({e.__cause__ or e})"
+            reason = "GPTJAX_OFFLINE is set" if is_offline() else f"the download failed ({e.__cause__ or e})"
             message = (
                 f"gptjax: could not get the-verdict from {VERDICT_URL}: {reason}. Using the offline corpus "
                 f"(CPython's pydoc topics, ~20k chars) instead; to train on your own text pass a local file, "

@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 
 from gptjax.config import ALIASES, DTYPES, PRESETS, GPTConfig
 from gptjax.model import abstract_params
+from gptjax.tokenizer import is_offline
 
 HUB_REPOS: dict[str, str] = {
     "gpt2-small": "openai-community/gpt2",
@@ -80,11 +81,6 @@ _STRIP_PREFIXES = ("_orig_mod.", "transformer.")  # torch.compile wrapper; GPT2L
 _MAX_LISTED = 10
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no")
-               for v in ("GPTJAX_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def resolve_preset(name: str) -> str | None:
     """'gpt2', '124M', 'gpt2-small', 'openai-community/gpt2' ... -> 'gpt2-small'; None if not a preset."""
     return _PRESET_ALIASES.get(str(name).strip().lower())
@@ -100,7 +96,7 @@ def download_gpt2(preset: str, cache_dir: str | os.PathLike | None = None) -> Pa
                          f"{list(ALIASES)}), or {_LOCAL_HINT}")
     repo = HUB_REPOS[key]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
-    offline = _offline()
+    offline = is_offline("HF_HUB_OFFLINE")
     try:
         paths = [hf_hub_download(repo, name, cache_dir=str(cache), local_files_only=offline)
                  for name in ("config.json", "model.safetensors")]

@@ -85,8 +85,9 @@ GPT2_N_VOCAB = 50257
 _BPE_NAMES = (("encoder.json", "vocab.bpe"), ("gpt2-encoder.json", "gpt2-vocab.bpe"))
 
 
-def _offline() -> bool:
-    return os.environ.get("GPTJAX_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+def is_offline(*env_vars: str) -> bool:
+    """True when GPTJAX_OFFLINE (or any of `env_vars`, e.g. HF_HUB_OFFLINE) is set to a true value."""
+    return any(os.environ.get(v, "").strip().lower() not in ("", "0", "false", "no") for v in ("GPTJAX_OFFLINE", *env_vars))
 
 
 def _find_bpe_files(bpe_dir: Path) -> tuple[Path, Path] | None:
@@ -162,7 +163,7 @@ def get_gpt2_tokenizer(bpe_dir: str | os.PathLike | None = None) -> tiktoken.Enc
     if bpe_dir is None:
         bpe_dir = os.environ.get("GPTJAX_BPE_DIR") or None
     key = str(Path(bpe_dir).expanduser().resolve()) if bpe_dir is not None else None
-    return _load_gpt2(key, _offline())
+    return _load_gpt2(key, is_offline())
 
 
 def _encode(text: str, tokenizer: Any) -> list[int]:
