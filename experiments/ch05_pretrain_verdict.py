@@ -40,7 +40,7 @@ def main() -> None:
                        optim=OptimConfig(lr=4e-4, weight_decay=0.1))
     train_b, val_b = create_dataloaders(text, tok, context_length=256, batch_size=2, train_ratio=0.9, seed=args.seed)
     t0 = time.time()
-    res = train(cfg, tcfg, train_b, val_b, tok, args.out)
+    res = train(cfg, tcfg, train_b, val_b, tok, args.out, overwrite=True)
     wall = time.time() - t0
     h = res["history"]
 

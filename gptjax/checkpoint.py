@@ -1,12 +1,32 @@
-"""Orbax checkpoints: trained params of a run directory (and its configs)."""
+"""Orbax checkpoints: run directories, resumable training checkpoints, and the guards that keep a run safe.
+
+A run directory (`gptjax pretrain --out RUN`):
+    config.json    model, train and data settings (what `--resume RUN` reads)
+    checkpoints/   Orbax CheckpointManager, one folder per step: params/ train_state/ meta/;
+                   the last K plus the best by validation loss are kept
+    params/        the final params, for inference
+    metrics.jsonl  loss.png  samples.json
+
+Every piece here works on any pytree, so a fine-tuning loop with its own step function reuses
+`TrainCheckpoints` (save/restore/keep-best), `GracefulStop` (SIGINT/SIGTERM) and `all_finite`.
+"""
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from gptjax.config import GPTConfig
@@ -14,6 +34,326 @@ from gptjax.model import abstract_params
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+CHECKPOINTS_DIR = "checkpoints"
+_TRASH = "trash"  # Orbax moves dropped steps here first, so a kill mid-delete never leaves half a step
+_ITEMS = ("params", "train_state", "meta")
+# GPTConfig keys that decide what the params are; dtype / attn_impl / drop_rate only change compute
+SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings",
+              "n_classes")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written for another model or run settings."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint folder that exists but cannot be read back."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (disk full, permissions, ...); memory state and older checkpoints are intact."""
+
+    def __init__(self, err: int | None, message: str, step: int | None = None, state: Any = None):
+        super().__init__(err, message)
+        self.message, self.step, self.state = message, step, state
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RunExistsError(FileExistsError):
+    """`out_dir` already holds the checkpoints of another run."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after a stop request (SIGINT/SIGTERM) once the step finished and a checkpoint is on disk."""
+
+    def __init__(self, message: str, *, signum: int | None, step: int, checkpoint: Path | None, state: Any = None):
+        super().__init__(message)
+        self.message, self.signum, self.step, self.checkpoint, self.state = message, signum, step, checkpoint, state
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal number (130 for Ctrl-C)."""
+        return 128 + (self.signum or signal.SIGINT)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ----------------------------------------------------------------------------------------------- guards
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def all_finite(tree) -> bool:
+    """True when no floating leaf of `tree` holds a NaN or an infinity (one host sync)."""
+    return bool(_all_finite(tree))
+
+
+class GracefulStop:
+    """Context manager: SIGINT/SIGTERM set `.signum` instead of killing, so a loop stops at a step boundary.
+
+    A second signal raises KeyboardInterrupt at once (the checkpoint being written is then dropped, and
+    the previous one stays restorable). Outside the main thread it installs nothing and never fires.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), quiet: bool = False):
+        self.signals, self.quiet = signals, quiet
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "stop request"
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
+        self.signum = signum
+        if not self.quiet:
+            print(f"\ngptjax: got {signal.Signals(signum).name}; finishing the current step and saving a checkpoint "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+def _errno_of(e: BaseException) -> int | None:
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    m = re.search(r"os_error_code='?(\d+)", str(e))  # tensorstore reports OS errors inside a ValueError
+    return int(m.group(1)) if m else None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_diff(saved: dict, cfg: GPTConfig | dict, keys: tuple[str, ...] | None = None) -> list[str]:
+    """Differences `key is A in the checkpoint but B here` over the keys of `cfg` (nested keys dotted)."""
+    saved, want = _flat(saved), _flat(cfg.to_dict() if isinstance(cfg, GPTConfig) else dict(cfg))
+    keys = keys or tuple(sorted(want))
+    return [f"{k} is {saved.get(k)!r} in the checkpoint but {want.get(k)!r} here"
+            for k in keys if saved.get(k) != want.get(k)]
+
+
+class TrainCheckpoints:
+    """Orbax CheckpointManager for one run: per step `params`, `train_state` (any pytree) and JSON `meta`.
+
+    Keeps the last `keep` steps plus, with `keep_best`, the one with the lowest validation loss. Saves are
+    atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it), so a kill mid-save leaves the
+    previous step restorable; leftovers of such a kill are removed when a writer opens the directory.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int = 2, keep_best: bool = True, async_save: bool = True,
+                 read_only: bool = False):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 checkpoint, got {keep!r}")
+        self.directory = Path(directory).absolute()
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoints at {str(self.directory)!r} (no such directory); pass the --out "
+                                    f"directory of a `gptjax pretrain` run")
+        self.keep_best = keep_best
+        pp = ocp.checkpoint_managers
+        policies = [pp.LatestN(n=keep)]
+        if keep_best:
+            policies.append(pp.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            read_only=read_only, create=not read_only, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only, todelete_subdir=None if read_only else _TRASH,
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            # best_fn also makes Orbax write the metrics, so best survives a restart
+            best_fn=_val_loss if keep_best else None, best_mode="min")
+        self._pending: int | None = None
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        self._empty_trash()
+
+    # -- queries
+    def steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mgr.latest_step()
+
+    def best_step(self) -> int | None:
+        return self._mgr.best_step() if self.keep_best else self.latest_step()
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def describe(self, step: int | None) -> str:
+        return "none yet" if step is None else f"{self.step_dir(step)} (after {step} steps)"
+
+    # -- save
+    def save(self, step: int, params: Any, train_state: Any, meta: dict, val_loss: float | None = None) -> Path:
+        """Start writing `step` (async when enabled); raises CheckpointSaveError, never half-writes a step."""
+        if not all_finite((params, train_state)):
+            raise FloatingPointError(f"refusing to checkpoint step {step}: the parameters or optimizer state hold "
+                                     f"NaN/inf; the last good checkpoint is {self.describe(self.latest_step())}")
+        metrics = {"val_loss": float(val_loss) if val_loss is not None and math.isfinite(val_loss) else 1e30}
+        self.check()  # a failed background save surfaces here, before the next one starts
+        if step in self._mgr.all_steps():
+            return self.step_dir(step)
+        try:
+            self._pending = step
+            self._mgr.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
+                meta=ocp.args.JsonSave(meta)))
+        except Exception as e:
+            raise self._save_error(e, step) from e
+        return self.step_dir(step)
+
+    def check(self) -> None:
+        """Re-raise, as CheckpointSaveError, the failure of a background save."""
+        try:
+            self._mgr.check_for_errors()
+        except Exception as e:
+            raise self._save_error(e, self._pending) from e
+
+    def wait(self) -> None:
+        """Block until the background save is on disk (raises CheckpointSaveError if it failed)."""
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(e, self._pending) from e
+        self._pending = None
+        self._empty_trash()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._mgr.close()
+
+    def _save_error(self, e: BaseException, step: int | None) -> CheckpointSaveError:
+        if isinstance(e, CheckpointSaveError):
+            return e
+        self._pending = None
+        try:
+            self._mgr.wait_until_finished()  # an earlier background save may still be committing
+        except Exception:
+            pass
+        self._mgr.reload()  # forget the step that did not commit
+        err = _errno_of(e)
+        reason = f"[Errno {err}] {os.strerror(err)}" if err else _short(e)
+        hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
+                errno.EFBIG: "free some disk space or raise the file-size limit (ulimit -f)",
+                errno.EACCES: "make it writable", errno.EPERM: "make it writable",
+                errno.EROFS: "use a writable file system"}.get(err, "check the disk")
+        return CheckpointSaveError(
+            err, f"could not write checkpoint {step} to {self.directory}: {reason}. Training state in memory is "
+                 f"intact and older checkpoints are untouched (latest complete: {self.describe(self.latest_step())}); "
+                 f"{hint}, then resume from the latest complete checkpoint", step=step)
+
+    def _empty_trash(self) -> None:
+        trash = self.directory / _TRASH
+        if not self.read_only and trash.is_dir():
+            for child in trash.iterdir():
+                shutil.rmtree(child, ignore_errors=True)
+
+    def delete_all(self) -> None:
+        self.wait()
+        for step in self.steps():
+            self._mgr.delete(step)
+        self._mgr.reload()
+        self._empty_trash()
+
+    # -- restore
+    def _resolve(self, step: int | str | None) -> int:
+        steps = self.steps()
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {str(self.directory)!r}; the run saved none yet "
+                                    f"(unfinished saves are ignored). Start it again without --resume")
+        if step is None or step == "latest":
+            return steps[-1]
+        if step == "best":
+            return self.best_step()
+        if int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {str(self.directory)!r}; "
+                                    f"available steps: {steps}")
+        return int(step)
+
+    def _restore(self, step: int, **args) -> dict:
+        try:
+            return self._mgr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:
+            others = [s for s in self.steps() if s != step]
+            fallback = f"; or pass an older step ({others})" if others else ""
+            raise CheckpointCorruptError(
+                f"checkpoint {self.step_dir(step)} is damaged or incomplete and cannot be read ({_short(e)}). "
+                f"Delete that folder to resume from the previous checkpoint{fallback}") from None
+
+    def meta(self, step: int | str | None = None) -> dict:
+        step = self._resolve(step)
+        return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
+
+    def restore(self, params_target: Any, train_state_target: Any = None, step: int | str | None = None,
+                expect: dict | None = None) -> tuple[Any, Any, dict]:
+        """(params, train_state, meta) of `step` (default latest) into the targets' structure.
+
+        `expect` maps meta keys to the values this run needs (e.g. {"model": cfg.to_dict()}); a
+        difference raises CheckpointMismatchError naming every key that differs.
+        """
+        step = self._resolve(step)
+        meta = self.meta(step)
+        for key, want in (expect or {}).items():
+            diff = config_diff(meta.get(key) or {}, want) if isinstance(want, dict) else (
+                [] if meta.get(key) == want else [f"{key} is {meta.get(key)!r} in the checkpoint but {want!r} here"])
+            if diff:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.step_dir(step)} was written with other {key} settings: {'; '.join(diff)}. "
+                    f"Restore it with the settings stored in the run's {CONFIG_FILE} (gptjax pretrain --resume "
+                    f"RUN_DIR reads them), or start a new run in another directory")
+        args = {"params": ocp.args.StandardRestore(params_target)}
+        if train_state_target is not None:
+            args["train_state"] = ocp.args.StandardRestore(train_state_target)
+        out = self._restore(step, **args)
+        return out["params"], out.get("train_state"), meta
+
+
+def _val_loss(metrics: dict) -> float:
+    return metrics["val_loss"]
+
+
+# ------------------------------------------------------------------------------------------- run dirs
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON next to `path` and rename it over: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | None = None) -> Path:
@@ -23,7 +363,7 @@ def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | Non
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(run_dir / PARAMS_DIR, params, force=True)
     ckptr.wait_until_finished()
-    (run_dir / CONFIG_FILE).write_text(json.dumps({"model": cfg.to_dict(), **(extra or {})}, indent=1))
+    write_json_atomic(run_dir / CONFIG_FILE, {"model": cfg.to_dict(), **(extra or {})})
     return run_dir
 
 
@@ -31,22 +371,53 @@ def load_run_config(run_dir: str | Path) -> tuple[GPTConfig, dict]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a gptjax run directory (no {CONFIG_FILE}); "
-                                f"pass the --out directory of a finished `gptjax pretrain` run")
-    meta = json.loads(path.read_text())
-    return GPTConfig.from_dict(meta["model"]), meta
+                                f"pass the --out directory of a `gptjax pretrain` run")
+    try:
+        meta = json.loads(path.read_text())
+        return GPTConfig.from_dict(meta["model"]), meta
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointCorruptError(f"{path} is damaged ({_short(e)}); it should hold the run's model settings "
+                                     f"under \"model\"") from None
 
 
-def load_run(run_dir: str | Path, dtype: str | None = None) -> tuple[Any, GPTConfig]:
-    """Params for inference from a run directory; `dtype` casts them (e.g. "bfloat16")."""
+def load_run(run_dir: str | Path, dtype: str | None = None, step: int | str | None = None) -> tuple[Any, GPTConfig]:
+    """Params for inference from a run directory; `dtype` casts them (e.g. "bfloat16").
+
+    Reads the final `params/`, or a training checkpoint (`step`: an int, "latest" or "best"; an
+    interrupted run without `params/` falls back to its latest checkpoint).
+    """
     cfg, _ = load_run_config(run_dir)
-    params_dir = Path(run_dir).absolute() / PARAMS_DIR
-    if not params_dir.is_dir():
-        raise FileNotFoundError(f"run directory {str(run_dir)!r} has no {PARAMS_DIR}/ (the run did not finish?)")
+    run_dir = Path(run_dir).absolute()
+    params_dir = run_dir / PARAMS_DIR
     target = abstract_params(cfg)
-    params = ocp.StandardCheckpointer().restore(params_dir, target)
+    if step is None and params_dir.is_dir():
+        try:
+            params = ocp.StandardCheckpointer().restore(params_dir, target)
+        except Exception as e:
+            raise CheckpointCorruptError(f"{params_dir} is damaged or was written for another model "
+                                         f"({_short(e)}); its {CONFIG_FILE} says {cfg}") from None
+    elif (run_dir / CHECKPOINTS_DIR).is_dir():
+        params = restore_params(run_dir / CHECKPOINTS_DIR, cfg, step=step)
+    else:
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} has neither {PARAMS_DIR}/ nor {CHECKPOINTS_DIR}/ "
+                                f"(the run stopped before its first checkpoint?)")
     if dtype is not None:
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
     return params, cfg
+
+
+def restore_params(checkpoint_dir: str | Path, cfg: GPTConfig, step: int | str | None = None,
+                   dtype: str | None = None) -> Any:
+    """Params of a training checkpoint for `cfg` (any compute dtype); a checkpoint of another model is an error."""
+    ckpts = TrainCheckpoints(checkpoint_dir, read_only=True)
+    try:
+        params, _, _ = ckpts.restore(abstract_params(cfg), step=step,
+                                     expect={"model": {k: cfg.to_dict()[k] for k in SHAPE_KEYS}})
+    finally:
+        ckpts.close()
+    if dtype is not None:
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
+    return params
 
 
 def load_model(spec: str | Path, dtype: str | None = None) -> tuple[Any, GPTConfig]:

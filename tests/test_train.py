@@ -9,8 +9,8 @@ from gptjax.checkpoint import load_run
 from gptjax.config import GPTConfig
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
-from gptjax.train import (OptimConfig, TrainConfig, create_state, cross_entropy, make_optimizer, make_steps,
-                          perplexity, train)
+from gptjax.train import (OptimConfig, TrainConfig, clip_by_global_norm_after, create_state, cross_entropy,
+                          logged_schedule, make_optimizer, make_steps, perplexity, train)
 
 
 def test_cross_entropy_matches_numpy_and_ignores_minus_100():
@@ -95,8 +95,68 @@ def test_gradient_accumulation_equals_a_big_batch(tiny_cfg):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
 
 
+def test_appendix_d_recipe_matches_the_book():
+    ocfg = OptimConfig.appendix_d(135)  # 9 batches x 15 epochs
+    assert (ocfg.warmup_steps, ocfg.decay_steps, ocfg.clip_norm, ocfg.clip_after_warmup) == (27, 108, 1.0, True)
+    sched = ocfg.schedule()
+    # the book: lr = initial + step * (peak - initial) / warmup, then min + (peak - min) * 0.5 * (1 + cos(pi * p))
+    book = [1e-5 + s * (1e-3 - 1e-5) / 27 if s < 27 else
+            1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * (s - 27) / 108)) for s in range(135)]
+    np.testing.assert_allclose([float(sched(s)) for s in range(135)], book, rtol=1e-5, atol=1e-9)
+
+
+def test_clipping_starts_after_the_warmup_as_in_the_book():
+    clip = clip_by_global_norm_after(1.0, after=2)
+    params = {"w": jnp.zeros(4)}
+    state = clip.init(params)
+    norms = []
+    for _ in range(5):
+        out, state = clip.update({"w": jnp.full(4, 50.0)}, state, params)
+        norms.append(float(jnp.linalg.norm(out["w"])))
+    np.testing.assert_allclose(norms, [100.0, 100.0, 100.0, 1.0, 1.0], rtol=1e-6)  # `if global_step > warmup`
+
+
+def test_logged_lr_follows_updates_under_accumulation(tiny_cfg):
+    ocfg = OptimConfig(lr=1e-3, initial_lr=1e-4, warmup_steps=3, grad_accum=2)
+    tx = make_optimizer(ocfg)
+    train_step, _ = make_steps(tiny_cfg, tx, logged_schedule(ocfg))
+    state, batches = create_state(tiny_cfg, tx, 0), _batches(tiny_cfg, batch_size=2)
+    lrs = []
+    for i in range(6):
+        state, m = train_step(state, batches.batch_at(0, i))
+        lrs.append(float(m["lr"]))
+    sched = ocfg.schedule()
+    np.testing.assert_allclose(lrs, [float(sched(i // 2)) for i in range(6)], rtol=1e-6)
+    assert lrs[0] == lrs[1] < lrs[2] == lrs[3] < lrs[4]
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss(tiny_cfg):
+    tx = make_optimizer(OptimConfig(lr=1e-3))
+    batch = _batches(tiny_cfg).batch_at(0, 0)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = tiny_cfg.replace(dtype=dtype)
+        train_step, eval_step = make_steps(cfg, tx)
+        state, m = train_step(create_state(cfg, tx, 0), batch)
+        assert m["loss"].dtype == jnp.float32 and m["grad_norm"].dtype == jnp.float32
+        assert {a.dtype for a in jax.tree_util.tree_leaves((state.params, state.opt_state))
+                if jnp.issubdtype(a.dtype, jnp.floating)} == {jnp.dtype("float32")}
+        out[dtype] = float(m["loss"]), float(eval_step(state.params, batch))
+    np.testing.assert_allclose(out["bfloat16"], out["float32"], rtol=2e-2)
+
+
+def test_train_config_round_trips_through_json():
+    tcfg = TrainConfig(epochs=3, save_every=4, optim=OptimConfig.appendix_d(30, grad_accum=2))
+    assert TrainConfig.from_dict(json.loads(json.dumps(tcfg.to_dict()))) == tcfg
+    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['epoch'\]"):
+        TrainConfig.from_dict({"epoch": 3})
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(lr=0.0), "learning rate must be a positive"),
+    (dict(lr=1e-3, initial_lr=1e-2), r"initial_lr and min_lr must lie in \[0, lr=0.001\]"),
+    (dict(clip_norm=0.0), "clip_norm must be > 0 or None, got 0.0"),
+    (dict(warmup_steps=-1), "warmup_steps and decay_steps must be >= 0, got -1 and 0"),
     (dict(lr=float("nan")), "learning rate must be a positive"),
     (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
     (dict(grad_accum=0), "grad_accum must be >= 1"),
@@ -111,6 +171,10 @@ def test_bad_train_settings():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got -2"):
         TrainConfig(batch_size=-2)
+    with pytest.raises(ValueError, match="keep_checkpoints must be a positive integer, got 0"):
+        TrainConfig(keep_checkpoints=0)
+    with pytest.raises(ValueError, match=r"save_every must be >= 0 \(0 = every epoch\), got -5"):
+        TrainConfig(save_every=-5)
 
 
 class _CharTok:

@@ -1,0 +1,177 @@
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax.checkpoint import (CheckpointCorruptError, CheckpointMismatchError, RunExistsError, TrainCheckpoints,
+                               TrainingInterrupted, load_run, restore_params)
+from gptjax.config import GPTConfig
+from gptjax.data import Batches, make_windows
+from gptjax.generate import generate
+from gptjax.train import OptimConfig, TrainConfig, train
+
+
+class CharTok:
+    """A byte-level stand-in for the GPT-2 tokenizer (no BPE files needed)."""
+    eot_token = 0
+
+    def encode(self, text, allowed_special=()):
+        return [b % 96 + 1 for b in text.encode()]
+
+    def decode(self, ids):
+        return "".join(chr(i + 31) for i in ids)
+
+
+def loaders(cfg, repeat=12):
+    tok = CharTok()
+    ids = np.array(tok.encode("the quick brown fox jumps over the lazy dog. " * repeat))
+    x, y = make_windows(ids, cfg.context_length, cfg.context_length)
+    n = int(0.8 * len(x))
+    return Batches(x[:n], y[:n], 2, shuffle=True, seed=5), Batches(x[n:], y[n:], 2, shuffle=False, drop_last=False), tok
+
+
+def tcfg_(**kw):
+    kw = {"epochs": 2, "batch_size": 2, "eval_freq": 3, "eval_iter": 1, "sample_tokens": 3, "start_context": "the",
+          **kw}
+    return TrainConfig(**kw)
+
+
+def leaves_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def test_resume_is_bitwise_exact_with_dropout_shuffling_accumulation_and_schedule(tmp_path, tiny_cfg):
+    cfg = tiny_cfg.replace(drop_rate=0.1)
+    train_b, val_b, tok = loaders(cfg)
+    n = 2 * len(train_b)
+    tcfg = tcfg_(save_every=4, optim=OptimConfig.appendix_d(n // 2, lr=3e-3, grad_accum=2))
+    full = train(cfg, tcfg, train_b, val_b, tok, tmp_path / "full", progress=False)
+    stop = len(train_b) + 3  # mid-epoch, mid-accumulation (odd micro-step), between two periodic saves
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg, tcfg, train_b, val_b, tok, tmp_path / "resumed", progress=False, stop_after=stop)
+    assert info.value.step == stop and info.value.checkpoint.name == str(stop)
+    res = train(cfg, tcfg, train_b, val_b, tok, tmp_path / "resumed", progress=False, resume=True)
+    assert len(full["steps"]["loss"]) == n
+    assert res["steps"] == full["steps"]  # every per-step loss, lr and grad norm, bit for bit
+    assert res["history"] == full["history"] and res["samples"] == full["samples"]
+    assert res["tokens_seen"] == full["tokens_seen"]
+    assert leaves_equal(res["state"], full["state"])  # params, Adam moments, MultiSteps buffers, step, key
+    log = lambda run: [{k: v for k, v in json.loads(s).items() if k != "elapsed_s"}
+                       for s in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert log("resumed") == log("full")
+
+
+def test_keeps_last_k_plus_best_and_survives_a_restart(tmp_path):
+    params = lambda s: {"w": jnp.full((3,), float(s))}
+    ck = TrainCheckpoints(tmp_path / "ck", keep=2)
+    for step, val in [(1, 5.0), (2, 1.0), (3, 4.0), (4, 6.0)]:
+        ck.save(step, params(step), {"step": jnp.asarray(step)}, {"val_loss": val}, val)
+    ck.close()
+    ck = TrainCheckpoints(tmp_path / "ck", keep=2)
+    assert ck.steps() == [2, 3, 4] and ck.best_step() == 2 and ck.latest_step() == 4
+    ck.save(5, params(5), {"step": jnp.asarray(5)}, {"val_loss": 0.5}, 0.5)
+    ck.close()
+    ck = TrainCheckpoints(tmp_path / "ck", read_only=True)
+    assert ck.steps() == [4, 5] and ck.best_step() == 5
+    p, rest, meta = ck.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)},
+                               {"step": jax.ShapeDtypeStruct((), jnp.int32)}, step=4)
+    assert float(p["w"][0]) == 4.0 and int(rest["step"]) == 4 and meta == {"val_loss": 6.0}
+
+
+def test_never_checkpoints_non_finite_values(tmp_path):
+    ck = TrainCheckpoints(tmp_path / "ck")
+    ck.save(1, {"w": jnp.ones(2)}, {"step": jnp.asarray(1)}, {})
+    with pytest.raises(FloatingPointError, match=r"refusing to checkpoint step 2: .*NaN/inf; the last good "
+                                                 r"checkpoint is .*ck/1 \(after 1 steps\)"):
+        ck.save(2, {"w": jnp.array([1.0, jnp.nan])}, {"step": jnp.asarray(2)}, {})
+    ck.close()
+    assert TrainCheckpoints(tmp_path / "ck").steps() == [1]
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A run stopped after 5 steps: checkpoints 4 and 5, no final params/."""
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+    run = tmp_path_factory.mktemp("interrupted") / "run"
+    train_b, val_b, tok = loaders(cfg)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, tcfg_(save_every=2), train_b, val_b, tok, run, progress=False, stop_after=5)
+    return run, cfg
+
+
+def test_restore_for_inference_in_any_dtype(interrupted_run):
+    run, cfg = interrupted_run
+    assert not (run / "params").exists()
+    params, got_cfg = load_run(run, dtype="bfloat16")  # falls back to the latest checkpoint
+    assert got_cfg == cfg
+    assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {jnp.dtype("bfloat16")}
+    p32 = restore_params(run / "checkpoints", cfg.replace(dtype="bfloat16"), step=4)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(p32)} == {jnp.dtype("float32")}
+    assert generate(params, cfg.replace(dtype="bfloat16"), [[1, 2]], 3).shape == (1, 5)
+
+
+def test_checkpoint_of_another_model_names_what_differs(interrupted_run):
+    run, cfg = interrupted_run
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint .*/checkpoints/5 was written with other model "
+                                                      r"settings: emb_dim is 32 in the checkpoint but 64 here; "
+                                                      r"n_layers is 2 in the checkpoint but 3 here"):
+        restore_params(run / "checkpoints", cfg.replace(emb_dim=64, n_layers=3))
+
+
+def test_resume_with_other_train_settings_names_what_differs(interrupted_run, tmp_path):
+    run, cfg = interrupted_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    train_b, val_b, tok = loaders(cfg)
+    with pytest.raises(CheckpointMismatchError, match=r"other train settings: epochs is 2 in the checkpoint but 3 "
+                                                      r"here; optim.lr is 0.0004 in the checkpoint but 0.001 here"):
+        train(cfg, tcfg_(epochs=3, optim=OptimConfig(lr=1e-3)), train_b, val_b, tok, copy, progress=False,
+              resume=True)
+
+
+def test_missing_and_empty_checkpoint_directories(tmp_path, tiny_cfg):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoints at '.*nope' \(no such directory\)"):
+        restore_params(tmp_path / "nope", tiny_cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint in '.*empty'; the run saved none yet"):
+        restore_params(tmp_path / "empty", tiny_cfg)
+    ck = TrainCheckpoints(tmp_path / "some")
+    for s in (4, 5):
+        ck.save(s, {"w": jnp.ones(2)}, {"step": jnp.asarray(s)}, {})
+    ck.close()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7 in .*; available steps: \[4, 5\]"):
+        restore_params(tmp_path / "some", tiny_cfg, step=7)
+
+
+@pytest.mark.parametrize("damage", ["garble arrays", "delete meta"])
+def test_corrupted_checkpoint_is_one_clear_error(interrupted_run, tmp_path, damage):
+    run, cfg = interrupted_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    step_dir = copy / "checkpoints" / "5"
+    if damage == "garble arrays":
+        for f in (step_dir / "params").rglob("d/*"):
+            f.write_bytes(b"\0" * 64)
+    else:
+        shutil.rmtree(step_dir / "meta")
+    with pytest.raises(CheckpointCorruptError, match=r"checkpoint .*/checkpoints/5 is damaged or incomplete and "
+                                                     r"cannot be read \(.*\)\. Delete that folder to resume from the "
+                                                     r"previous checkpoint; or pass an older step \(\[4\]\)"):
+        load_run(copy)
+
+
+def test_a_second_run_in_the_same_directory_is_refused(interrupted_run, tmp_path):
+    run, cfg = interrupted_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    train_b, val_b, tok = loaders(cfg)
+    with pytest.raises(RunExistsError, match=r"already holds a run \(checkpoint after 5 steps\); continue it with "
+                                             r"`gptjax pretrain --resume"):
+        train(cfg, tcfg_(), train_b, val_b, tok, copy, progress=False)
+    res = train(cfg, tcfg_(epochs=1), train_b, val_b, tok, copy, progress=False, overwrite=True)
+    assert TrainCheckpoints(copy / "checkpoints", read_only=True).steps() == [len(train_b)]
+    assert res["state"].step == len(train_b)
