@@ -146,6 +146,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from gptjax.gpt2_weights import download_gpt2
+
+    path = download_gpt2(args.size, cache_dir=args.cache_dir)
+    print(f"{args.size}: {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from gptjax.checkpoint import load_model
+    from gptjax.gpt2_weights import export_book, export_hf
+
+    params, cfg = load_model(args.model)
+    out = export_book(params, cfg, args.out) if args.format == "book" else export_hf(params, cfg, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from gptjax.bench import BenchConfig, run
 
@@ -300,8 +318,8 @@ def cmd_finetune_instruct(args) -> int:
                               max_new_tokens=args.max_new_tokens, base_model=args.model, data_source=args.data,
                               resume=args.resume, progress=not args.quiet)
         f = r["final"]
-        print(f"done: train loss {f.get('train_loss', float('nan')):.3f}, val loss {f.get('val_loss', float('nan')):.3f} "
-              f"after {r['steps']} steps ({r['wall_s']:.0f} s); run saved in {args.out}"
+        print(f"done: train loss {f.get('train_loss', float('nan')):.3f}, "
+              f"val loss {f.get('val_loss', float('nan')):.3f} after {r['steps']} steps ({r['wall_s']:.0f} s); run saved in {args.out}"
               + (f"; test responses in {Path(args.out) / 'test-responses.json'}" if "eval" in r else ""))
         print(f"try: gptjax chat --model {args.out}")
         return 0
@@ -511,7 +529,8 @@ def _add_ch7_commands(sub) -> None:
     p.add_argument("--url", default="http://localhost:11434", help="Ollama-compatible server (or its /api/chat URL)")
     p.add_argument("--offline", action="store_true", help="no judge: only exact match and ROUGE-L (and, with --run, "
                    "the reference loss)")
-    p.add_argument("--run", default=None, help="also report the loss/perplexity of the reference answers under this model")
+    p.add_argument("--run", default=None, help="also report the loss/perplexity of the reference answers under "
+                   "this model")
     p.add_argument("--style", default=None, choices=["alpaca", "phi3"], help="prompt template for the judge's input")
     p.add_argument("--limit", type=int, default=None, help="score only the first N records")
     p.add_argument("--out", default=None, help="scores JSON (default: DATA-scores.json)")
@@ -528,8 +547,10 @@ def _add_ch7_commands(sub) -> None:
     _add_ch7_train_args(p, model_default=None, epochs=1, lr=5e-6, weight_decay=0.01, out="checkpoints/dpo")
     p.set_defaults(func=cmd_dpo)
 
-    p = sub.add_parser("chat", formatter_class=fmt, help="talk to an instruction-tuned model; answers stream token by token")
-    p.add_argument("--model", required=True, help="a finetune-instruct/dpo run directory, a GPT-2 size or local weights")
+    p = sub.add_parser("chat", formatter_class=fmt,
+                       help="talk to an instruction-tuned model; answers stream token by token")
+    p.add_argument("--model", required=True, help="a finetune-instruct/dpo run directory, a GPT-2 size or local "
+                   "weights")
     p.add_argument("--style", default=None, choices=["alpaca", "phi3"], help="prompt template (default: the run's)")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
@@ -599,6 +620,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="decode without the KV cache (the book's loop; slower)")
     p.add_argument("--bpe-dir", default=None, help="directory with GPT-2's encoder.json + vocab.bpe (offline)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("download", help="download OpenAI's GPT-2 weights (safetensors) from the Hugging Face hub",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("size", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (or 124M|355M|774M|1558M)")
+    p.add_argument("--cache-dir", default=None, help="where to put them (default: checkpoints/hf)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("export", help="export a model to a Hugging Face GPT-2 directory or the book's safetensors",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="a run directory, a GPT-2 size or a GPT-2 safetensors path")
+    p.add_argument("--out", required=True, help="output directory (hf) or .safetensors file (book)")
+    p.add_argument("--format", default="hf", choices=["hf", "book"],
+                   help="hf: model.safetensors + config.json for transformers; book: the book's GPTModel names")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="time compile, train steps, MFU, memory and decoding, next to PyTorch",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -696,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     setup()  # persistent compilation cache (~/.cache/gptjax/jax) and XLA:CPU flags, before any JAX work
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, FloatingPointError, KeyError) as e:
+    except (ValueError, OSError, FloatingPointError, KeyError, RuntimeError, ImportError) as e:
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

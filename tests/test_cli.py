@@ -64,3 +64,25 @@ def test_help_lists_commands():
     assert "pretrain" in text and "generate" in text
     out = subprocess.run([sys.executable, "-m", "gptjax.cli", "pretrain", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--corpus" in out.stdout and "--context-length" in out.stdout
+
+
+def test_download_offline_names_the_local_option(capsys):
+    assert main(["download", "gpt2-small"]) == 2
+    assert "--model PATH" in capsys.readouterr().err
+
+
+def test_export_a_run_to_hf_and_book_formats(tmp_path, corpus, capsys):
+    from gptjax.gpt2_weights import load_gpt2
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--corpus", str(corpus), "--epochs", "1", "--out", str(run), *TINY]) == 0
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "book.safetensors"), "--format", "book"]) == 0
+    from gptjax.checkpoint import load_run
+    import numpy as np
+
+    params, _ = load_run(run)
+    for path in (tmp_path / "hf", tmp_path / "book.safetensors"):
+        loaded, cfg = load_gpt2(path)
+        np.testing.assert_array_equal(np.asarray(loaded["h_1"]["mlp"]["c_fc"]["kernel"]),
+                                      np.asarray(params["h_1"]["mlp"]["c_fc"]["kernel"]))
