@@ -42,6 +42,11 @@ def cmd_pretrain(args) -> int:
     from gptjax.tokenizer import get_gpt2_tokenizer
     from gptjax.train import TrainConfig, train
 
+    if args.sharding != "none":
+        from gptjax.sharding import initialize_distributed
+
+        initialize_distributed()  # no-op for one process; joins a multi-host run from the environment
+
     if args.resume:
         out = args.resume
         cfg, meta = load_run_config(out)
@@ -75,7 +80,8 @@ def cmd_pretrain(args) -> int:
     print(f"corpus: {len(text):,} characters; {cfg}")
     try:
         result = train(cfg, tcfg, train_b, val_b, tok, out, progress=not args.quiet, resume=bool(args.resume),
-                       overwrite=args.overwrite, run_info={"data": data})
+                       overwrite=args.overwrite, run_info={"data": data}, sharding=args.sharding,
+                       fsdp=args.fsdp)
     except TrainingInterrupted as e:
         print(f"gptjax pretrain: {e}", file=sys.stderr)
         return e.exit_code
@@ -105,7 +111,7 @@ def _optim_config(args, updates: int):
 
 
 # flags a --resume may still take: they do not change what is trained
-_RESUME_FLAGS = {"resume", "quiet", "corpus", "bpe_dir", "func", "command"}
+_RESUME_FLAGS = {"sharding", "fsdp", "resume", "quiet", "corpus", "bpe_dir", "func", "command"}
 
 
 def _check_resume_flags(args, run: str, run_values: dict) -> None:
@@ -600,6 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "by validation loss)")
     g.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints in the foreground")
     g.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
+    g = p.add_argument_group("devices (gptjax.sharding; multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                             "JAX_PROCESS_ID, or run under SLURM / on a TPU pod)")
+    g.add_argument("--sharding", default="none", choices=["none", "dp", "fsdp"],
+                   help="none: one device; dp: batch split over all devices, params replicated; fsdp: params and "
+                        "optimizer state split too")
+    g.add_argument("--fsdp", type=int, default=None, help="size of the fsdp mesh axis (default: all devices)")
     _add_model_args(p)
     p.set_defaults(func=cmd_pretrain)
 

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax.config import GPTConfig
-from gptjax.train import TrainState, create_state, global_norm, make_loss_fn
+from gptjax.train import TrainState, create_state, step_functions
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)  # the batch dimension is split over every device of the mesh
@@ -220,23 +220,9 @@ class ShardedSteps:
         self.batch_sharding = batch_sharding(mesh)
         replicated = NamedSharding(mesh, P())
         params_sharding = self.state_sharding.params
-        loss_fn = make_loss_fn(cfg)
-        schedule = schedule or (lambda step: jnp.nan)
-
-        def train_step(state: TrainState, batch):
-            x_BT, y_BT = batch
-            key = jax.random.fold_in(state.key, state.step)
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, x_BT, y_BT, key, False)
-            # under FSDP this makes the gradient reduction a reduce-scatter into each device's shard
-            grads = jax.lax.with_sharding_constraint(grads, params_sharding)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": jnp.asarray(schedule(state.step))}
-            return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-        def eval_step(params, batch):
-            x_BT, y_BT = batch
-            return loss_fn(params, x_BT, y_BT, None, True)
+        # under FSDP the constraint makes the gradient reduction a reduce-scatter into each device's shard
+        train_step, eval_step = step_functions(
+            cfg, tx, schedule, constrain_grads=lambda g: jax.lax.with_sharding_constraint(g, params_sharding))
 
         batch_in = (self.batch_sharding, self.batch_sharding)
         self.train_step_jit = jax.jit(train_step, in_shardings=(self.state_sharding, batch_in),

@@ -156,27 +156,37 @@ def make_loss_fn(cfg: GPTConfig) -> Callable:
     return loss_fn
 
 
-def make_steps(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None):
-    """Jitted `train_step(state, (x, y)) -> (state, metrics)` and `eval_step(params, (x, y)) -> loss`."""
+def step_functions(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None,
+                   constrain_grads: Callable | None = None):
+    """The un-jitted `train_step(state, (x, y)) -> (state, metrics)` and `eval_step(params, (x, y)) -> loss`.
+
+    `constrain_grads` (e.g. a sharding constraint) is applied to the gradients before the update.
+    """
     loss_fn = make_loss_fn(cfg)
     schedule = schedule or (lambda step: jnp.nan)
 
-    @partial(jax.jit, donate_argnums=0)
     def train_step(state: TrainState, batch):
         x_BT, y_BT = batch
         key = jax.random.fold_in(state.key, state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x_BT, y_BT, key, False)
+        if constrain_grads is not None:
+            grads = constrain_grads(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": jnp.asarray(schedule(state.step))}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    @jax.jit
     def eval_step(params, batch):
         x_BT, y_BT = batch
         return loss_fn(params, x_BT, y_BT, None, True)
 
     return train_step, eval_step
+
+
+def make_steps(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None):
+    """Jitted `train_step(state, (x, y)) -> (state, metrics)` (state donated) and `eval_step(params, (x, y)) -> loss`."""
+    train_step, eval_step = step_functions(cfg, tx, schedule)
+    return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
 
 
 def evaluate(eval_step: Callable, params: Any, batches: Iterable, num_batches: int | None = None) -> float:
@@ -231,13 +241,15 @@ _CHECKPOINT_KEYS = ("save_every", "keep_checkpoints", "async_checkpoint")
 
 def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokenizer, out_dir: str | Path,
           params: Any = None, progress: bool = True, *, resume: bool = False, overwrite: bool = False,
-          run_info: dict | None = None, stop_after: int | None = None) -> dict:
+          run_info: dict | None = None, stop_after: int | None = None, sharding: str = "none",
+          fsdp: int | None = None) -> dict:
     """The book's train loop (appendix D's with a warmup/cosine/clip OptimConfig) over jitted steps, checkpointed.
 
     Writes config.json, checkpoints/, metrics.jsonl, then params/, samples.json and loss.png at the end.
     `resume` continues from the latest checkpoint of `out_dir` exactly (same losses, bit for bit);
     `overwrite` drops the checkpoints of an earlier run there; `run_info` is stored in config.json
     (the CLI keeps its data settings there); `stop_after` stops as if interrupted once that many steps are done.
+    `sharding` "dp" / "fsdp" trains over every device (gptjax.sharding; `fsdp` sets that axis's size).
     Raises TrainingInterrupted after SIGINT/SIGTERM (a checkpoint is on disk), FloatingPointError when
     the loss stops being finite (nothing non-finite is saved), CheckpointSaveError when a save fails.
     """
@@ -251,13 +263,26 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
         raise ValueError("pass either params (weights to start from) or resume=True (continue a run), not both")
     n_batches = len(train_batches)
     total_steps = tcfg.epochs * n_batches
-    tx, train_step, eval_step = _compiled_steps(cfg, tcfg.optim)
+    if sharding == "none":
+        tx, train_step, eval_step = _compiled_steps(cfg, tcfg.optim)
+        abstract_state = lambda: jax.eval_shape(lambda: create_state(cfg, tx, tcfg.seed))  # noqa: E731
+        initial_state = lambda: create_state(cfg, tx, tcfg.seed, params)  # noqa: E731
+    else:
+        from gptjax.sharding import check_batch, make_mesh, make_sharded_steps
+
+        mesh = make_mesh(sharding, fsdp=fsdp)
+        check_batch(tcfg.batch_size, mesh)
+        tx = make_optimizer(tcfg.optim)
+        sharded = make_sharded_steps(cfg, tx, mesh, sharding, logged_schedule(tcfg.optim))
+        train_step, eval_step = sharded.train_step, sharded.eval_step
+        abstract_state = sharded.abstract_state
+        initial_state = lambda: sharded.init_state(tcfg.seed, params)  # noqa: E731
     log_path = out_dir / "metrics.jsonl"
     ckpts = TrainCheckpoints(out_dir / CHECKPOINTS_DIR, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
     log = None
     try:
         if resume:
-            abstract = jax.eval_shape(lambda: create_state(cfg, tx, tcfg.seed))
+            abstract = abstract_state()
             train_dict = {k: v for k, v in tcfg.to_dict().items() if k not in _CHECKPOINT_KEYS}
             p, rest, meta = ckpts.restore(abstract.params, _rest_of(abstract),
                                           expect={"model": cfg.to_dict(), "train": train_dict,
@@ -278,7 +303,7 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
                         f"`gptjax pretrain --resume {out_dir}` (train(..., resume=True)), start over with --overwrite, "
                         f"or choose another --out")
                 ckpts.delete_all()
-            state = create_state(cfg, tx, tcfg.seed, params)
+            state = initial_state()
             done = epoch0 = batch0 = tokens_seen = 0
             wall_before = 0.0
             history = {"step": [], "tokens_seen": [], "epoch": [], "train_loss": [], "val_loss": []}

@@ -275,3 +275,24 @@ if __name__ == "__main__":
     mode, tmp = sys.argv[1], Path(sys.argv[2])
     result = {"mesh": worker_mesh, "process": worker_process}[mode](tmp)
     print(json.dumps(result))
+
+
+def test_pretrain_cli_with_fsdp_matches_one_device(tmp_path):
+    """`gptjax pretrain --sharding fsdp` on 4 simulated devices gives one device's losses and a loadable run."""
+    import numpy as np
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("It had always been his fate to have women say such things of him. " * 30)
+    tiny = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "4", "--context-length", "16", "--batch-size", "4",
+            "--eval-freq", "2", "--eval-iter", "1", "--epochs", "1", "--quiet", "--corpus", str(corpus)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "GPTJAX_CACHE_DIR": ""}
+    losses = {}
+    for mode in ("none", "fsdp"):
+        out = tmp_path / mode
+        r = subprocess.run([sys.executable, "-m", "gptjax.cli", "pretrain", *tiny, "--out", str(out),
+                            "--sharding", mode], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        losses[mode] = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses["none"]) >= 3
+    np.testing.assert_allclose(losses["fsdp"], losses["none"], rtol=1e-5)
