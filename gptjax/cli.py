@@ -179,6 +179,8 @@ def cmd_bench(args) -> int:
                      dtype=args.dtype, drop_rate=args.drop_rate, tie_embeddings=args.tie_embeddings,
                      attn_impl=args.attn_impl, scan_layers=args.scan_layers, scan_unroll=args.scan_unroll,
                      remat=args.remat, vocab_multiple=args.vocab_multiple, n_layers=args.n_layers, steps=args.steps,
+                     model_overrides={k: v for k, v in (("emb_dim", args.emb_dim), ("n_heads", args.n_heads))
+                                      if v is not None},
                      warmup=args.warmup, decode_batches=tuple(args.decode_batch), decode_prompt=args.decode_prompt,
                      decode_tokens=args.decode_tokens, nocache_tokens=args.nocache_tokens,
                      decode_rounds=args.decode_rounds, weight_dtypes=tuple(args.weight_dtype),
@@ -651,6 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="gpt2-small", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl")
     p.add_argument("--n-layers", type=int, default=None, help="override the preset's blocks (quick runs)")
+    p.add_argument("--emb-dim", type=int, default=None, help="override the preset's embedding size")
+    p.add_argument("--n-heads", type=int, default=None, help="override the preset's heads")
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")

@@ -8,6 +8,8 @@ from typing import Any
 DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("gpt2", "book")
 ATTN_IMPLS = ("auto", "xla", "cudnn", "einsum")
+# what the backward pass recomputes instead of storing (jax.checkpoint policies, see model.REMAT_POLICIES)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,16 @@ class GPTConfig:
     # which the book's GPTModel gets (Embedding N(0,1), Linear U(+-1/sqrt(fan_in))) and its ch05 numbers need
     init: str = "gpt2"
     dtype: str = "float32"  # compute dtype; params stay float32
-    attn_impl: str = "auto"
+    attn_impl: str = "auto"  # auto: cuDNN flash attention on NVIDIA GPUs in half precision, XLA elsewhere
+    # Speed options; none changes the math (tests check each against the plain model).
+    # scan_layers: one nn.scan over the blocks, params stacked under "h" (model.stack_layers converts);
+    # compiles one block instead of n_layers. scan_unroll: blocks per scan iteration.
+    scan_layers: bool = False
+    scan_unroll: int = 1
+    remat: str = "none"  # recompute activations in the backward pass: none|full|dots|dots_no_batch
+    # > 1 pads wte/lm_head rows to a multiple of this (64: 50257 -> 50304, nanoGPT's trick); the
+    # padded logits are sliced off inside the model, so loss and sampling never see them
+    vocab_multiple: int = 1
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -49,10 +60,22 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"GPTConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"GPTConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        for name in ("scan_unroll", "vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be an integer >= 1, got {value!r}")
 
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of wte (and columns of lm_head): vocab_size rounded up to vocab_multiple."""
+        m = self.vocab_multiple
+        return -(-self.vocab_size // m) * m
 
     def replace(self, **overrides: Any) -> "GPTConfig":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

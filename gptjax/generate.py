@@ -1,19 +1,30 @@
-"""Text generation: the book's greedy loop and sampling (temperature, top-k, top-p, eos).
+"""Text generation: the book's greedy loop and sampling (temperature, top-k, top-p, eos), with a KV cache.
 
-The whole loop runs inside one jitted `lax.while_loop` over a fixed-size token buffer, so a
-generation compiles once per (batch, prompt length, max_new_tokens) instead of once per token.
-Without a KV cache each step re-reads a window of up to `context_length` tokens, as the book does.
+Two decoders give the same tokens:
+- KV cache (the default): a jitted prefill writes the prompt's keys/values into a static
+  (B, S, H, K) cache per layer, then each step feeds one token per row. `generate` runs the whole
+  loop in one jitted `lax.while_loop`; `stream_generate` calls a jitted decode step with the cache
+  donated and yields each token as it comes. Rows may have prompts of different lengths
+  (right-padded; row b's tokens sit at positions 0..n_b-1 and its new tokens follow).
+- No cache, as the book: each step re-reads a window of up to `context_length` tokens in one
+  jitted `lax.while_loop` over a fixed-size token buffer.
+A KV cache cannot crop from the left (every position would shift), so tokens past the context
+length always come from the windowed loop, which is exactly the book's semantics.
+
+Letters: B batch, T prompt time, S cache slots, N new tokens, V vocab.
 """
 from __future__ import annotations
 
+import codecs
 from functools import partial
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.model import GPT
+from gptjax.model import GPT, init_cache, unstack_layers
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array | None, *, temperature: float = 0.0,
@@ -53,8 +64,28 @@ def _check(cfg: GPTConfig, idx_BT: np.ndarray, max_new_tokens: int, temperature:
         raise ValueError(f"prompt token ids must lie in [0, {cfg.vocab_size}), got min {idx_BT.min()} max {idx_BT.max()}")
 
 
+def _sampling_key(temperature: float, key: jax.Array | None) -> jax.Array:
+    if temperature > 0 and key is None:
+        raise ValueError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed)")
+    return jax.random.key(0) if key is None else key
+
+
+def decoding_model(params: Any, cfg: GPTConfig) -> tuple[Any, GPTConfig]:
+    """Params and config for inference: per-layer params (the KV cache walks the layers one by one)
+    and no remat. Training options that do not change the math are dropped."""
+    if cfg.scan_layers or cfg.remat != "none":
+        params, cfg = unstack_layers(params), cfg.replace(scan_layers=False, remat="none")
+    return params, cfg
+
+
+def _bucket(n: int, multiple: int, cap: int) -> int:
+    return min(-(-n // multiple) * multiple, cap) if multiple > 1 else n
+
+
+# --- no cache: the book's windowed loop -----------------------------------------------------
+
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
-def _generate_loop(params, idx_BT, key, *, cfg: GPTConfig, max_new_tokens: int, temperature: float,
+def _generate_loop(params, idx_BT, key, done_B, *, cfg: GPTConfig, max_new_tokens: int, temperature: float,
                    top_k: int | None, top_p: float | None, eos_id: int | None):
     model = GPT(cfg)
     B, T0 = idx_BT.shape
@@ -74,25 +105,90 @@ def _generate_loop(params, idx_BT, key, *, cfg: GPTConfig, max_new_tokens: int, 
         logits_BWV = model.apply({"params": params}, win_BW, deterministic=True)
         logits_BV = jax.lax.dynamic_index_in_dim(logits_BWV, t - 1 - start, axis=1, keepdims=False)
         nxt_B = sample_logits(logits_BV, jax.random.fold_in(key, t), temperature=temperature, top_k=top_k, top_p=top_p)
-        if eos_id is not None:
-            done_B = done_B | (nxt_B == eos_id)
         # finished rows keep writing the fill token; the book drops eos, so decode stops at it
         nxt_B = jnp.where(done_B, fill, nxt_B)
+        if eos_id is not None:
+            done_B = done_B | (nxt_B == eos_id)
         buf_BL = jax.lax.dynamic_update_index_in_dim(buf_BL, nxt_B, t, axis=1)
         return t + 1, buf_BL, done_B
 
-    t, buf_BL, _ = jax.lax.while_loop(cond, body, (jnp.int32(T0), buf_BL, jnp.zeros((B,), bool)))
+    t, buf_BL, _ = jax.lax.while_loop(cond, body, (jnp.int32(T0), buf_BL, done_B))
     return buf_BL, t
+
+
+# --- KV cache -------------------------------------------------------------------------------
+
+def _prefill(params, cfg: GPTConfig, idx_BT, lens_B, max_len: int):
+    """Prompt -> (logits at each row's last prompt token (B, V), filled cache of max_len slots)."""
+    cache = init_cache(cfg, idx_BT.shape[0], max_len)
+    logits_B1V, state = GPT(cfg).apply({"params": params, "cache": cache}, idx_BT, pos_B=jnp.zeros_like(lens_B),
+                                       last_B=lens_B - 1, mutable=["cache"])
+    return logits_B1V[:, 0], state["cache"]
+
+
+def _decode(params, cfg: GPTConfig, cache, tok_B, pos_B):
+    """One token per row at position pos_B -> (logits (B, V), cache)."""
+    logits_B1V, state = GPT(cfg).apply({"params": params, "cache": cache}, tok_B[:, None], pos_B=pos_B,
+                                       mutable=["cache"])
+    return logits_B1V[:, 0], state["cache"]
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_len", "temperature", "top_k", "top_p"))
+def prefill(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_len: int, temperature: float = 0.0,
+            top_k: int | None = None, top_p: float | None = None):
+    """Jitted prefill + first sample: (B, T) right-padded prompts of lengths lens_B -> (tokens (B,), cache)."""
+    logits_BV, cache = _prefill(params, cfg, idx_BT, lens_B, max_len)
+    return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p"), donate_argnames=("cache",))
+def decode_step(params, cache, tok_B, pos_B, key, *, cfg: GPTConfig, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float | None = None):
+    """Jitted decode step, cache donated (updated in place): token at pos_B -> (next tokens (B,), cache)."""
+    logits_BV, cache = _decode(params, cfg, cache, tok_B, pos_B)
+    return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
+def _generate_cached(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float | None, eos_id: int | None):
+    """Prefill + the whole decode loop in one program: new tokens (B, N) and the number of steps run."""
+    B, T0 = idx_BT.shape
+    N = max_new_tokens
+    fill = 0 if eos_id is None else eos_id
+    sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    logits_BV, cache = _prefill(params, cfg, idx_BT, lens_B, T0 + N - 1)
+    # step s samples with fold_in(key, T0 + s), the key the windowed loop uses for the same token
+    tok_B = sample(logits_BV, jax.random.fold_in(key, T0))
+    done_B = jnp.zeros((B,), bool) if eos_id is None else tok_B == eos_id
+    out_BN = jnp.full((B, N), fill, jnp.int32).at[:, 0].set(tok_B)
+
+    def cond(carry):
+        s, _, _, done_B = carry
+        return (s < N) & ~jnp.all(done_B)
+
+    def body(carry):
+        s, cache, out_BN, done_B = carry
+        prev_B = jax.lax.dynamic_index_in_dim(out_BN, s - 1, axis=1, keepdims=False)
+        logits_BV, cache = _decode(params, cfg, cache, prev_B, lens_B + s - 1)
+        nxt_B = jnp.where(done_B, fill, sample(logits_BV, jax.random.fold_in(key, T0 + s)))
+        if eos_id is not None:
+            done_B = done_B | (nxt_B == eos_id)
+        return s + 1, cache, jax.lax.dynamic_update_index_in_dim(out_BN, nxt_B, s, axis=1), done_B
+
+    s, _, out_BN, done_B = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out_BN, done_B))
+    return out_BN, s, done_B
 
 
 def generate(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             key: jax.Array | None = None) -> np.ndarray:
+             key: jax.Array | None = None, use_cache: bool = True) -> np.ndarray:
     """The book's `generate`, batched: returns prompt + new ids, shape (B, T0 + steps run).
 
     A row that emits `eos_id` stops there; its remaining positions hold `eos_id` (the eos itself is
     written too, so `trim_at_eos` recovers each row). Prompts longer than the context are cropped
-    from the left at every step, as in the book.
+    from the left at every step, as in the book. `use_cache=False` runs the book's windowed loop;
+    both give the same tokens.
     """
     idx_BT = np.asarray(idx_BT, dtype=np.int32)
     if idx_BT.ndim == 1:
@@ -100,19 +196,129 @@ def generate(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, *, temperature
     _check(cfg, idx_BT, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return idx_BT
-    if temperature > 0 and key is None:
-        raise ValueError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed)")
-    if key is None:
-        key = jax.random.key(0)
-    buf_BL, t = _generate_loop(params, jnp.asarray(idx_BT), key, cfg=cfg, max_new_tokens=int(max_new_tokens),
-                               temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id)
+    key = _sampling_key(temperature, key)
+    params, cfg = decoding_model(params, cfg)
+    B, T0 = idx_BT.shape
+    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id)
+    n_cached = min(max_new_tokens, cfg.context_length - T0) if use_cache else 0
+    done_B = jnp.zeros((B,), bool)
+    if n_cached > 0:
+        new_BN, s, done_B = _generate_cached(params, jnp.asarray(idx_BT), jnp.full((B,), T0, jnp.int32), key,
+                                             cfg=cfg, max_new_tokens=int(n_cached), **sampling)
+        idx_BT = np.concatenate([idx_BT, np.asarray(new_BN)[:, : int(s)]], axis=1)
+        if n_cached == max_new_tokens or bool(jnp.all(done_B)):
+            return idx_BT
+    # past the context (or without a cache): the windowed loop, continuing the same key schedule
+    buf_BL, t = _generate_loop(params, jnp.asarray(idx_BT), key, done_B, cfg=cfg,
+                               max_new_tokens=int(max_new_tokens - max(n_cached, 0)), **sampling)
     return np.asarray(buf_BL)[:, : int(t)]
+
+
+def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   eos_id: int | None = None, key: jax.Array | None = None,
+                   pad_multiple: int = 64) -> list[list[int]]:
+    """New token ids for prompts of different lengths, decoded together with the KV cache (eos dropped).
+
+    Each row equals `generate` on its prompt alone. Prompts are right-padded to a multiple of
+    `pad_multiple` so a stream of batches compiles a handful of programs. Batches that would run past
+    the context go row by row through `generate`, which crops as the book does.
+    """
+    lens = [len(p) for p in prompts]
+    if not prompts or min(lens) == 0:
+        raise ValueError("every prompt needs at least one token")
+    key = _sampling_key(temperature, key)
+    if max(lens) + max_new_tokens > cfg.context_length:
+        return [trim_at_eos(generate(params, cfg, [list(p)], max_new_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, eos_id=eos_id, key=key)[0, n:], eos_id)
+                for p, n in zip(prompts, lens)]
+    T = _bucket(max(lens), pad_multiple, cfg.context_length - max_new_tokens)
+    idx_BT = np.zeros((len(prompts), T), np.int32)
+    for b, p in enumerate(prompts):
+        idx_BT[b, :len(p)] = p
+    _check(cfg, idx_BT, max_new_tokens, temperature, top_k, top_p)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    params, cfg = decoding_model(params, cfg)
+    new_BN, s, _ = _generate_cached(params, jnp.asarray(idx_BT), jnp.asarray(lens, jnp.int32), key, cfg=cfg,
+                                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                    top_k=top_k, top_p=top_p, eos_id=eos_id)
+    return [trim_at_eos(row, eos_id) for row in np.asarray(new_BN)[:, : int(s)]]
+
+
+def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: int, *,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    eos_id: int | None = None, key: jax.Array | None = None,
+                    pad_multiple: int = 64) -> Iterator[int]:
+    """Yield new token ids one at a time as they are decoded (eos ends the stream and is not yielded).
+
+    Same tokens as `generate` for greedy decoding. The prompt is padded to a multiple of
+    `pad_multiple` (few compiles across prompts); the next step is dispatched before the current
+    token is read back, so the host round trip overlaps the compute.
+    """
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise ValueError("the prompt is empty; give at least one token")
+    _check(cfg, np.asarray([ids], np.int32), max_new_tokens, temperature, top_k, top_p)
+    key = _sampling_key(temperature, key)
+    params, cfg = decoding_model(params, cfg)
+    sampling = dict(cfg=cfg, temperature=float(temperature), top_k=top_k, top_p=top_p)
+    C, n = cfg.context_length, len(ids)
+    m = min(max_new_tokens, C - n)  # tokens the cache can hold
+    if m > 0:
+        T, S = _bucket(n, pad_multiple, C), _bucket(n + m, pad_multiple, C)
+        buf_1T = np.zeros((1, T), np.int32)
+        buf_1T[0, :n] = ids
+        tok_1, cache = prefill(params, jnp.asarray(buf_1T), jnp.asarray([n], jnp.int32), jax.random.fold_in(key, n),
+                               max_len=S, **sampling)
+        for s in range(m):  # tok_1 is new token s, at position n + s
+            if s < m - 1:  # dispatch the next step first: it runs while the host reads this token
+                nxt_1, cache = decode_step(params, cache, tok_1, jnp.asarray([n + s], jnp.int32),
+                                           jax.random.fold_in(key, n + s + 1), **sampling)
+            t = int(tok_1[0])
+            if eos_id is not None and t == eos_id:
+                return
+            ids.append(t)
+            yield t
+            if s < m - 1:
+                tok_1 = nxt_1
+    # past the context: the book's window of the last context_length tokens, one step at a time
+    while len(ids) - n < max_new_tokens:
+        win = ids[-C:]
+        tok_1, _ = prefill(params, jnp.asarray([win], np.int32), jnp.asarray([len(win)], jnp.int32),
+                           jax.random.fold_in(key, len(ids)), max_len=len(win), **sampling)
+        t = int(tok_1[0])
+        if eos_id is not None and t == eos_id:
+            return
+        ids.append(t)
+        yield t
+
+
+def _token_bytes(tokenizer: Any, t: int) -> bytes:
+    if hasattr(tokenizer, "decode_single_token_bytes"):  # tiktoken: a token may hold part of a UTF-8 character
+        return tokenizer.decode_single_token_bytes(t)
+    return tokenizer.decode([t]).encode("utf-8")
+
+
+def stream_text(params, cfg: GPTConfig, tokenizer: Any, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
+    """`stream_generate` as text: yields each decoded piece as soon as it forms whole UTF-8 characters."""
+    ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) if hasattr(tokenizer, "eot_token") \
+        else tokenizer.encode(prompt)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for t in stream_generate(params, cfg, ids, max_new_tokens, **kwargs):
+        piece = decoder.decode(_token_bytes(tokenizer, t))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
 
 
 def generate_text_simple(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, context_size: int | None = None) -> np.ndarray:
     """The book's greedy loop (chapter 4)."""
     if context_size is not None and context_size != cfg.context_length:
         cfg = cfg.replace(context_length=min(context_size, cfg.context_length))
+        params, cfg = decoding_model(params, cfg)
         params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][: cfg.context_length]}}
     return generate(params, cfg, idx_BT, max_new_tokens)
 

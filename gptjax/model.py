@@ -1,29 +1,67 @@
 """GPT-2 in Flax Linen, parameters named as OpenAI's checkpoint.
 
-Letters: B batch, T time, D emb_dim, H heads, K head dim, V vocab.
+Letters: B batch, T time, S cache slots, L layers, D emb_dim, H heads, K head dim, V vocab.
+
+Speed options live in GPTConfig and leave the math alone: `scan_layers` (params stacked under
+"h"; `stack_layers`/`unstack_layers` convert), `remat`, `vocab_multiple` (padded rows, logits
+sliced back to vocab_size here), `attn_impl`, `dtype`. Decoding with a KV cache passes the
+"cache" collection (`init_cache`) and each row's position `pos_B`.
 """
 from __future__ import annotations
 
 import functools
 import math
+import re
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax.attention import causal_attention
+from gptjax.attention import causal_attention, causal_attention_einsum, dropout
 from gptjax.config import GPTConfig
 
-_init = nn.initializers.normal(stddev=0.02)
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the cheap elementwise ops
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # ... but not attention's
+}
 
 
 def _dtype(cfg: GPTConfig):
     return jnp.dtype(cfg.dtype)
 
 
-def _dense(cfg: GPTConfig, features: int, name: str, use_bias: bool = True, std: float = 0.02) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=_dtype(cfg), param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.normal(stddev=std), name=name)
+def _torch_uniform(fan_in: int):
+    """PyTorch's nn.Linear default for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _dense(cfg: GPTConfig, features: int, name: str, use_bias: bool = True, std: float = 0.02,
+           fan_in: int | None = None, dtype: Any = None, **kw) -> nn.Dense:
+    if cfg.init == "book":  # the book's GPTModel keeps PyTorch's defaults
+        inits = dict(kernel_init=_torch_uniform(fan_in or cfg.emb_dim), bias_init=_torch_uniform(fan_in or cfg.emb_dim))
+    else:
+        inits = dict(kernel_init=nn.initializers.normal(stddev=std))
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype or _dtype(cfg), param_dtype=jnp.float32, name=name,
+                    **inits, **kw)
+
+
+# the LM head multiplies in the compute dtype (bfloat16 tensor cores on a GPU: a quarter of the model's
+# FLOPs) but accumulates and returns float32 logits
+_f32_out = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+
+
+def _embed_init(cfg: GPTConfig, std: float):
+    return nn.initializers.normal(1.0) if cfg.init == "book" else nn.initializers.normal(std)
+
+
+def _dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+    # attention.dropout, not nn.Dropout: its mask is drawn once instead of re-derived in the backward pass
+    if deterministic or rate == 0.0:
+        return x
+    return dropout(x, rate, module.make_rng("dropout"))
 
 
 def _layer_norm(name: str) -> nn.LayerNorm:
@@ -35,21 +73,33 @@ class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x_BTD: jax.Array, deterministic: bool = True, pos_B: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         B, T, D = x_BTD.shape
         H, K = cfg.n_heads, cfg.head_dim
         qkv_BT3D = _dense(cfg, 3 * D, "c_attn", use_bias=cfg.qkv_bias)(x_BTD)
         q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BT3D, 3, axis=-1))
-        dropping = cfg.drop_rate > 0.0 and not deterministic
-        y_BTHK = causal_attention(
-            q_BTHK, k_BTHK, v_BTHK, impl=cfg.attn_impl,
-            dropout_rate=cfg.drop_rate if dropping else 0.0,
-            dropout_rng=self.make_rng("dropout") if dropping else None,
-        )
+        if pos_B is not None:
+            # KV cache: row b's T new keys/values go to slots pos_B[b]..; queries see slots <= their position,
+            # so stale or unfilled slots never count
+            k_BSHK, v_BSHK = self.get_variable("cache", "k"), self.get_variable("cache", "v")
+            rows_B1, slots_BT = jnp.arange(B)[:, None], pos_B[:, None] + jnp.arange(T)[None, :]
+            k_BSHK = k_BSHK.at[rows_B1, slots_BT].set(k_BTHK.astype(k_BSHK.dtype), mode="drop")
+            v_BSHK = v_BSHK.at[rows_B1, slots_BT].set(v_BTHK.astype(v_BSHK.dtype), mode="drop")
+            self.put_variable("cache", "k", k_BSHK)
+            self.put_variable("cache", "v", v_BSHK)
+            y_BTHK = causal_attention_einsum(q_BTHK, k_BSHK.astype(q_BTHK.dtype), v_BSHK.astype(q_BTHK.dtype),
+                                             q_offset=pos_B)
+        else:
+            dropping = cfg.drop_rate > 0.0 and not deterministic
+            y_BTHK = causal_attention(
+                q_BTHK, k_BTHK, v_BTHK, impl=cfg.attn_impl,
+                dropout_rate=cfg.drop_rate if dropping else 0.0,
+                dropout_rng=self.make_rng("dropout") if dropping else None,
+            )
         # GPT-2's scaled init of residual projections (std / sqrt(2 * n_layers))
         y_BTD = _dense(cfg, D, "c_proj", std=0.02 / math.sqrt(2 * cfg.n_layers))(y_BTHK.reshape(B, T, D))
-        return nn.Dropout(cfg.drop_rate)(y_BTD, deterministic=deterministic)
+        return _dropout(self, y_BTD, cfg.drop_rate, deterministic)
 
 
 class MLP(nn.Module):
@@ -60,58 +110,89 @@ class MLP(nn.Module):
         cfg = self.cfg
         h_BTF = _dense(cfg, 4 * cfg.emb_dim, "c_fc")(x_BTD)
         h_BTF = nn.gelu(h_BTF, approximate=True)
-        y_BTD = _dense(cfg, cfg.emb_dim, "c_proj", std=0.02 / math.sqrt(2 * cfg.n_layers))(h_BTF)
-        return nn.Dropout(cfg.drop_rate)(y_BTD, deterministic=deterministic)
+        y_BTD = _dense(cfg, cfg.emb_dim, "c_proj", std=0.02 / math.sqrt(2 * cfg.n_layers), fan_in=4 * cfg.emb_dim)(h_BTF)
+        return _dropout(self, y_BTD, cfg.drop_rate, deterministic)
 
 
 class Block(nn.Module):
+    """Pre-LN block. `(x, pos_B) -> (x, None)`: the carry/output shape nn.scan wants; `deterministic`
+    is a field so remat and scan need no static arguments."""
     cfg: GPTConfig
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
-        dt = _dtype(self.cfg)
-        x_BTD = x_BTD + CausalSelfAttention(self.cfg, name="attn")(_layer_norm("ln_1")(x_BTD).astype(dt), deterministic)
-        x_BTD = x_BTD + MLP(self.cfg, name="mlp")(_layer_norm("ln_2")(x_BTD).astype(dt), deterministic)
-        return x_BTD
+    def __call__(self, x_BTD: jax.Array, pos_B: jax.Array | None = None) -> tuple[jax.Array, None]:
+        dt, det = _dtype(self.cfg), self.deterministic
+        x_BTD = x_BTD + CausalSelfAttention(self.cfg, name="attn")(_layer_norm("ln_1")(x_BTD).astype(dt), det, pos_B)
+        x_BTD = x_BTD + MLP(self.cfg, name="mlp")(_layer_norm("ln_2")(x_BTD).astype(dt), det)
+        return x_BTD, None
+
+
+def _block_class(cfg: GPTConfig) -> type[nn.Module]:
+    if cfg.remat == "none":
+        return Block
+    # inside scan the loop already keeps XLA from merging the recomputation back (prevent_cse costs speed)
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
 
 class GPT(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, idx_BT: jax.Array, deterministic: bool = True) -> jax.Array:
-        """Token ids (B, T) -> float32 logits (B, T, V), or (B, T, n_classes) for a classifier."""
+    def __call__(self, idx_BT: jax.Array, deterministic: bool = True, *, pos_B: jax.Array | None = None,
+                 last_B: jax.Array | None = None) -> jax.Array:
+        """Token ids (B, T) -> float32 logits (B, T, V), or (B, T, n_classes) for a classifier.
+
+        pos_B: decode with a KV cache (apply with the "cache" collection from `init_cache`, mutable):
+        row b's tokens sit at positions pos_B[b].. . last_B: only the logits at index last_B[b] of
+        each row are computed, shape (B, 1, V) (prefill needs one position, not T).
+        """
         cfg = self.cfg
-        T = idx_BT.shape[1]
+        B, T = idx_BT.shape
         if T > cfg.context_length:
             raise ValueError(f"input has {T} tokens but context_length is {cfg.context_length}; crop the input "
                              f"to its last {cfg.context_length} tokens")
-        wte = nn.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_init, param_dtype=jnp.float32, name="wte")
-        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(0.01),
-                       param_dtype=jnp.float32, name="wpe")
-        x_BTD = wte(idx_BT) + wpe(jnp.arange(T))[None]
-        x_BTD = nn.Dropout(cfg.drop_rate)(x_BTD, deterministic=deterministic)
+        V = cfg.padded_vocab_size
+        wte = nn.Embed(V, cfg.emb_dim, embedding_init=_embed_init(cfg, 0.02), dtype=jnp.float32,
+                       param_dtype=jnp.float32, name="wte")
+        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_embed_init(cfg, 0.01),
+                       dtype=jnp.float32, param_dtype=jnp.float32, name="wpe")
+        pos_BT = jnp.arange(T)[None, :] if pos_B is None else pos_B[:, None] + jnp.arange(T)[None, :]
+        x_BTD = wte(idx_BT) + wpe(pos_BT)
+        x_BTD = _dropout(self, x_BTD, cfg.drop_rate, deterministic)
         # the residual stream stays float32; blocks compute in cfg.dtype
-        for i in range(cfg.n_layers):
-            x_BTD = Block(cfg, name=f"h_{i}")(x_BTD, deterministic)
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            if pos_B is not None:
+                raise ValueError("KV-cache decoding runs on per-layer params: convert with unstack_layers and "
+                                 "cfg.replace(scan_layers=False) (gptjax.generate does this for you)")
+            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                             in_axes=nn.broadcast, length=cfg.n_layers, unroll=cfg.scan_unroll)
+            x_BTD, _ = blocks(cfg, deterministic, name="h")(x_BTD, None)
+        else:
+            for i in range(cfg.n_layers):
+                x_BTD, _ = block(cfg, deterministic, name=f"h_{i}")(x_BTD, pos_B)
+        if last_B is not None:
+            x_BTD = x_BTD[jnp.arange(B), last_B][:, None]  # (B, 1, D)
         x_BTD = _layer_norm("ln_f")(x_BTD)
         if cfg.n_classes:
-            logits_BTV = nn.Dense(cfg.n_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="cls_head")(x_BTD)
-        elif cfg.tie_embeddings:
-            logits_BTV = wte.attend(x_BTD.astype(jnp.float32))
+            if cfg.init == "book":
+                return _dense(cfg, cfg.n_classes, "cls_head", dtype=jnp.float32)(x_BTD)
+            return nn.Dense(cfg.n_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="cls_head")(x_BTD)
+        dt = _dtype(cfg)
+        if cfg.tie_embeddings:
+            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD.astype(dt), wte.embedding.astype(dt),
+                                    preferred_element_type=jnp.float32)
         else:
-            logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                                  kernel_init=_init, name="lm_head")(x_BTD)
-        return logits_BTV.astype(jnp.float32)
+            logits_BTV = _dense(cfg, V, "lm_head", use_bias=False, dot_general=_f32_out)(x_BTD)
+        # padded vocab rows exist only to give the head matmul a round shape: drop their logits
+        return logits_BTV[..., :cfg.vocab_size].astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: GPTConfig, key: jax.Array) -> dict:
-    """Random params for `cfg` (GPT-2's or the book's PyTorch init, see GPTConfig.init), made on device."""
-    params = GPT(cfg).init(key, jnp.zeros((1, min(cfg.context_length, 8)), jnp.int32))["params"]
-    if cfg.init == "book":
-        params = torch_default_init(params, jax.random.fold_in(key, 1))
-    return params
+    """Random params for `cfg`, made once, on device."""
+    return GPT(cfg).init(key, jnp.zeros((1, min(cfg.context_length, 8)), jnp.int32))["params"]
 
 
 def abstract_params(cfg: GPTConfig) -> dict:
@@ -126,7 +207,10 @@ def count_params(tree) -> int:
 
 
 def num_params(cfg: GPTConfig, exclude_embeddings: bool = False) -> int:
-    """Parameter count from shapes alone (no allocation). `exclude_embeddings` drops wpe (nanoGPT's N for FLOPs)."""
+    """Parameter count from shapes alone (no allocation). `exclude_embeddings` drops wpe (nanoGPT's N for FLOPs).
+
+    Counts the model as configured: with vocab_multiple > 1 the padded rows are included.
+    """
     shapes = abstract_params(cfg)
     n = count_params(shapes)
     if exclude_embeddings:
@@ -134,27 +218,78 @@ def num_params(cfg: GPTConfig, exclude_embeddings: bool = False) -> int:
     return n
 
 
-def torch_default_init(params: dict, key: jax.Array) -> dict:
-    """Re-draw params the way the book's PyTorch GPTModel starts: nn.Embedding N(0, 1), nn.Linear
-    U(+-1/sqrt(fan_in)) for weight and bias, LayerNorm ones/zeros. With GPT-2's small init (std 0.02)
-    the book's 10-epoch run on a 5k-token corpus plateaus near the unigram loss instead of memorising it."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(key, len(leaves))
-    fan_in = {}
-    for path, leaf in leaves:
-        if getattr(path[-1], "key", None) == "kernel":
-            fan_in[tuple(str(getattr(p, "key", p)) for p in path[:-1])] = leaf.shape[0]
-    out = []
-    for (path, leaf), k in zip(leaves, keys):
-        names = tuple(str(getattr(p, "key", p)) for p in path)
-        if names[-1] == "embedding":
-            new = jax.random.normal(k, leaf.shape, leaf.dtype)
-        elif names[-1] in ("kernel", "bias") and names[:-1] in fan_in:
-            bound = 1.0 / math.sqrt(fan_in[names[:-1]])
-            new = jax.random.uniform(k, leaf.shape, leaf.dtype, -bound, bound)
-        elif names[-1] == "scale":
-            new = jnp.ones_like(leaf)
-        else:  # LayerNorm bias
-            new = jnp.zeros_like(leaf)
-        out.append(new)
-    return jax.tree_util.tree_unflatten(treedef, out)
+# --- KV cache -----------------------------------------------------------------------------
+
+def init_cache(cfg: GPTConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
+    """The "cache" collection for decoding: per layer k and v of shape (B, S=max_len, H, K), zeros.
+
+    Static shapes: one compile serves every step; `dtype` defaults to the compute dtype.
+    """
+    if max_len > cfg.context_length:
+        raise ValueError(f"a KV cache of {max_len} slots exceeds context_length={cfg.context_length}")
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    zeros = lambda: jnp.zeros((batch, max_len, cfg.n_heads, cfg.head_dim), dtype)  # noqa: E731
+    return {f"h_{i}": {"attn": {"k": zeros(), "v": zeros()}} for i in range(cfg.n_layers)}
+
+
+# --- param layouts: per-layer (OpenAI's names) <-> stacked for scan; vocab padding ----------
+
+_LAYER = re.compile(r"h_(\d+)")
+
+
+def is_stacked(params: dict) -> bool:
+    return "h" in params
+
+
+def stack_layers(params: dict) -> dict:
+    """{"h_0": tree, "h_1": tree, ...} -> {"h": tree with a leading (L,) axis}: the layout of scan_layers."""
+    if is_stacked(params):
+        return params
+    idx = sorted(int(m.group(1)) for k in params if (m := _LAYER.fullmatch(k)))
+    if idx != list(range(len(idx))) or not idx:
+        raise ValueError(f"expected per-layer params h_0..h_{{L-1}}, got keys {sorted(params)}")
+    rest = {k: v for k, v in params.items() if not _LAYER.fullmatch(k)}
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"h_{i}"] for i in idx))
+    return {**rest, "h": stacked}
+
+
+def unstack_layers(params: dict) -> dict:
+    """Inverse of `stack_layers`: OpenAI's per-layer names again (for weights export, KV-cache decoding)."""
+    if not is_stacked(params):
+        return params
+    rest = {k: v for k, v in params.items() if k != "h"}
+    L = jax.tree_util.tree_leaves(params["h"])[0].shape[0]
+    return {**rest, **{f"h_{i}": jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(L)}}
+
+
+def pad_vocab(params: dict, cfg: GPTConfig) -> dict:
+    """Resize wte rows / lm_head columns to cfg.padded_vocab_size (zero rows added, or padding dropped)."""
+    V, Vp = cfg.vocab_size, cfg.padded_vocab_size
+
+    def fit(a: jax.Array, axis: int) -> jax.Array:
+        n = a.shape[axis]
+        if n == Vp:
+            return a
+        if n < Vp:
+            if n < V:
+                raise ValueError(f"params hold {n} vocab rows but cfg.vocab_size is {V}")
+            widths = [(0, 0)] * a.ndim
+            widths[axis] = (0, Vp - n)
+            return jnp.pad(a, widths)
+        return jax.lax.slice_in_dim(a, 0, Vp, axis=axis)
+
+    out = dict(params)
+    if "wte" in out:
+        out["wte"] = {**out["wte"], "embedding": fit(out["wte"]["embedding"], 0)}
+    if "lm_head" in out:
+        out["lm_head"] = {**out["lm_head"], "kernel": fit(out["lm_head"]["kernel"], 1)}
+    return out
+
+
+def convert_params(params: dict, cfg: GPTConfig) -> dict:
+    """Any layout (per-layer or stacked, padded vocab or not) -> the layout `cfg` builds.
+
+    Use it on loaded GPT-2 weights or a checkpoint trained with other speed options.
+    """
+    params = stack_layers(params) if cfg.scan_layers else unstack_layers(params)
+    return pad_vocab(params, cfg)

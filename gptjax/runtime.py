@@ -9,10 +9,11 @@ import os
 import warnings
 from pathlib import Path
 
-# XLA:CPU (jaxlib 0.10-0.12) hands reductions to YNNPACK by default; the sum of squares over the
-# (768, 50257) LM-head gradient (grad-norm) then took ~4 s of a ~9 s gpt2-small train step on two
-# cores. Dots keep their default (YNNPACK); only the reduce fusion is turned off.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-reduce",)
+# XLA:CPU (jaxlib 0.10-0.12) hands dots and reductions to YNNPACK by default. Its reduce took ~4 s of
+# a ~9 s gpt2-small train step on two cores (the grad-norm sum of squares over the (768, 50257) head
+# gradient); "dot" keeps YNNPACK for matmuls (with their elementwise neighbours fused) and drops
+# the reduce: measured 2x faster train steps than the default, and a little faster than Eigen dots.
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 
 def default_cache_dir() -> Path:

@@ -289,3 +289,26 @@ def test_bfloat16_agrees_with_float32(impl):
     y = causal_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), impl=impl)
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_einsum_per_row_q_offset_equals_each_rows_scalar_offset():
+    """Decoding prompts of different lengths: row b's queries sit at their own position."""
+    q, k, v = _qkv(24)
+    offsets = jnp.array([2, 7])
+    y = jax.jit(causal_attention_einsum)(q[:, :3], k, v, q_offset=offsets)
+    for b in range(B):
+        ref = causal_attention_einsum(q[b:b + 1, :3], k[b:b + 1], v[b:b + 1], q_offset=int(offsets[b]))
+        np.testing.assert_allclose(y[b:b + 1], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_auto_picks_cudnn_only_where_it_applies(monkeypatch):
+    import gptjax.attention as attention
+
+    monkeypatch.setattr(attention, "_nvidia_compute_capability", lambda: 9.0)
+    assert default_impl() == "cudnn" and default_impl(jnp.bfloat16, 64) == "cudnn"
+    assert default_impl(jnp.float32, 64) == "xla"  # flash attention is half precision only
+    assert default_impl(jnp.bfloat16, 96 + 4) == "xla" and default_impl(jnp.float16, 256) == "xla"
+    monkeypatch.setattr(attention, "_nvidia_compute_capability", lambda: 7.0)  # pre-Ampere
+    assert default_impl(jnp.bfloat16, 64) == "xla"
+    monkeypatch.setattr(attention, "_nvidia_compute_capability", lambda: None)  # CPU, TPU, ROCm
+    assert default_impl(jnp.bfloat16, 64) == "xla"

@@ -1,5 +1,6 @@
 """GPT model: the book's parameter counts, OpenAI's names, causality, dropout, precision, errors,
-and an independent NumPy forward pass."""
+an independent NumPy forward pass, and the speed options (scan, remat, vocab padding, KV cache)
+checked against the plain model."""
 import functools
 import math
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from gptjax.config import PRESETS, GPTConfig, get_config
-from gptjax.model import GPT, abstract_params, count_params, init_params, num_params
+from gptjax.model import (GPT, abstract_params, convert_params, count_params, init_cache, init_params, num_params,
+                          pad_vocab, stack_layers, unstack_layers)
 
 # (untied head, tied head), qkv_bias=False: the book's chapter 4 numbers
 BOOK_PARAM_COUNTS = {
@@ -254,3 +256,151 @@ def test_matches_numpy_reference(tiny_cfg, tie, qkv_bias, attn_impl):
     ref = _np_gpt(cfg, params, np.asarray(idx_BT))
     assert np.abs(ref).max() > 1.0  # the check is not vacuous
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+# --- speed options keep the math -----------------------------------------------------------
+
+def _loss_and_grads(cfg: GPTConfig, params: dict, idx_BT: jax.Array, key: jax.Array):
+    def loss(p):
+        logits = GPT(cfg).apply({"params": p}, idx_BT[:, :-1], deterministic=cfg.drop_rate == 0.0,
+                                rngs={"dropout": key})
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(jnp.take_along_axis(logp, idx_BT[:, 1:, None], axis=-1))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_stack_unstack_round_trip(tiny_cfg):
+    params = _params(tiny_cfg)
+    stacked = stack_layers(params)
+    assert set(stacked) == {"wte", "wpe", "h", "ln_f", "lm_head"}
+    assert stacked["h"]["attn"]["c_attn"]["kernel"].shape == (tiny_cfg.n_layers, 32, 96)
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, abstract_params(tiny_cfg.replace(scan_layers=True)))
+    back = unstack_layers(stacked)
+    assert jax.tree_util.tree_all(jax.tree.map(lambda a, b: bool((a == b).all()), back, params))
+    assert unstack_layers(params) is params and stack_layers(stacked) is stacked
+
+
+@pytest.mark.parametrize("opts", [
+    dict(scan_layers=True),
+    dict(scan_layers=True, scan_unroll=2),
+    dict(remat="full"),
+    dict(scan_layers=True, remat="dots"),
+    dict(remat="dots_no_batch"),
+], ids=["scan", "scan-unroll2", "remat-full", "scan-remat-dots", "remat-dots-no-batch"])
+def test_scan_and_remat_equal_the_unrolled_model(tiny_cfg, opts):
+    """Same loss and gradients (forward and backward), params converted between layouts."""
+    params = _randomize(_params(tiny_cfg), seed=3, scale=0.05)
+    idx_BT = _tokens(tiny_cfg, seed=4)
+    cfg = tiny_cfg.replace(**opts)
+    ref_loss, ref_grads = _loss_and_grads(tiny_cfg, params, idx_BT, jax.random.key(0))
+    loss, grads = _loss_and_grads(cfg, convert_params(params, cfg), idx_BT, jax.random.key(0))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(unstack_layers(grads)),
+                            jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_scan_dropout_differs_per_layer_and_is_reproducible(tiny_cfg):
+    cfg = tiny_cfg.replace(scan_layers=True, drop_rate=0.5)
+    params = convert_params(_params(tiny_cfg), cfg)
+    idx_BT = _tokens(cfg)
+    run = lambda key: _apply(cfg, params, idx_BT, deterministic=False, key=key)  # noqa: E731
+    np.testing.assert_array_equal(run(jax.random.key(1)), run(jax.random.key(1)))
+    assert not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)))
+    np.testing.assert_allclose(_apply(cfg, params, idx_BT), _apply(tiny_cfg, _params(tiny_cfg), idx_BT),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_padded_vocab_gives_the_same_logits_and_grads(tiny_cfg, tie):
+    base = tiny_cfg.replace(tie_embeddings=tie)
+    cfg = base.replace(vocab_multiple=64)
+    assert cfg.padded_vocab_size == 128 and get_config("gpt2-small", vocab_multiple=64).padded_vocab_size == 50_304
+    params = _randomize(_params(base), seed=5)
+    padded = pad_vocab(params, cfg)
+    assert padded["wte"]["embedding"].shape == (128, 32)
+    assert jax.tree.map(jnp.shape, padded) == jax.tree.map(jnp.shape, abstract_params(cfg))
+    idx_BT = _tokens(base, seed=6)
+    logits = _apply(cfg, padded, idx_BT)
+    assert logits.shape == (2, cfg.context_length, cfg.vocab_size)  # padded logits never leave the model
+    np.testing.assert_allclose(logits, _apply(base, params, idx_BT), rtol=1e-5, atol=1e-5)
+    loss, grads = _loss_and_grads(cfg, padded, idx_BT, jax.random.key(0))
+    ref_loss, ref_grads = _loss_and_grads(base, params, idx_BT, jax.random.key(0))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(grads["wte"]["embedding"][:97], ref_grads["wte"]["embedding"], rtol=1e-4, atol=1e-7)
+    assert not np.asarray(grads["wte"]["embedding"][97:]).any()  # padding rows learn nothing
+    np.testing.assert_array_equal(pad_vocab(padded, base)["wte"]["embedding"], params["wte"]["embedding"])
+
+
+def test_convert_params_rejects_a_smaller_vocab(tiny_cfg):
+    with pytest.raises(ValueError, match="vocab rows"):
+        pad_vocab(_params(tiny_cfg), tiny_cfg.replace(vocab_size=120, vocab_multiple=64))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(remat="everything"), "remat must be one of"),
+    (dict(scan_unroll=0), "scan_unroll must be an integer >= 1"),
+    (dict(vocab_multiple=0), "vocab_multiple must be an integer >= 1"),
+])
+def test_bad_speed_options(tiny_cfg, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_cfg.replace(**overrides)
+
+
+def test_book_init_uses_pytorch_defaults(tiny_cfg):
+    p = abstract_params(tiny_cfg.replace(init="book"))
+    assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, abstract_params(tiny_cfg))
+    params = init_params(tiny_cfg.replace(init="book", qkv_bias=True), jax.random.key(0))
+    assert 0.8 < float(jnp.std(params["wte"]["embedding"])) < 1.2  # nn.Embedding: N(0, 1)
+    fc = params["h_0"]["mlp"]["c_fc"]
+    assert float(jnp.max(jnp.abs(fc["kernel"]))) <= 1 / math.sqrt(32) and float(jnp.abs(fc["bias"]).max()) > 0
+    assert float(jnp.max(jnp.abs(params["h_0"]["mlp"]["c_proj"]["kernel"]))) <= 1 / math.sqrt(128)
+
+
+# --- KV cache ------------------------------------------------------------------------------
+
+def _cached(cfg, params, cache, idx_BT, pos_B, last_B=None):
+    f = jax.jit(lambda p, c, x, pos, last: GPT(cfg).apply({"params": p, "cache": c}, x, pos_B=pos, last_B=last,
+                                                            mutable=["cache"]))
+    logits, state = f(params, cache, idx_BT, pos_B, last_B)
+    return logits, state["cache"]
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward(tiny_cfg):
+    params = _randomize(_params(tiny_cfg), seed=7, scale=0.05)
+    idx_BT = _tokens(tiny_cfg, seed=8)
+    full = _apply(tiny_cfg, params, idx_BT)
+    B, T0 = 2, 5
+    cache = init_cache(tiny_cfg, B, tiny_cfg.context_length)
+    assert cache["h_1"]["attn"]["k"].shape == (B, tiny_cfg.context_length, 4, 8)
+    logits, cache = _cached(tiny_cfg, params, cache, idx_BT[:, :T0], jnp.zeros((B,), jnp.int32))
+    np.testing.assert_allclose(logits, full[:, :T0], rtol=1e-5, atol=1e-5)
+    for t in range(T0, tiny_cfg.context_length):
+        logits, cache = _cached(tiny_cfg, params, cache, idx_BT[:, t:t + 1], jnp.full((B,), t, jnp.int32))
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_rows_at_different_positions(tiny_cfg):
+    """Right-padded prompts of lengths 3 and 6: each row's logits equal its own unpadded forward."""
+    params = _randomize(_params(tiny_cfg), seed=9, scale=0.05)
+    idx_BT = _tokens(tiny_cfg, seed=10, T=8)
+    lens = jnp.array([3, 6])
+    cache = init_cache(tiny_cfg, 2, 10)
+    last, cache = _cached(tiny_cfg, params, cache, idx_BT, jnp.zeros((2,), jnp.int32), last_B=lens - 1)
+    assert last.shape == (2, 1, tiny_cfg.vocab_size)
+    nxt = jnp.array([[11], [12]])
+    step, _ = _cached(tiny_cfg, params, cache, nxt, lens)
+    for b, n in enumerate([3, 6]):
+        row = jnp.concatenate([idx_BT[b:b + 1, :n], nxt[b:b + 1]], axis=1)
+        ref = _apply(tiny_cfg, params, row)
+        np.testing.assert_allclose(last[b, 0], ref[0, n - 1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(step[b, 0], ref[0, n], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_needs_per_layer_params(tiny_cfg):
+    cfg = tiny_cfg.replace(scan_layers=True)
+    with pytest.raises(ValueError, match="unstack_layers"):
+        GPT(cfg).apply({"params": convert_params(_params(tiny_cfg), cfg), "cache": {}}, jnp.zeros((1, 1), jnp.int32),
+                       pos_B=jnp.zeros((1,), jnp.int32), mutable=["cache"])
+    with pytest.raises(ValueError, match="exceeds context_length"):
+        init_cache(tiny_cfg, 1, tiny_cfg.context_length + 1)

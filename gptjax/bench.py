@@ -1,0 +1,672 @@
+"""How fast the jitted steps run: compile time, step time, tokens/s, model FLOPs and MFU, memory,
+decode speed with and without the KV cache, and PyTorch (transformers' GPT2LMHeadModel) side by side.
+
+Timings alternate between the programs compared (a round runs each once), so a machine shared with
+other work slows them alike; each number is a median over rounds after warm-up.
+
+Letters: B batch, T time, N new tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax.config import GPTConfig, get_config
+from gptjax.model import abstract_params, count_params, init_params
+
+# Dense peak FLOP/s per device by device_kind substring (lowercase), from the vendors' data sheets.
+# "fp32" is what XLA runs float32 matmuls on by default: TF32 tensor cores on NVIDIA Ampere and newer.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "h200": {"bfloat16": 989e12, "float32": 495e12},
+    "h100 pcie": {"bfloat16": 756e12, "float32": 378e12},
+    "h100": {"bfloat16": 989e12, "float32": 495e12},  # SXM
+    "a100": {"bfloat16": 312e12, "float32": 156e12},
+    "l4": {"bfloat16": 121e12, "float32": 60e12},
+    "a10": {"bfloat16": 125e12, "float32": 62.5e12},
+    "v100": {"float16": 125e12, "float32": 15.7e12},
+    "t4": {"float16": 65e12, "float32": 8.1e12},
+    "tpu v6 lite": {"bfloat16": 918e12},
+    "tpu v5p": {"bfloat16": 459e12},
+    "tpu v5 lite": {"bfloat16": 197e12},
+    "tpu v5e": {"bfloat16": 197e12},
+    "tpu v4": {"bfloat16": 275e12},
+    "tpu v3": {"bfloat16": 61.5e12},  # per core (a JAX device)
+    "tpu v2": {"bfloat16": 22.5e12},
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The device's dense peak for `dtype` (float32 falls back to nothing on TPU), or None if unknown."""
+    kind = device_kind.lower()
+    for key, peaks in PEAK_FLOPS.items():  # ordered: specific names before their prefixes
+        if key in kind:
+            return peaks.get(dtype) or (peaks.get("float16") if dtype == "bfloat16" else None)
+    return None
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    """N for FLOPs: parameters that enter a matmul (blocks + LM head at the real vocab size).
+
+    Embedding lookups do no FLOPs, so wte counts only as the tied head and wpe never; with a tied
+    head this is nanoGPT's N (all params minus wpe).
+    """
+    shapes = abstract_params(cfg.replace(vocab_multiple=1, scan_layers=False))
+    n = count_params(shapes) - count_params(shapes["wpe"])
+    tied_head = cfg.tie_embeddings and not cfg.n_classes
+    return n if tied_head else n - count_params(shapes["wte"])
+
+
+def flops_per_token(cfg: GPTConfig, T: int) -> float:
+    """nanoGPT's training FLOPs per token: 6N + 12 L T D (forward + backward, attention included)."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * T * cfg.emb_dim
+
+
+def device_info() -> dict:
+    dev = jax.devices()[0]
+    info = {"platform": dev.platform, "device_kind": dev.device_kind, "n_devices": jax.device_count(),
+            "jax": jax.__version__, "python": platform.python_version(), "host_cpus": os.cpu_count(),
+            "cpu": _cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    try:
+        import jaxlib
+        import flax
+        info.update(jaxlib=jaxlib.__version__, flax=flax.__version__)
+    except (ImportError, AttributeError):
+        pass
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+def alternate(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run every fn once per round, round after round; seconds per call (warm-up rounds dropped).
+
+    Each fn must block until its work is done. Alternating spreads a shared machine's noise evenly.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def memory_bandwidth(mb: int = 256, reps: int = 10) -> dict:
+    """This device's memory bandwidth (GB/s): read (a sum) and copy (read + write, in place, donated)."""
+    n = mb * 2**20 // 4
+    x = jnp.ones((n,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    bump = jax.jit(lambda a: a + 1.0, donate_argnums=0)  # in place: no fresh pages to fault in
+    total(x).block_until_ready()
+    x = bump(x)
+    x.block_until_ready()
+    read, copy = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        read.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        x = bump(x)
+        x.block_until_ready()
+        copy.append(time.perf_counter() - t0)
+    nbytes = n * 4
+    return {"read_GBps": round(nbytes / statistics.median(read) / 1e9, 2),
+            "copy_GBps": round(2 * nbytes / statistics.median(copy) / 1e9, 2),
+            "read_best_GBps": round(nbytes / min(read) / 1e9, 2), "array_MB": mb}
+
+
+# --- training -------------------------------------------------------------------------------
+
+@dataclass
+class BenchConfig:
+    preset: str = "gpt2-small"
+    context_length: int = 256
+    batch_size: int = 2
+    dtype: str = "float32"
+    drop_rate: float = 0.1
+    qkv_bias: bool = True  # transformers' GPT2 always has q/k/v biases: match it
+    tie_embeddings: bool = False  # the book's chapter-5 model has its own head
+    attn_impl: str = "auto"
+    scan_layers: bool = False
+    scan_unroll: int = 1
+    remat: str = "none"
+    vocab_multiple: int = 1
+    n_layers: int | None = None  # override the preset (quick runs)
+    model_overrides: dict = field(default_factory=dict)  # any other GPTConfig keys (emb_dim, n_heads, ...)
+    steps: int = 20
+    warmup: int = 2
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    decode_batches: tuple[int, ...] = (1, 8)
+    decode_prompt: int = 8
+    decode_tokens: int = 200
+    nocache_tokens: int = 20  # the no-cache path re-reads the whole window per token: keep it short
+    decode_rounds: int = 3
+    weight_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    torch: bool = True
+    torch_compile: bool = True
+    parts: tuple[str, ...] = ("bandwidth", "train", "compile", "decode")
+    seed: int = 0
+
+    def model_config(self, **overrides) -> GPTConfig:
+        kw = dict(context_length=self.context_length, drop_rate=self.drop_rate, qkv_bias=self.qkv_bias,
+                  tie_embeddings=self.tie_embeddings, dtype=self.dtype, attn_impl=self.attn_impl,
+                  scan_layers=self.scan_layers, scan_unroll=self.scan_unroll, remat=self.remat,
+                  vocab_multiple=self.vocab_multiple)
+        if self.n_layers:
+            kw["n_layers"] = self.n_layers
+        kw.update(self.model_overrides)
+        kw.update(overrides)
+        return get_config(self.preset, **kw)
+
+
+def _batch(cfg: GPTConfig, B: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+    rng = np.random.default_rng(seed)
+    x_BT = rng.integers(0, cfg.vocab_size, (B, cfg.context_length + 1), dtype=np.int32)
+    return jnp.asarray(x_BT[:, :-1]), jnp.asarray(x_BT[:, 1:])
+
+
+def _xla_memory(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    except Exception:  # not every backend/version reports it
+        return None
+
+
+def _device_peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+class JaxTrain:
+    """One jitted train step of gptjax (train.make_steps) on `cfg`, compiled ahead of time."""
+
+    def __init__(self, cfg: GPTConfig, bc: BenchConfig):
+        from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps
+
+        self.cfg = cfg
+        tx = make_optimizer(OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
+        self.state = create_state(cfg, tx, bc.seed)
+        self.n_params = count_params(self.state.params)
+        train_step, self.eval_step = make_steps(cfg, tx)
+        self.batch = _batch(cfg, bc.batch_size, bc.seed)
+        t0 = time.perf_counter()
+        lowered = train_step.lower(self.state, self.batch)
+        t1 = time.perf_counter()
+        self.step_fn = lowered.compile()
+        t2 = time.perf_counter()
+        self.lower_s, self.compile_s = t1 - t0, t2 - t1
+        self.xla_bytes = _xla_memory(self.step_fn)
+
+    def __call__(self) -> None:
+        self.state, metrics = self.step_fn(self.state, self.batch)
+        metrics["loss"].block_until_ready()
+
+
+class TorchTrain:
+    """transformers' GPT2LMHeadModel, same shape/batch/dtype/optimizer, eager or torch.compile'd."""
+
+    def __init__(self, cfg: GPTConfig, bc: BenchConfig, compiled: bool, device: str):
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(bc.seed)
+        hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate,
+                        embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate, layer_norm_epsilon=1e-5,
+                        tie_word_embeddings=cfg.tie_embeddings)
+        hf._attn_implementation = "sdpa"
+        self.torch, self.device = torch, device
+        model = GPT2LMHeadModel(hf).to(device).train()
+        self.n_params = sum(p.numel() for p in model.parameters())
+        # fused AdamW where this torch has it for the device (it does for CPU and CUDA since 2.4)
+        kw = dict(lr=bc.lr, weight_decay=bc.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        try:
+            self.opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.AdamW(model.parameters(), **kw)
+        self.model = torch.compile(model) if compiled else model
+        x_BT, y_BT = _batch(cfg, bc.batch_size, bc.seed)
+        self.x = torch.tensor(np.asarray(x_BT), dtype=torch.long, device=device)
+        self.y = torch.tensor(np.asarray(y_BT), dtype=torch.long, device=device)
+        self.autocast = cfg.dtype != "float32"
+        self.amp_dtype = getattr(torch, cfg.dtype)
+        t0 = time.perf_counter()
+        self()  # eager warm-up, or torch.compile's compilation
+        self.first_step_s = time.perf_counter() - t0
+
+    def __call__(self) -> None:
+        torch = self.torch
+        with torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype, enabled=self.autocast):
+            logits = self.model(input_ids=self.x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.y.flatten())
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss.item()  # blocks until done, as float(metrics["loss"]) does
+
+
+def _torch_device() -> str:
+    import torch
+    platform_ = jax.devices()[0].platform
+    if platform_ == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Train-step rows: gptjax (as configured) and, when torch is installed, HF eager / torch.compile."""
+    cfg = bc.model_config()
+    tokens = bc.batch_size * cfg.context_length
+    fpt = flops_per_token(cfg, cfg.context_length)
+    info = device_info()
+    peak = peak_flops(info["device_kind"], cfg.dtype)
+    runners: dict[str, Any] = {}
+    log(f"compiling gptjax train step ({_describe(cfg)}) ...")
+    runners["gptjax"] = JaxTrain(cfg, bc)
+    torch_errors = {}
+    if bc.torch:
+        try:
+            device = _torch_device()
+            log("building PyTorch eager ...")
+            runners["pytorch eager"] = TorchTrain(cfg, bc, compiled=False, device=device)
+            if bc.torch_compile:
+                log("torch.compile (first step compiles) ...")
+                try:
+                    runners["pytorch compile"] = TorchTrain(cfg, bc, compiled=True, device=device)
+                except Exception as e:  # inductor needs a C++ compiler on CPU; report, don't fail
+                    torch_errors["pytorch compile"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        except ImportError as e:
+            torch_errors["pytorch"] = f"not installed ({e.name})"
+    log(f"timing {bc.steps} steps each, alternating {list(runners)} (load {_load()}) ...")
+    times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
+    rows = []
+    for name, r in runners.items():
+        med = statistics.median(times[name])
+        achieved = fpt * tokens / med
+        row = {"part": "train", "framework": name.split()[0], "variant": _describe(cfg) if name == "gptjax" else
+               name.split()[1] + (" sdpa fusedAdamW" if name.startswith("pytorch") else ""),
+               "model": bc.preset, "params": r.n_params, "batch": bc.batch_size, "T": cfg.context_length,
+               "dtype": cfg.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
+               "steps": len(times[name]), "tokens_per_s": round(tokens / med, 1),
+               "flops_per_token": fpt, "achieved_GFLOPs": round(achieved / 1e9, 1),
+               "mfu": None if peak is None else round(achieved / peak, 4)}
+        if isinstance(r, JaxTrain):
+            row.update(lower_s=round(r.lower_s, 2), compile_s=round(r.compile_s, 2), xla_memory_MB=_mb(r.xla_bytes),
+                       peak_memory_MB=_mb(_device_peak_bytes()))
+        else:
+            row.update(compile_s=round(r.first_step_s - med, 2) if "compile" in name else None,
+                       peak_memory_MB=_mb(r.torch.cuda.max_memory_allocated()) if r.device == "cuda" else None)
+        rows.append(row)
+    _ratios(rows, "tokens_per_s")
+    for name, err in torch_errors.items():
+        rows.append({"part": "train", "framework": name.split()[0], "variant": name, "error": err})
+    rows.append({"part": "train", "framework": "gptjax", "variant": "compilations in a run",
+                 **count_compilations(cfg, bc, runners["gptjax"])})
+    return rows
+
+
+def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None = None, steps: int = 6) -> dict:
+    """Programs a training run compiles: the jitted train/eval steps over a few batches of one shape."""
+    from gptjax.train import OptimConfig, create_state, evaluate, make_optimizer, make_steps
+
+    tx = make_optimizer(OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
+    state = runner.state if runner is not None else create_state(cfg, tx, bc.seed)
+    train_step, eval_step = make_steps(cfg, tx)
+    events: list[str] = []
+    compiled = lambda name, *a, **k: events.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
+    loaded = lambda name, *a, **k: events.append(name) if name.endswith("cache_hits") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(compiled)
+    jax.monitoring.register_event_listener(loaded)
+    try:
+        for i in range(steps):
+            state, metrics = train_step(state, _batch(cfg, bc.batch_size, seed=i))
+            if i % 3 == 0:
+                evaluate(eval_step, state.params, [_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)])
+        float(metrics["loss"])
+    finally:
+        _unregister(compiled, loaded)
+    if runner is not None:
+        runner.state = state
+    return {"train_step_programs": train_step._cache_size(), "eval_step_programs": eval_step._cache_size(),
+            "xla_compiles_in_loop": sum(e.endswith("backend_compile_duration") for e in events),
+            "cache_loads_in_loop": sum(e.endswith("cache_hits") for e in events), "loop_steps": steps}
+
+
+def _unregister(duration_listener, event_listener) -> None:
+    try:
+        from jax._src import monitoring
+        monitoring.unregister_event_duration_listener(duration_listener)
+        monitoring.unregister_event_listener(event_listener)
+    except (ImportError, AttributeError, ValueError, AssertionError):
+        pass
+
+
+def _describe(cfg: GPTConfig) -> str:
+    bits = [f"attn={cfg.attn_impl}"]
+    if cfg.scan_layers:
+        bits.append(f"scan(unroll={cfg.scan_unroll})")
+    if cfg.remat != "none":
+        bits.append(f"remat={cfg.remat}")
+    if cfg.vocab_multiple > 1:
+        bits.append(f"vocab->{cfg.padded_vocab_size}")
+    return " ".join(bits)
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+def _ratios(rows: list[dict], key: str) -> None:
+    """gptjax / best PyTorch for each gptjax row; each PyTorch row gets gptjax / that row."""
+    torch_rows = [r for r in rows if r["framework"] == "pytorch" and r.get(key)]
+    jax_rows = [r for r in rows if r["framework"] == "gptjax" and r.get(key)]
+    if not torch_rows or not jax_rows:
+        return
+    best = max(r[key] for r in torch_rows)
+    for r in jax_rows:
+        r["vs_pytorch_best"] = round(r[key] / best, 3)
+    for r in torch_rows:
+        r["gptjax_over_this"] = round(jax_rows[0][key] / r[key], 3)
+
+
+# --- compile time, cold and from the persistent cache ------------------------------------------
+
+def _compile_probe(spec: dict) -> dict:
+    """Run in a fresh process: AOT lower + compile of the train step from abstract shapes."""
+    from gptjax.runtime import enable_compilation_cache
+    from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps
+
+    if spec.get("cache_dir"):
+        enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
+    cfg = GPTConfig.from_dict(spec["cfg"])
+    tx = make_optimizer(OptimConfig())
+    state = jax.eval_shape(lambda: create_state(cfg, tx, 0))
+    x = jax.ShapeDtypeStruct((spec["batch"], cfg.context_length), jnp.int32)
+    train_step, _ = make_steps(cfg, tx)
+    t0 = time.perf_counter()
+    lowered = train_step.lower(state, (x, x))
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+
+
+def bench_compile(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Train-step compile time per layer layout, cold and then from the persistent cache (fresh processes)."""
+    rows = []
+    for scan in (False, True):
+        cfg = bc.model_config(scan_layers=scan)
+        with tempfile.TemporaryDirectory(prefix="gptjax-cc-") as cache_dir:
+            for attempt in ("cold", "persistent cache"):
+                log(f"compile probe: scan_layers={scan}, {attempt} ...")
+                spec = {"cfg": cfg.to_dict(), "batch": bc.batch_size, "cache_dir": cache_dir}
+                out = subprocess.run([sys.executable, "-m", "gptjax.bench", "--compile-probe", json.dumps(spec)],
+                                     capture_output=True, text=True)
+                row = {"part": "compile", "framework": "gptjax", "variant": _describe(cfg), "model": bc.preset,
+                       "batch": bc.batch_size, "T": cfg.context_length, "dtype": cfg.dtype, "cache": attempt}
+                if out.returncode:
+                    row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1][:300]
+                else:
+                    row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+                    row["lower_plus_compile_s"] = round(row["lower_s"] + row["compile_s"], 2)
+                rows.append(row)
+    return rows
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+def decode_bytes_per_step(cfg: GPTConfig, B: int, S: int, weight_bytes: int, cache_bytes: int) -> float:
+    """Bytes one decode step must read: every matmul weight once, plus the whole static KV cache."""
+    return matmul_params(cfg) * weight_bytes + 2 * cfg.n_layers * B * S * cfg.emb_dim * cache_bytes
+
+
+def _cast(params, dtype: str):
+    return jax.tree.map(lambda a: a.astype(jnp.dtype(dtype)), params)
+
+
+def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[str], None] = print) -> list[dict]:
+    """New tokens/s of greedy decoding at each batch size: KV cache, no cache, and transformers' generate."""
+    from gptjax.generate import generate
+
+    cfg = bc.model_config(drop_rate=0.0, scan_layers=False, remat="none")
+    params = init_params(cfg, jax.random.key(bc.seed))
+    rng = np.random.default_rng(bc.seed)
+    rows = []
+    hf = None
+    if bc.torch:
+        try:
+            hf = _torch_generate_model(cfg)
+        except ImportError:
+            hf = None
+    for B in bc.decode_batches:
+        prompt_BT = rng.integers(0, cfg.vocab_size, (B, bc.decode_prompt), dtype=np.int32)
+        fns, meta = {}, {}
+        for wd in bc.weight_dtypes:
+            c = cfg if wd == "float32" else cfg.replace(dtype=wd)
+            p = params if wd == "float32" else _cast(params, wd)
+            name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights")
+            fns[name] = lambda p=p, c=c: generate(p, c, prompt_BT, bc.decode_tokens)
+            meta[name] = dict(tokens=bc.decode_tokens, weight_bytes=jnp.dtype(wd).itemsize)
+        fns["gptjax no-cache"] = lambda: generate(params, cfg, prompt_BT, bc.nocache_tokens, use_cache=False)
+        meta["gptjax no-cache"] = dict(tokens=bc.nocache_tokens, weight_bytes=4)
+        if hf is not None:
+            fns["pytorch generate kv-cache"] = lambda: hf(prompt_BT, bc.decode_tokens, True)
+            meta["pytorch generate kv-cache"] = dict(tokens=bc.decode_tokens, weight_bytes=4)
+            fns["pytorch generate no-cache"] = lambda: hf(prompt_BT, bc.nocache_tokens, False)
+            meta["pytorch generate no-cache"] = dict(tokens=bc.nocache_tokens, weight_bytes=4)
+        log(f"decode B={B}: warm-up/compile, then {bc.decode_rounds} alternating rounds of {list(fns)} (load {_load()}) ...")
+        times = alternate(fns, rounds=bc.decode_rounds, warmup=1)
+        batch_rows = []
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            n = meta[name]["tokens"]
+            row = {"part": "decode", "framework": name.split()[0], "variant": name.split(" ", 1)[1], "model": bc.preset,
+                   "batch": B, "prompt": bc.decode_prompt, "new_tokens": n, "s_per_call": round(med, 3),
+                   "tokens_per_s": round(B * n / med, 1)}
+            if "kv-cache" in name and bandwidth_GBps:
+                S = bc.decode_prompt + n
+                need = decode_bytes_per_step(cfg, B, S, meta[name]["weight_bytes"], meta[name]["weight_bytes"])
+                roof = B * bandwidth_GBps * 1e9 / need
+                row.update(roofline_tokens_per_s=round(roof, 1), roofline_fraction=round(B * n / med / roof, 3))
+            batch_rows.append(row)
+        cached = next(r for r in batch_rows if r["variant"] == "kv-cache")
+        nocache = next(r for r in batch_rows if r["variant"] == "no-cache")
+        cached["vs_no_cache"] = round(cached["tokens_per_s"] / nocache["tokens_per_s"], 2)
+        for r in batch_rows:
+            if r["framework"] == "gptjax" and hf is not None:
+                ref = next(t for t in batch_rows if t["framework"] == "pytorch" and
+                           ("no-cache" in t["variant"]) == ("no-cache" in r["variant"]))
+                r["vs_pytorch"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 3)
+        rows += batch_rows
+    return rows
+
+
+def _torch_generate_model(cfg: GPTConfig) -> Callable:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                    n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                    layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_embeddings)
+    hf._attn_implementation = "sdpa"
+    device = _torch_device()
+    model = GPT2LMHeadModel(hf).to(device).eval()
+
+    def run(prompt_BT: np.ndarray, n: int, use_cache: bool) -> None:
+        ids = torch.from_numpy(prompt_BT).long().to(device)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, use_cache=use_cache, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+# --- the whole benchmark --------------------------------------------------------------------
+
+def run(bc: BenchConfig, out: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Measure the parts in `bc.parts`, print a table, write out.json / out.md / out.png when `out` is given."""
+    from gptjax.runtime import enable_compilation_cache
+
+    t0 = time.time()
+    # a fresh persistent cache: compile times below are cold, and recompiling the same program
+    # (the compilation count) loads it instead of paying a second cold compile
+    cache_dir = tempfile.TemporaryDirectory(prefix="gptjax-bench-cc-")
+    enable_compilation_cache(cache_dir.name)
+    info = device_info()
+    info.update(torch=_torch_version(), load_at_start=_load())
+    result: dict[str, Any] = {"device": info, "config": dataclasses.asdict(bc), "rows": []}
+    bw = None
+    if "bandwidth" in bc.parts:
+        log("memory bandwidth ...")
+        result["bandwidth"] = memory_bandwidth()
+        bw = max(result["bandwidth"]["read_GBps"], result["bandwidth"]["copy_GBps"] / 2)
+        result["bandwidth"]["roofline_GBps"] = bw
+    if "train" in bc.parts:
+        result["rows"] += bench_train(bc, log)
+    if "compile" in bc.parts:
+        result["rows"] += bench_compile(bc, log)
+    if "decode" in bc.parts:
+        result["rows"] += bench_decode(bc, bw, log)
+    info.update(load_at_end=_load(), wall_s=round(time.time() - t0, 1),
+                rss_peak_MB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    table = format_table(result)
+    log(table)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        out.with_suffix(".md").write_text(table + "\n")
+        plot(result, out.with_suffix(".png"))
+        log(f"wrote {out.with_suffix('.json')}, .md and .png")
+    return result
+
+
+def _torch_version() -> str | None:
+    try:
+        import torch
+        return torch.__version__
+    except ImportError:
+        return None
+
+
+def format_table(result: dict) -> str:
+    """Markdown tables: device line, then train / compile / decode rows."""
+    d = result["device"]
+    lines = [f"device: {d['platform']} {d['device_kind']} ({d['cpu']}, {d['host_cpus']} host CPUs); "
+             f"jax {d['jax']}, jaxlib {d.get('jaxlib')}, flax {d.get('flax')}, torch {d.get('torch')}; "
+             f"load avg {d.get('load_at_start')} -> {d.get('load_at_end')}"]
+    if "bandwidth" in result:
+        b = result["bandwidth"]
+        lines.append(f"memory bandwidth: read {b['read_GBps']} GB/s, copy {b['copy_GBps']} GB/s (read+write); "
+                     f"decode roofline uses {b['roofline_GBps']} GB/s")
+    cols = {
+        "train": ["framework", "variant", "batch", "T", "dtype", "compile_s", "step_ms", "tokens_per_s",
+                  "achieved_GFLOPs", "mfu", "xla_memory_MB", "peak_memory_MB", "vs_pytorch_best", "gptjax_over_this"],
+        "compile": ["variant", "cache", "lower_s", "compile_s", "lower_plus_compile_s"],
+        "decode": ["framework", "variant", "batch", "new_tokens", "tokens_per_s", "roofline_fraction", "vs_no_cache",
+                   "vs_pytorch"],
+    }
+    for part, keys in cols.items():
+        rows = [r for r in result["rows"] if r["part"] == part and "error" not in r and "variant" in r
+                and not r["variant"].startswith("compilations")]
+        if not rows:
+            continue
+        lines += ["", f"### {part}", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for r in rows:
+            lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+    for r in result["rows"]:
+        if r.get("variant") == "compilations in a run":
+            lines.append(f"\ncompilations in a training loop of {r['loop_steps']} steps with evals: train_step "
+                         f"{r['train_step_programs']}, eval_step {r['eval_step_programs']} program(s); "
+                         f"{r['xla_compiles_in_loop']} XLA compiles + {r['cache_loads_in_loop']} persistent-cache loads "
+                         f"in the loop (all programs, small ones included)")
+        elif "error" in r:
+            lines.append(f"\n{r['framework']} {r.get('variant', '')}: {r['error']}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Bar charts of tokens/s: training rows and decode rows, each bar labelled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [p for p in ("train", "decode") if any(r["part"] == p and r.get("tokens_per_s") for r in result["rows"])]
+    if not parts:
+        return
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        rows = [r for r in result["rows"] if r["part"] == part and r.get("tokens_per_s")]
+        labels = [f"{r['framework']} {r['variant'][:28]}" + (f"\nB={r['batch']}" if part == "decode" else "") for r in rows]
+        colors = ["tab:blue" if r["framework"] == "gptjax" else "tab:orange" for r in rows]
+        vals = [r["tokens_per_s"] for r in rows]
+        ax.barh(range(len(rows)), vals, color=colors)
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log" if part == "decode" else "linear")
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:,.1f}", va="center", fontsize=7)
+        ax.set_xlabel("tokens/s")
+        ax.set_title(f"{part} ({result['device']['device_kind']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--compile-probe"]:
+        print(json.dumps(_compile_probe(json.loads(argv[1]))))
+        return 0
+    from gptjax.cli import main as cli_main
+    return cli_main(["bench", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Direct preference optimization, as the book's chapter-7 bonus (dpo-from-scratch).
+
+Data: records {instruction, input, chosen, rejected} (the book's instruction-data-with-preference.json),
+split as chapter 7. A batch holds the chosen and the rejected text of each record (prompt + "### Response:"
++ answer), padded to one length, with masks that keep only the answer tokens. The loss compares the
+policy's and the frozen reference model's average answer log-probabilities:
+    loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))
+so it is exactly log 2 while the policy equals the reference. Rewards are the book's: policy minus
+reference average log-probability, per answer (no beta). Chosen and rejected rows go through the
+model as one batch of 2B rows; with LoRA the reference is the frozen base model itself.
+
+Letters: B batch (records), T time, V vocab.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gptjax import lora as lora_lib
+from gptjax.config import GPTConfig
+from gptjax.model import GPT, count_params
+from gptjax.tasks.instruct import (PAD_TOKEN_ID, bucket_length, encode, format_input, full_params, load_json_records,
+                                   mean_metrics, plot_history, response_prefix, run_loop, split_data, split_trainable)
+from gptjax.train import OptimConfig, TrainState, global_norm, make_optimizer
+
+PREFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+                       "04_preference-tuning-with-dpo/instruction-data-with-preference.json")
+PREFERENCE_DATA_SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
+
+
+def load_preference_data(source: str | None = None, *, cache_dir: str | None = None) -> list[dict]:
+    """The book's instruction-data-with-preference.json (downloaded once), a JSON file, URL or 'hf:NAME'."""
+    return load_json_records(source, url=PREFERENCE_DATA_URL, sha256=PREFERENCE_DATA_SHA256,
+                             keys=("instruction", "chosen", "rejected"), cache_dir=cache_dir)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def encode_preferences(entries: Sequence[dict], tokenizer: Any, style: str = "alpaca") -> list[dict[str, list[int]]]:
+    """The book's PreferenceDataset: token ids of the prompt, and of prompt + response for chosen and rejected."""
+    out = []
+    for e in entries:
+        prompt = format_input(e, style)
+        out.append({"prompt": encode(tokenizer, prompt),
+                    "chosen": encode(tokenizer, prompt + response_prefix(style) + e["chosen"]),
+                    "rejected": encode(tokenizer, prompt + response_prefix(style) + e["rejected"])})
+    return out
+
+
+def collate_preferences(batch: Sequence[dict], *, pad_token_id: int = PAD_TOKEN_ID,
+                        allowed_max_length: int | None = None, mask_prompt_tokens: bool = True,
+                        pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """The book's DPO custom_collate_fn -> chosen_BT, rejected_BT (int32) and their bool masks.
+
+    Both are padded to the longest of either + 1; the mask is False on padding and, with
+    `mask_prompt_tokens`, on the prompt and the 2 tokens after it (the book's "+2", the newlines before
+    "### Response"). `pad_to` pads to at least that length (a bucket); the extra positions are masked.
+    """
+    if not batch:
+        raise ValueError("collate needs at least one example")
+    n = max(len(item[k]) + 1 for item in batch for k in ("chosen", "rejected"))
+    if pad_to is not None:
+        n = max(n, pad_to)
+    out: dict[str, list] = {"chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
+    for item in batch:
+        for k in ("chosen", "rejected"):
+            seq = item[k]
+            padded = np.full(n, pad_token_id, np.int32)
+            padded[:len(seq)] = seq
+            mask = np.zeros(n, bool)
+            mask[:len(seq)] = True
+            if mask_prompt_tokens:
+                mask[:len(item["prompt"]) + 2] = False
+            out[k].append(padded)
+            out[f"{k}_mask"].append(mask)
+    return {k: np.stack(v)[:, :allowed_max_length] if allowed_max_length else np.stack(v) for k, v in out.items()}
+
+
+class PreferenceBatches:
+    """Batches of collate_preferences; a last partial batch gets all-masked filler rows (excluded from means)."""
+
+    def __init__(self, items: list[dict], batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 123,
+                 pad_multiple: int = 1, allowed_max_length: int | None = 1024, mask_prompt_tokens: bool = True,
+                 pad_token_id: int = PAD_TOKEN_ID, name: str = "data"):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not items or (drop_last and len(items) < batch_size):
+            raise ValueError(f"the {name} split has {len(items)} records, fewer than batch_size={batch_size}; "
+                             f"use a smaller --batch-size or more data")
+        self.items, self.batch_size, self.shuffle, self.drop_last = items, batch_size, shuffle, drop_last
+        self.seed, self.pad_multiple, self.allowed_max_length = seed, pad_multiple, allowed_max_length
+        self.mask_prompt_tokens, self.pad_token_id = mask_prompt_tokens, pad_token_id
+
+    def __len__(self) -> int:
+        n, b = len(self.items), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def batch_at(self, epoch: int, i: int) -> dict[str, np.ndarray]:
+        n = len(self.items)
+        order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        rows = order[i * self.batch_size:(i + 1) * self.batch_size]
+        items = [self.items[r] for r in rows]
+        pad_to = None
+        if self.pad_multiple > 1:
+            longest = max(len(it[k]) + 1 for it in items for k in ("chosen", "rejected"))
+            pad_to = bucket_length(longest, self.pad_multiple, self.allowed_max_length)
+        b = collate_preferences(items, pad_token_id=self.pad_token_id, allowed_max_length=self.allowed_max_length,
+                                mask_prompt_tokens=self.mask_prompt_tokens, pad_to=pad_to)
+        b["valid"] = np.arange(self.batch_size) < len(rows)
+        if len(rows) < self.batch_size:  # filler rows: padding, fully masked, left out of the means
+            fill = self.batch_size - len(rows)
+            for k in ("chosen", "rejected"):
+                b[k] = np.concatenate([b[k], np.full((fill, b[k].shape[1]), self.pad_token_id, np.int32)])
+                b[f"{k}_mask"] = np.concatenate([b[f"{k}_mask"], np.zeros((fill, b[k].shape[1]), bool)])
+        return b
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(start, len(self)):
+            yield self.batch_at(epoch, i)
+
+    def __iter__(self):
+        return self.epoch(0)
+
+
+# --- loss ----------------------------------------------------------------------------------------
+
+def sequence_logprobs(logits_BTV: jax.Array, labels_BT: jax.Array, mask_BT: jax.Array | None = None) -> jax.Array:
+    """The book's compute_logprobs: mean log-probability (B,) of labels[:, 1:] under logits[:, :-1], over
+    the positions where mask[:, 1:] is True (all positions without a mask)."""
+    lp_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, :-1].astype(jnp.float32), labels_BT[:, 1:])
+    if mask_BT is None:
+        return jnp.mean(lp_BT, axis=-1)
+    m_BT = mask_BT[:, 1:].astype(jnp.float32)
+    return jnp.sum(lp_BT * m_BT, axis=-1) / jnp.maximum(jnp.sum(m_BT, axis=-1), 1.0)
+
+
+def dpo_loss(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chosen_B: jax.Array,
+             ref_rejected_B: jax.Array, beta: float = 0.1,
+             valid_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The book's compute_dpo_loss -> (mean loss, mean chosen reward, mean rejected reward) over valid rows."""
+    logits_B = (policy_chosen_B - policy_rejected_B) - (ref_chosen_B - ref_rejected_B)
+    losses_B = -jax.nn.log_sigmoid(beta * logits_B)
+    chosen_B = jax.lax.stop_gradient(policy_chosen_B - ref_chosen_B)
+    rejected_B = jax.lax.stop_gradient(policy_rejected_B - ref_rejected_B)
+    w_B = jnp.ones_like(losses_B) if valid_B is None else valid_B.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w_B), 1.0)
+    return jnp.sum(losses_B * w_B) / n, jnp.sum(chosen_B * w_B) / n, jnp.sum(rejected_B * w_B) / n
+
+
+def _pair_logprobs(params: dict, cfg: GPTConfig, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(chosen_B, rejected_B) mean answer log-probabilities, one forward over the 2B rows."""
+    x_2BT = jnp.concatenate([batch["chosen"], batch["rejected"]])
+    m_2BT = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    lp_2B = sequence_logprobs(GPT(cfg).apply({"params": params}, x_2BT, deterministic=True), x_2BT, m_2BT)
+    return jnp.split(lp_2B, 2)
+
+
+def make_dpo_steps(cfg: GPTConfig, tx: optax.GradientTransformation, beta: float = 0.1, lora_scale: float = 1.0):
+    """Jitted `train_step(state, (frozen, ref), batch)` and `eval_step(trainable, (frozen, ref), batch)`.
+
+    `ref` are the reference model's params (None: the frozen base params, as with LoRA). Dropout is
+    off in both models, as the book (drop_rate 0), so step 0's loss is exactly log 2.
+    """
+    def metrics_fn(trainable, fixed, batch):
+        frozen, ref = fixed
+        pol_c, pol_r = _pair_logprobs(full_params(trainable, frozen, lora_scale), cfg, batch)
+        ref_c, ref_r = _pair_logprobs(frozen if ref is None else ref, cfg, batch)
+        ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
+        loss, chosen, rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, batch.get("valid"))
+        return loss, {"loss": loss, "chosen_reward": chosen, "rejected_reward": rejected,
+                      "reward_margin": chosen - rejected}
+
+    @partial(jax.jit, donate_argnums=0)
+    def train_step(state: TrainState, fixed, batch):
+        (_, metrics), grads = jax.value_and_grad(metrics_fn, has_aux=True)(state.params, fixed, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics["grad_norm"] = global_norm(grads)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), metrics
+
+    @jax.jit
+    def eval_step(trainable, fixed, batch):
+        return metrics_fn(trainable, fixed, batch)[1]
+
+    return train_step, eval_step
+
+
+@lru_cache(maxsize=4)
+def compiled_dpo_steps(cfg: GPTConfig, ocfg: OptimConfig, beta: float, lora_scale: float = 1.0):
+    """(tx, train_step, eval_step) per settings, shared by runs in one process."""
+    tx = make_optimizer(ocfg)
+    return (tx, *make_dpo_steps(cfg, tx, beta, lora_scale))
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+@dataclass
+class DPOTrainConfig:
+    """The book's DPO run: beta 0.1, AdamW lr 5e-6, weight decay 0.01, batch 8, 1 epoch, evaluation every 5 steps."""
+    epochs: int = 1
+    batch_size: int = 8
+    eval_freq: int = 5
+    eval_iter: int = 5
+    seed: int = 123
+    beta: float = 0.1
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, weight_decay=0.01))
+    save_every: int = 0
+    keep_checkpoints: int = 1
+    sample_tokens: int = 35
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "keep_checkpoints"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta must be a positive number (the book: 0.1), got {self.beta!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, list[dict]], tokenizer: Any,
+                 out_dir: str | Path, *, style: str = "alpaca", tcfg: DPOTrainConfig | None = None,
+                 lora: lora_lib.LoRAConfig | None = None, mask_prompt_tokens: bool = True, pad_multiple: int = 64,
+                 allowed_max_length: int = 1024, base_model: str | None = None, data_source: str | None = None,
+                 respond: bool = True, max_new_tokens: int = 256, resume: bool = False, progress: bool = True,
+                 stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> dict:
+    """The book's DPO bonus end to end: the reference is a frozen copy of `params` (an SFT model).
+
+    Writes config.json, params/, checkpoints/, metrics.jsonl (train/val loss, chosen/rejected rewards,
+    margin every eval_freq steps), steps.jsonl (the same per step, of the step's batch), dpo.png and,
+    with `respond`, test-responses.json plus eval.json/eval.md scored against the chosen answers.
+    """
+    from gptjax.checkpoint import CONFIG_FILE, save_run, write_json_atomic
+    from gptjax.generate import generate_batch
+    from gptjax.tasks.instruct import respond_and_evaluate
+    from gptjax.train import _prepare_out_dir
+
+    tcfg = tcfg or DPOTrainConfig()
+    out_dir = Path(out_dir)
+    splits = data if isinstance(data, dict) else split_data(data)
+    if cfg.vocab_size <= pad_token_id:
+        raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold the end-of-text token {pad_token_id} "
+                         f"(GPT-2's <|endoftext|>); use a model with vocab_size 50257")
+    cfg = cfg.replace(drop_rate=0.0)
+    max_len = min(allowed_max_length, cfg.context_length)
+    enc = {k: encode_preferences(v, tokenizer, style) for k, v in splits.items() if v}
+    common = dict(pad_multiple=pad_multiple, allowed_max_length=max_len, mask_prompt_tokens=mask_prompt_tokens,
+                  pad_token_id=pad_token_id)
+    train_b = PreferenceBatches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed,
+                                name="training", **common)
+    val_b = PreferenceBatches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation", **common)
+    _prepare_out_dir(out_dir)
+
+    key = jax.random.PRNGKey(tcfg.seed)
+    trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
+    ref = None if lora else params  # LoRA: the frozen base is the reference
+    scale = lora.scale if lora else 1.0
+    tx, train_step, eval_step = compiled_dpo_steps(cfg, tcfg.optim, tcfg.beta, scale)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable), key=key)
+    fixed = (frozen, ref)
+    n_train = count_params(trainable)
+    print(f"policy: {count_params(params):,} parameters, {n_train:,} trainable"
+          f"{f' (LoRA r={lora.rank} alpha={lora.alpha:g})' if lora else ''}; reference frozen; splits "
+          + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; batches/epoch {len(train_b)}")
+    settings = {"task": "dpo", "style": style, "data": data_source, "base_model": base_model, "beta": tcfg.beta,
+                "mask_prompt_tokens": mask_prompt_tokens, "pad_token_id": pad_token_id, "pad_multiple": pad_multiple,
+                "allowed_max_length": max_len,
+                "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
+                "split_sizes": {k: len(v) for k, v in splits.items()}, "trainable_params": n_train}
+    if not resume:
+        write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "dpo": settings, "status": "running"})
+    initial = {**{f"train_{k}": v for k, v in mean_metrics(eval_step, trainable, fixed, train_b.epoch(0), 5).items()},
+               **{f"val_{k}": v for k, v in mean_metrics(eval_step, trainable, fixed, val_b.epoch(0), 5).items()}}
+    print(f"initial: training loss {initial['train_loss']:.4f}, validation loss {initial['val_loss']:.4f} "
+          f"(log 2 = {math.log(2):.4f}), reward margins {initial['train_reward_margin']:.3f} / "
+          f"{initial['val_reward_margin']:.3f}")
+    sample_ids = encode(tokenizer, format_input(splits["val"][0], style))
+
+    def sample(tr: dict) -> str:
+        new = generate_batch(full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
+                             eos_id=pad_token_id)[0]
+        return tokenizer.decode(sample_ids + new)
+
+    loop = run_loop(tcfg, state, fixed, train_b, val_b, out_dir, train_step=train_step, eval_step=eval_step,
+                    count_tokens=lambda b: int(b["chosen"][b["valid"]].size),
+                    sample=sample if tcfg.sample_tokens else None,
+                    meta={"task": "dpo", "model": cfg.to_dict()}, resume=resume, progress=progress,
+                    stop_after=stop_after, desc="dpo")
+    merged = full_params(loop["state"].params, frozen, scale)
+    h = loop["history"]
+    result = {**settings, "initial": initial, "steps": loop["steps"], "tokens_seen": loop["tokens_seen"],
+              "wall_s": round(loop["wall_s"], 1),
+              "final": {k: v[-1] for k, v in h.items() if k.startswith(("train_", "val_"))} if h else {},
+              "compiled_shapes": {k: [list(map(list, s)) for s in v] for k, v in loop["compiled_shapes"].items()}}
+    if h:
+        plot_history(h, out_dir / "loss.png")
+        plot_history(h, out_dir / "dpo.png", keys=(("train_reward_margin", "Training reward margin"),
+                                                   ("val_reward_margin", "Validation reward margin")),
+                     ylabel="Reward margin")
+    if lora is not None:
+        lora_lib.save_adapters(out_dir / "adapters.safetensors", loop["state"].params["lora"], lora,
+                               metadata={"base_model": base_model})
+    save_run(out_dir, merged, cfg, extra={"dpo": result, "status": "finished"})
+    (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
+    if respond and splits.get("test"):
+        test = [{**e, "output": e["chosen"]} for e in splits["test"]]  # score against the preferred answers
+        result["eval"] = respond_and_evaluate(merged, cfg, test, tokenizer, out_dir, style=style,
+                                              max_new_tokens=max_new_tokens, batch_size=tcfg.batch_size,
+                                              name="dpo", progress=progress, eos_id=pad_token_id)
+    return {**result, "history": h, "out_dir": str(out_dir), "params": merged, "cfg": cfg}

@@ -1,0 +1,147 @@
+"""Response evaluation: the book's LLM-as-judge (an Ollama-compatible /api/chat endpoint) and offline overlap
+scores (exact match, ROUGE-L) that need no judge."""
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from typing import Any, Sequence
+
+DEFAULT_URL = "http://localhost:11434"
+DEFAULT_JUDGE = "llama3"  # the book's judge: Llama 3 8B Instruct served by Ollama
+
+
+class JudgeUnavailableError(ConnectionError):
+    """Nothing (or something that is not an Ollama chat endpoint) answers at the judge URL."""
+
+
+def chat_url(url: str) -> str:
+    """'http://host:11434' or '.../api/chat' -> the /api/chat endpoint."""
+    url = url.rstrip("/")
+    return url if url.endswith("/api/chat") else url + "/api/chat"
+
+
+def query_model(prompt: str, model: str = DEFAULT_JUDGE, url: str = DEFAULT_URL, *, seed: int = 123,
+                temperature: float = 0.0, num_ctx: int = 2048, timeout: float = 600.0) -> str:
+    """The book's query_model: POST one user message to Ollama's /api/chat and join the streamed replies."""
+    endpoint = chat_url(url)
+    payload = {"model": model, "messages": [{"role": "user", "content": prompt}],
+               "options": {"seed": seed, "temperature": temperature, "num_ctx": num_ctx}}
+    request = urllib.request.Request(endpoint, data=json.dumps(payload).encode("utf-8"), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    hint = (f"start one (`ollama serve`, then `ollama pull {model}`) or pass the URL of an Ollama-compatible "
+            f"server (CLI: --url)")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        body = e.read().decode("utf-8", "replace")[:300]
+        try:
+            body = json.loads(body).get("error", body)
+        except (json.JSONDecodeError, AttributeError):
+            pass
+        raise JudgeUnavailableError(f"the judge at {endpoint} answered HTTP {e.code}: {body}; check the model name "
+                                    f"({model!r}: `ollama pull {model}`) and the URL") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise JudgeUnavailableError(f"no judge answers at {endpoint} ({reason}); {hint}") from None
+    text = []
+    with response:
+        for raw in response:  # Ollama streams one JSON object per line
+            line = raw.decode("utf-8").strip()
+            if not line:
+                continue
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                raise JudgeUnavailableError(f"{endpoint} did not answer with Ollama's JSON lines (got "
+                                            f"{line[:100]!r}); is it an Ollama /api/chat endpoint?") from None
+            if "error" in msg:
+                raise JudgeUnavailableError(f"the judge at {endpoint} reported: {msg['error']}")
+            text.append(msg.get("message", {}).get("content", ""))
+    return "".join(text)
+
+
+def judge_prompt(entry: dict, json_key: str = "model_response", style: str = "alpaca") -> str:
+    """The book's scoring prompt for one record."""
+    from gptjax.tasks.instruct import format_input
+
+    return (f"Given the input `{format_input(entry, style)}` "
+            f"and correct output `{entry['output']}`, "
+            f"score the model response `{entry[json_key]}`"
+            f" on a scale from 0 to 100, where 100 is the best score. "
+            f"Respond with the integer number only.")
+
+
+def generate_model_scores(entries: Sequence[dict], json_key: str = "model_response", model: str = DEFAULT_JUDGE,
+                          url: str = DEFAULT_URL, *, style: str = "alpaca", progress: bool = True,
+                          **query_kw: Any) -> dict[str, Any]:
+    """The book's generate_model_scores: one judge score per record, `int(reply)`; replies that are not an
+    integer are counted and skipped. Returns scores, their mean, and the unparsable replies."""
+    from tqdm.auto import tqdm
+
+    missing = [i for i, e in enumerate(entries) if json_key not in e or "output" not in e]
+    if missing:
+        raise ValueError(f"records {missing[:5]} lack '{json_key}' or 'output'; pass the responses JSON written by "
+                         f"`gptjax respond` (or --key with the field holding the responses)")
+    scores, unparsable = [], []
+    for i, entry in enumerate(tqdm(entries, desc="Scoring entries", disable=not progress)):
+        reply = query_model(judge_prompt(entry, json_key, style), model, url, **query_kw)
+        try:
+            scores.append(int(reply))
+        except ValueError:
+            unparsable.append({"index": i, "reply": reply})
+    mean = sum(scores) / len(scores) if scores else float("nan")
+    return {"scores": scores, "mean": mean, "n_scored": len(scores), "n_unparsable": len(unparsable),
+            "unparsable": unparsable, "judge": model, "url": chat_url(url)}
+
+
+# --- offline overlap scores ------------------------------------------------------------------------
+
+def rouge_tokens(text: str) -> list[str]:
+    """Google rouge_score's default tokenizer: lowercase, non-alphanumerics to spaces, no stemming."""
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming, one row)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, 1):
+            cur = row[j]
+            row[j] = prev + 1 if x == y else max(row[j], row[j - 1])
+            prev = cur
+    return row[-1]
+
+
+def rouge_l(candidate: str, reference: str) -> dict[str, float]:
+    """ROUGE-L precision, recall and F1 (LCS over rouge tokens; F1 = 2PR / (P + R))."""
+    c, r = rouge_tokens(candidate), rouge_tokens(reference)
+    if not c or not r:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    lcs = lcs_length(c, r)
+    p, rec = lcs / len(c), lcs / len(r)
+    return {"precision": p, "recall": rec, "f1": 0.0 if lcs == 0 else 2 * p * rec / (p + rec)}
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def exact_match(candidate: str, reference: str) -> bool:
+    """Equal after lowercasing and collapsing whitespace."""
+    return normalize_text(candidate) == normalize_text(reference)
+
+
+def text_scores(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean exact match and ROUGE-L F1 of responses against their references."""
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} responses for {len(references)} references")
+    if not candidates:
+        return {"exact_match": float("nan"), "rouge_l": float("nan")}
+    n = len(candidates)
+    return {"exact_match": sum(exact_match(c, r) for c, r in zip(candidates, references)) / n,
+            "rouge_l": sum(rouge_l(c, r)["f1"] for c, r in zip(candidates, references)) / n}

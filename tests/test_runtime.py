@@ -1,0 +1,57 @@
+"""Process settings: XLA:CPU flags appended once (never over the user's), the persistent compilation cache."""
+import jax
+import pytest
+
+from gptjax import runtime
+
+
+@pytest.fixture
+def restore_cache_config():
+    before = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                                                "jax_persistent_cache_min_entry_size_bytes")}
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+    from jax._src import compilation_cache
+    compilation_cache.reset_cache()
+
+
+def test_cpu_flags_added_once_and_never_over_the_users(monkeypatch):
+    monkeypatch.setattr(runtime, "_backend_started", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.delenv("GPTJAX_NO_XLA_FLAGS", raising=False)
+    assert runtime.set_cpu_flags() == list(runtime.CPU_XLA_FLAGS)
+    flags = runtime.os.environ["XLA_FLAGS"]
+    assert flags.startswith("--xla_force_host_platform_device_count=2 ") and runtime.CPU_XLA_FLAGS[0] in flags
+    assert runtime.set_cpu_flags() == [] and runtime.os.environ["XLA_FLAGS"] == flags
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # the user's choice wins
+    assert runtime.set_cpu_flags() == []
+    monkeypatch.setenv("GPTJAX_NO_XLA_FLAGS", "1")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert runtime.set_cpu_flags() == []
+
+
+def test_cpu_flags_warn_once_jax_has_started(monkeypatch):
+    monkeypatch.setattr(runtime, "_backend_started", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("GPTJAX_NO_XLA_FLAGS", raising=False)
+    with pytest.warns(UserWarning, match="before the first JAX computation"):
+        assert runtime.set_cpu_flags() == []
+
+
+def test_compilation_cache_dir(tmp_path, monkeypatch, restore_cache_config):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("GPTJAX_CACHE_DIR", raising=False)
+    assert runtime.default_cache_dir() == tmp_path / "xdg" / "gptjax" / "jax"
+    path = runtime.enable_compilation_cache()
+    assert path == tmp_path / "xdg" / "gptjax" / "jax" and path.is_dir()
+    assert jax.config.values["jax_compilation_cache_dir"] == str(path)
+    jax.jit(lambda x: x * 3 + 1)(jax.numpy.arange(5.0)).block_until_ready()  # small programs are not written...
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "mine"))
+    assert runtime.enable_compilation_cache() == tmp_path / "mine"
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", "")
+    assert runtime.enable_compilation_cache() is None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.warns(UserWarning, match="GPTJAX_CACHE_DIR"):
+        assert runtime.enable_compilation_cache(blocked / "sub") is None
