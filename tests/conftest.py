@@ -5,6 +5,9 @@ os.environ.setdefault("GPTJAX_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One set of XLA flags for the test process and the CLI subprocesses it starts: bitwise comparisons
+# across a process boundary (exact resume) need the same compiled numerics on both sides.
+os.environ.setdefault("GPTJAX_NO_XLA_FLAGS", "1")
 
 import pytest  # noqa: E402
 
