@@ -125,8 +125,11 @@ def alternate(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -
     return times
 
 
-def memory_bandwidth(mb: int = 256, reps: int = 10) -> dict:
-    """This device's memory bandwidth (GB/s): read (a sum) and copy (read + write, in place, donated)."""
+def memory_bandwidth(mb: int = 1024, reps: int = 8) -> dict:
+    """This device's memory bandwidth (GB/s): read (a sum) and copy (read + write, in place, donated).
+
+    1 GiB by default: larger than server CPUs' last-level caches, which would otherwise be measured.
+    """
     n = mb * 2**20 // 4
     x = jnp.ones((n,), jnp.float32)
     total = jax.jit(jnp.sum)
@@ -174,12 +177,13 @@ class BenchConfig:
     decode_batches: tuple[int, ...] = (1, 8)
     decode_prompt: int = 8
     decode_tokens: int = 200
-    nocache_tokens: int = 20  # the no-cache path re-reads the whole window per token: keep it short
+    nocache_tokens: int = 20  # at batch 1 (// B beyond): the no-cache path re-reads the whole window per token
     decode_rounds: int = 3
     weight_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     torch: bool = True
     torch_compile: bool = True
     parts: tuple[str, ...] = ("bandwidth", "train", "compile", "decode")
+    variants: tuple[dict, ...] = ()  # more gptjax train configs timed in the same rounds, e.g. {"scan_layers": False}
     seed: int = 0
 
     def model_config(self, **overrides) -> GPTConfig:
@@ -297,8 +301,10 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
     info = device_info()
     peak = peak_flops(info["device_kind"], cfg.dtype)
     runners: dict[str, Any] = {}
-    log(f"compiling gptjax train step ({_describe(cfg)}) ...")
-    runners["gptjax"] = JaxTrain(cfg, bc)
+    cfgs = {"gptjax": cfg, **{f"gptjax #{i + 1}": bc.model_config(**v) for i, v in enumerate(bc.variants)}}
+    for name, c in cfgs.items():
+        log(f"compiling gptjax train step ({_describe(c)}) ...")
+        runners[name] = JaxTrain(c, bc)
     torch_errors = {}
     if bc.torch:
         try:
@@ -319,8 +325,8 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
     for name, r in runners.items():
         med = statistics.median(times[name])
         achieved = fpt * tokens / med
-        row = {"part": "train", "framework": name.split()[0], "variant": _describe(cfg) if name == "gptjax" else
-               name.split()[1] + (" sdpa fusedAdamW" if name.startswith("pytorch") else ""),
+        row = {"part": "train", "framework": name.split()[0],
+               "variant": _describe(cfgs[name]) if name in cfgs else name.split()[1] + " sdpa fusedAdamW",
                "model": bc.preset, "params": r.n_params, "batch": bc.batch_size, "T": cfg.context_length,
                "dtype": cfg.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
                "steps": len(times[name]), "tokens_per_s": round(tokens / med, 1),
@@ -462,10 +468,12 @@ def _cast(params, dtype: str):
 
 def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[str], None] = print) -> list[dict]:
     """New tokens/s of greedy decoding at each batch size: KV cache, no cache, and transformers' generate."""
-    from gptjax.generate import generate
+    from gptjax.generate import decoding_model, generate
 
     cfg = bc.model_config(drop_rate=0.0, scan_layers=False, remat="none")
     params = init_params(cfg, jax.random.key(bc.seed))
+    # laid out for decoding once, as a caller decoding repeatedly would (on CPU: (out, in) kernels)
+    params, cfg = decoding_model(params, cfg)
     rng = np.random.default_rng(bc.seed)
     rows = []
     hf = None
@@ -481,15 +489,17 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
             c = cfg if wd == "float32" else cfg.replace(dtype=wd)
             p = params if wd == "float32" else _cast(params, wd)
             name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights")
-            fns[name] = lambda p=p, c=c: generate(p, c, prompt_BT, bc.decode_tokens)
+            fns[name] = lambda p=p, c=c, x=prompt_BT: generate(p, c, x, bc.decode_tokens)
             meta[name] = dict(tokens=bc.decode_tokens, weight_bytes=jnp.dtype(wd).itemsize)
-        fns["gptjax no-cache"] = lambda: generate(params, cfg, prompt_BT, bc.nocache_tokens, use_cache=False)
-        meta["gptjax no-cache"] = dict(tokens=bc.nocache_tokens, weight_bytes=4)
+        # same work budget per batch size: the window loop costs B x window per token
+        nocache = max(4, bc.nocache_tokens // B)
+        fns["gptjax no-cache"] = lambda x=prompt_BT, n=nocache: generate(params, cfg, x, n, use_cache=False)
+        meta["gptjax no-cache"] = dict(tokens=nocache, weight_bytes=4)
         if hf is not None:
-            fns["pytorch generate kv-cache"] = lambda: hf(prompt_BT, bc.decode_tokens, True)
+            fns["pytorch generate kv-cache"] = lambda x=prompt_BT: hf(x, bc.decode_tokens, True)
             meta["pytorch generate kv-cache"] = dict(tokens=bc.decode_tokens, weight_bytes=4)
-            fns["pytorch generate no-cache"] = lambda: hf(prompt_BT, bc.nocache_tokens, False)
-            meta["pytorch generate no-cache"] = dict(tokens=bc.nocache_tokens, weight_bytes=4)
+            fns["pytorch generate no-cache"] = lambda x=prompt_BT, n=nocache: hf(x, n, False)
+            meta["pytorch generate no-cache"] = dict(tokens=nocache, weight_bytes=4)
         log(f"decode B={B}: warm-up/compile, then {bc.decode_rounds} alternating rounds of {list(fns)} (load {_load()}) ...")
         times = alternate(fns, rounds=bc.decode_rounds, warmup=1)
         batch_rows = []
@@ -506,8 +516,8 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
                 row.update(roofline_tokens_per_s=round(roof, 1), roofline_fraction=round(B * n / med / roof, 3))
             batch_rows.append(row)
         cached = next(r for r in batch_rows if r["variant"] == "kv-cache")
-        nocache = next(r for r in batch_rows if r["variant"] == "no-cache")
-        cached["vs_no_cache"] = round(cached["tokens_per_s"] / nocache["tokens_per_s"], 2)
+        window = next(r for r in batch_rows if r["variant"] == "no-cache")
+        cached["vs_no_cache"] = round(cached["tokens_per_s"] / window["tokens_per_s"], 2)
         for r in batch_rows:
             if r["framework"] == "gptjax" and hf is not None:
                 ref = next(t for t in batch_rows if t["framework"] == "pytorch" and
@@ -545,13 +555,38 @@ def run(bc: BenchConfig, out: str | Path | None = None, log: Callable[[str], Non
     """Measure the parts in `bc.parts`, print a table, write out.json / out.md / out.png when `out` is given."""
     from gptjax.runtime import enable_compilation_cache
 
-    t0 = time.time()
     # a fresh persistent cache: compile times below are cold, and recompiling the same program
     # (the compilation count) loads it instead of paying a second cold compile
-    cache_dir = tempfile.TemporaryDirectory(prefix="gptjax-bench-cc-")
-    enable_compilation_cache(cache_dir.name)
+    before = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                                                "jax_persistent_cache_min_entry_size_bytes")}
+    with tempfile.TemporaryDirectory(prefix="gptjax-bench-cc-") as cache_dir:
+        enable_compilation_cache(cache_dir)
+        try:
+            result = _measure(bc, log)
+        finally:  # give the process its own cache back
+            for k, v in before.items():
+                jax.config.update(k, v)
+            try:
+                from jax._src import compilation_cache
+                compilation_cache.reset_cache()
+            except (ImportError, AttributeError):
+                pass
+    table = format_table(result)
+    log(table)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        out.with_suffix(".md").write_text(table + "\n")
+        plot(result, out.with_suffix(".png"))
+        log(f"wrote {out.with_suffix('.json')}, .md and .png")
+    return result
+
+
+def _measure(bc: BenchConfig, log: Callable[[str], None]) -> dict:
+    t0 = time.time()
     info = device_info()
-    info.update(torch=_torch_version(), load_at_start=_load())
+    info.update(torch=_torch_version(), load_at_start=_load(), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
     result: dict[str, Any] = {"device": info, "config": dataclasses.asdict(bc), "rows": []}
     bw = None
     if "bandwidth" in bc.parts:
@@ -567,15 +602,6 @@ def run(bc: BenchConfig, out: str | Path | None = None, log: Callable[[str], Non
         result["rows"] += bench_decode(bc, bw, log)
     info.update(load_at_end=_load(), wall_s=round(time.time() - t0, 1),
                 rss_peak_MB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
-    table = format_table(result)
-    log(table)
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-        out.with_suffix(".md").write_text(table + "\n")
-        plot(result, out.with_suffix(".png"))
-        log(f"wrote {out.with_suffix('.json')}, .md and .png")
     return result
 
 
@@ -592,13 +618,14 @@ def format_table(result: dict) -> str:
     d = result["device"]
     lines = [f"device: {d['platform']} {d['device_kind']} ({d['cpu']}, {d['host_cpus']} host CPUs); "
              f"jax {d['jax']}, jaxlib {d.get('jaxlib')}, flax {d.get('flax')}, torch {d.get('torch')}; "
-             f"load avg {d.get('load_at_start')} -> {d.get('load_at_end')}"]
+             f"load avg {d.get('load_at_start')} -> {d.get('load_at_end')}; XLA_FLAGS={d.get('xla_flags') or '-'}"
+             + (f"; GLIBC_TUNABLES={d['glibc_tunables']}" if d.get("glibc_tunables") else "")]
     if "bandwidth" in result:
         b = result["bandwidth"]
         lines.append(f"memory bandwidth: read {b['read_GBps']} GB/s, copy {b['copy_GBps']} GB/s (read+write); "
                      f"decode roofline uses {b['roofline_GBps']} GB/s")
     cols = {
-        "train": ["framework", "variant", "batch", "T", "dtype", "compile_s", "step_ms", "tokens_per_s",
+        "train": ["framework", "variant", "batch", "T", "dtype", "compile_s", "step_ms", "step_ms_min", "tokens_per_s",
                   "achieved_GFLOPs", "mfu", "xla_memory_MB", "peak_memory_MB", "vs_pytorch_best", "gptjax_over_this"],
         "compile": ["variant", "cache", "lower_s", "compile_s", "lower_plus_compile_s"],
         "decode": ["framework", "variant", "batch", "new_tokens", "tokens_per_s", "roofline_fraction", "vs_no_cache",

@@ -170,6 +170,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _parse_variant(text: str) -> dict:
+    """"scan_layers=false,remat=dots" -> {"scan_layers": False, "remat": "dots"} (values typed as GPTConfig's)."""
+    import dataclasses
+
+    from gptjax.config import GPTConfig
+
+    types = {f.name: type(getattr(GPTConfig(), f.name)) for f in dataclasses.fields(GPTConfig)}
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in types:
+            raise ValueError(f"--variant {text!r}: expected KEY=VALUE pairs with GPTConfig keys ({sorted(types)})")
+        out[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
+    return out
+
+
 def cmd_bench(args) -> int:
     from gptjax.bench import BenchConfig, run
 
@@ -184,7 +200,8 @@ def cmd_bench(args) -> int:
                      warmup=args.warmup, decode_batches=tuple(args.decode_batch), decode_prompt=args.decode_prompt,
                      decode_tokens=args.decode_tokens, nocache_tokens=args.nocache_tokens,
                      decode_rounds=args.decode_rounds, weight_dtypes=tuple(args.weight_dtype),
-                     torch=not args.no_torch, torch_compile=not args.no_torch_compile, parts=tuple(args.parts))
+                     torch=not args.no_torch, torch_compile=not args.no_torch_compile, parts=tuple(args.parts),
+                     variants=tuple(_parse_variant(v) for v in args.variant))
     out = args.out
     if out is None:
         import jax
@@ -665,12 +682,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-unroll", type=int, default=1)
     p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
     p.add_argument("--vocab-multiple", type=int, default=1, help="pad the vocab to a multiple (64: 50304)")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VAL[,KEY=VAL]",
+                   help="another gptjax train config timed alongside, e.g. scan_layers=false (repeatable)")
     p.add_argument("--steps", type=int, default=20, help="timed train steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--decode-prompt", type=int, default=8, help="prompt tokens per row")
     p.add_argument("--decode-tokens", type=int, default=200, help="new tokens with the KV cache")
-    p.add_argument("--nocache-tokens", type=int, default=20, help="new tokens without the cache (slow)")
+    p.add_argument("--nocache-tokens", type=int, default=20,
+                   help="new tokens without the cache at batch 1, divided by the batch beyond (slow path)")
     p.add_argument("--decode-rounds", type=int, default=3)
     p.add_argument("--weight-dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
                    help="weight dtypes of the KV-cache decode rows")

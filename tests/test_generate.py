@@ -195,3 +195,14 @@ def test_decode_step_updates_the_donated_cache(model):
     nxt, cache = decode_step(params, cache, tok, jnp.asarray([3]), jax.random.key(0), cfg=cfg)
     assert old.is_deleted()  # donated: XLA wrote the new slot in place
     assert cache["h_0"]["attn"]["k"].shape == (1, 8, 4, 8) and nxt.shape == (1,)
+
+
+def test_decoding_layout_converts_once(model):
+    params, cfg = model
+    dec_params, dec_cfg = gen.decoding_model(params, cfg)
+    assert dec_cfg.linear_layout == "out_in"  # CPU: (out, in) kernels read faster one token at a time
+    assert dec_params["h_0"]["mlp"]["c_fc"]["kernel"].shape == (128, 32)
+    again = gen.decoding_model(dec_params, dec_cfg)
+    assert again[0] is dec_params and again[1] == dec_cfg  # already laid out: no copy
+    idx = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(generate(dec_params, dec_cfg, idx, 6), generate(params, cfg, idx, 6, use_cache=False))

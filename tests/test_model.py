@@ -11,7 +11,7 @@ import pytest
 
 from gptjax.config import PRESETS, GPTConfig, get_config
 from gptjax.model import (GPT, abstract_params, convert_params, count_params, init_cache, init_params, num_params,
-                          pad_vocab, stack_layers, unstack_layers)
+                          pad_vocab, set_linear_layout, stack_layers, unstack_layers)
 
 # (untied head, tied head), qkv_bias=False: the book's chapter 4 numbers
 BOOK_PARAM_COUNTS = {
@@ -404,3 +404,22 @@ def test_kv_cache_needs_per_layer_params(tiny_cfg):
                        pos_B=jnp.zeros((1,), jnp.int32), mutable=["cache"])
     with pytest.raises(ValueError, match="exceeds context_length"):
         init_cache(tiny_cfg, 1, tiny_cfg.context_length + 1)
+
+
+def test_out_in_kernels_are_the_same_model(tiny_cfg):
+    """PyTorch's (out, in) kernel layout: same init values transposed, same logits, both ways convertible."""
+    cfg = tiny_cfg.replace(linear_layout="out_in", qkv_bias=True)
+    base = tiny_cfg.replace(qkv_bias=True)
+    ref = init_params(base, jax.random.key(3))
+    params = init_params(cfg, jax.random.key(3))
+    assert params["h_0"]["mlp"]["c_fc"]["kernel"].shape == (128, 32)
+    np.testing.assert_array_equal(set_linear_layout(params, "out_in", "in_out")["h_1"]["attn"]["c_proj"]["kernel"],
+                                  ref["h_1"]["attn"]["c_proj"]["kernel"])
+    ref = _randomize(ref, seed=11, scale=0.05)
+    idx_BT = _tokens(base, seed=12)
+    np.testing.assert_allclose(_apply(cfg, set_linear_layout(ref, "in_out", "out_in"), idx_BT),
+                               _apply(base, ref, idx_BT), rtol=1e-5, atol=1e-5)
+    stacked = stack_layers(ref)  # stacked kernels swap their last two axes
+    assert set_linear_layout(stacked, "in_out", "out_in")["h"]["mlp"]["c_fc"]["kernel"].shape == (2, 128, 32)
+    with pytest.raises(ValueError, match="linear_layout must be one of"):
+        tiny_cfg.replace(linear_layout="column")
