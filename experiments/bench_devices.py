@@ -26,11 +26,12 @@ SETTINGS = {
     "cpu": ["--preset", "gpt2-small", "--context-length", "256", "--batch-size", "2", "--dtype", "float32",
             "--scan-layers", "--scan-unroll", "2", "--variant", "scan_layers=false,scan_unroll=1",
             "--steps", "20", "--decode-batch", "1", "8", "--decode-tokens", "200", "--nocache-tokens", "200"],
+    # GPU/TPU: nanoGPT's GPT-2 pretraining setting (no dropout: the fused attention kernels take none)
     "gpu": ["--preset", "gpt2-small", "--context-length", "1024", "--batch-size", "16", "--dtype", "bfloat16",
-            "--vocab-multiple", "64", "--steps", "30", "--decode-batch", "1", "8", "--decode-tokens", "200",
+            "--drop-rate", "0", "--vocab-multiple", "64", "--steps", "30", "--decode-batch", "1", "8", "--decode-tokens", "200",
             "--nocache-tokens", "200", "--decode-rounds", "5"],
     "tpu": ["--preset", "gpt2-small", "--context-length", "1024", "--batch-size", "16", "--dtype", "bfloat16",
-            "--vocab-multiple", "64", "--steps", "30", "--decode-batch", "1", "8", "--decode-tokens", "200",
+            "--drop-rate", "0", "--vocab-multiple", "64", "--steps", "30", "--decode-batch", "1", "8", "--decode-tokens", "200",
             "--nocache-tokens", "200", "--no-torch"],
 }
 QUICK = ["--n-layers", "2", "--steps", "5", "--decode-tokens", "32", "--nocache-tokens", "8", "--decode-rounds", "2",

@@ -187,6 +187,11 @@ def _parse_variant(text: str) -> dict:
 
 
 def cmd_bench(args) -> int:
+    import os
+
+    # JAX grabs 75% of a GPU's memory up front; PyTorch, timed in the same process, needs its share
+    if not args.no_torch:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     from gptjax.bench import BenchConfig, run
 
     if args.steps < 1 or args.decode_rounds < 1:
