@@ -428,3 +428,37 @@ def load_model(spec: str | Path, dtype: str | None = None) -> tuple[Any, GPTConf
     from gptjax.gpt2_weights import load_gpt2
 
     return load_gpt2(str(spec), dtype=dtype or "float32")
+
+
+def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int = 123,
+                    language_model: bool = False) -> tuple[Any, GPTConfig]:
+    """A fine-tuning base: 'random' (a fresh GPT of `random_cfg`) or anything `load_model` accepts.
+
+    `language_model=True` refuses a classifier run (instruction tuning needs the LM head).
+    """
+    if spec == "random":
+        import jax
+
+        from gptjax.model import init_params
+
+        if random_cfg is None:
+            raise ValueError("--model random needs a model config (--preset and the size options)")
+        cfg = random_cfg.replace(n_classes=0)
+        return init_params(cfg, jax.random.PRNGKey(seed)), cfg
+    params, cfg = load_model(spec)
+    if language_model and cfg.n_classes:
+        raise ValueError(f"{spec!r} is a {cfg.n_classes}-class classifier; instruction tuning needs a language "
+                         f"model (a GPT-2 size, a pretrain or finetune-instruct run)")
+    return params, cfg
+
+
+def refuse_existing_run(out_dir: str | Path, *, resume: bool, overwrite: bool, command: str) -> None:
+    """Before a fresh fine-tuning run writes anything: an --out that holds another run's checkpoints
+    is continued (--resume) or replaced (--overwrite), never silently wiped."""
+    ckpt_dir = Path(out_dir) / CHECKPOINTS_DIR
+    if resume or overwrite or not ckpt_dir.is_dir():
+        return
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if steps:
+        raise RunExistsError(f"{str(out_dir)!r} already holds a run (checkpoint after {steps[-1]} steps); continue it "
+                             f"with `gptjax {command} ... --resume`, start over with --overwrite, or choose another --out")

@@ -346,7 +346,7 @@ def cmd_finetune_instruct(args) -> int:
                               lora=_ch7_lora(args), mask=args.mask, pad_multiple=args.pad_multiple,
                               allowed_max_length=args.allowed_max_length, respond=not args.no_respond,
                               max_new_tokens=args.max_new_tokens, base_model=args.model, data_source=args.data,
-                              resume=args.resume, progress=not args.quiet)
+                              resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
         f = r["final"]
         print(f"done: train loss {f.get('train_loss', float('nan')):.3f}, "
               f"val loss {f.get('val_loss', float('nan')):.3f} after {r['steps']} steps ({r['wall_s']:.0f} s); run saved in {args.out}"
@@ -442,7 +442,7 @@ def cmd_dpo(args) -> int:
                          mask_prompt_tokens=not args.no_mask_prompt, pad_multiple=args.pad_multiple,
                          allowed_max_length=args.allowed_max_length, base_model=args.model, data_source=args.data,
                          respond=not args.no_respond, max_new_tokens=args.max_new_tokens, resume=args.resume,
-                         progress=not args.quiet)
+                         overwrite=args.overwrite, progress=not args.quiet)
         f = r["final"]
         print(f"done: val loss {f.get('val_loss', float('nan')):.4f}, val reward margin "
               f"{f.get('val_reward_margin', float('nan')):.4f} after {r['steps']} steps ({r['wall_s']:.0f} s); "
@@ -512,6 +512,7 @@ def _add_ch7_train_args(p: argparse.ArgumentParser, *, model_default: str | None
     g.add_argument("--out", default=out, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its latest "
                    "checkpoint (give the same flags as the first time)")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
     g.add_argument("--no-respond", action="store_true", help="skip generating and scoring the test-set responses")
     g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per test-set response")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

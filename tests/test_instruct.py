@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.checkpoint import TrainingInterrupted, load_run, load_run_config
+from gptjax.checkpoint import RunExistsError, TrainingInterrupted, load_run, load_run_config
 from gptjax.config import GPTConfig
 from gptjax.lora import LoRAConfig, load_adapters
 from gptjax.model import GPT, init_params
@@ -187,6 +187,10 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(TrainingInterrupted, match="after 3 steps as asked") as info:
         finetune_instruct(init_params(cfg, jax.random.key(0)), cfg, splits, tok, tmp_path / "b", stop_after=3, **kw)
     assert info.value.step == 3
+    config_before = (tmp_path / "b" / "config.json").read_text()
+    with pytest.raises(RunExistsError, match="already holds a run .checkpoint after 3 steps.*--resume.*--overwrite"):
+        finetune_instruct(init_params(cfg, jax.random.key(0)), cfg, splits, tok, tmp_path / "b", **kw)
+    assert (tmp_path / "b" / "config.json").read_text() == config_before  # refused before writing anything
     resumed = finetune_instruct(init_params(cfg, jax.random.key(0)), cfg, splits, tok, tmp_path / "b", resume=True,
                                 **kw)
     assert resumed["steps"] == full["steps"] == 8
@@ -281,3 +285,19 @@ def test_cli_finetune_respond_judge_dpo_chat(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Name a color.\n/quit\n"))
     assert main(["chat", "--model", str(tmp_path / "dpo"), "--max-new-tokens", "3"]) == 0
     assert "Model: " in capsys.readouterr().out
+
+
+def test_fresh_run_refuses_an_out_dir_holding_checkpoints(tmp_path):
+    from gptjax.tasks.dpo import finetune_dpo
+
+    tok, cfg = CharTokenizer(), char_cfg()
+    (tmp_path / "checkpoints" / "7").mkdir(parents=True)
+    splits = {"train": RECORDS, "val": RECORDS[:2], "test": []}
+    with pytest.raises(RunExistsError, match="finetune-instruct ... --resume"):
+        finetune_instruct(init_params(cfg, jax.random.key(0)), cfg, splits, tok, tmp_path, pad_token_id=EOT,
+                          progress=False, respond=False)
+    with pytest.raises(RunExistsError, match="gptjax dpo ... --resume"):
+        finetune_dpo(init_params(cfg, jax.random.key(0)), cfg, splits, tok, tmp_path, pad_token_id=EOT,
+                     progress=False, respond=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # nothing written, nothing deleted
+    assert (tmp_path / "checkpoints" / "7").is_dir()

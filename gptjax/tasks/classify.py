@@ -549,15 +549,9 @@ def plot_values(epochs_seen: Sequence[float], examples_seen: Sequence[float], tr
 
 def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int = 123) -> tuple[dict, GPTConfig]:
     """'random' (a fresh GPT of `random_cfg`), a gptjax run dir, a GPT-2 size or a local HF-format dir/file."""
-    if spec == "random":
-        from gptjax.model import init_params
+    from gptjax.checkpoint import load_base_model as load
 
-        if random_cfg is None:
-            raise ValueError("--model random needs a model config (--preset and size options)")
-        return init_params(random_cfg.replace(n_classes=0), jax.random.PRNGKey(seed)), random_cfg.replace(n_classes=0)
-    from gptjax.checkpoint import load_model
-
-    return load_model(spec)
+    return load(spec, random_cfg=random_cfg, seed=seed)
 
 
 def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[str, LabeledTexts], tokenizer: Any,

@@ -233,7 +233,8 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                  out_dir: str | Path, *, style: str = "alpaca", tcfg: DPOTrainConfig | None = None,
                  lora: lora_lib.LoRAConfig | None = None, mask_prompt_tokens: bool = True, pad_multiple: int = 64,
                  allowed_max_length: int = 1024, base_model: str | None = None, data_source: str | None = None,
-                 respond: bool = True, max_new_tokens: int = 256, resume: bool = False, progress: bool = True,
+                 respond: bool = True, max_new_tokens: int = 256, resume: bool = False,
+                 overwrite: bool = False, progress: bool = True,
                  stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> dict:
     """The book's DPO bonus end to end: the reference is a frozen copy of `params` (an SFT model).
 
@@ -241,13 +242,14 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     margin every eval_freq steps), steps.jsonl (the same per step, of the step's batch), dpo.png and,
     with `respond`, test-responses.json plus eval.json/eval.md scored against the chosen answers.
     """
-    from gptjax.checkpoint import CONFIG_FILE, save_run, write_json_atomic
+    from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run, write_json_atomic
     from gptjax.generate import generate_batch
     from gptjax.tasks.instruct import respond_and_evaluate
     from gptjax.train import _prepare_out_dir
 
     tcfg = tcfg or DPOTrainConfig()
     out_dir = Path(out_dir)
+    refuse_existing_run(out_dir, resume=resume, overwrite=overwrite, command='dpo')
     splits = data if isinstance(data, dict) else split_data(data)
     if cfg.vocab_size <= pad_token_id:
         raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold the end-of-text token {pad_token_id} "

@@ -311,20 +311,9 @@ class InstructionBatches:
 
 def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int = 123) -> tuple[dict, GPTConfig]:
     """'random' (a fresh GPT of `random_cfg`), a gptjax run directory, a GPT-2 size or a local HF-format dir/file."""
-    if spec == "random":
-        from gptjax.model import init_params
+    from gptjax.checkpoint import load_base_model as load
 
-        if random_cfg is None:
-            raise ValueError("--model random needs a model config (--preset and the size options)")
-        cfg = random_cfg.replace(n_classes=0)
-        return init_params(cfg, jax.random.PRNGKey(seed)), cfg
-    from gptjax.checkpoint import load_model
-
-    params, cfg = load_model(spec)
-    if cfg.n_classes:
-        raise ValueError(f"{spec!r} is a {cfg.n_classes}-class classifier; instruction tuning needs a language "
-                         f"model (a GPT-2 size, a pretrain or finetune-instruct run)")
-    return params, cfg
+    return load(spec, random_cfg=random_cfg, seed=seed, language_model=True)
 
 
 def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:
@@ -700,7 +689,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                       lora: lora_lib.LoRAConfig | None = None, mask: str = "none", pad_multiple: int = 64,
                       allowed_max_length: int = 1024, respond: bool = True, max_new_tokens: int = 256,
                       base_model: str | None = None, data_source: str | None = None, resume: bool = False,
-                      progress: bool = True, stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> dict:
+                      overwrite: bool = False, progress: bool = True, stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> dict:
     """Chapter 7 end to end; writes a run directory that `load_run`, `gptjax respond/chat/dpo` read.
 
     `data`: all records (split as the book) or ready {"train", "val", "test"} splits. Writes
@@ -708,13 +697,14 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     `respond`, test-responses.json (the book's format) and eval.json / eval.md (the offline table).
     `pad_token_id` is the end-of-text token of the tokenizer (GPT-2's 50256), which also pads.
     """
-    from gptjax.checkpoint import CONFIG_FILE, save_run, write_json_atomic
+    from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run, write_json_atomic
     from gptjax.generate import generate_batch
     from gptjax.train import _prepare_out_dir
 
     tcfg = tcfg or InstructTrainConfig()
     _check_style(style)
     out_dir = Path(out_dir)
+    refuse_existing_run(out_dir, resume=resume, overwrite=overwrite, command='finetune-instruct')
     splits = data if isinstance(data, dict) else split_data(data)
     if cfg.vocab_size <= pad_token_id:
         raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold the end-of-text token {pad_token_id} "
