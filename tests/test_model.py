@@ -423,3 +423,18 @@ def test_out_in_kernels_are_the_same_model(tiny_cfg):
     assert set_linear_layout(stacked, "in_out", "out_in")["h"]["mlp"]["c_fc"]["kernel"].shape == (2, 128, 32)
     with pytest.raises(ValueError, match="linear_layout must be one of"):
         tiny_cfg.replace(linear_layout="column")
+
+
+def test_grad_barrier_is_the_identity_and_its_gradient_too():
+    from gptjax.model import grad_barrier
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    f = lambda x: jnp.sum(jnp.sin(grad_barrier(x * 3.0)) ** 2)  # noqa: E731
+    ref = lambda x: jnp.sum(jnp.sin(x * 3.0) ** 2)  # noqa: E731
+    np.testing.assert_array_equal(grad_barrier(x), x)
+    np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), jax.jit(jax.grad(ref))(x))
+    # a NaN gradient stays NaN where it was and leaves the other entries alone
+    g = jax.grad(lambda x: jnp.sum(grad_barrier(x) * jnp.where(jnp.arange(4) == 0, jnp.nan, 1.0)))(x)
+    assert np.isnan(g[..., 0]).all() and (g[..., 1:] == 1.0).all()
+    # the backward pass carries the gradient through a loop XLA cannot fuse across
+    assert "while" in jax.jit(jax.grad(f)).lower(x).as_text()
