@@ -13,7 +13,7 @@ from typing import Any, Callable, TextIO
 import jax
 
 from gptjax.config import GPTConfig
-from gptjax.generate import stream_generate
+from gptjax.generate import decoding_model, stream_generate
 from gptjax.tasks.instruct import PAD_TOKEN_ID, encode, format_input, response_prefix
 
 QUIT = ("/quit", "/exit", "/bye")
@@ -30,6 +30,7 @@ def chat(params: dict, cfg: GPTConfig, tokenizer: Any, *, style: str = "alpaca",
          eos_id: int | None = PAD_TOKEN_ID, input_fn: Callable[[str], str] = input, out: TextIO | None = None) -> int:
     """Read messages until EOF or /quit; answer each one, streamed. Returns the number of answered messages."""
     out = out or sys.stdout
+    params, cfg = decoding_model(params, cfg)  # once for the session, not per answer
     key = jax.random.key(seed)
     turns = 0
     print(f"Chatting with a {cfg.n_layers}-layer GPT ({style} prompts, up to {max_new_tokens} tokens per answer"

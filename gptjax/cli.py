@@ -182,7 +182,10 @@ def _parse_variant(text: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in types:
             raise ValueError(f"--variant {text!r}: expected KEY=VALUE pairs with GPTConfig keys ({sorted(types)})")
-        out[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
+        try:
+            out[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
+        except ValueError:
+            raise ValueError(f"--variant {text!r}: {key} takes a {types[key].__name__}, got {value!r}") from None
     return out
 
 

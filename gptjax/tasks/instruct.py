@@ -591,8 +591,9 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
     `return_finished` also returns, per answer, whether it ended with `eos_id` before the limit."""
     from tqdm.auto import tqdm
 
-    from gptjax.generate import generate_batch
+    from gptjax.generate import decoding_model, generate_batch
 
+    params, cfg = decoding_model(params, cfg)  # once for all the batches
     prompts = [format_input(e, style) for e in entries]
     ids = [encode(tokenizer, p) for p in prompts]
     out, finished = [], []
