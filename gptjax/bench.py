@@ -557,24 +557,12 @@ def _torch_generate_model(cfg: GPTConfig) -> Callable:
 
 def run(bc: BenchConfig, out: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Measure the parts in `bc.parts`, print a table, write out.json / out.md / out.png when `out` is given."""
-    from gptjax.runtime import enable_compilation_cache
+    from gptjax.runtime import compilation_cache_at
 
     # a fresh persistent cache: compile times below are cold, and recompiling the same program
     # (the compilation count) loads it instead of paying a second cold compile
-    before = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                                                "jax_persistent_cache_min_entry_size_bytes")}
-    with tempfile.TemporaryDirectory(prefix="gptjax-bench-cc-") as cache_dir:
-        enable_compilation_cache(cache_dir)
-        try:
-            result = _measure(bc, log)
-        finally:  # give the process its own cache back
-            for k, v in before.items():
-                jax.config.update(k, v)
-            try:
-                from jax._src import compilation_cache
-                compilation_cache.reset_cache()
-            except (ImportError, AttributeError):
-                pass
+    with tempfile.TemporaryDirectory(prefix="gptjax-bench-cc-") as cache_dir, compilation_cache_at(cache_dir):
+        result = _measure(bc, log)
     table = format_table(result)
     log(table)
     if out is not None:

@@ -5,8 +5,10 @@ before their first JAX computation (XLA reads its flags once, when the backend s
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 # XLA:CPU (jaxlib 0.10-0.12) hands dots and reductions to YNNPACK by default. Its reduce took ~4 s of
@@ -74,15 +76,37 @@ def enable_compilation_cache(cache_dir: str | Path | None = None, min_compile_ti
         warnings.warn(f"compilation cache disabled: cannot create {str(path)!r} ({e.strerror}); "
                       f"set GPTJAX_CACHE_DIR to a writable directory", stacklevel=2)
         return None
-    try:  # a cache already opened in this process keeps its directory until reset
-        from jax._src import compilation_cache
-        compilation_cache.reset_cache()
-    except (ImportError, AttributeError):
-        pass
+    _reset_opened_cache()
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+_CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes")
+
+
+def _reset_opened_cache() -> None:
+    try:  # a cache already opened in this process keeps its directory until reset
+        from jax._src import compilation_cache
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):  # private API moved
+        pass
+
+
+@contextlib.contextmanager
+def compilation_cache_at(cache_dir: str | Path, min_compile_time_s: float = 0.5) -> Iterator[Path | None]:
+    """The persistent cache in `cache_dir` for the block; the process's own settings come back after."""
+    import jax
+
+    before = {k: jax.config.values[k] for k in _CACHE_KEYS}
+    try:
+        yield enable_compilation_cache(cache_dir, min_compile_time_s)
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+        _reset_opened_cache()
 
 
 def setup(compilation_cache: bool = True, cpu_flags: bool = True) -> dict:

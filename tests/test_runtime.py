@@ -6,14 +6,9 @@ from gptjax import runtime
 
 
 @pytest.fixture
-def restore_cache_config():
-    before = {k: jax.config.values[k] for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                                                "jax_persistent_cache_min_entry_size_bytes")}
-    yield
-    for k, v in before.items():
-        jax.config.update(k, v)
-    from jax._src import compilation_cache
-    compilation_cache.reset_cache()
+def restore_cache_config(tmp_path):
+    with runtime.compilation_cache_at(tmp_path / "fixture-cache"):  # the process's settings come back after
+        yield
 
 
 def test_cpu_flags_added_once_and_never_over_the_users(monkeypatch):
@@ -55,3 +50,13 @@ def test_compilation_cache_dir(tmp_path, monkeypatch, restore_cache_config):
     blocked.write_text("")
     with pytest.warns(UserWarning, match="GPTJAX_CACHE_DIR"):
         assert runtime.enable_compilation_cache(blocked / "sub") is None
+
+
+def test_compilation_cache_at_gives_the_process_its_settings_back(tmp_path):
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: jax.config.values[k] for k in keys}
+    with runtime.compilation_cache_at(tmp_path / "cc", min_compile_time_s=0.0) as path:
+        assert path == tmp_path / "cc" and path.is_dir()
+        assert jax.config.values["jax_compilation_cache_dir"] == str(path)
+        assert jax.config.values["jax_persistent_cache_min_compile_time_secs"] == 0.0
+    assert {k: jax.config.values[k] for k in keys} == before
