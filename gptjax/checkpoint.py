@@ -452,13 +452,13 @@ def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int
     return params, cfg
 
 
-def refuse_existing_run(out_dir: str | Path, *, resume: bool, overwrite: bool, command: str) -> None:
-    """Before a fresh fine-tuning run writes anything: an --out that holds another run's checkpoints
-    is continued (--resume) or replaced (--overwrite), never silently wiped."""
+def refuse_existing_run(out_dir: str | Path, *, overwrite: bool, resume_hint: str) -> None:
+    """Before a fresh run writes anything: an `out_dir` holding another run's checkpoints is continued
+    (`resume_hint` says how) or replaced (--overwrite), never silently wiped."""
     ckpt_dir = Path(out_dir) / CHECKPOINTS_DIR
-    if resume or overwrite or not ckpt_dir.is_dir():
+    if overwrite or not ckpt_dir.is_dir():
         return
     steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if steps:
         raise RunExistsError(f"{str(out_dir)!r} already holds a run (checkpoint after {steps[-1]} steps); continue it "
-                             f"with `gptjax {command} ... --resume`, start over with --overwrite, or choose another --out")
+                             f"with {resume_hint}, start over with --overwrite, or choose another --out")

@@ -253,8 +253,8 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
     Raises TrainingInterrupted after SIGINT/SIGTERM (a checkpoint is on disk), FloatingPointError when
     the loss stops being finite (nothing non-finite is saved), CheckpointSaveError when a save fails.
     """
-    from gptjax.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, GracefulStop, RunExistsError, TrainCheckpoints,
-                                   TrainingInterrupted, CheckpointSaveError, save_run, write_json_atomic)
+    from gptjax.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, GracefulStop, TrainCheckpoints, TrainingInterrupted,
+                                   CheckpointSaveError, refuse_existing_run, save_run, write_json_atomic)
     from gptjax.generate import generate, trim_at_eos
 
     out_dir = Path(out_dir)
@@ -296,12 +296,9 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
             _truncate_jsonl(log_path, done)
             print(f"resuming from {ckpts.describe(done)}: epoch {epoch0 + 1}, batch {batch0 + 1} of {n_batches}")
         else:
-            if (latest := ckpts.latest_step()) is not None:
-                if not overwrite:
-                    raise RunExistsError(
-                        f"{str(out_dir)!r} already holds a run (checkpoint after {latest} steps); continue it with "
-                        f"`gptjax pretrain --resume {out_dir}` (train(..., resume=True)), start over with --overwrite, "
-                        f"or choose another --out")
+            refuse_existing_run(out_dir, overwrite=overwrite,
+                                resume_hint=f"`gptjax pretrain --resume {out_dir}` (train(..., resume=True))")
+            if ckpts.latest_step() is not None:
                 ckpts.delete_all()
             state = initial_state()
             done = epoch0 = batch0 = tokens_seen = 0

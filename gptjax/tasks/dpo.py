@@ -249,7 +249,8 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
 
     tcfg = tcfg or DPOTrainConfig()
     out_dir = Path(out_dir)
-    refuse_existing_run(out_dir, resume=resume, overwrite=overwrite, command='dpo')
+    if not resume:
+        refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax dpo ... --resume`")
     splits = data if isinstance(data, dict) else split_data(data)
     if cfg.vocab_size <= pad_token_id:
         raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold the end-of-text token {pad_token_id} "

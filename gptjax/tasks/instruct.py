@@ -705,7 +705,8 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     tcfg = tcfg or InstructTrainConfig()
     _check_style(style)
     out_dir = Path(out_dir)
-    refuse_existing_run(out_dir, resume=resume, overwrite=overwrite, command='finetune-instruct')
+    if not resume:
+        refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax finetune-instruct ... --resume`")
     splits = data if isinstance(data, dict) else split_data(data)
     if cfg.vocab_size <= pad_token_id:
         raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold the end-of-text token {pad_token_id} "
