@@ -1,0 +1,70 @@
+"""Where a gptjax train step spends its time on this machine: a jax.profiler trace of one step, by op.
+
+The book's chapter-5 setting (gpt2-small, context 256, batch 2, float32, AdamW, dropout 0.1). Prints
+the median of 3 timed steps, then the traced step's time per XLA op category (fusion kinds, dots,
+calls) and the slowest single ops. XLA:CPU reports per-op events with --xla_cpu_enable_xprof_traceme.
+
+    python experiments/cpu_step_profile.py
+"""
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+
+from gptjax.runtime import setup  # noqa: E402
+
+setup(compilation_cache=False)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gptjax.config import get_config  # noqa: E402
+from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps  # noqa: E402
+
+
+def main() -> None:
+    cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.1)
+    tx = make_optimizer(OptimConfig(lr=4e-4, weight_decay=0.1))
+    state = create_state(cfg, tx, 0)
+    step, _ = make_steps(cfg, tx)
+    x = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context_length + 1), dtype=np.int32)
+    batch = (jnp.asarray(x[:, :-1]), jnp.asarray(x[:, 1:]))
+    times = []
+    for i in range(5):
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        float(m["loss"])
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: median step {np.median(times):.2f} s")
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            state, m = step(state, batch)
+            float(m["loss"])
+        events = json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))["traceEvents"]
+    ops = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not name.startswith(("$", "Thunk", "np.", "PjitFunction", "Slinky")):
+            ops[name] += e["dur"] / 1e3
+    by_kind = collections.Counter()
+    for name, ms in ops.items():
+        by_kind[re.sub(r"\.\d+$", "", name)] += ms
+    print(f"traced step: {sum(ops.values()):,.0f} ms in XLA ops")
+    print("by op kind:")
+    for kind, ms in by_kind.most_common(12):
+        print(f"  {ms:8.1f} ms  {kind}")
+    print("slowest ops:")
+    for name, ms in ops.most_common(8):
+        print(f"  {ms:8.1f} ms  {name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""gptjax and PyTorch train steps each alone in its own process (no shared thread pools), one after
+the other: the chapter-5 setting (gpt2-small, context 256, batch 2, float32, AdamW, dropout 0.1).
+
+`gptjax bench` alternates the frameworks in one process, where on a 2-core CPU they slow each other
+down; this measures each on its own. Medians of 10 steps after warm-up.
+
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/cpu_train_apart.py
+"""
+import json
+import subprocess
+import sys
+
+GPTJAX = r'''
+import json, statistics
+from gptjax.runtime import setup
+setup(compilation_cache=False)
+from gptjax.bench import BenchConfig, JaxTrain, alternate
+bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
+t = alternate({"gptjax": JaxTrain(bc.model_config(), bc)}, rounds=10, warmup=2)
+print(json.dumps({k: statistics.median(v) for k, v in t.items()}))
+'''
+TORCH = r'''
+import json, statistics
+from gptjax.bench import BenchConfig, TorchTrain, alternate
+bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
+cfg = bc.model_config()
+t = alternate({"pytorch eager": TorchTrain(cfg, bc, False, "cpu"), "pytorch compile": TorchTrain(cfg, bc, True, "cpu")},
+              rounds=10, warmup=1)
+print(json.dumps({k: statistics.median(v) for k, v in t.items()}))
+'''
+
+
+def main() -> None:
+    medians = {}
+    for code in (GPTJAX, TORCH):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        medians.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    best = min(v for k, v in medians.items() if k.startswith("pytorch"))
+    for name, s in medians.items():
+        print(f"{name:16s} {1e3 * s:8.1f} ms median step")
+    print(f"gptjax / PyTorch's best: {best / medians['gptjax']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
