@@ -76,6 +76,58 @@ def causal_attention_einsum(
     return jnp.einsum("bhts,bshk->bthk", att_BHTS.astype(v_BSHK.dtype), v_BSHK)
 
 
+def cache_attention(
+    q_BTHK: jax.Array,
+    k_BTHK: jax.Array,
+    v_BTHK: jax.Array,
+    k_NKS: jax.Array,
+    v_NSK: jax.Array,
+    pos: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention of T new tokens over a KV cache, after writing their keys/values to it: (y, k, v).
+
+    The cache holds keys as (N, K, S) and values as (N, S, K), N = B * H: the operands of the two
+    batched matmuls exactly as XLA:CPU's dot takes them. With a (B, S, H, K) cache XLA transposed
+    the whole cache of every layer at every token (4.4 of 27 ms per gpt2-small token at 200 slots),
+    and with 4-D head-major caches it copied them instead; both grow with batch and slots
+    (experiments/decode_profile_cpu.py).
+
+    `pos`: a scalar when every row's tokens start at the same slot (the new keys/values go in with
+    one in-place dynamic_update_slice; pos + T must not exceed S), or (B,) per row (prompts of
+    different lengths): one token is written through a one-hot select, several through a scatter
+    that drops slots past S. Queries see the slots up to their own position, so stale or unfilled
+    slots never count.
+    """
+    B, T, H, K = q_BTHK.shape
+    S, pos = v_NSK.shape[1], jnp.asarray(pos)
+
+    def heads(a: jax.Array) -> jax.Array:  # (B, T, H, K) -> (N, T, K)
+        return a.transpose(0, 2, 1, 3).reshape(B * H, T, K)
+
+    q_NTK, k_NTK, v_NTK = heads(q_BTHK), heads(k_BTHK).astype(k_NKS.dtype), heads(v_BTHK).astype(v_NSK.dtype)
+    if pos.ndim == 0:
+        k_NKS = jax.lax.dynamic_update_slice(k_NKS, k_NTK.transpose(0, 2, 1), (0, 0, pos))
+        v_NSK = jax.lax.dynamic_update_slice(v_NSK, v_NTK, (0, pos, 0))
+        pos_N = jnp.reshape(pos, (1,))
+    else:
+        pos_N = jnp.repeat(pos, H)
+        if T == 1:
+            hit_NS = pos_N[:, None] == jnp.arange(S)[None, :]
+            k_NKS = jnp.where(hit_NS[:, None, :], k_NTK.transpose(0, 2, 1), k_NKS)
+            v_NSK = jnp.where(hit_NS[:, :, None], v_NTK, v_NSK)
+        else:
+            rows_N1, slots_NT = jnp.arange(B * H)[:, None], pos_N[:, None] + jnp.arange(T)[None, :]
+            k_NKS = k_NKS.at[rows_N1, :, slots_NT].set(k_NTK, mode="drop")
+            v_NSK = v_NSK.at[rows_N1, slots_NT].set(v_NTK, mode="drop")
+    att_NTS = jnp.einsum("ntk,nks->nts", q_NTK, k_NKS.astype(q_NTK.dtype),
+                         preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
+    q_pos_NT = pos_N[:, None] + jnp.arange(T)[None, :]  # (N or 1, T)
+    att_NTS = jnp.where(q_pos_NT[:, :, None] >= jnp.arange(S)[None, None, :], att_NTS, jnp.finfo(jnp.float32).min)
+    att_NTS = jax.nn.softmax(att_NTS, axis=-1)
+    y_NTK = jnp.einsum("nts,nsk->ntk", att_NTS.astype(q_NTK.dtype), v_NSK.astype(q_NTK.dtype))
+    return y_NTK.reshape(B, H, T, K).transpose(0, 2, 1, 3), k_NKS, v_NSK
+
+
 def causal_attention(
     q_BTHK: jax.Array,
     k_BTHK: jax.Array,

@@ -132,15 +132,17 @@ def _generate_loop(params, idx_BT, key, done_B, *, cfg: GPTConfig, max_new_token
 # --- KV cache -------------------------------------------------------------------------------
 
 def _prefill(params, cfg: GPTConfig, idx_BT, lens_B, max_len: int):
-    """Prompt -> (logits at each row's last prompt token (B, V), filled cache of max_len slots)."""
-    cache = init_cache(cfg, idx_BT.shape[0], max_len)
-    logits_B1V, state = GPT(cfg).apply({"params": params, "cache": cache}, idx_BT, pos_B=jnp.zeros_like(lens_B),
-                                       last_B=lens_B - 1, mutable=["cache"])
+    """Prompt -> (logits at each row's last prompt token (B, V), filled cache of max_len slots).
+    lens_B: (B,) prompt lengths, or a scalar when all rows have the same length."""
+    B = idx_BT.shape[0]
+    cache = init_cache(cfg, B, max_len)
+    logits_B1V, state = GPT(cfg).apply({"params": params, "cache": cache}, idx_BT, pos_B=jnp.int32(0),
+                                       last_B=jnp.broadcast_to(lens_B - 1, (B,)), mutable=["cache"])
     return logits_B1V[:, 0], state["cache"]
 
 
 def _decode(params, cfg: GPTConfig, cache, tok_B, pos_B):
-    """One token per row at position pos_B -> (logits (B, V), cache)."""
+    """One token per row at position pos_B ((B,) or one scalar for all rows) -> (logits (B, V), cache)."""
     logits_B1V, state = GPT(cfg).apply({"params": params, "cache": cache}, tok_B[:, None], pos_B=pos_B,
                                        mutable=["cache"])
     return logits_B1V[:, 0], state["cache"]
@@ -149,7 +151,10 @@ def _decode(params, cfg: GPTConfig, cache, tok_B, pos_B):
 @partial(jax.jit, static_argnames=("cfg", "max_len", "temperature", "top_k", "top_p"))
 def prefill(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_len: int, temperature: float = 0.0,
             top_k: int | None = None, top_p: float | None = None):
-    """Jitted prefill + first sample: (B, T) right-padded prompts of lengths lens_B -> (tokens (B,), cache)."""
+    """Jitted prefill + first sample: (B, T) right-padded prompts of lengths lens_B -> (tokens (B,), cache).
+
+    lens_B: (B,) lengths, or a scalar when all prompts have one length (then decode with a scalar
+    position too: the cache is written in place)."""
     logits_BV, cache = _prefill(params, cfg, idx_BT, lens_B, max_len)
     return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
@@ -157,7 +162,7 @@ def prefill(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_len: int, temper
 @partial(jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p"), donate_argnames=("cache",))
 def decode_step(params, cache, tok_B, pos_B, key, *, cfg: GPTConfig, temperature: float = 0.0,
                 top_k: int | None = None, top_p: float | None = None):
-    """Jitted decode step, cache donated (updated in place): token at pos_B -> (next tokens (B,), cache)."""
+    """Jitted decode step, cache donated: token at pos_B ((B,), or a scalar for all rows) -> (next tokens (B,), cache)."""
     logits_BV, cache = _decode(params, cfg, cache, tok_B, pos_B)
     return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
@@ -165,7 +170,8 @@ def decode_step(params, cache, tok_B, pos_B, key, *, cfg: GPTConfig, temperature
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
 def _generate_cached(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_new_tokens: int, temperature: float,
                      top_k: int | None, top_p: float | None, eos_id: int | None):
-    """Prefill + the whole decode loop in one program: new tokens (B, N) and the number of steps run."""
+    """Prefill + the whole decode loop in one program: new tokens (B, N) and the number of steps run.
+    lens_B: (B,) prompt lengths, or a scalar when all rows share it (the faster cache update)."""
     B, T0 = idx_BT.shape
     N = max_new_tokens
     fill = 0 if eos_id is None else eos_id
@@ -216,7 +222,7 @@ def generate(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, *, temperature
     n_cached = min(max_new_tokens, cfg.context_length - T0) if use_cache else 0
     done_B = jnp.zeros((B,), bool)
     if n_cached > 0:
-        new_BN, s, done_B = _generate_cached(params, jnp.asarray(idx_BT), jnp.full((B,), T0, jnp.int32), key,
+        new_BN, s, done_B = _generate_cached(params, jnp.asarray(idx_BT), jnp.int32(T0), key,
                                              cfg=cfg, max_new_tokens=int(n_cached), **sampling)
         idx_BT = np.concatenate([idx_BT, np.asarray(new_BN)[:, : int(s)]], axis=1)
         if n_cached == max_new_tokens or bool(jnp.all(done_B)):
@@ -253,7 +259,8 @@ def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     params, cfg = _per_layer(params, cfg)
-    new_BN, s, _ = _generate_cached(params, jnp.asarray(idx_BT), jnp.asarray(lens, jnp.int32), key, cfg=cfg,
+    lens_B = jnp.int32(lens[0]) if len(set(lens)) == 1 else jnp.asarray(lens, jnp.int32)
+    new_BN, s, _ = _generate_cached(params, jnp.asarray(idx_BT), lens_B, key, cfg=cfg,
                                     max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                     top_k=top_k, top_p=top_p, eos_id=eos_id)
     return [trim_at_eos(row, eos_id) for row in np.asarray(new_BN)[:, : int(s)]]
@@ -282,11 +289,11 @@ def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: 
         T, S = _bucket(n, pad_multiple, C), _bucket(n + m, pad_multiple, C)
         buf_1T = np.zeros((1, T), np.int32)
         buf_1T[0, :n] = ids
-        tok_1, cache = prefill(params, jnp.asarray(buf_1T), jnp.asarray([n], jnp.int32), jax.random.fold_in(key, n),
+        tok_1, cache = prefill(params, jnp.asarray(buf_1T), jnp.int32(n), jax.random.fold_in(key, n),
                                max_len=S, **sampling)
         for s in range(m):  # tok_1 is new token s, at position n + s
             if s < m - 1:  # dispatch the next step first: it runs while the host reads this token
-                nxt_1, cache = decode_step(params, cache, tok_1, jnp.asarray([n + s], jnp.int32),
+                nxt_1, cache = decode_step(params, cache, tok_1, jnp.int32(n + s),
                                            jax.random.fold_in(key, n + s + 1), **sampling)
             t = int(tok_1[0])
             if eos_id is not None and t == eos_id:
@@ -298,7 +305,7 @@ def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: 
     # past the context: the book's window of the last context_length tokens, one step at a time
     while len(ids) - n < max_new_tokens:
         win = ids[-C:]
-        tok_1, _ = prefill(params, jnp.asarray([win], np.int32), jnp.asarray([len(win)], jnp.int32),
+        tok_1, _ = prefill(params, jnp.asarray([win], np.int32), jnp.int32(len(win)),
                            jax.random.fold_in(key, len(ids)), max_len=len(win), **sampling)
         t = int(tok_1[0])
         if eos_id is not None and t == eos_id:

@@ -5,7 +5,7 @@ Letters: B batch, T time, S cache slots, L layers, D emb_dim, H heads, K head di
 Speed options live in GPTConfig and leave the math alone: `scan_layers` (params stacked under
 "h"; `stack_layers`/`unstack_layers` convert), `remat`, `vocab_multiple` (padded rows, logits
 sliced back to vocab_size here), `attn_impl`, `dtype`. Decoding with a KV cache passes the
-"cache" collection (`init_cache`) and each row's position `pos_B`.
+"cache" collection (`init_cache`) and the rows' position `pos_B` (one per row, or one for all).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax.attention import causal_attention, causal_attention_einsum, dropout
+from gptjax.attention import cache_attention, causal_attention, dropout
 from gptjax.config import GPTConfig
 
 REMAT_POLICIES = {
@@ -105,16 +105,11 @@ class CausalSelfAttention(nn.Module):
         qkv_BT3D = _dense(cfg, 3 * D, "c_attn", use_bias=cfg.qkv_bias)(x_BTD)
         q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BT3D, 3, axis=-1))
         if pos_B is not None:
-            # KV cache: row b's T new keys/values go to slots pos_B[b]..; queries see slots <= their position,
-            # so stale or unfilled slots never count
-            k_BSHK, v_BSHK = self.get_variable("cache", "k"), self.get_variable("cache", "v")
-            rows_B1, slots_BT = jnp.arange(B)[:, None], pos_B[:, None] + jnp.arange(T)[None, :]
-            k_BSHK = k_BSHK.at[rows_B1, slots_BT].set(k_BTHK.astype(k_BSHK.dtype), mode="drop")
-            v_BSHK = v_BSHK.at[rows_B1, slots_BT].set(v_BTHK.astype(v_BSHK.dtype), mode="drop")
-            self.put_variable("cache", "k", k_BSHK)
-            self.put_variable("cache", "v", v_BSHK)
-            y_BTHK = causal_attention_einsum(q_BTHK, k_BSHK.astype(q_BTHK.dtype), v_BSHK.astype(q_BTHK.dtype),
-                                             q_offset=pos_B)
+            # KV cache (layout and positions: see cache_attention)
+            y_BTHK, k_NKS, v_NSK = cache_attention(q_BTHK, k_BTHK, v_BTHK, self.get_variable("cache", "k"),
+                                                   self.get_variable("cache", "v"), pos_B)
+            self.put_variable("cache", "k", k_NKS)
+            self.put_variable("cache", "v", v_NSK)
         else:
             dropping = cfg.drop_rate > 0.0 and not deterministic
             y_BTHK = causal_attention(
@@ -199,7 +194,8 @@ class GPT(nn.Module):
         """Token ids (B, T) -> float32 logits (B, T, V), or (B, T, n_classes) for a classifier.
 
         pos_B: decode with a KV cache (apply with the "cache" collection from `init_cache`, mutable):
-        row b's tokens sit at positions pos_B[b].. . last_B: only the logits at index last_B[b] of
+        row b's tokens sit at positions pos_B[b].. ; a scalar when all rows share one position
+        (faster: the cache is then written in place). last_B: only the logits at index last_B[b] of
         each row are computed, shape (B, 1, V) (prefill needs one position, not T).
         """
         cfg = self.cfg
@@ -212,7 +208,7 @@ class GPT(nn.Module):
                        param_dtype=jnp.float32, name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_embed_init(cfg, 0.01),
                        dtype=jnp.float32, param_dtype=jnp.float32, name="wpe")
-        pos_BT = jnp.arange(T)[None, :] if pos_B is None else pos_B[:, None] + jnp.arange(T)[None, :]
+        pos_BT = jnp.arange(T)[None, :] if pos_B is None else jnp.reshape(pos_B, (-1, 1)) + jnp.arange(T)[None, :]
         x_BTD = wte(idx_BT) + wpe(pos_BT)
         x_BTD = _dropout(self, x_BTD, cfg.drop_rate, deterministic)
         # the residual stream stays float32; blocks compute in cfg.dtype
@@ -277,16 +273,17 @@ def num_params(cfg: GPTConfig, exclude_embeddings: bool = False) -> int:
 # --- KV cache -----------------------------------------------------------------------------
 
 def init_cache(cfg: GPTConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
-    """The "cache" collection for decoding: per layer k and v of shape (B, S=max_len, H, K), zeros.
+    """The "cache" collection for decoding, zeros: per layer keys "k" (B*H, K, S) and values "v"
+    (B*H, S, K) for S = max_len slots (the layout `attention.cache_attention` explains).
 
-    Static shapes: one compile serves every step; `dtype` defaults to the compute dtype. ((B, H, S, K)
-    and (B, H, K, S) layouts, which spare XLA a per-token transpose of the keys, measured no faster.)
+    Static shapes: one compile serves every step; `dtype` defaults to the compute dtype.
     """
     if max_len > cfg.context_length:
         raise ValueError(f"a KV cache of {max_len} slots exceeds context_length={cfg.context_length}")
     dtype = jnp.dtype(dtype or cfg.dtype)
-    zeros = lambda: jnp.zeros((batch, max_len, cfg.n_heads, cfg.head_dim), dtype)  # noqa: E731
-    return {f"h_{i}": {"attn": {"k": zeros(), "v": zeros()}} for i in range(cfg.n_layers)}
+    N, S, K = batch * cfg.n_heads, max_len, cfg.head_dim
+    return {f"h_{i}": {"attn": {"k": jnp.zeros((N, K, S), dtype), "v": jnp.zeros((N, S, K), dtype)}}
+            for i in range(cfg.n_layers)}
 
 
 # --- param layouts: per-layer (OpenAI's names) <-> stacked for scan; vocab padding ----------

@@ -11,6 +11,7 @@ from gptjax.attention import (
     SelfAttentionV1,
     SelfAttentionV2,
     causal_attention,
+    cache_attention,
     causal_attention_einsum,
     default_impl,
     simplified_self_attention,
@@ -299,6 +300,49 @@ def test_einsum_per_row_q_offset_equals_each_rows_scalar_offset():
     for b in range(B):
         ref = causal_attention_einsum(q[b:b + 1, :3], k[b:b + 1], v[b:b + 1], q_offset=int(offsets[b]))
         np.testing.assert_allclose(y[b:b + 1], ref, rtol=1e-6, atol=1e-6)
+
+
+def _empty_cache(S: int, b: int = B):
+    return jnp.zeros((b * H, K, S)), jnp.zeros((b * H, S, K))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_cache_attention_prefill_then_steps_equals_full_attention(shared):
+    """Prefill 4 tokens, then one token at a time: every output row equals full causal attention,
+    with one position for all rows (dynamic_update_slice) and one per row (select/scatter)."""
+    q, k, v = _qkv(30)
+    full = causal_attention_einsum(q, k, v)
+    kc, vc = _empty_cache(T)
+    step = jax.jit(cache_attention)
+    pos = (lambda t: jnp.int32(t)) if shared else (lambda t: jnp.full((B,), t, jnp.int32))
+    y, kc, vc = step(q[:, :4], k[:, :4], v[:, :4], kc, vc, pos(0))
+    np.testing.assert_allclose(y, full[:, :4], rtol=1e-5, atol=1e-6)
+    for t in range(4, T):
+        y, kc, vc = step(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], kc, vc, pos(t))
+        np.testing.assert_allclose(y[:, 0], full[:, t], rtol=1e-5, atol=1e-6)
+    # the layout: keys (B*H, K, S), values (B*H, S, K), row b*H + h holds head h of batch row b
+    np.testing.assert_array_equal(kc.reshape(B, H, K, T), k.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(vc.reshape(B, H, T, K), v.transpose(0, 2, 1, 3))
+
+
+def test_cache_attention_rows_at_their_own_positions_ignore_stale_slots():
+    """Row 0 decodes at slot 2, row 1 at slot 7; slots past each row's position hold garbage."""
+    q, k, v = _qkv(31)
+    kc, vc = _empty_cache(T)
+    kc, vc = kc + 5.0, vc - 3.0  # stale values everywhere
+    _, kc, vc = cache_attention(q[:, :7], k[:, :7], v[:, :7], kc, vc, jnp.int32(0))
+    offsets = jnp.array([2, 7])
+    y, kc2, _ = jax.jit(cache_attention)(q[:, 7:8], k[:, 7:8], v[:, 7:8], kc, vc, offsets)
+    for b, n in enumerate([2, 7]):
+        kk = jnp.concatenate([k[b:b + 1, :n], k[b:b + 1, 7:8]], axis=1)
+        vv = jnp.concatenate([v[b:b + 1, :n], v[b:b + 1, 7:8]], axis=1)
+        ref = causal_attention_einsum(q[b:b + 1, 7:8], kk, vv, q_offset=n)
+        np.testing.assert_allclose(y[b:b + 1], ref, rtol=1e-5, atol=1e-6)
+    # each row's new key went to its own slot and nowhere else
+    new = k[:, 7].transpose(1, 0, 2)  # (H, B, K)
+    np.testing.assert_array_equal(kc2.reshape(B, H, K, T)[0, :, :, 2], new[:, 0])
+    np.testing.assert_array_equal(kc2.reshape(B, H, K, T)[1, :, :, 7], new[:, 1])
+    np.testing.assert_array_equal(kc2.reshape(B, H, K, T)[0, :, :, 7], kc.reshape(B, H, K, T)[0, :, :, 7])
 
 
 def test_auto_picks_cudnn_only_where_it_applies(monkeypatch):

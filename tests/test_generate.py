@@ -1,3 +1,6 @@
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,13 +191,38 @@ def test_decoding_compiles_once_per_shape(model):
     assert (decode_step._cache_size(), prefill._cache_size()) == sizes
 
 
-def test_decode_step_updates_the_donated_cache(model):
+@pytest.mark.parametrize("shared", [True, False])  # scalar position / one per row: same tokens
+def test_decode_step_updates_the_donated_cache(model, shared):
     params, cfg = model
-    tok, cache = prefill(params, jnp.asarray([[1, 2, 3]]), jnp.asarray([3]), jax.random.key(0), cfg=cfg, max_len=8)
+    pos = (lambda t: jnp.int32(t)) if shared else (lambda t: jnp.asarray([t], jnp.int32))
+    tok, cache = prefill(params, jnp.asarray([[1, 2, 3]]), pos(3), jax.random.key(0), cfg=cfg, max_len=10)
     old = cache["h_0"]["attn"]["k"]
-    nxt, cache = decode_step(params, cache, tok, jnp.asarray([3]), jax.random.key(0), cfg=cfg)
+    toks = [int(tok[0])]
+    for t in range(3, 8):
+        tok, cache = decode_step(params, cache, tok, pos(t), jax.random.key(0), cfg=cfg)
+        toks.append(int(tok[0]))
     assert old.is_deleted()  # donated: XLA wrote the new slot in place
-    assert cache["h_0"]["attn"]["k"].shape == (1, 8, 4, 8) and nxt.shape == (1,)
+    assert cache["h_0"]["attn"]["k"].shape == (4, 8, 10) and cache["h_0"]["attn"]["v"].shape == (4, 10, 8)
+    assert toks == generate(params, cfg, np.array([[1, 2, 3]]), 6, use_cache=False)[0, 3:].tolist()
+
+
+def test_cached_decode_loop_keeps_the_cache_in_place(model):
+    """XLA:CPU must neither transpose nor copy the cache inside the decode loop (the layout
+    `cache_attention` chose): no copy/transpose of a cache-shaped array in the compiled loop."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks XLA:CPU's compiled program")
+    params, cfg = model
+    hlo = gen._generate_cached.lower(params, jnp.asarray([[1, 2, 3]]), jnp.int32(3), jax.random.key(0), cfg=cfg,
+                                     max_new_tokens=7, temperature=0.0, top_k=None, top_p=None,
+                                     eos_id=None).compile().as_text()
+    cache_size = 4 * 9 * 8  # heads x slots (3 + 7 - 1) x head dim, one row
+    body = hlo[hlo.index("body"):]
+    bad = []
+    for line in body.splitlines():
+        m = re.search(r"= f32\[([\d,]+)\]\S* (copy|transpose)\(", line)
+        if m and math.prod(int(d) for d in m.group(1).split(",")) == cache_size:
+            bad.append(line.strip()[:120])
+    assert not bad, bad
 
 
 def test_decoding_layout_converts_once(model):

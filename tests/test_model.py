@@ -366,17 +366,19 @@ def _cached(cfg, params, cache, idx_BT, pos_B, last_B=None):
     return logits, state["cache"]
 
 
-def test_kv_cache_prefill_then_decode_equals_full_forward(tiny_cfg):
+@pytest.mark.parametrize("shared", [True, False])  # one position for all rows / one per row
+def test_kv_cache_prefill_then_decode_equals_full_forward(tiny_cfg, shared):
     params = _randomize(_params(tiny_cfg), seed=7, scale=0.05)
     idx_BT = _tokens(tiny_cfg, seed=8)
     full = _apply(tiny_cfg, params, idx_BT)
-    B, T0 = 2, 5
-    cache = init_cache(tiny_cfg, B, tiny_cfg.context_length)
-    assert cache["h_1"]["attn"]["k"].shape == (B, tiny_cfg.context_length, 4, 8)
-    logits, cache = _cached(tiny_cfg, params, cache, idx_BT[:, :T0], jnp.zeros((B,), jnp.int32))
+    B, T0, S = 2, 5, tiny_cfg.context_length
+    cache = init_cache(tiny_cfg, B, S)
+    assert cache["h_1"]["attn"]["k"].shape == (B * 4, 8, S) and cache["h_1"]["attn"]["v"].shape == (B * 4, S, 8)
+    pos = (lambda t: jnp.int32(t)) if shared else (lambda t: jnp.full((B,), t, jnp.int32))
+    logits, cache = _cached(tiny_cfg, params, cache, idx_BT[:, :T0], pos(0))
     np.testing.assert_allclose(logits, full[:, :T0], rtol=1e-5, atol=1e-5)
-    for t in range(T0, tiny_cfg.context_length):
-        logits, cache = _cached(tiny_cfg, params, cache, idx_BT[:, t:t + 1], jnp.full((B,), t, jnp.int32))
+    for t in range(T0, S):
+        logits, cache = _cached(tiny_cfg, params, cache, idx_BT[:, t:t + 1], pos(t))
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
