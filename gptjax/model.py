@@ -89,6 +89,20 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) 
     return dropout(x, rate, module.make_rng("dropout"))
 
 
+def dropout_rngs(key: jax.Array | None) -> dict | None:
+    """The `rngs` for `GPT.apply` in training: {"dropout": key}, or None (deterministic) for no key.
+
+    The key is re-seeded as an "unsafe_rbg" key, so Flax's per-layer fold-ins and each dropout's
+    bits come from XLA's RngBitGenerator. From threefry keys, every fold-in is a rolled while loop on
+    XLA:CPU: 112 of them took 0.2 s of a 3.1 s gpt2-small train step (experiments/cpu_step_profile.py).
+    """
+    if key is None:
+        return None
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and jax.random.key_impl(key) == "unsafe_rbg":
+        return {"dropout": key}
+    return {"dropout": jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="unsafe_rbg")}
+
+
 def _layer_norm(name: str) -> nn.LayerNorm:
     # float32 statistics whatever the compute dtype; GPT-2's eps
     return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)

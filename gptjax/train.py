@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, count_params, init_params
+from gptjax.model import GPT, count_params, dropout_rngs, init_params
 
 IGNORE_INDEX = -100
 
@@ -149,7 +149,7 @@ def make_loss_fn(cfg: GPTConfig) -> Callable:
     model = GPT(cfg)
 
     def loss_fn(params, x_BT, y_BT, key, deterministic: bool):
-        rngs = None if key is None else {"dropout": key}
+        rngs = dropout_rngs(key)
         logits_BTV = model.apply({"params": params}, x_BT, deterministic=deterministic, rngs=rngs)
         return cross_entropy(logits_BTV, y_BT)
 

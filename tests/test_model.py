@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from gptjax.config import PRESETS, GPTConfig, get_config
-from gptjax.model import (GPT, abstract_params, convert_params, count_params, init_cache, init_params, num_params,
+from gptjax.attention import dropout
+from gptjax.model import (GPT, abstract_params, convert_params, count_params, dropout_rngs, init_cache, init_params, num_params,
                           pad_vocab, set_linear_layout, stack_layers, unstack_layers)
 
 # (untied head, tied head), qkv_bias=False: the book's chapter 4 numbers
@@ -137,6 +138,27 @@ def test_dropout_is_driven_by_rng_and_deterministic_flag(tiny_cfg):
     np.testing.assert_array_equal(run(k1, False), run(k1, False))
     assert not np.allclose(run(k1, False), run(k2, False))
     assert not np.allclose(run(k1, False), run(k1, True))
+
+
+def test_dropout_rngs_reseed_as_rbg_keys_and_keep_the_rate(tiny_cfg):
+    """Training re-seeds the dropout key as unsafe_rbg (no threefry loops on CPU): reproducible per
+    key, different across keys, and each dropout still zeroes `rate` of its inputs."""
+    assert dropout_rngs(None) is None
+    rngs = dropout_rngs(jax.random.PRNGKey(0))  # the raw uint32 key TrainState holds
+    assert jax.random.key_impl(rngs["dropout"]) == "unsafe_rbg"
+    assert dropout_rngs(rngs["dropout"])["dropout"] is rngs["dropout"]
+    np.testing.assert_array_equal(jax.random.key_data(dropout_rngs(jax.random.PRNGKey(0))["dropout"]),
+                                  jax.random.key_data(rngs["dropout"]))
+    cfg = tiny_cfg.replace(drop_rate=0.25)
+    params, idx_BT = _params(cfg), _tokens(cfg)
+    run = jax.jit(lambda p, x, k: GPT(cfg).apply({"params": p}, x, deterministic=False, rngs=dropout_rngs(k)))
+    a, b = run(params, idx_BT, jax.random.key(1)), run(params, idx_BT, jax.random.key(2))
+    np.testing.assert_array_equal(a, run(params, idx_BT, jax.random.key(1)))
+    assert not np.allclose(a, b)
+    x = jnp.ones((64, 1024))
+    y = dropout(x, 0.25, dropout_rngs(jax.random.key(3))["dropout"])
+    assert abs(float(jnp.mean(y == 0)) - 0.25) < 0.01  # 65,536 draws: 6 sigma is 0.01
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.75], rtol=1e-6)
 
 
 def test_zero_dropout_needs_no_rng(tiny_cfg):

@@ -32,7 +32,7 @@ from flax import traverse_util
 
 from gptjax import lora as lora_lib
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, count_params
+from gptjax.model import GPT, count_params, dropout_rngs
 from gptjax.train import OptimConfig, TrainState, cross_entropy, make_optimizer
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -383,7 +383,7 @@ def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:
 
 def last_token_logits(params: dict, cfg: GPTConfig, x_BT: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
     """The book's `model(x)[:, -1, :]`: class logits from the last position (padding included, as the book)."""
-    rngs = None if key is None else {"dropout": key}
+    rngs = dropout_rngs(key)
     logits_BTC = GPT(cfg).apply({"params": params}, x_BT, deterministic=key is None, rngs=rngs)
     return logits_BTC[:, -1, :]
 

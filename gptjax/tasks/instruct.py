@@ -30,7 +30,7 @@ import optax
 
 from gptjax import lora as lora_lib
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, count_params
+from gptjax.model import GPT, count_params, dropout_rngs
 from gptjax.train import IGNORE_INDEX, OptimConfig, TrainState, global_norm, make_optimizer
 
 INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
@@ -346,7 +346,7 @@ def make_sft_steps(cfg: GPTConfig, tx: optax.GradientTransformation, lora_scale:
     model = GPT(cfg)
 
     def loss_fn(trainable, frozen, x_BT, y_BT, key):
-        rngs = None if key is None else {"dropout": key}
+        rngs = dropout_rngs(key)
         logits_BTV = model.apply({"params": full_params(trainable, frozen, lora_scale)}, x_BT,
                                  deterministic=key is None, rngs=rngs)
         nll, count = token_nll(logits_BTV, y_BT)
