@@ -51,6 +51,10 @@ def test_tiny_end_to_end_run(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 0 and "### train" in (tmp_path / "bench.md").read_text()
     assert saved["device"]["platform"] == "cpu" and saved["bandwidth"]["read_GBps"] > 0
+    b = saved["bandwidth"]  # measured again before decoding; the roofline takes the best repetition
+    assert b["roofline_GBps"] == max(m["read_best_GBps"] for m in (b, b["before_decode"])) or \
+        b["roofline_GBps"] == max(m["copy_best_GBps"] / 2 for m in (b, b["before_decode"]))
+    assert b["roofline_GBps"] >= max(b["read_GBps"], b["copy_GBps"] / 2)
     train = [r for r in result["rows"] if r["part"] == "train" and r["framework"] == "gptjax" and "step_ms" in r]
     assert len(train) == 1 and train[0]["tokens_per_s"] > 0 and train[0]["compile_s"] > 0
     assert train[0]["flops_per_token"] == flops_per_token(bc.model_config(), 16) and train[0]["mfu"] is None
