@@ -134,7 +134,10 @@ def _generate_loop(params, idx_BT, key, done_B, *, cfg: GPTConfig, max_new_token
 def _prefill(params, cfg: GPTConfig, idx_BT, lens_B, max_len: int):
     """Prompt -> (logits at each row's last prompt token (B, V), filled cache of max_len slots).
     lens_B: (B,) prompt lengths, or a scalar when all rows have the same length."""
-    B = idx_BT.shape[0]
+    B, T = idx_BT.shape
+    if max_len < T:
+        raise ValueError(f"max_len={max_len} cache slots cannot hold the {T}-token prompt: pass max_len >= {T} "
+                         f"(prompt plus the tokens to decode)")
     cache = init_cache(cfg, B, max_len)
     logits_B1V, state = GPT(cfg).apply({"params": params, "cache": cache}, idx_BT, pos_B=jnp.int32(0),
                                        last_B=jnp.broadcast_to(lens_B - 1, (B,)), mutable=["cache"])

@@ -206,6 +206,12 @@ def test_decode_step_updates_the_donated_cache(model, shared):
     assert toks == generate(params, cfg, np.array([[1, 2, 3]]), 6, use_cache=False)[0, 3:].tolist()
 
 
+def test_prefill_rejects_a_cache_shorter_than_the_prompt(model):
+    params, cfg = model
+    with pytest.raises(ValueError, match="max_len=4 cache slots cannot hold the 6-token prompt"):
+        prefill(params, jnp.ones((1, 6), jnp.int32), jnp.int32(6), jax.random.key(0), cfg=cfg, max_len=4)
+
+
 def test_cached_decode_loop_keeps_the_cache_in_place(model):
     """XLA:CPU must neither transpose nor copy the cache inside the decode loop (the layout
     `cache_attention` chose): no copy/transpose of a cache-shaped array in the compiled loop."""
