@@ -6,16 +6,12 @@ calls) and the slowest single ops. XLA:CPU reports per-op events with --xla_cpu_
 
     python experiments/cpu_step_profile.py
 """
-import collections
-import glob
-import gzip
-import json
 import os
-import re
-import tempfile
 import time
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+from gptjax.bench import XPROF_OPS_FLAG, by_op_kind, trace_xla_ops  # noqa: E402  (imports jax, starts no backend)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XPROF_OPS_FLAG).strip()
 
 from gptjax.runtime import setup  # noqa: E402
 
@@ -44,19 +40,13 @@ def main() -> None:
         if i >= 2:
             times.append(time.perf_counter() - t0)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: median step {np.median(times):.2f} s")
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            state, m = step(state, batch)
-            float(m["loss"])
-        events = json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))["traceEvents"]
-    ops = collections.Counter()
-    for e in events:
-        name = e.get("name", "")
-        if e.get("ph") == "X" and not name.startswith(("$", "Thunk", "np.", "PjitFunction", "Slinky")):
-            ops[name] += e["dur"] / 1e3
-    by_kind = collections.Counter()
-    for name, ms in ops.items():
-        by_kind[re.sub(r"\.\d+$", "", name)] += ms
+    def traced_step():
+        nonlocal state
+        state, m = step(state, batch)
+        float(m["loss"])
+
+    ops, _ = trace_xla_ops(traced_step)
+    by_kind = by_op_kind(ops)
     print(f"traced step: {sum(ops.values()):,.0f} ms in XLA ops")
     print("by op kind:")
     for kind, ms in by_kind.most_common(12):

@@ -10,15 +10,13 @@ token must read. XLA:CPU reports per-op events with --xla_cpu_enable_xprof_trace
 """
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import re
-import tempfile
 import time
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
+from gptjax.bench import XPROF_OPS_FLAG, by_op_kind, decode_bytes_per_step, trace_xla_ops  # noqa: E402
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XPROF_OPS_FLAG).strip()
 
 from gptjax.runtime import setup  # noqa: E402
 
@@ -29,7 +27,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gptjax import generate as gen  # noqa: E402
-from gptjax.bench import decode_bytes_per_step  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
 from gptjax.model import init_params  # noqa: E402
 
@@ -51,19 +48,8 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: batch {B}, {N} new tokens: "
           f"{B * N / np.median(times):.1f} tokens/s ({np.median(times) / N * 1e3:.2f} ms per step)")
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            gen.generate(params, cfg, prompt, N)
-        events = json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))["traceEvents"]
-    ops, calls = collections.Counter(), collections.Counter()
-    for e in events:
-        name = e.get("name", "")
-        if e.get("ph") == "X" and not name.startswith(("$", "Thunk", "np.", "PjitFunction", "Slinky", "end:")):
-            ops[name] += e["dur"] / 1e3
-            calls[name] += 1
-    by_kind = collections.Counter()
-    for name, ms in ops.items():
-        by_kind[re.sub(r"\.\d+$", "", name)] += ms
+    ops, calls = trace_xla_ops(lambda: gen.generate(params, cfg, prompt, N))
+    by_kind = by_op_kind(ops)
     print(f"traced call: {sum(ops.values()) / N:.2f} ms of XLA ops per step")
     for kind, ms in by_kind.most_common(8):
         print(f"  {ms / N:7.3f} ms  {kind}")

@@ -8,11 +8,15 @@ Letters: B batch, T time, N new tokens.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
+import gzip
 import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -157,6 +161,34 @@ def roofline_bandwidth(*measurements: dict) -> float:
     """The read bandwidth decode is held to: the best repetition of any measurement (STREAM's
     convention: other load only ever slows a repetition down), reads or half a copy's traffic."""
     return max(max(m["read_best_GBps"], m["copy_best_GBps"] / 2) for m in measurements)
+
+
+# XLA:CPU writes one trace event per op only with this flag, which must be in XLA_FLAGS before JAX starts
+XPROF_OPS_FLAG = "--xla_cpu_enable_xprof_traceme=true"
+
+
+def trace_xla_ops(run: Callable[[], Any]) -> tuple[collections.Counter, collections.Counter]:
+    """One `jax.profiler` trace of `run()` (which must block until its results are ready):
+    milliseconds and number of calls per XLA op name (fusion.12, dot.7, ...)."""
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            run()
+        events = json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))["traceEvents"]
+    ms, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and not name.startswith(("$", "Thunk", "np.", "PjitFunction", "Slinky", "end:")):
+            ms[name] += e["dur"] / 1e3
+            calls[name] += 1
+    return ms, calls
+
+
+def by_op_kind(ms: collections.Counter) -> collections.Counter:
+    """Per-op times summed by kind: the op name without its number (all "dot.N" as "dot")."""
+    kinds = collections.Counter()
+    for name, t in ms.items():
+        kinds[re.sub(r"\.\d+$", "", name)] += t
+    return kinds
 
 
 # --- training -------------------------------------------------------------------------------
