@@ -339,10 +339,7 @@ def _torch_device() -> str:
 def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Train-step rows: gptjax (as configured) and, when torch is installed, HF eager / torch.compile."""
     cfg = bc.model_config()
-    tokens = bc.batch_size * cfg.context_length
-    fpt = flops_per_token(cfg, cfg.context_length)
-    info = device_info()
-    peak = peak_flops(info["device_kind"], cfg.dtype)
+    device_kind = device_info()["device_kind"]
     runners: dict[str, Any] = {}
     cfgs = {"gptjax": cfg, **{f"gptjax #{i + 1}": bc.model_config(**v) for i, v in enumerate(bc.variants)}}
     for name, c in cfgs.items():
@@ -366,12 +363,15 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
     times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
     rows = []
     for name, r in runners.items():
+        c = cfgs.get(name, cfg)  # a variant's own shape and dtype; PyTorch runs the base config
+        tokens, fpt, peak = bc.batch_size * c.context_length, flops_per_token(c, c.context_length), \
+            peak_flops(device_kind, c.dtype)
         med = statistics.median(times[name])
         achieved = fpt * tokens / med
         row = {"part": "train", "framework": name.split()[0],
-               "variant": _describe(cfgs[name]) if name in cfgs else name.split()[1] + " sdpa fusedAdamW",
-               "model": bc.preset, "params": r.n_params, "batch": bc.batch_size, "T": cfg.context_length,
-               "dtype": cfg.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
+               "variant": _describe(c, cfg) if name in cfgs else name.split()[1] + " sdpa fusedAdamW",
+               "model": bc.preset, "params": r.n_params, "batch": bc.batch_size, "T": c.context_length,
+               "dtype": c.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
                "steps": len(times[name]), "tokens_per_s": round(tokens / med, 1),
                "flops_per_token": fpt, "achieved_GFLOPs": round(achieved / 1e9, 1),
                "mfu": None if peak is None else round(achieved / peak, 4)}
@@ -426,7 +426,12 @@ def _unregister(duration_listener, event_listener) -> None:
         pass
 
 
-def _describe(cfg: GPTConfig) -> str:
+_DESCRIBED = ("attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple",
+              "dtype", "context_length")  # the last two have their own table columns
+
+
+def _describe(cfg: GPTConfig, base: GPTConfig | None = None) -> str:
+    """A train config in a few words; with `base`, also every other field a variant changes."""
     bits = [f"attn={cfg.attn_impl}"]
     if cfg.scan_layers:
         bits.append(f"scan(unroll={cfg.scan_unroll})")
@@ -434,6 +439,9 @@ def _describe(cfg: GPTConfig) -> str:
         bits.append(f"remat={cfg.remat}")
     if cfg.vocab_multiple > 1:
         bits.append(f"vocab->{cfg.padded_vocab_size}")
+    if base is not None:
+        bits += [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                 if f.name not in _DESCRIBED and getattr(cfg, f.name) != getattr(base, f.name)]
     return " ".join(bits)
 
 

@@ -71,6 +71,19 @@ def test_tiny_end_to_end_run(tmp_path):
     assert "compilations in a training loop" in format_table(result)
 
 
+def test_variant_rows_carry_their_own_dtype_shape_and_changes():
+    # a variant's row is measured and labelled with its own config, not the base one's
+    bc = BenchConfig(model_overrides=TINY, n_layers=1, context_length=16, steps=1, warmup=0, torch=False,
+                     parts=("train",), variants=({"dtype": "bfloat16", "context_length": 8, "drop_rate": 0.0},))
+    rows = [r for r in bench.bench_train(bc, log=lambda s: None) if "step_ms" in r]
+    base, var = rows
+    assert (base["dtype"], base["T"], base["variant"]) == ("float32", 16, "attn=auto")
+    assert (var["dtype"], var["T"], var["variant"]) == ("bfloat16", 8, "attn=auto drop_rate=0.0")
+    var_cfg = bc.model_config(**bc.variants[0])
+    assert var["flops_per_token"] == flops_per_token(var_cfg, 8) != base["flops_per_token"]
+    assert var["tokens_per_s"] == pytest.approx(bc.batch_size * 8 / (var["step_ms"] / 1e3), rel=0.01)
+
+
 @pytest.mark.slow
 def test_compile_probe_cold_then_from_the_persistent_cache(tmp_path):
     bc = BenchConfig(model_overrides=TINY, n_layers=2, context_length=16, parts=("compile",), torch=False)
