@@ -1,0 +1,62 @@
+"""Is bfloat16 compute faster than float32 for a train step on this CPU, under which XLA:CPU flags?
+
+The book's chapter-5 step (gpt2-small, context 256, batch 2, AdamW, dropout 0.1), `GPTConfig.dtype`
+float32 and bfloat16 (float32 params and optimizer state either way), timed alternately in one fresh
+process per XLA flag setting: gptjax.runtime's `ynn_fusion_type=dot`, `individual_dot` (YNNPACK takes
+each dot alone: AMX bfloat16 GEMMs where the operand layout suits it) and XLA's defaults.
+Medians of the timed steps after two warm-up steps.
+
+    python experiments/cpu_bf16_train.py [--steps 8]
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+SETTINGS = {"dot (gptjax.runtime)": "--xla_cpu_experimental_ynn_fusion_type=dot",
+            "individual_dot": "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
+            "XLA defaults": ""}
+
+PROBE = r'''
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from gptjax.config import get_config
+from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps
+steps = int(sys.argv[1])
+tx = make_optimizer(OptimConfig(lr=4e-4, weight_decay=0.1))
+x = np.random.default_rng(0).integers(0, 50257, (2, 257), dtype=np.int32)
+batch = (jnp.asarray(x[:, :-1]), jnp.asarray(x[:, 1:]))
+runs = {}
+for dtype in ("float32", "bfloat16"):
+    cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.1, dtype=dtype)
+    step, _ = make_steps(cfg, tx)
+    runs[dtype] = [step, create_state(cfg, tx, 0), []]
+for i in range(steps + 2):
+    for dtype, run in runs.items():
+        t0 = time.perf_counter()
+        run[1], m = run[0](run[1], batch)
+        float(m["loss"])
+        if i >= 2:
+            run[2].append(time.perf_counter() - t0)
+print(" ".join(f"{1e3 * float(np.median(run[2])):.0f}" for run in runs.values()))
+'''
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    print("| XLA flags | float32 step (ms) | bfloat16 step (ms) | bfloat16 / float32 time |")
+    print("|---|---:|---:|---:|")
+    for name, flags in SETTINGS.items():
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", PROBE, str(args.steps)], env=env, capture_output=True, text=True)
+        if out.returncode:
+            print(f"| {name} | failed: {out.stderr.strip()[-200:]} | | |")
+            continue
+        f32, bf16 = (float(v) for v in out.stdout.split()[-2:])
+        print(f"| {name} | {f32:,.0f} | {bf16:,.0f} | {bf16 / f32:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
