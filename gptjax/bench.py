@@ -222,6 +222,7 @@ class BenchConfig:
     torch: bool = True
     torch_compile: bool = True
     parts: tuple[str, ...] = ("bandwidth", "train", "compile", "decode")
+    linear_layout: str = "in_out"  # kernel storage of the gptjax train rows (the CLI's auto: out_in on CPU)
     variants: tuple[dict, ...] = ()  # more gptjax train configs timed in the same rounds, e.g. {"scan_layers": False}
     seed: int = 0
 
@@ -229,7 +230,7 @@ class BenchConfig:
         kw = dict(context_length=self.context_length, drop_rate=self.drop_rate, qkv_bias=self.qkv_bias,
                   tie_embeddings=self.tie_embeddings, dtype=self.dtype, attn_impl=self.attn_impl,
                   scan_layers=self.scan_layers, scan_unroll=self.scan_unroll, remat=self.remat,
-                  vocab_multiple=self.vocab_multiple)
+                  vocab_multiple=self.vocab_multiple, linear_layout=self.linear_layout)
         if self.n_layers:
             kw["n_layers"] = self.n_layers
         kw.update(self.model_overrides)
@@ -426,7 +427,7 @@ def _unregister(duration_listener, event_listener) -> None:
         pass
 
 
-_DESCRIBED = ("attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple",
+_DESCRIBED = ("attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple", "linear_layout",
               "dtype", "context_length")  # the last two have their own table columns
 
 
@@ -439,6 +440,8 @@ def _describe(cfg: GPTConfig, base: GPTConfig | None = None) -> str:
         bits.append(f"remat={cfg.remat}")
     if cfg.vocab_multiple > 1:
         bits.append(f"vocab->{cfg.padded_vocab_size}")
+    if cfg.linear_layout != "in_out":
+        bits.append(f"kernels {cfg.linear_layout}")
     if base is not None:
         bits += [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
                  if f.name not in _DESCRIBED and getattr(cfg, f.name) != getattr(base, f.name)]

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptjax.config import GPTConfig
-from gptjax.model import abstract_params
+from gptjax.model import abstract_params, set_linear_layout
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -383,6 +383,8 @@ def load_run_config(run_dir: str | Path) -> tuple[GPTConfig, dict]:
 def load_run(run_dir: str | Path, dtype: str | None = None, step: int | str | None = None) -> tuple[Any, GPTConfig]:
     """Params for inference from a run directory; `dtype` casts them (e.g. "bfloat16").
 
+    Kernels come in the "in_out" layout (OpenAI's), whatever `linear_layout` the run trained with.
+
     Reads the final `params/`, or a training checkpoint (`step`: an int, "latest" or "best"; an
     interrupted run without `params/` falls back to its latest checkpoint).
     """
@@ -401,6 +403,9 @@ def load_run(run_dir: str | Path, dtype: str | None = None, step: int | str | No
     else:
         raise FileNotFoundError(f"run directory {str(run_dir)!r} has neither {PARAMS_DIR}/ nor {CHECKPOINTS_DIR}/ "
                                 f"(the run stopped before its first checkpoint?)")
+    if cfg.linear_layout != "in_out":  # trained with (out, in) kernels: hand them out in the usual layout
+        params = set_linear_layout(params, cfg.linear_layout, "in_out")
+        cfg = cfg.replace(linear_layout="in_out")
     if dtype is not None:
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
     return params, cfg

@@ -22,6 +22,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight init: the book's PyTorch defaults (needed for its ch05 numbers) or GPT-2's std 0.02")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
+    g.add_argument("--linear-layout", default="auto", choices=["auto", "in_out", "out_in"],
+                   help="how kernels are stored while training; auto: out_in on CPU (faster there), else in_out. "
+                   "The saved model loads as in_out either way")
+
+
+def _linear_layout(choice: str) -> str:
+    from gptjax.model import fastest_linear_layout
+
+    return fastest_linear_layout() if choice == "auto" else choice
 
 
 def _model_config(args):
@@ -29,7 +38,7 @@ def _model_config(args):
 
     overrides = {k: getattr(args, k) for k in PRESET_KEYS if getattr(args, k) is not None}
     overrides.update(init=args.init, qkv_bias=args.qkv_bias, tie_embeddings=args.tie_embeddings, dtype=args.dtype,
-                     attn_impl=args.attn_impl)
+                     attn_impl=args.attn_impl, linear_layout=_linear_layout(args.linear_layout))
     return get_config(args.preset, **overrides)
 
 
@@ -203,6 +212,7 @@ def cmd_bench(args) -> int:
                      dtype=args.dtype, drop_rate=args.drop_rate, tie_embeddings=args.tie_embeddings,
                      attn_impl=args.attn_impl, scan_layers=args.scan_layers, scan_unroll=args.scan_unroll,
                      remat=args.remat, vocab_multiple=args.vocab_multiple, n_layers=args.n_layers, steps=args.steps,
+                     linear_layout=_linear_layout(args.linear_layout),
                      model_overrides={k: v for k, v in (("emb_dim", args.emb_dim), ("n_heads", args.n_heads))
                                       if v is not None},
                      warmup=args.warmup, decode_batches=tuple(args.decode_batch), decode_prompt=args.decode_prompt,
@@ -691,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-unroll", type=int, default=1)
     p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
     p.add_argument("--vocab-multiple", type=int, default=1, help="pad the vocab to a multiple (64: 50304)")
+    p.add_argument("--linear-layout", default="auto", choices=["auto", "in_out", "out_in"],
+                   help="kernel storage of the train rows; auto: out_in on CPU (faster there), else in_out")
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VAL[,KEY=VAL]",
                    help="another gptjax train config timed alongside, e.g. scan_layers=false (repeatable)")
     p.add_argument("--steps", type=int, default=20, help="timed train steps (after --warmup)")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, init_cache, set_linear_layout, unstack_layers
+from gptjax.model import GPT, fastest_linear_layout, init_cache, set_linear_layout, unstack_layers
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array | None, *, temperature: float = 0.0,
@@ -85,7 +85,7 @@ def decoding_model(params: Any, cfg: GPTConfig, linear_layout: str | None = None
     the weights, about what one 100-token generation gains back, so the decoding functions do not do it per call: convert once
     before a loop of calls (as `chat` and `generate_responses` do)."""
     params, cfg = _per_layer(params, cfg)
-    target = linear_layout or ("out_in" if jax.default_backend() == "cpu" else cfg.linear_layout)
+    target = linear_layout or ("out_in" if fastest_linear_layout() == "out_in" else cfg.linear_layout)
     if target != cfg.linear_layout:
         params, cfg = set_linear_layout(params, cfg.linear_layout, target), cfg.replace(linear_layout=target)
     return params, cfg

@@ -1,8 +1,10 @@
+import json
 import subprocess
 import sys
 
 import pytest
 
+from gptjax.checkpoint import load_model
 from gptjax.cli import build_parser, main
 
 TINY = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "4", "--context-length", "16", "--batch-size", "2",
@@ -22,6 +24,9 @@ def test_pretrain_then_generate(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert "done in" in out and "sample:" in out
     assert (run / "loss.png").exists() and (run / "metrics.jsonl").exists()
+    # --linear-layout auto trains with (out, in) kernels on CPU (faster there); the run loads as (in, out)
+    assert json.loads((run / "config.json").read_text())["model"]["linear_layout"] == "out_in"
+    assert load_model(run)[1].linear_layout == "in_out"
     assert main(["generate", "--model", str(run), "--prompt", "It had", "--max-new-tokens", "5", "--top-k", "5",
                  "--temperature", "1.0", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("It had")

@@ -9,6 +9,7 @@ from gptjax.checkpoint import load_run
 from gptjax.config import GPTConfig
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
+from gptjax.model import set_linear_layout
 from gptjax.train import (OptimConfig, TrainConfig, clip_by_global_norm_after, create_state, cross_entropy,
                           logged_schedule, make_optimizer, make_steps, perplexity, train)
 
@@ -188,7 +189,23 @@ class _CharTok:
         return "".join(chr(i + 31) for i in ids)
 
 
-def test_train_loop_writes_a_loadable_run(tmp_path, tiny_cfg):
+def test_out_in_kernels_train_exactly_like_in_out(tiny_cfg):
+    # the CPU's faster (out, in) storage is the same model under training: same losses, same updates
+    base = tiny_cfg.replace(drop_rate=0.1)
+    cfg = base.replace(linear_layout="out_in")
+    tx = make_optimizer(OptimConfig(lr=1e-3, clip_norm=1.0))
+    ref = create_state(base, tx, 0)
+    copied = jax.tree_util.tree_map(jnp.copy, ref.params)  # the steps donate their state
+    state = create_state(cfg, tx, 0, params=set_linear_layout(copied, "in_out", "out_in"))
+    ref_losses = _run(make_steps(base, tx)[0], ref, base, 4)
+    losses = _run(make_steps(cfg, tx)[0], state, cfg, 4)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_train_loop_writes_a_loadable_run(tmp_path, tiny_cfg, layout):
+    train_cfg = tiny_cfg.replace(linear_layout=layout)
     tok = _CharTok()
     ids = np.array(tok.encode("the quick brown fox jumps over the lazy dog. " * 12))
     x, y = make_windows(ids, tiny_cfg.context_length, tiny_cfg.context_length)
@@ -197,7 +214,7 @@ def test_train_loop_writes_a_loadable_run(tmp_path, tiny_cfg):
     val_b = Batches(x[n:], y[n:], 4, shuffle=False, drop_last=False)
     tcfg = TrainConfig(epochs=3, batch_size=4, eval_freq=2, eval_iter=2, sample_tokens=5, start_context="the",
                        optim=OptimConfig(lr=3e-3))
-    res = train(tiny_cfg, tcfg, train_b, val_b, tok, tmp_path / "run", progress=False)
+    res = train(train_cfg, tcfg, train_b, val_b, tok, tmp_path / "run", progress=False)
     h = res["history"]
     assert h["step"][0] == 0 and h["train_loss"][-1] < h["train_loss"][0]
     assert res["tokens_seen"] == 3 * len(train_b) * 4 * tiny_cfg.context_length
@@ -206,10 +223,12 @@ def test_train_loop_writes_a_loadable_run(tmp_path, tiny_cfg):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert len(res["samples"]) == 3
     params, cfg = load_run(tmp_path / "run")
-    assert cfg == tiny_cfg
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(res["state"].params)):
+    assert cfg == tiny_cfg  # a run trained with (out, in) kernels loads in the usual (in, out) layout
+    trained = set_linear_layout(res["state"].params, layout, "in_out")
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(trained)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    np.testing.assert_array_equal(generate(params, cfg, [[1, 2]], 4), generate(res["state"].params, cfg, [[1, 2]], 4))
+    np.testing.assert_array_equal(generate(params, cfg, [[1, 2]], 4),
+                                  generate(res["state"].params, train_cfg, [[1, 2]], 4))
 
 
 def test_unwritable_output_directory(tmp_path, tiny_cfg):
