@@ -21,10 +21,10 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 SETTINGS = {
-    # per-layer blocks (the fastest step on XLA:CPU); scan over layers, 2 per iteration, timed alongside
-    # (a 2-3x faster compile)
+    # per-layer blocks with (out, in) kernels (the fastest step on XLA:CPU); timed alongside: scan over
+    # layers, 2 per iteration (a 2-3x faster compile), and the (in, out) kernels of earlier runs
     "cpu": ["--preset", "gpt2-small", "--context-length", "256", "--batch-size", "2", "--dtype", "float32",
-            "--variant", "scan_layers=true,scan_unroll=2",
+            "--variant", "scan_layers=true,scan_unroll=2", "--variant", "linear_layout=in_out",
             "--steps", "20", "--decode-batch", "1", "8", "--decode-tokens", "200", "--nocache-tokens", "200"],
     # GPU/TPU: nanoGPT's GPT-2 pretraining setting (no dropout: the fused attention kernels take none)
     "gpu": ["--preset", "gpt2-small", "--context-length", "1024", "--batch-size", "16", "--dtype", "bfloat16",
