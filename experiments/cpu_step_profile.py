@@ -4,7 +4,7 @@ The book's chapter-5 setting (gpt2-small, context 256, batch 2, float32, AdamW, 
 the median of 3 timed steps, then the traced step's time per XLA op category (fusion kinds, dots,
 calls) and the slowest single ops. XLA:CPU reports per-op events with --xla_cpu_enable_xprof_traceme.
 
-    python experiments/cpu_step_profile.py [--dtype bfloat16] [--linear-layout out_in]
+    python experiments/cpu_step_profile.py [--dtype bfloat16] [--linear-layout in_out]
 """
 import argparse
 import os
@@ -29,7 +29,8 @@ from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps  
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    ap.add_argument("--linear-layout", default="in_out", choices=["in_out", "out_in"], help="kernels' storage")
+    ap.add_argument("--linear-layout", default="out_in", choices=["in_out", "out_in"],
+                    help="kernels' storage (out_in: what `gptjax pretrain` uses on CPU)")
     args = ap.parse_args()
     cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.1, dtype=args.dtype,
                                            linear_layout=args.linear_layout)

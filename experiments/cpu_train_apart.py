@@ -2,7 +2,8 @@
 the other: the chapter-5 setting (gpt2-small, context 256, batch 2, float32, AdamW, dropout 0.1).
 
 `gptjax bench` alternates the frameworks in one process, where on a 2-core CPU they slow each other
-down; this measures each on its own. Medians of 10 steps after warm-up.
+down; this measures each on its own. gptjax runs with its kernels stored as `gptjax pretrain` stores
+them on this backend (out_in on CPU) and as (in, out), alternated. Medians of 10 steps after warm-up.
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/cpu_train_apart.py
 """
@@ -15,8 +16,11 @@ import json, statistics
 from gptjax.runtime import setup
 setup(compilation_cache=False)
 from gptjax.bench import BenchConfig, JaxTrain, alternate
+from gptjax.model import fastest_linear_layout
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
-t = alternate({"gptjax": JaxTrain(bc.model_config(), bc)}, rounds=10, warmup=2)
+runs = {f"gptjax {layout}": JaxTrain(bc.model_config(linear_layout=layout), bc)
+        for layout in dict.fromkeys([fastest_linear_layout(), "in_out"])}
+t = alternate(runs, rounds=10, warmup=2)
 print(json.dumps({k: statistics.median(v) for k, v in t.items()}))
 '''
 TORCH = r'''
@@ -38,7 +42,8 @@ def main() -> None:
     best = min(v for k, v in medians.items() if k.startswith("pytorch"))
     for name, s in medians.items():
         print(f"{name:16s} {1e3 * s:8.1f} ms median step")
-    print(f"gptjax / PyTorch's best: {best / medians['gptjax']:.2f}x")
+    for name in (k for k in medians if k.startswith("gptjax")):
+        print(f"{name} / PyTorch's best: {best / medians[name]:.2f}x")
 
 
 if __name__ == "__main__":
