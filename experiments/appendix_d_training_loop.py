@@ -86,7 +86,7 @@ def write_results(meta: dict, cfg, ocfg: OptimConfig, total: int, env: str, fini
                     f"{h['val_loss'][i]:.3f} | {steps['lr'][s]:.2e} | {steps['grad_norm'][s]:.2f} |")
     best = min(range(len(h["val_loss"])), key=h["val_loss"].__getitem__)
     md = "\n".join([
-        f"# Appendix D: warmup + cosine decay + gradient clipping, GPT-2 124M on the-verdict", "",
+        "# Appendix D: warmup + cosine decay + gradient clipping, GPT-2 124M on the-verdict", "",
         f"Run {state}; wall time {meta['wall_s']:.0f} s ({env}); compute dtype {cfg.dtype}.",
         f"Settings: {total} steps (batch 2, context 256), AdamW weight decay {ocfg.weight_decay}, lr "
         f"{ocfg.initial_lr:g} -> {ocfg.lr:g} over {ocfg.warmup_steps} warmup steps, cosine to {ocfg.min_lr:g} over "

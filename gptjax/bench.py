@@ -13,7 +13,6 @@ import dataclasses
 import glob
 import gzip
 import json
-import math
 import os
 import platform
 import re

@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from gptjax.config import GPTConfig
@@ -349,10 +348,10 @@ def _val_loss(metrics: dict) -> float:
 
 # ------------------------------------------------------------------------------------------- run dirs
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any, indent: int = 1) -> None:
     """Write JSON next to `path` and rename it over: a crash never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
 
 

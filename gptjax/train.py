@@ -7,7 +7,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 

@@ -2,11 +2,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from gptjax.checkpoint import load_run
-from gptjax.config import GPTConfig
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
 from gptjax.model import set_linear_layout

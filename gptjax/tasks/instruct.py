@@ -618,10 +618,7 @@ def save_responses(entries: Sequence[dict], responses: Sequence[str], path: str 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    records = [{**e, key: r} for e, r in zip(entries, responses)]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=4))
-    os.replace(tmp, path)
+    write_json_atomic(path, [{**e, key: r} for e, r in zip(entries, responses)], indent=4)
     return path
 
 
