@@ -18,27 +18,12 @@ SETTINGS = {"dot (gptjax.runtime)": "--xla_cpu_experimental_ynn_fusion_type=dot"
             "XLA defaults": ""}
 
 PROBE = r'''
-import sys, time
-import jax, jax.numpy as jnp, numpy as np
-from gptjax.config import get_config
-from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps
-steps = int(sys.argv[1])
-tx = make_optimizer(OptimConfig(lr=4e-4, weight_decay=0.1))
-x = np.random.default_rng(0).integers(0, 50257, (2, 257), dtype=np.int32)
-batch = (jnp.asarray(x[:, :-1]), jnp.asarray(x[:, 1:]))
-runs = {}
-for dtype in ("float32", "bfloat16"):
-    cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.1, dtype=dtype)
-    step, _ = make_steps(cfg, tx)
-    runs[dtype] = [step, create_state(cfg, tx, 0), []]
-for i in range(steps + 2):
-    for dtype, run in runs.items():
-        t0 = time.perf_counter()
-        run[1], m = run[0](run[1], batch)
-        float(m["loss"])
-        if i >= 2:
-            run[2].append(time.perf_counter() - t0)
-print(" ".join(f"{1e3 * float(np.median(run[2])):.0f}" for run in runs.values()))
+import statistics, sys
+from gptjax.bench import BenchConfig, JaxTrain, alternate
+bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, drop_rate=0.1, qkv_bias=False)
+runs = {dtype: JaxTrain(bc.model_config(dtype=dtype), bc) for dtype in ("float32", "bfloat16")}
+times = alternate(runs, rounds=int(sys.argv[1]), warmup=2)
+print(" ".join(f"{1e3 * statistics.median(t):.0f}" for t in times.values()))
 '''
 
 
