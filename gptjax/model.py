@@ -354,11 +354,11 @@ def pad_vocab(params: dict, cfg: GPTConfig) -> dict:
     return out
 
 
-def fastest_linear_layout(backend: str | None = None) -> str:
-    """The kernel layout that runs faster on `backend` (default: JAX's): "out_in" on CPU, where it
-    made gpt2-small decoding 8% and its train step 12% faster on two cores
-    (experiments/decode_layout_cpu.py, `gptjax bench --variant linear_layout=out_in`); "in_out" elsewhere."""
-    return "out_in" if (backend or jax.default_backend()) == "cpu" else "in_out"
+def fastest_linear_layout() -> str:
+    """The kernel layout that runs faster on JAX's backend: "out_in" on CPU, where it made gpt2-small
+    decoding 8% and its train step 12-15% faster on two cores (experiments/decode_layout_cpu.py,
+    experiments/cpu_train_apart.py); "in_out" elsewhere."""
+    return "out_in" if jax.default_backend() == "cpu" else "in_out"
 
 
 def set_linear_layout(params: dict, src: str, dst: str) -> dict:
