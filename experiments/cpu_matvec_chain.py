@@ -4,9 +4,10 @@ One jitted chain of exactly the products one batch-1 decode step makes: 12 block
 768x768, 3072x768 and 768x3072 kernels stored (out, in), as `decoding_model` stores them on CPU,
 then the 50,257x768 head (124M weights, 494 MB). Each product feeds the next; there is no attention,
 layer norm or sampling. Its time per call bounds any decoder built on XLA's dot at batch 1. Timed
-side by side, round after round: the chain, the same chain in eager PyTorch (when torch is installed),
-and gptjax's KV-cache decode of 200 tokens (the benchmark's decode row), all against the benchmark's
-bandwidth roofline (half the best in-place copy of 1 GiB, measured before and after). Medians.
+side by side, round after round: the chain, the same chain on gptjax's C++ kernel (gptjax.cpu_matvec,
+when it builds), the same chain in eager PyTorch (when torch is installed), and gptjax's KV-cache
+decode of 200 tokens (the benchmark's decode row) with the kernel and with XLA's dot, all against the
+benchmark's bandwidth roofline (half the best in-place copy of 1 GiB, measured before and after). Medians.
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/cpu_matvec_chain.py [--rounds 7]
 """
@@ -21,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gptjax import cpu_matvec  # noqa: E402
 from gptjax import generate as gen  # noqa: E402
 from gptjax.bench import alternate, memory_bandwidth, roofline_bandwidth  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
@@ -64,12 +66,17 @@ def main() -> None:
     def mv(v, w):  # (1, in) x (out, in) -> (1, out)
         return jax.lax.dot_general(v, w, (((1,), (1,)), ((), ())))
 
-    @jax.jit
-    def chain(x_1D, blocks, head):
-        for w_qkv, w_o, w_fc, w_proj in blocks:
-            a = mv(mv(x_1D, w_qkv)[:, :768], w_o)
-            x_1D = x_1D + mv(mv(x_1D + a, w_fc), w_proj) * 1e-3
-        return mv(x_1D, head)
+    def make_chain(mv):
+        @jax.jit
+        def chain(x_1D, blocks, head):
+            for w_qkv, w_o, w_fc, w_proj in blocks:
+                a = mv(mv(x_1D, w_qkv)[:, :768], w_o)
+                x_1D = x_1D + mv(mv(x_1D + a, w_fc), w_proj) * 1e-3
+            return mv(x_1D, head)
+        return chain
+
+    chain = make_chain(mv)
+    kernel_chain = make_chain(cpu_matvec.matvec) if cpu_matvec.available() else None
 
     cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.0, tie_embeddings=False, qkv_bias=True)
     params, cfg = gen.decoding_model(init_params(cfg, jax.random.key(1)), cfg)
@@ -81,10 +88,17 @@ def main() -> None:
             chain(x, blocks, head).block_until_ready()
 
     fns = {"XLA matrix-vector chain": xla_chain}
+    if kernel_chain is not None:
+        fns["gptjax kernel matrix-vector chain"] = lambda: [kernel_chain(x, blocks, head).block_until_ready()
+                                                           for _ in range(CALLS)]
     run_torch = torch_chain(blocks, head)
     if run_torch is not None:
         fns["PyTorch matrix-vector chain"] = lambda: [run_torch() for _ in range(CALLS)]
-    fns["gptjax decode (KV cache)"] = lambda: gen.generate(params, cfg, prompt, NEW_TOKENS)  # prefill included
+    # prefill included
+    fns[f"gptjax decode (KV cache), matvec={cfg.matvec}"] = lambda: gen.generate(params, cfg, prompt, NEW_TOKENS)
+    if cfg.matvec != "xla":
+        xla_cfg = cfg.replace(matvec="xla")
+        fns["gptjax decode (KV cache), matvec=xla"] = lambda: gen.generate(params, xla_cfg, prompt, NEW_TOKENS)
 
     bws = [memory_bandwidth()]
     times = alternate(fns, rounds=args.rounds)

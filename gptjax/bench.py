@@ -544,6 +544,10 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
             name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights")
             fns[name] = lambda p=p, c=c, x=prompt_BT: generate(p, c, x, bc.decode_tokens)
             meta[name] = dict(tokens=bc.decode_tokens, weight_bytes=jnp.dtype(wd).itemsize)
+        if cfg.matvec == "kernel":  # the kernel's effect: the same decode on XLA's dot
+            c = cfg.replace(matvec="xla")
+            fns["gptjax kv-cache xla-matvec"] = lambda c=c, x=prompt_BT: generate(params, c, x, bc.decode_tokens)
+            meta["gptjax kv-cache xla-matvec"] = dict(tokens=bc.decode_tokens, weight_bytes=4)
         # same work budget per batch size: the window loop costs B x window per token
         nocache = max(4, bc.nocache_tokens // B)
         fns["gptjax no-cache"] = lambda x=prompt_BT, n=nocache: generate(params, cfg, x, n, use_cache=False)

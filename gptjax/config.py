@@ -11,6 +11,7 @@ ATTN_IMPLS = ("auto", "xla", "cudnn", "einsum")
 # what the backward pass recomputes instead of storing (jax.checkpoint policies, see model.REMAT_POLICIES)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 LINEAR_LAYOUTS = ("in_out", "out_in")
+MATVECS = ("xla", "kernel")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class GPTConfig:
     # and trains faster (12% on a gpt2-small step; `gptjax pretrain` picks it there). Saved runs load
     # as "in_out" (checkpoint.load_run); model.set_linear_layout converts
     linear_layout: str = "in_out"
+    # "kernel": products of at most 8 rows (decoding) with (out, in) kernels and the tied head run
+    # gptjax's C++ matrix-vector kernel on CPU (gptjax.cpu_matvec; XLA's dot on other platforms),
+    # 15% more tokens/s on two cores; gptjax.generate.decoding_model turns it on where it builds
+    matvec: str = "xla"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -68,6 +73,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.linear_layout not in LINEAR_LAYOUTS:
             raise ValueError(f"GPTConfig.linear_layout must be one of {LINEAR_LAYOUTS}, got {self.linear_layout!r}")
+        if self.matvec not in MATVECS:
+            raise ValueError(f"GPTConfig.matvec must be one of {MATVECS}, got {self.matvec!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"GPTConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for name in ("scan_unroll", "vocab_multiple"):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import cpu_matvec
 from gptjax.config import GPTConfig
 from gptjax.model import GPT, fastest_linear_layout, init_cache, set_linear_layout, unstack_layers
 
@@ -78,17 +79,25 @@ def _per_layer(params: Any, cfg: GPTConfig) -> tuple[Any, GPTConfig]:
     return params, cfg
 
 
-def decoding_model(params: Any, cfg: GPTConfig, linear_layout: str | None = None) -> tuple[Any, GPTConfig]:
-    """Params and config laid out for repeated decoding: per-layer params, no remat, and kernels stored
-    (out, in) on CPU, where XLA's matrix-vector product reads them faster (`linear_layout` overrides):
-    about 8% more tokens/s for gpt2-small (experiments/decode_layout_cpu.py). The conversion copies
-    the weights, about what one 100-token generation gains back, so the decoding functions do not do it per call: convert once
-    before a loop of calls (as `chat` and `generate_responses` do)."""
+def decoding_model(params: Any, cfg: GPTConfig, linear_layout: str | None = None,
+                   matvec: str | None = None) -> tuple[Any, GPTConfig]:
+    """Params and config laid out for repeated decoding: per-layer params, no remat, and on CPU
+    kernels stored (out, in) with gptjax's C++ matrix-vector kernel for the decode steps' products
+    (`cpu_matvec`: where it builds). gpt2-small, batch 1: (out, in) gave 8% more tokens/s than (in,
+    out) with XLA's dot (experiments/decode_layout_cpu.py), and the kernel reads the weights at 0.96
+    of the bandwidth roofline against XLA's 0.83 (experiments/cpu_matvec_chain.py).
+    `linear_layout` ("in_out"|"out_in") and `matvec` ("xla"|"kernel") override the choice. The
+    conversion copies the weights, about what one 100-token generation gains back, so the decoding
+    functions do not do it per call: convert once before a loop of calls (as `chat` and
+    `generate_responses` do)."""
     params, cfg = _per_layer(params, cfg)
-    target = linear_layout or ("out_in" if fastest_linear_layout() == "out_in" else cfg.linear_layout)
+    on_cpu = fastest_linear_layout() == "out_in"
+    target = linear_layout or ("out_in" if on_cpu else cfg.linear_layout)
     if target != cfg.linear_layout:
         params, cfg = set_linear_layout(params, cfg.linear_layout, target), cfg.replace(linear_layout=target)
-    return params, cfg
+    if matvec is None:
+        matvec = "kernel" if on_cpu and cpu_matvec.available() else cfg.matvec
+    return params, cfg.replace(matvec=matvec)
 
 
 def _bucket(n: int, multiple: int, cap: int) -> int:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax import cpu_matvec
 from gptjax.attention import cache_attention, causal_attention, dropout
 from gptjax.config import GPTConfig
 
@@ -46,7 +47,8 @@ def _dense(cfg: GPTConfig, features: int, name: str, use_bias: bool = True, std:
         inits = dict(kernel_init=nn.initializers.normal(stddev=std))
     dtype = dtype or _dtype(cfg)
     if cfg.linear_layout == "out_in":
-        return LinearOutIn(features, use_bias=use_bias, dtype=dtype, f32_out=f32_out, name=name, **inits)
+        return LinearOutIn(features, use_bias=use_bias, dtype=dtype, f32_out=f32_out, name=name,
+                           matvec=cfg.matvec, **inits)
     # f32_out: multiply in the compute dtype (bfloat16 tensor cores on a GPU), accumulate and return float32
     dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32) if f32_out else None
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
@@ -63,6 +65,7 @@ class LinearOutIn(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32
     f32_out: bool = False
+    matvec: str = "xla"  # "kernel": few-row products through gptjax.cpu_matvec (GPTConfig.matvec)
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
 
@@ -71,8 +74,11 @@ class LinearOutIn(nn.Module):
         init = self.kernel_init
         w_OI = self.param("kernel", lambda key, shape: init(key, shape[::-1], jnp.float32).T,
                           (self.features, x_BTI.shape[-1]))
-        y_BTO = jnp.einsum("...i,oi->...o", x_BTI.astype(self.dtype), w_OI.astype(self.dtype),
-                           preferred_element_type=jnp.float32 if self.f32_out else None)
+        x_BTI, w_OI = x_BTI.astype(self.dtype), w_OI.astype(self.dtype)
+        if self.matvec == "kernel" and cpu_matvec.applies(x_BTI, w_OI):
+            y_BTO = cpu_matvec.matvec(x_BTI, w_OI)
+        else:
+            y_BTO = jnp.einsum("...i,oi->...o", x_BTI, w_OI, preferred_element_type=jnp.float32 if self.f32_out else None)
         if self.use_bias:
             y_BTO = y_BTO + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y_BTO.dtype)
         return y_BTO
@@ -246,8 +252,11 @@ class GPT(nn.Module):
             return nn.Dense(cfg.n_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="cls_head")(x_BTD)
         dt = _dtype(cfg)
         if cfg.tie_embeddings:
-            logits_BTV = jnp.einsum("btd,vd->btv", x_BTD.astype(dt), wte.embedding.astype(dt),
-                                    preferred_element_type=jnp.float32)
+            x_BTD, w_VD = x_BTD.astype(dt), wte.embedding.astype(dt)
+            if cfg.matvec == "kernel" and cpu_matvec.applies(x_BTD, w_VD):
+                logits_BTV = cpu_matvec.matvec(x_BTD, w_VD)
+            else:
+                logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, w_VD, preferred_element_type=jnp.float32)
         else:
             # the head multiplies in the compute dtype (a quarter of the FLOPs) but returns float32 logits
             logits_BTV = _dense(cfg, V, "lm_head", use_bias=False, f32_out=True)(x_BTD)

@@ -1,0 +1,132 @@
+"""gptjax.cpu_matvec: the C++ decoding kernel against numpy and XLA, its fallbacks, and decoding with it."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import cpu_matvec
+from gptjax import generate as gen
+from gptjax.config import GPTConfig
+from gptjax.model import GPT, init_params
+
+needs_compiler = pytest.mark.skipif(cpu_matvec.find_compiler() is None, reason="no C++ compiler to build the kernel")
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """cpu_matvec's per-process build state, emptied for the test and restored after."""
+    monkeypatch.setattr(cpu_matvec, "_state", {})
+
+
+@needs_compiler
+@pytest.mark.parametrize("lead, I, O", [((1,), 768, 2304), ((1, 1), 3072, 768), ((8,), 64, 50), ((3,), 37, 131),
+                                        ((2, 3), 16, 4), ((1,), 5, 3), ((4,), 1, 9)])
+def test_kernel_matches_numpy(lead, I, O):
+    rng = np.random.default_rng(I * O)
+    x = rng.standard_normal((*lead, I)).astype(np.float32)
+    w = rng.standard_normal((O, I)).astype(np.float32)
+    assert cpu_matvec.applies(jnp.asarray(x), jnp.asarray(w))
+    y = jax.jit(cpu_matvec.matvec)(x, w)
+    assert y.shape == (*lead, O) and y.dtype == jnp.float32
+    ref = np.einsum("...i,oi->...o", x.astype(np.float64), w.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * np.sqrt(I))
+    # it really ran the custom call, not XLA's dot
+    assert cpu_matvec.TARGET in jax.jit(cpu_matvec.matvec).lower(x, w).as_text()
+
+
+@needs_compiler
+def test_kernel_is_used_only_where_it_applies():
+    w = jnp.ones((6, 4))
+    assert cpu_matvec.applies(jnp.ones((cpu_matvec.MAX_ROWS, 4)), w)
+    assert not cpu_matvec.applies(jnp.ones((cpu_matvec.MAX_ROWS + 1, 4)), w)  # prefill: XLA's GEMM
+    assert not cpu_matvec.applies(jnp.ones((1, 4), jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert not cpu_matvec.applies(jnp.ones((1, 5)), w)
+    big = jnp.ones((3, 9, 4))
+    assert cpu_matvec.TARGET not in jax.jit(cpu_matvec.matvec).lower(big, w).as_text()
+    np.testing.assert_allclose(cpu_matvec.matvec(big, w), jnp.full((3, 9, 6), 4.0))
+
+
+@needs_compiler
+def test_kernel_gradient_and_vmap_match_xla():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((10, 24)), jnp.float32)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.tanh(f(x, w)))  # noqa: E731
+    got = jax.grad(loss(cpu_matvec.matvec), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: x @ w.T), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    xs = jnp.stack([x, 2 * x, -x])
+    np.testing.assert_allclose(jax.vmap(cpu_matvec.matvec, (0, None))(xs, w), xs @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("tie", [False, True])
+def test_decoding_with_the_kernel_gives_the_same_tokens(tie):
+    cfg = GPTConfig(vocab_size=211, context_length=40, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0,
+                    qkv_bias=True, tie_embeddings=tie)
+    params = init_params(cfg, jax.random.key(3))
+    pk, ck = gen.decoding_model(params, cfg)
+    px, cx = gen.decoding_model(params, cfg, matvec="xla")
+    assert (ck.matvec, ck.linear_layout, cx.matvec) == ("kernel", "out_in", "xla")
+    step = jax.jit(lambda p, idx: GPT(ck).apply({"params": p}, idx))
+    assert cpu_matvec.TARGET in step.lower(pk, jnp.zeros((1, 1), jnp.int32)).as_text()
+    assert cpu_matvec.TARGET not in step.lower(pk, jnp.zeros((1, 16), jnp.int32)).as_text()  # 16 rows: GEMM
+    prompts = [[5, 7, 11], [1], [2, 3, 4, 5, 6, 7]]  # different lengths: batched decode, left padding
+    for B in (1, 3):
+        a = gen.generate_batch(pk, ck, prompts[:B], 12)
+        b = gen.generate_batch(px, cx, prompts[:B], 12)
+        assert a == b
+    idx = np.array([[9, 8, 7, 6]])
+    np.testing.assert_array_equal(gen.generate(pk, ck, idx, 10), gen.generate(params, cfg, idx, 10, use_cache=False))
+
+
+def test_without_a_compiler_decoding_falls_back_to_xla(monkeypatch, tmp_path, fresh_state):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    monkeypatch.setenv("GPTJAX_KERNEL_DIR", str(tmp_path / "kernels"))
+    with pytest.raises(cpu_matvec.KernelBuildError, match="no-such-c"):
+        cpu_matvec.build()
+    with pytest.warns(UserWarning, match="uses XLA's dot"):
+        assert not cpu_matvec.available()
+    assert "no-such-c++" in cpu_matvec.status()["reason"]
+    assert not list((tmp_path / "kernels").glob("*"))  # no half-written library left behind
+    cfg = GPTConfig(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
+    params = init_params(cfg, jax.random.key(0))
+    p, c = gen.decoding_model(params, cfg)
+    assert c.matvec == "xla" and c.linear_layout == "out_in"
+    # a config that asks for the kernel still decodes, on XLA's dot
+    idx = np.array([[1, 2]])
+    np.testing.assert_array_equal(gen.generate(p, c.replace(matvec="kernel"), idx, 5), gen.generate(p, c, idx, 5))
+
+
+@needs_compiler
+def test_compile_error_names_the_compiler_and_the_error(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.cc"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_matvec, "SOURCE", bad)
+    with pytest.raises(cpu_matvec.KernelBuildError, match=r"failed to compile bad.cc \(exit \d+\)"):
+        cpu_matvec.build(out_dir=tmp_path / "k")
+    assert not list((tmp_path / "k").glob("*"))
+
+
+def test_turned_off_by_environment(monkeypatch, fresh_state):
+    monkeypatch.setenv("GPTJAX_CPU_KERNEL", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # turning it off on purpose warns nothing
+        assert not cpu_matvec.available()
+    assert cpu_matvec.status() == {"available": False, "library": None, "reason": "turned off by GPTJAX_CPU_KERNEL=0"}
+
+
+@needs_compiler
+def test_build_is_cached(tmp_path):
+    first = cpu_matvec.build(out_dir=tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert cpu_matvec.build(out_dir=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_config_rejects_an_unknown_matvec():
+    with pytest.raises(ValueError, match=r"GPTConfig.matvec must be one of \('xla', 'kernel'\), got 'fast'"):
+        GPTConfig(matvec="fast")
