@@ -136,13 +136,16 @@ def _check_resume_flags(args, run: str, run_values: dict) -> None:
 def cmd_generate(args) -> int:
     import jax
 
-    from gptjax.generate import generate, stream_text, trim_at_eos
+    from gptjax.generate import decoding_model, generate, stream_text, trim_at_eos
     from gptjax.checkpoint import load_model
     from gptjax.tokenizer import get_gpt2_tokenizer
 
     params, cfg = load_model(args.model, dtype=args.weight_dtype)
     if args.weight_dtype and args.weight_dtype != cfg.dtype:
         cfg = cfg.replace(dtype=args.weight_dtype)  # compute in the weights' dtype: no per-step up-cast
+    # on CPU: (out, in) kernels and the C++ matvec kernel; the copy is paid back within ~50 tokens
+    # of gpt2-small (1.09 vs 1.23 s for 50 tokens here)
+    params, cfg = decoding_model(params, cfg)
     tok = get_gpt2_tokenizer(args.bpe_dir)
     ids = tok.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not ids:
