@@ -2,7 +2,9 @@
 decode speed with and without the KV cache, and PyTorch (transformers' GPT2LMHeadModel) side by side.
 
 Timings alternate between the programs compared (a round runs each once), so a machine shared with
-other work slows them alike; each number is a median over rounds after warm-up.
+other work slows them alike; each number is a median over rounds after warm-up. On CPU, PyTorch's
+train rows run after gptjax's in a process of their own (`BenchConfig.torch_process`): alternated
+in one process, the two frameworks' thread pools slowed each other on the same cores.
 
 Letters: B batch, T time, N new tokens.
 """
@@ -220,6 +222,10 @@ class BenchConfig:
     weight_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     torch: bool = True
     torch_compile: bool = True
+    # where PyTorch's train rows run: "same" alternates them with gptjax's in this process; "apart"
+    # runs them after gptjax's, in a process of their own; "auto": apart on CPU, where two frameworks'
+    # thread pools on the same cores slow each other (gptjax's (out, in) step most), same elsewhere
+    torch_process: str = "auto"
     parts: tuple[str, ...] = ("bandwidth", "train", "compile", "decode")
     linear_layout: str = "in_out"  # kernel storage of the gptjax train rows (the CLI's auto: out_in on CPU)
     variants: tuple[dict, ...] = ()  # more gptjax train configs timed in the same rounds, e.g. {"scan_layers": False}
@@ -336,6 +342,61 @@ def _torch_device() -> str:
     return "cpu"
 
 
+def torch_apart(bc: BenchConfig) -> bool:
+    """Whether PyTorch's train rows run in a process of their own (BenchConfig.torch_process)."""
+    if bc.torch_process not in ("auto", "same", "apart"):
+        raise ValueError(f"torch_process must be auto, same or apart, got {bc.torch_process!r}")
+    return bc.torch_process == "apart" or (bc.torch_process == "auto" and jax.default_backend() == "cpu")
+
+
+@dataclass
+class _Timed:
+    """What the rows need of a PyTorch runner timed in another process."""
+    n_params: int
+    first_step_s: float
+    device: str = "cpu"
+    peak_bytes: int | None = None
+
+
+def _torch_runners(cfg: GPTConfig, bc: BenchConfig, device: str, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """PyTorch eager (and torch.compile) train runners, and the errors of those that could not be built."""
+    runners, errors = {}, {}
+    try:
+        log("building PyTorch eager ...")
+        runners["pytorch eager"] = TorchTrain(cfg, bc, compiled=False, device=device)
+        if bc.torch_compile:
+            log("torch.compile (first step compiles) ...")
+            try:
+                runners["pytorch compile"] = TorchTrain(cfg, bc, compiled=True, device=device)
+            except Exception as e:  # inductor needs a C++ compiler on CPU; report, don't fail
+                errors["pytorch compile"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    except ImportError as e:
+        errors["pytorch"] = f"not installed ({e.name})"
+    return runners, errors
+
+
+def _torch_train_probe(spec: dict) -> dict:
+    """Run in a fresh process: PyTorch's train runners alone, alternated; their step times."""
+    bc = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["bc"].items()})
+    cfg = GPTConfig.from_dict(spec["cfg"])
+    runners, errors = _torch_runners(cfg, bc, "cpu", log=lambda m: print(m, file=sys.stderr))
+    times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
+    return {"runners": {k: {"times": times[k], "n_params": r.n_params, "first_step_s": r.first_step_s}
+                        for k, r in runners.items()}, "errors": errors, "load": _load()}
+
+
+def _torch_train_apart(cfg: GPTConfig, bc: BenchConfig, log: Callable[[str], None]) -> tuple[dict, dict, dict]:
+    log(f"PyTorch train rows in a process of their own, {bc.steps} steps each (load {_load()}) ...")
+    spec = {"bc": dataclasses.asdict(bc), "cfg": cfg.to_dict()}
+    out = subprocess.run([sys.executable, "-m", "gptjax.bench", "--torch-train-probe", json.dumps(spec)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        return {}, {}, {"pytorch": "its process failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    runners = {k: _Timed(v["n_params"], v["first_step_s"]) for k, v in got["runners"].items()}
+    return runners, {k: v["times"] for k, v in got["runners"].items()}, got["errors"]
+
+
 def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Train-step rows: gptjax (as configured) and, when torch is installed, HF eager / torch.compile."""
     cfg = bc.model_config()
@@ -345,22 +406,22 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
     for name, c in cfgs.items():
         log(f"compiling gptjax train step ({_describe(c)}) ...")
         runners[name] = JaxTrain(c, bc)
-    torch_errors = {}
-    if bc.torch:
+    torch_errors: dict = {}
+    apart = bc.torch and torch_apart(bc)
+    if bc.torch and not apart:
         try:
             device = _torch_device()
-            log("building PyTorch eager ...")
-            runners["pytorch eager"] = TorchTrain(cfg, bc, compiled=False, device=device)
-            if bc.torch_compile:
-                log("torch.compile (first step compiles) ...")
-                try:
-                    runners["pytorch compile"] = TorchTrain(cfg, bc, compiled=True, device=device)
-                except Exception as e:  # inductor needs a C++ compiler on CPU; report, don't fail
-                    torch_errors["pytorch compile"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         except ImportError as e:
             torch_errors["pytorch"] = f"not installed ({e.name})"
+        else:
+            more, torch_errors = _torch_runners(cfg, bc, device, log)
+            runners.update(more)
     log(f"timing {bc.steps} steps each, alternating {list(runners)} (load {_load()}) ...")
     times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
+    if apart:
+        more, more_times, torch_errors = _torch_train_apart(cfg, bc, log)
+        runners.update(more)
+        times.update(more_times)
     rows = []
     for name, r in runners.items():
         c = cfgs.get(name, cfg)  # a variant's own shape and dtype; PyTorch runs the base config
@@ -369,7 +430,8 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
         med = statistics.median(times[name])
         achieved = fpt * tokens / med
         row = {"part": "train", "framework": name.split()[0],
-               "variant": _describe(c, cfg) if name in cfgs else name.split()[1] + " sdpa fusedAdamW",
+               "variant": _describe(c, cfg) if name in cfgs else
+               name.split()[1] + " sdpa fusedAdamW" + (" own-process" if isinstance(r, _Timed) else ""),
                "model": bc.preset, "params": r.n_params, "batch": bc.batch_size, "T": c.context_length,
                "dtype": c.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
                "steps": len(times[name]), "tokens_per_s": round(tokens / med, 1),
@@ -380,7 +442,8 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
                        peak_memory_MB=_mb(_device_peak_bytes()))
         else:
             row.update(compile_s=round(r.first_step_s - med, 2) if "compile" in name else None,
-                       peak_memory_MB=_mb(r.torch.cuda.max_memory_allocated()) if r.device == "cuda" else None)
+                       peak_memory_MB=_mb(r.torch.cuda.max_memory_allocated()) if r.device == "cuda" else None,
+                       process="own" if isinstance(r, _Timed) else "shared")
         rows.append(row)
     _ratios(rows, "tokens_per_s")
     for name, err in torch_errors.items():
@@ -741,6 +804,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--compile-probe"]:
         print(json.dumps(_compile_probe(json.loads(argv[1]))))
+        return 0
+    if argv[:1] == ["--torch-train-probe"]:
+        print(json.dumps(_torch_train_probe(json.loads(argv[1]))))
         return 0
     from gptjax.cli import main as cli_main
     return cli_main(["bench", *argv])

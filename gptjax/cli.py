@@ -222,6 +222,7 @@ def cmd_bench(args) -> int:
                      decode_tokens=args.decode_tokens, nocache_tokens=args.nocache_tokens,
                      decode_rounds=args.decode_rounds, weight_dtypes=tuple(args.weight_dtype),
                      torch=not args.no_torch, torch_compile=not args.no_torch_compile, parts=tuple(args.parts),
+                     torch_process=args.torch_process,
                      variants=tuple(_parse_variant(v) for v in args.variant))
     out = args.out
     if out is None:
@@ -722,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["bandwidth", "train", "compile", "decode"])
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile (slow to compile on CPU)")
+    p.add_argument("--torch-process", choices=["auto", "same", "apart"], default="auto",
+                   help="PyTorch's train rows alternated with gptjax's in this process (same), or after them in "
+                        "their own process (apart); auto: apart on CPU, where the two thread pools slow each other")
     p.add_argument("--out", default=None, help="write OUT.json/.md/.png (default experiments/results/bench_<platform>)")
     p.set_defaults(func=cmd_bench)
 

@@ -2,7 +2,7 @@
 
 Decoding one token reads every weight once, so its speed is memory bandwidth. XLA:CPU's dot streams
 gpt2-small's (out, in) kernels at 0.80-0.84 of this machine's bandwidth roofline; this kernel
-(`csrc/matvec.cc`: four weight rows at a time, row blocks shared over XLA's intra-op thread pool)
+(`cpu_matvec.cc`: four weight rows at a time, row blocks shared over XLA's intra-op thread pool)
 at 0.96 (experiments/cpu_matvec_chain.py). `matvec` is used by the model for products of at most
 `MAX_ROWS` rows when `GPTConfig.matvec == "kernel"`, which `generate.decoding_model` sets on CPU.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-SOURCE = Path(__file__).with_name("csrc") / "matvec.cc"
+SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "gptjax_matvec"
 SYMBOL = "GptjaxMatVec"
 MAX_ROWS = 8  # measured faster than XLA's dot at 1 and 8 rows (batch-1 and batch-8 decoding)

@@ -43,10 +43,14 @@ def test_alternate_runs_round_robin():
     assert [len(v) for v in times.values()] == [3, 3]
 
 
-def test_tiny_end_to_end_run(tmp_path):
+@pytest.mark.parametrize("torch_process", ["auto", "same"])
+def test_tiny_end_to_end_run(tmp_path, torch_process):
+    if torch_process != "auto" and not HAS_TORCH:
+        pytest.skip("PyTorch's rows need torch and transformers")
     bc = BenchConfig(model_overrides=TINY, n_layers=2, context_length=16, steps=2, warmup=1, decode_batches=(1, 2),
                      decode_prompt=4, decode_tokens=6, nocache_tokens=3, decode_rounds=1, torch=HAS_TORCH,
-                     torch_compile=False, parts=("bandwidth", "train", "decode"), weight_dtypes=("float32",))
+                     torch_compile=False, parts=("bandwidth", "train", "decode"), weight_dtypes=("float32",),
+                     torch_process=torch_process)
     result = bench.run(bc, tmp_path / "bench", log=lambda s: None)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").stat().st_size > 0 and "### train" in (tmp_path / "bench.md").read_text()
@@ -67,6 +71,10 @@ def test_tiny_end_to_end_run(tmp_path):
     if HAS_TORCH:
         torch_row = next(r for r in result["rows"] if r["part"] == "train" and r["framework"] == "pytorch")
         assert torch_row["tokens_per_s"] > 0 and train[0]["vs_pytorch_best"] > 0
+        assert torch_row["steps"] == 2 and torch_row["params"] > 0
+        # on CPU, auto times PyTorch in a process of its own, after gptjax
+        own = torch_process == "auto"
+        assert torch_row["process"] == ("own" if own else "shared") and ("own-process" in torch_row["variant"]) == own
         assert decode[("gptjax", "kv-cache", 1)]["vs_pytorch"] > 0
     assert "compilations in a training loop" in format_table(result)
 
@@ -118,3 +126,8 @@ def test_variant_flags_parse_to_typed_config_keys():
         _parse_variant("layers=2")
     with pytest.raises(ValueError, match="scan_unroll takes a int, got 'two'"):
         _parse_variant("scan_unroll=two")
+
+
+def test_torch_process_must_be_known():
+    with pytest.raises(ValueError, match="torch_process must be auto, same or apart, got 'elsewhere'"):
+        bench.torch_apart(BenchConfig(torch_process="elsewhere"))

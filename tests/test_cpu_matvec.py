@@ -130,3 +130,13 @@ def test_build_is_cached(tmp_path):
 def test_config_rejects_an_unknown_matvec():
     with pytest.raises(ValueError, match=r"GPTConfig.matvec must be one of \('xla', 'kernel'\), got 'fast'"):
         GPTConfig(matvec="fast")
+
+
+@needs_compiler
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_other_platforms_lower_to_xla_dot(platform):
+    """Lowered for a GPU or TPU (cross-platform export, no such device needed), a kernel product is XLA's dot."""
+    x, w = jnp.ones((1, 32)), jnp.ones((8, 32))
+    assert cpu_matvec.applies(x, w)
+    text = jax.export.export(jax.jit(cpu_matvec.matvec), platforms=[platform])(x, w).mlir_module()
+    assert cpu_matvec.TARGET not in text and "dot_general" in text

@@ -84,3 +84,20 @@ def test_kv_cache_greedy_equals_no_cache_on_gpu():
     idx = np.array([[1, 2, 3, 4], [9, 8, 7, 6]])
     with jax.default_matmul_precision("highest"):
         np.testing.assert_array_equal(generate(params, cfg, idx, 24), generate(params, cfg, idx, 24, use_cache=False))
+
+
+def test_matvec_kernel_setting_runs_xla_dot_on_gpu():
+    """decoding_model leaves XLA's dot on a GPU, and a config that asks for the CPU kernel still runs there."""
+    from gptjax.generate import decoding_model
+    from gptjax.model import set_linear_layout
+
+    cfg = GPTConfig(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
+                    tie_embeddings=True)
+    params = jax.tree.map(lambda a: a * 3.0, init_params(cfg, jax.random.key(0)))
+    p, c = decoding_model(params, cfg)
+    assert (c.linear_layout, c.matvec) == ("in_out", "xla")
+    out_in = set_linear_layout(params, "in_out", "out_in")
+    idx = np.array([[1, 2, 3, 4]])
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_array_equal(
+            generate(out_in, cfg.replace(linear_layout="out_in", matvec="kernel"), idx, 16), generate(p, c, idx, 16))
