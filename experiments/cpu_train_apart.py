@@ -1,8 +1,9 @@
 """gptjax and PyTorch train steps each alone in its own process (no shared thread pools), one after
 the other: the chapter-5 setting (gpt2-small, context 256, batch 2, float32, AdamW, dropout 0.1).
 
-`gptjax bench` alternates the frameworks in one process, where on a 2-core CPU they slow each other
-down; this measures each on its own. gptjax runs with its kernels stored as `gptjax pretrain` stores
+Alternated in one process, the two frameworks slowed each other down on a 2-core CPU; this measures
+each on its own (as `gptjax bench` now does on CPU, `--torch-process auto`), without the rest of the
+benchmark. gptjax runs with its kernels stored as `gptjax pretrain` stores
 them on this backend (out_in on CPU) and as (in, out), alternated. Medians of 10 steps after warm-up.
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/cpu_train_apart.py

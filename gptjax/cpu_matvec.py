@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,7 @@ MAX_ROWS = 8  # measured faster than XLA's dot at 1 and 8 rows (batch-1 and batc
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
 
 _state: dict = {}
+_lock = threading.Lock()
 
 
 class KernelBuildError(RuntimeError):
@@ -112,6 +114,11 @@ def available() -> bool:
 
     False when GPTJAX_CPU_KERNEL=0, or when the build fails (warned once, reason in `status()`).
     """
+    with _lock:  # one build and one registration per process, whichever thread asks first
+        return _available()
+
+
+def _available() -> bool:
     if "ok" not in _state:
         _state.update(ok=False, library=None, reason=None)
         if os.environ.get("GPTJAX_CPU_KERNEL", "1") == "0":
@@ -124,7 +131,7 @@ def available() -> bool:
         except (KernelBuildError, OSError, AttributeError) as e:
             _state["reason"] = str(e)
             warnings.warn(f"gptjax's CPU decoding kernel is unavailable, decoding uses XLA's dot (the same "
-                          f"tokens, slower): {e}", stacklevel=2)
+                          f"tokens, slower): {e}", stacklevel=3)
             return False
         _state.update(ok=True, library=str(lib))
     return _state["ok"]
