@@ -231,6 +231,10 @@ class BenchConfig:
     variants: tuple[dict, ...] = ()  # more gptjax train configs timed in the same rounds, e.g. {"scan_layers": False}
     seed: int = 0
 
+    def __post_init__(self):
+        if self.torch_process not in ("auto", "same", "apart"):
+            raise ValueError(f"torch_process must be auto, same or apart, got {self.torch_process!r}")
+
     def model_config(self, **overrides) -> GPTConfig:
         kw = dict(context_length=self.context_length, drop_rate=self.drop_rate, qkv_bias=self.qkv_bias,
                   tie_embeddings=self.tie_embeddings, dtype=self.dtype, attn_impl=self.attn_impl,
@@ -344,8 +348,6 @@ def _torch_device() -> str:
 
 def torch_apart(bc: BenchConfig) -> bool:
     """Whether PyTorch's train rows run in a process of their own (BenchConfig.torch_process)."""
-    if bc.torch_process not in ("auto", "same", "apart"):
-        raise ValueError(f"torch_process must be auto, same or apart, got {bc.torch_process!r}")
     return bc.torch_process == "apart" or (bc.torch_process == "auto" and jax.default_backend() == "cpu")
 
 

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 
+import jax
 import pytest
 
 from gptjax import bench
@@ -130,4 +131,6 @@ def test_variant_flags_parse_to_typed_config_keys():
 
 def test_torch_process_must_be_known():
     with pytest.raises(ValueError, match="torch_process must be auto, same or apart, got 'elsewhere'"):
-        bench.torch_apart(BenchConfig(torch_process="elsewhere"))
+        BenchConfig(torch_process="elsewhere")
+    assert bench.torch_apart(BenchConfig(torch_process="apart")) and not bench.torch_apart(BenchConfig(torch_process="same"))
+    assert bench.torch_apart(BenchConfig()) == (jax.default_backend() == "cpu")
