@@ -1,6 +1,7 @@
 // gptjax's CPU matrix-vector product for decoding, an XLA FFI handler (compiled and called by cpu_matvec.py).
 //
-//   y[r, o] = sum_i x[r, i] * w[o, i]      float32; w stored (out, in), r < a few rows (batch)
+//   y[r, o] = sum_i x[r, i] * w[o, i]      x, y float32; w float32 or bfloat16, stored (out, in);
+//                                          r < a few rows (batch)
 //
 // Decoding one token reads every weight once, so this is a memory stream: each task takes blocks
 // of 64 output rows and reads 4 weight rows at a time, each vector once for up to 4 x rows (the
@@ -31,6 +32,28 @@ inline vf load(const float* p) {
   return v;
 }
 
+// bfloat16 weights (stored as uint16): a bfloat16 is the top half of a float32, so widening is a shift.
+typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t vu __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+inline vf load(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  const vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+inline float scalar(float w) { return w; }
+
+inline float scalar(uint16_t w) {
+  const uint32_t u = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
 typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
 
@@ -47,10 +70,10 @@ inline float hsum(vf v) {
 
 // y[r0..r0+RB, o..o+4]: four weight rows times RB input rows, 4 x RB accumulators in registers
 // (each weight vector loaded once serves RB rows).
-template <int RB>
-inline void tile(const float* x, const float* w, float* y, int64_t I, int64_t O, int64_t r0, int64_t o) {
+template <int RB, typename W>
+inline void tile(const float* x, const W* w, float* y, int64_t I, int64_t O, int64_t r0, int64_t o) {
   const int64_t Iv = I - I % kLanes;
-  const float* wr[4] = {w + o * I, w + (o + 1) * I, w + (o + 2) * I, w + (o + 3) * I};
+  const W* wr[4] = {w + o * I, w + (o + 1) * I, w + (o + 2) * I, w + (o + 3) * I};
   const float* xr[RB];
   for (int r = 0; r < RB; ++r) xr[r] = x + (r0 + r) * I;
   vf acc[RB][4] = {};
@@ -67,25 +90,26 @@ inline void tile(const float* x, const float* w, float* y, int64_t I, int64_t O,
   for (int r = 0; r < RB; ++r) {
     for (int k = 0; k < 4; ++k) {
       float s = hsum(acc[r][k]);
-      for (int64_t i = Iv; i < I; ++i) s += wr[k][i] * xr[r][i];
+      for (int64_t i = Iv; i < I; ++i) s += scalar(wr[k][i]) * xr[r][i];
       y[(r0 + r) * O + o + k] = s;
     }
   }
 }
 
 // Output rows [o0, o1) for all R input rows.
-void rows(const float* x, const float* w, float* y, int64_t R, int64_t I, int64_t O, int64_t o0, int64_t o1) {
+template <typename W>
+void rows(const float* x, const W* w, float* y, int64_t R, int64_t I, int64_t O, int64_t o0, int64_t o1) {
   const int64_t Iv = I - I % kLanes;
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4) {
     int64_t r = 0;
-    for (; r + 4 <= R; r += 4) tile<4>(x, w, y, I, O, r, o);
-    for (; r + 2 <= R; r += 2) tile<2>(x, w, y, I, O, r, o);
+    for (; r + 4 <= R; r += 4) tile<4, W>(x, w, y, I, O, r, o);
+    for (; r + 2 <= R; r += 2) tile<2, W>(x, w, y, I, O, r, o);
     for (; r < R; ++r) {  // one row (batch-1 decoding): tile<1> spelled out, 2-3% faster here
-      const float* w0 = w + o * I;
-      const float* w1 = w0 + I;
-      const float* w2 = w1 + I;
-      const float* w3 = w2 + I;
+      const W* w0 = w + o * I;
+      const W* w1 = w0 + I;
+      const W* w2 = w1 + I;
+      const W* w3 = w2 + I;
       const float* xr = x + r * I;
       vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
       for (int64_t i = 0; i < Iv; i += kLanes) {
@@ -97,10 +121,10 @@ void rows(const float* x, const float* w, float* y, int64_t R, int64_t I, int64_
       }
       float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
       for (int64_t i = Iv; i < I; ++i) {
-        s0 += w0[i] * xr[i];
-        s1 += w1[i] * xr[i];
-        s2 += w2[i] * xr[i];
-        s3 += w3[i] * xr[i];
+        s0 += scalar(w0[i]) * xr[i];
+        s1 += scalar(w1[i]) * xr[i];
+        s2 += scalar(w2[i]) * xr[i];
+        s3 += scalar(w3[i]) * xr[i];
       }
       float* yr = y + r * O + o;
       yr[0] = s0;
@@ -110,21 +134,22 @@ void rows(const float* x, const float* w, float* y, int64_t R, int64_t I, int64_
     }
   }
   for (; o < o1; ++o) {
-    const float* wo = w + o * I;
+    const W* wo = w + o * I;
     for (int64_t r = 0; r < R; ++r) {
       const float* xr = x + r * I;
       vf a = {};
       for (int64_t i = 0; i < Iv; i += kLanes) a += load(wo + i) * load(xr + i);
       float s = hsum(a);
-      for (int64_t i = Iv; i < I; ++i) s += wo[i] * xr[i];
+      for (int64_t i = Iv; i < I; ++i) s += scalar(wo[i]) * xr[i];
       y[r * O + o] = s;
     }
   }
 }
 
+template <typename W>
 struct Job {
   const float* x;
-  const float* w;
+  const W* w;
   float* y;
   int64_t R, I, O, n_blocks;
   std::atomic<int64_t> next{0};
@@ -133,22 +158,22 @@ struct Job {
   void work() {
     for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < n_blocks;) {
       const int64_t o0 = b * kBlockRows;
-      rows(x, w, y, R, I, O, o0, o0 + kBlockRows < O ? o0 + kBlockRows : O);
+      rows<W>(x, w, y, R, I, O, o0, o0 + kBlockRows < O ? o0 + kBlockRows : O);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
-ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::ResultBuffer<ffi::F32> y) {
+template <typename W, typename WBuffer>
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, WBuffer& w, ffi::ResultBuffer<ffi::F32>& y) {
   const auto wd = w.dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("gptjax_matvec: w must be 2-D (out, in)");
   const int64_t O = wd[0], I = wd[1];
   if (I == 0 || x.element_count() % I != 0)
     return ffi::Error::InvalidArgument("gptjax_matvec: x's last axis must equal w's in axis");
-  auto job = std::make_shared<Job>();
+  auto job = std::make_shared<Job<W>>();
   job->x = x.typed_data();
-  job->w = w.typed_data();
+  job->w = reinterpret_cast<const W*>(w.untyped_data());
   job->y = y->typed_data();
   job->R = x.element_count() / I;
   job->I = I;
@@ -161,6 +186,16 @@ ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+ffi::Error MatVec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  return Run<float>(pool, x, w, y);
+}
+
+ffi::Error MatVecBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  return Run<uint16_t>(pool, x, w, y);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatVec, MatVec,
@@ -168,4 +203,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatVec, MatVec,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// the same product from bfloat16 weights (half the bytes to stream), float32 x and y
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatVecBf16, MatVecBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

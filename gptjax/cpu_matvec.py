@@ -3,8 +3,10 @@
 Decoding one token reads every weight once, so its speed is memory bandwidth. XLA:CPU's dot streams
 gpt2-small's (out, in) kernels at 0.80-0.84 of this machine's bandwidth roofline; this kernel
 (`cpu_matvec.cc`: four weight rows at a time, row blocks shared over XLA's intra-op thread pool)
-at 0.96 (experiments/cpu_matvec_chain.py). `matvec` is used by the model for products of at most
-`MAX_ROWS` rows when `GPTConfig.matvec == "kernel"`, which `generate.decoding_model` sets on CPU.
+at 0.96 (experiments/cpu_matvec_chain.py). From bfloat16 weights it streams half the bytes, where
+XLA:CPU's bfloat16 dot is slower than its float32 one. `matvec` is used by the model for products
+of at most `MAX_ROWS` rows when `GPTConfig.matvec == "kernel"`, which `generate.decoding_model`
+sets on CPU.
 
 The kernel is compiled on first use with the system's C++ compiler ($CXX, else c++/g++/clang++;
 -O3 -march=native) against the installed jaxlib's FFI headers, and cached under
@@ -31,8 +33,9 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = Path(__file__).with_suffix(".cc")
-TARGET = "gptjax_matvec"
-SYMBOL = "GptjaxMatVec"
+TARGET = "gptjax_matvec"  # float32 weights
+TARGET_BF16 = "gptjax_matvec_bf16"  # bfloat16 weights: half the bytes to stream
+SYMBOLS = {TARGET: "GptjaxMatVec", TARGET_BF16: "GptjaxMatVecBf16"}
 MAX_ROWS = 8  # measured faster than XLA's dot at 1 and 8 rows (batch-1 and batch-8 decoding)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
 
@@ -127,7 +130,8 @@ def _available() -> bool:
         try:
             lib = build()
             handle = ctypes.cdll.LoadLibrary(str(lib))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(handle, SYMBOL)), platform="cpu")
+            for target, symbol in SYMBOLS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
         except (KernelBuildError, OSError, AttributeError) as e:
             _state["reason"] = str(e)
             warnings.warn(f"gptjax's CPU decoding kernel is unavailable, decoding uses XLA's dot (the same "
@@ -146,17 +150,21 @@ def status() -> dict:
 def applies(x: jax.Array, w_OI: jax.Array) -> bool:
     """Whether `matvec` runs the kernel for these operands (static: shapes and dtypes only)."""
     rows = x.size // max(x.shape[-1], 1)
-    return (0 < rows <= MAX_ROWS and x.dtype == jnp.float32 and w_OI.dtype == jnp.float32
-            and w_OI.ndim == 2 and x.shape[-1] == w_OI.shape[1] > 0 and w_OI.shape[0] > 0 and available())
+    return (0 < rows <= MAX_ROWS and x.dtype in _DTYPES and w_OI.dtype in _DTYPES and w_OI.ndim == 2
+            and x.shape[-1] == w_OI.shape[1] > 0 and w_OI.shape[0] > 0 and available())
+
+
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def _xla(x: jax.Array, w_OI: jax.Array) -> jax.Array:
-    return jnp.einsum("...i,oi->...o", x, w_OI)
+    return jnp.einsum("...i,oi->...o", x, w_OI, preferred_element_type=jnp.float32)
 
 
 def _kernel(x: jax.Array, w_OI: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((*x.shape[:-1], w_OI.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w_OI)
+    target = TARGET if w_OI.dtype == jnp.float32 else TARGET_BF16
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x.astype(jnp.float32), w_OI)
 
 
 @jax.custom_vjp
@@ -172,14 +180,17 @@ def _fwd(x, w_OI):
 def _bwd(res, g):
     x, w_OI = res
     g2 = g.reshape(-1, g.shape[-1])
-    return jnp.einsum("...o,oi->...i", g, w_OI), g2.T @ x.reshape(-1, x.shape[-1])
+    dx = jnp.einsum("...o,oi->...i", g, w_OI.astype(g.dtype))
+    dw = g2.T @ x.reshape(-1, x.shape[-1]).astype(g.dtype)
+    return dx.astype(x.dtype), dw.astype(w_OI.dtype)
 
 
 _matvec.defvjp(_fwd, _bwd)
 
 
 def matvec(x: jax.Array, w_OI: jax.Array) -> jax.Array:
-    """x (..., I) times w (O, I) transposed -> (..., O): the kernel where it `applies`, else XLA's dot.
+    """x (..., I) times w (O, I) transposed -> float32 (..., O), accumulated in float32: the kernel
+    where it `applies` (float32 or bfloat16 operands, at most MAX_ROWS rows), else XLA's dot.
 
     Differentiable (the backward pass is XLA's), and on non-CPU platforms always XLA's dot.
     """

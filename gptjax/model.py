@@ -76,7 +76,8 @@ class LinearOutIn(nn.Module):
                           (self.features, x_BTI.shape[-1]))
         x_BTI, w_OI = x_BTI.astype(self.dtype), w_OI.astype(self.dtype)
         if self.matvec == "kernel" and cpu_matvec.applies(x_BTI, w_OI):
-            y_BTO = cpu_matvec.matvec(x_BTI, w_OI)
+            y_BTO = cpu_matvec.matvec(x_BTI, w_OI)  # float32, accumulated in float32
+            y_BTO = y_BTO if self.f32_out else y_BTO.astype(self.dtype)
         else:
             y_BTO = jnp.einsum("...i,oi->...o", x_BTI, w_OI, preferred_element_type=jnp.float32 if self.f32_out else None)
         if self.use_bias:

@@ -41,7 +41,9 @@ def test_kernel_is_used_only_where_it_applies():
     w = jnp.ones((6, 4))
     assert cpu_matvec.applies(jnp.ones((cpu_matvec.MAX_ROWS, 4)), w)
     assert not cpu_matvec.applies(jnp.ones((cpu_matvec.MAX_ROWS + 1, 4)), w)  # prefill: XLA's GEMM
-    assert not cpu_matvec.applies(jnp.ones((1, 4), jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert cpu_matvec.applies(jnp.ones((1, 4), jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert not cpu_matvec.applies(jnp.ones((1, 4), jnp.float16), w.astype(jnp.float16))
+    assert not cpu_matvec.applies(jnp.ones((1, 4)), w.astype(jnp.int8))
     assert not cpu_matvec.applies(jnp.ones((1, 5)), w)
     big = jnp.ones((3, 9, 4))
     assert cpu_matvec.TARGET not in jax.jit(cpu_matvec.matvec).lower(big, w).as_text()
@@ -140,3 +142,40 @@ def test_other_platforms_lower_to_xla_dot(platform):
     assert cpu_matvec.applies(x, w)
     text = jax.export.export(jax.jit(cpu_matvec.matvec), platforms=[platform])(x, w).mlir_module()
     assert cpu_matvec.TARGET not in text and "dot_general" in text
+
+
+@needs_compiler
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
+def test_bfloat16_weights_match_float32_math_on_the_same_values(x_dtype):
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((3, 200)), x_dtype)
+    w = jnp.asarray(rng.standard_normal((67, 200)), jnp.bfloat16)
+    assert cpu_matvec.applies(x, w)
+    f = jax.jit(cpu_matvec.matvec)
+    assert cpu_matvec.TARGET_BF16 in f.lower(x, w).as_text()
+    y = f(x, w)
+    assert y.dtype == jnp.float32
+    # the bfloat16 values widened exactly, then float32 products and sums
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4)
+    g = jax.grad(lambda w: jnp.sum(cpu_matvec.matvec(x, w)))(w)
+    assert g.dtype == jnp.bfloat16
+
+
+@needs_compiler
+def test_bfloat16_decoding_with_the_kernel_follows_xla():
+    cfg = GPTConfig(vocab_size=211, context_length=40, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0,
+                    qkv_bias=True, dtype="bfloat16")
+    params = jax.tree.map(lambda a: (a * 3.0).astype(jnp.bfloat16), init_params(cfg.replace(dtype="float32"),
+                                                                                 jax.random.key(5)))
+    pk, ck = gen.decoding_model(params, cfg)
+    assert ck.matvec == "kernel"
+    idx = jnp.asarray([[3, 1, 4, 1, 5]])
+    # one token: 1 row, so every product of the kernel config goes through the bfloat16 kernel
+    logits = {m: GPT(ck.replace(matvec=m)).apply({"params": pk}, idx[:, :1]) for m in ("kernel", "xla")}
+    lk, lx = (np.asarray(logits[m], np.float32) for m in ("kernel", "xla"))
+    assert np.abs(lk - lx).max() < 0.05 * np.abs(lx).max()
+    assert (lk.argmax(-1) == lx.argmax(-1)).all()
+    # and a whole greedy generation runs on it (tokens may differ from XLA's bfloat16 dot by rounding)
+    out = gen.generate(pk, ck, np.asarray(idx), 8)
+    assert out.shape == (1, 13) and (out[:, :5] == np.asarray(idx)).all()
