@@ -604,11 +604,16 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
         prompt_BT = rng.integers(0, cfg.vocab_size, (B, bc.decode_prompt), dtype=np.int32)
         fns, meta = {}, {}
         for wd in bc.weight_dtypes:
-            c = cfg if wd == "float32" else cfg.replace(dtype=wd)
+            # low-precision weights compute in their dtype, except where the CPU kernel reads bfloat16
+            # weights itself: there the compute stays float32 (weight-only bfloat16, as `gptjax generate`)
+            weight_only = cfg.matvec == "kernel" and wd == "bfloat16"
+            c = cfg if wd == "float32" or weight_only else cfg.replace(dtype=wd)
             p = params if wd == "float32" else _cast(params, wd)
-            name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights")
+            name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights") + \
+                (" float32-compute" if weight_only else "")
             fns[name] = lambda p=p, c=c, x=prompt_BT: generate(p, c, x, bc.decode_tokens)
-            meta[name] = dict(tokens=bc.decode_tokens, weight_bytes=jnp.dtype(wd).itemsize)
+            meta[name] = dict(tokens=bc.decode_tokens, weight_bytes=jnp.dtype(wd).itemsize,
+                              cache_bytes=jnp.dtype(c.dtype).itemsize)
         if cfg.matvec == "kernel":  # the kernel's effect: the same decode on XLA's dot
             c = cfg.replace(matvec="xla")
             fns["gptjax kv-cache xla-matvec"] = lambda c=c, x=prompt_BT: generate(params, c, x, bc.decode_tokens)
@@ -633,7 +638,8 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
                    "tokens_per_s": round(B * n / med, 1)}
             if "kv-cache" in name and bandwidth_GBps:
                 S = bc.decode_prompt + n
-                need = decode_bytes_per_step(cfg, B, S, meta[name]["weight_bytes"], meta[name]["weight_bytes"])
+                need = decode_bytes_per_step(cfg, B, S, meta[name]["weight_bytes"],
+                                             meta[name].get("cache_bytes", meta[name]["weight_bytes"]))
                 roof = B * bandwidth_GBps * 1e9 / need
                 row.update(roofline_tokens_per_s=round(roof, 1), roofline_fraction=round(B * n / med / roof, 3))
             batch_rows.append(row)

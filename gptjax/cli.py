@@ -141,11 +141,14 @@ def cmd_generate(args) -> int:
     from gptjax.tokenizer import get_gpt2_tokenizer
 
     params, cfg = load_model(args.model, dtype=args.weight_dtype)
-    if args.weight_dtype and args.weight_dtype != cfg.dtype:
-        cfg = cfg.replace(dtype=args.weight_dtype)  # compute in the weights' dtype: no per-step up-cast
     # on CPU: (out, in) kernels and the C++ matvec kernel; the copy is paid back within ~50 tokens
     # of gpt2-small (1.09 vs 1.23 s for 50 tokens here)
     params, cfg = decoding_model(params, cfg)
+    if args.weight_dtype and args.weight_dtype != cfg.dtype and not (
+            cfg.matvec == "kernel" and args.weight_dtype == "bfloat16"):
+        # compute in the weights' dtype: no per-step up-cast. The CPU kernel reads bfloat16 weights
+        # itself, so there the compute stays float32 (73.6 vs 57.7 tokens/s, gpt2-small)
+        cfg = cfg.replace(dtype=args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
     ids = tok.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not ids:

@@ -74,11 +74,13 @@ class LinearOutIn(nn.Module):
         init = self.kernel_init
         w_OI = self.param("kernel", lambda key, shape: init(key, shape[::-1], jnp.float32).T,
                           (self.features, x_BTI.shape[-1]))
-        x_BTI, w_OI = x_BTI.astype(self.dtype), w_OI.astype(self.dtype)
+        x_BTI = x_BTI.astype(self.dtype)
         if self.matvec == "kernel" and cpu_matvec.applies(x_BTI, w_OI):
+            # the weights as stored: bfloat16 ones are widened inside the kernel, exactly as astype would
             y_BTO = cpu_matvec.matvec(x_BTI, w_OI)  # float32, accumulated in float32
             y_BTO = y_BTO if self.f32_out else y_BTO.astype(self.dtype)
         else:
+            w_OI = w_OI.astype(self.dtype)
             y_BTO = jnp.einsum("...i,oi->...o", x_BTI, w_OI, preferred_element_type=jnp.float32 if self.f32_out else None)
         if self.use_bias:
             y_BTO = y_BTO + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y_BTO.dtype)
@@ -253,11 +255,11 @@ class GPT(nn.Module):
             return nn.Dense(cfg.n_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="cls_head")(x_BTD)
         dt = _dtype(cfg)
         if cfg.tie_embeddings:
-            x_BTD, w_VD = x_BTD.astype(dt), wte.embedding.astype(dt)
-            if cfg.matvec == "kernel" and cpu_matvec.applies(x_BTD, w_VD):
+            x_BTD, w_VD = x_BTD.astype(dt), wte.embedding
+            if cfg.matvec == "kernel" and cpu_matvec.applies(x_BTD, w_VD):  # weights as stored, as LinearOutIn
                 logits_BTV = cpu_matvec.matvec(x_BTD, w_VD)
             else:
-                logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, w_VD, preferred_element_type=jnp.float32)
+                logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, w_VD.astype(dt), preferred_element_type=jnp.float32)
         else:
             # the head multiplies in the compute dtype (a quarter of the FLOPs) but returns float32 logits
             logits_BTV = _dense(cfg, V, "lm_head", use_bias=False, f32_out=True)(x_BTD)

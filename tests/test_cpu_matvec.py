@@ -179,3 +179,23 @@ def test_bfloat16_decoding_with_the_kernel_follows_xla():
     # and a whole greedy generation runs on it (tokens may differ from XLA's bfloat16 dot by rounding)
     out = gen.generate(pk, ck, np.asarray(idx), 8)
     assert out.shape == (1, 13) and (out[:, :5] == np.asarray(idx)).all()
+
+
+@needs_compiler
+def test_bfloat16_weights_with_float32_compute_read_bf16_and_match_xla():
+    """Weight-only bfloat16 (what `gptjax generate --weight-dtype bfloat16` runs on CPU): the kernel reads the
+    bfloat16 weights as stored, XLA widens them first; the float32 math is the same."""
+    cfg = GPTConfig(vocab_size=211, context_length=40, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0,
+                    tie_embeddings=True)
+    params, cfg = gen.decoding_model(init_params(cfg, jax.random.key(8)), cfg)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    idx = jnp.asarray([[7]])
+    f = {m: jax.jit(lambda p, i, m=m: GPT(cfg.replace(matvec=m)).apply({"params": p}, i)) for m in ("kernel", "xla")}
+    hlo = f["kernel"].lower(params, idx).as_text()
+    assert cpu_matvec.TARGET_BF16 in hlo and cpu_matvec.TARGET not in hlo.replace(cpu_matvec.TARGET_BF16, "")
+    lk, lx = (np.asarray(f[m](params, idx)) for m in ("kernel", "xla"))
+    assert lk.dtype == np.float32
+    np.testing.assert_allclose(lk, lx, rtol=1e-4, atol=1e-4)
+    prompt = np.array([[3, 1, 4]])
+    np.testing.assert_array_equal(gen.generate(params, cfg, prompt, 10),
+                                  gen.generate(params, cfg.replace(matvec="xla"), prompt, 10))
