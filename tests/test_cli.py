@@ -30,6 +30,11 @@ def test_pretrain_then_generate(tmp_path, corpus, capsys):
     assert main(["generate", "--model", str(run), "--prompt", "It had", "--max-new-tokens", "5", "--top-k", "5",
                  "--temperature", "1.0", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("It had")
+    # bfloat16 weights (on CPU: read by the matvec kernel, float32 compute)
+    assert main(["generate", "--model", str(run), "--prompt", "It had", "--max-new-tokens", "8", "--weight-dtype",
+                 "bfloat16", "--no-eos"]) == 0
+    with_kernel = capsys.readouterr().out
+    assert with_kernel.startswith("It had") and len(with_kernel) > len("It had\n")
 
 
 @pytest.mark.parametrize("argv, message", [
