@@ -4,10 +4,11 @@ One jitted chain of exactly the products one batch-1 decode step makes: 12 block
 768x768, 3072x768 and 768x3072 kernels stored (out, in), as `decoding_model` stores them on CPU,
 then the 50,257x768 head (124M weights, 494 MB). Each product feeds the next; there is no attention,
 layer norm or sampling. Its time per call bounds any decoder built on XLA's dot at batch 1. Timed
-side by side, round after round: the chain, the same chain on gptjax's C++ kernel (gptjax.cpu_matvec,
-when it builds), the same chain in eager PyTorch (when torch is installed), and gptjax's KV-cache
-decode of 200 tokens (the benchmark's decode row) with the kernel and with XLA's dot, all against the
-benchmark's bandwidth roofline (half the best in-place copy of 1 GiB, measured before and after). Medians.
+side by side, round after round: the chain, the same chain on gptjax's C++ kernel
+(gptjax.cpu_matvec, when it builds) from float32 and from bfloat16 weights, the same chain in eager
+PyTorch (when torch is installed), and gptjax's KV-cache decode of 200 tokens (the benchmark's
+decode row) with the kernel and with XLA's dot, all against the benchmark's bandwidth roofline (half
+the best in-place copy of 1 GiB, measured before and after). Medians.
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/cpu_matvec_chain.py [--rounds 7]
 """
@@ -91,6 +92,10 @@ def main() -> None:
     if kernel_chain is not None:
         fns["gptjax kernel matrix-vector chain"] = lambda: [kernel_chain(x, blocks, head).block_until_ready()
                                                            for _ in range(CALLS)]
+        # the same products from bfloat16 weights (half the bytes; this row's byte columns count 2 per weight)
+        bf_blocks, bf_head = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (blocks, head))
+        fns["gptjax kernel chain, bfloat16 weights"] = lambda: [
+            kernel_chain(x, bf_blocks, bf_head).block_until_ready() for _ in range(CALLS)]
     run_torch = torch_chain(blocks, head)
     if run_torch is not None:
         fns["PyTorch matrix-vector chain"] = lambda: [run_torch() for _ in range(CALLS)]
@@ -112,7 +117,8 @@ def main() -> None:
           f"| of the XLA chain's speed |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, s in per_step.items():
-        print(f"| {name} | {1e3 * s:.2f} | {1 / s:.1f} | {nbytes / s / 1e9:.1f} | {nbytes / s / 1e9 / roof:.2f} "
+        b = nbytes / 2 if "bfloat16" in name else nbytes
+        print(f"| {name} | {1e3 * s:.2f} | {1 / s:.1f} | {b / s / 1e9:.1f} | {b / s / 1e9 / roof:.2f} "
               f"| {chain_s / s:.2f} |")
 
 
