@@ -357,7 +357,6 @@ class _Timed:
     n_params: int
     first_step_s: float
     device: str = "cpu"
-    peak_bytes: int | None = None
 
 
 def _torch_runners(cfg: GPTConfig, bc: BenchConfig, device: str, log: Callable[[str], None]) -> tuple[dict, dict]:
@@ -384,7 +383,7 @@ def _torch_train_probe(spec: dict) -> dict:
     runners, errors = _torch_runners(cfg, bc, "cpu", log=lambda m: print(m, file=sys.stderr))
     times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
     return {"runners": {k: {"times": times[k], "n_params": r.n_params, "first_step_s": r.first_step_s}
-                        for k, r in runners.items()}, "errors": errors, "load": _load()}
+                        for k, r in runners.items()}, "errors": errors}
 
 
 def _torch_train_apart(cfg: GPTConfig, bc: BenchConfig, log: Callable[[str], None]) -> tuple[dict, dict, dict]:
@@ -586,7 +585,7 @@ def _cast(params, dtype: str):
 
 def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[str], None] = print) -> list[dict]:
     """New tokens/s of greedy decoding at each batch size: KV cache, no cache, and transformers' generate."""
-    from gptjax.generate import decoding_model, generate
+    from gptjax.generate import decoding_model, generate, with_weight_dtype
 
     cfg = bc.model_config(drop_rate=0.0, scan_layers=False, remat="none")
     params = init_params(cfg, jax.random.key(bc.seed))
@@ -604,13 +603,11 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
         prompt_BT = rng.integers(0, cfg.vocab_size, (B, bc.decode_prompt), dtype=np.int32)
         fns, meta = {}, {}
         for wd in bc.weight_dtypes:
-            # low-precision weights compute in their dtype, except where the CPU kernel reads bfloat16
-            # weights itself: there the compute stays float32 (weight-only bfloat16, as `gptjax generate`)
-            weight_only = cfg.matvec == "kernel" and wd == "bfloat16"
-            c = cfg if wd == "float32" or weight_only else cfg.replace(dtype=wd)
+            # as `gptjax generate --weight-dtype`: weight-only bfloat16 where the CPU kernel reads it
+            c = cfg if wd == "float32" else with_weight_dtype(cfg, wd)
             p = params if wd == "float32" else _cast(params, wd)
             name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights") + \
-                (" float32-compute" if weight_only else "")
+                (f" {c.dtype}-compute" if c.dtype != wd and wd != "float32" else "")
             fns[name] = lambda p=p, c=c, x=prompt_BT: generate(p, c, x, bc.decode_tokens)
             meta[name] = dict(tokens=bc.decode_tokens, weight_bytes=jnp.dtype(wd).itemsize,
                               cache_bytes=jnp.dtype(c.dtype).itemsize)

@@ -136,19 +136,13 @@ def _check_resume_flags(args, run: str, run_values: dict) -> None:
 def cmd_generate(args) -> int:
     import jax
 
-    from gptjax.generate import decoding_model, generate, stream_text, trim_at_eos
+    from gptjax.generate import decoding_model, generate, stream_text, trim_at_eos, with_weight_dtype
     from gptjax.checkpoint import load_model
     from gptjax.tokenizer import get_gpt2_tokenizer
 
     params, cfg = load_model(args.model, dtype=args.weight_dtype)
-    # on CPU: (out, in) kernels and the C++ matvec kernel; the copy is paid back within ~50 tokens
-    # of gpt2-small (1.09 vs 1.23 s for 50 tokens here)
-    params, cfg = decoding_model(params, cfg)
-    if args.weight_dtype and args.weight_dtype != cfg.dtype and not (
-            cfg.matvec == "kernel" and args.weight_dtype == "bfloat16"):
-        # compute in the weights' dtype: no per-step up-cast. The CPU kernel reads bfloat16 weights
-        # itself, so there the compute stays float32 (73.6 vs 57.7 tokens/s, gpt2-small)
-        cfg = cfg.replace(dtype=args.weight_dtype)
+    params, cfg = decoding_model(params, cfg)  # on CPU: (out, in) kernels and the C++ matvec kernel
+    cfg = with_weight_dtype(cfg, args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
     ids = tok.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not ids:

@@ -1,9 +1,10 @@
-"""A float32 matrix-vector product for decoding on CPU, faster than XLA's dot: a C++ XLA FFI kernel.
+"""The matrix-vector product of decoding on CPU (float32 or bfloat16 weights), faster than XLA's dot:
+a C++ XLA FFI kernel.
 
 Decoding one token reads every weight once, so its speed is memory bandwidth. XLA:CPU's dot streams
 gpt2-small's (out, in) kernels at 0.80-0.84 of this machine's bandwidth roofline; this kernel
 (`cpu_matvec.cc`: four weight rows at a time, row blocks shared over XLA's intra-op thread pool)
-at 0.96 (experiments/cpu_matvec_chain.py). From bfloat16 weights it streams half the bytes, where
+at 0.95 (experiments/cpu_matvec_chain.py). From bfloat16 weights it streams half the bytes, where
 XLA:CPU's bfloat16 dot is slower than its float32 one. `matvec` is used by the model for products
 of at most `MAX_ROWS` rows when `GPTConfig.matvec == "kernel"`, which `generate.decoding_model`
 sets on CPU.
@@ -32,6 +33,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from gptjax.runtime import user_cache_dir
+
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "gptjax_matvec"  # float32 weights
 TARGET_BF16 = "gptjax_matvec_bf16"  # bfloat16 weights: half the bytes to stream
@@ -49,10 +52,7 @@ class KernelBuildError(RuntimeError):
 
 def kernel_dir() -> Path:
     env = os.environ.get("GPTJAX_KERNEL_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gptjax" / "kernels"
+    return Path(env).expanduser() if env else user_cache_dir("kernels")
 
 
 def find_compiler() -> str | None:

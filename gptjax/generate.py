@@ -84,12 +84,11 @@ def decoding_model(params: Any, cfg: GPTConfig, linear_layout: str | None = None
     """Params and config laid out for repeated decoding: per-layer params, no remat, and on CPU
     kernels stored (out, in) with gptjax's C++ matrix-vector kernel for the decode steps' products
     (`cpu_matvec`: where it builds). gpt2-small, batch 1: (out, in) gave 8% more tokens/s than (in,
-    out) with XLA's dot (experiments/decode_layout_cpu.py), and the kernel reads the weights at 0.96
-    of the bandwidth roofline against XLA's 0.83 (experiments/cpu_matvec_chain.py).
+    out) with XLA's dot (experiments/decode_layout_cpu.py), and the kernel reads the weights at 0.95
+    of the bandwidth roofline against XLA's 0.82 (experiments/cpu_matvec_chain.py).
     `linear_layout` ("in_out"|"out_in") and `matvec` ("xla"|"kernel") override the choice. The
-    conversion copies the weights, about what one 100-token generation gains back, so the decoding
-    functions do not do it per call: convert once before a loop of calls (as `chat` and
-    `generate_responses` do)."""
+    conversion copies the weights, so the decoding functions do not do it per call: convert once
+    before decoding (as `gptjax generate`, `chat` and `generate_responses` do)."""
     params, cfg = _per_layer(params, cfg)
     on_cpu = fastest_linear_layout() == "out_in"
     target = linear_layout or ("out_in" if on_cpu else cfg.linear_layout)
@@ -98,6 +97,18 @@ def decoding_model(params: Any, cfg: GPTConfig, linear_layout: str | None = None
     if matvec is None:
         matvec = "kernel" if on_cpu and cpu_matvec.available() else cfg.matvec
     return params, cfg.replace(matvec=matvec)
+
+
+def with_weight_dtype(cfg: GPTConfig, weight_dtype: str | None) -> GPTConfig:
+    """The config to decode with from weights stored in `weight_dtype` (None: as loaded).
+
+    The compute follows the weights' dtype (no per-step up-cast), except bfloat16 weights under the
+    CPU kernel (cfg.matvec == "kernel"), which reads them itself: there the compute stays as it is
+    (weight-only bfloat16; 56.6 vs 43.8 tokens/s for gpt2-small, experiments/cpu_decode_bf16.py).
+    """
+    if weight_dtype is None or (cfg.matvec == "kernel" and weight_dtype == "bfloat16"):
+        return cfg
+    return cfg.replace(dtype=weight_dtype)
 
 
 def _bucket(n: int, multiple: int, cap: int) -> int:

@@ -55,6 +55,19 @@ def _dense(cfg: GPTConfig, features: int, name: str, use_bias: bool = True, std:
                     dot_general=dot_general, **inits)
 
 
+def product_out_in(x_BTI: jax.Array, w_OI: jax.Array, dtype: Any, f32_out: bool, matvec: str) -> jax.Array:
+    """x (..., in) times an (out, in) kernel in the compute `dtype` (float32 result with `f32_out`).
+
+    matvec="kernel": few-row products (decoding) go to gptjax.cpu_matvec with the weights as stored
+    (bfloat16 ones are widened inside the kernel, exactly as astype would), accumulated in float32.
+    """
+    x_BTI = x_BTI.astype(dtype)
+    if matvec == "kernel" and cpu_matvec.applies(x_BTI, w_OI):
+        y_BTO = cpu_matvec.matvec(x_BTI, w_OI)
+        return y_BTO if f32_out else y_BTO.astype(dtype)
+    return jnp.einsum("...i,oi->...o", x_BTI, w_OI.astype(dtype), preferred_element_type=jnp.float32 if f32_out else None)
+
+
 class LinearOutIn(nn.Module):
     """nn.Dense with its kernel stored (out, in), PyTorch's Linear layout (same init, same math).
 
@@ -74,14 +87,7 @@ class LinearOutIn(nn.Module):
         init = self.kernel_init
         w_OI = self.param("kernel", lambda key, shape: init(key, shape[::-1], jnp.float32).T,
                           (self.features, x_BTI.shape[-1]))
-        x_BTI = x_BTI.astype(self.dtype)
-        if self.matvec == "kernel" and cpu_matvec.applies(x_BTI, w_OI):
-            # the weights as stored: bfloat16 ones are widened inside the kernel, exactly as astype would
-            y_BTO = cpu_matvec.matvec(x_BTI, w_OI)  # float32, accumulated in float32
-            y_BTO = y_BTO if self.f32_out else y_BTO.astype(self.dtype)
-        else:
-            w_OI = w_OI.astype(self.dtype)
-            y_BTO = jnp.einsum("...i,oi->...o", x_BTI, w_OI, preferred_element_type=jnp.float32 if self.f32_out else None)
+        y_BTO = product_out_in(x_BTI, w_OI, self.dtype, self.f32_out, self.matvec)
         if self.use_bias:
             y_BTO = y_BTO + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y_BTO.dtype)
         return y_BTO
@@ -255,11 +261,7 @@ class GPT(nn.Module):
             return nn.Dense(cfg.n_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="cls_head")(x_BTD)
         dt = _dtype(cfg)
         if cfg.tie_embeddings:
-            x_BTD, w_VD = x_BTD.astype(dt), wte.embedding
-            if cfg.matvec == "kernel" and cpu_matvec.applies(x_BTD, w_VD):  # weights as stored, as LinearOutIn
-                logits_BTV = cpu_matvec.matvec(x_BTD, w_VD)
-            else:
-                logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, w_VD.astype(dt), preferred_element_type=jnp.float32)
+            logits_BTV = product_out_in(x_BTD, wte.embedding, dt, f32_out=True, matvec=cfg.matvec)
         else:
             # the head multiplies in the compute dtype (a quarter of the FLOPs) but returns float32 logits
             logits_BTV = _dense(cfg, V, "lm_head", use_bias=False, f32_out=True)(x_BTD)

@@ -18,9 +18,14 @@ from pathlib import Path
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 
-def default_cache_dir() -> Path:
+def user_cache_dir(name: str) -> Path:
+    """$XDG_CACHE_HOME/gptjax/<name>, else ~/.cache/gptjax/<name>."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gptjax" / "jax"
+    return Path(base) / "gptjax" / name
+
+
+def default_cache_dir() -> Path:
+    return user_cache_dir("jax")
 
 
 def _backend_started() -> bool:
