@@ -219,7 +219,7 @@ class BenchConfig:
     decode_tokens: int = 200
     nocache_tokens: int = 20  # at batch 1 (// B beyond): the no-cache path re-reads the whole window per token
     decode_rounds: int = 3
-    weight_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    weight_dtypes: tuple[str, ...] = ("float32", "bfloat16", "int8")  # generate.WEIGHT_DTYPES
     torch: bool = True
     torch_compile: bool = True
     # where PyTorch's train rows run: "same" alternates them with gptjax's in this process; "apart"
@@ -234,6 +234,8 @@ class BenchConfig:
     def __post_init__(self):
         if self.torch_process not in ("auto", "same", "apart"):
             raise ValueError(f"torch_process must be auto, same or apart, got {self.torch_process!r}")
+        if bad := [w for w in self.weight_dtypes if w not in ("float32", "bfloat16", "int8")]:
+            raise ValueError(f"weight_dtypes must be float32, bfloat16 or int8, got {bad}")
 
     def model_config(self, **overrides) -> GPTConfig:
         kw = dict(context_length=self.context_length, drop_rate=self.drop_rate, qkv_bias=self.qkv_bias,
@@ -579,13 +581,9 @@ def decode_bytes_per_step(cfg: GPTConfig, B: int, S: int, weight_bytes: int, cac
     return matmul_params(cfg) * weight_bytes + 2 * cfg.n_layers * B * S * cfg.emb_dim * cache_bytes
 
 
-def _cast(params, dtype: str):
-    return jax.tree.map(lambda a: a.astype(jnp.dtype(dtype)), params)
-
-
 def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[str], None] = print) -> list[dict]:
     """New tokens/s of greedy decoding at each batch size: KV cache, no cache, and transformers' generate."""
-    from gptjax.generate import decoding_model, generate, with_weight_dtype
+    from gptjax.generate import decoding_model, decoding_weights, generate
 
     cfg = bc.model_config(drop_rate=0.0, scan_layers=False, remat="none")
     params = init_params(cfg, jax.random.key(bc.seed))
@@ -599,13 +597,12 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
             hf = _torch_generate_model(cfg)
         except ImportError:
             hf = None
+    # as `gptjax generate --weight-dtype`: weight-only bfloat16 where the CPU kernel reads it, int8
+    weights = {wd: (params, cfg) if wd == "float32" else decoding_weights(params, cfg, wd) for wd in bc.weight_dtypes}
     for B in bc.decode_batches:
         prompt_BT = rng.integers(0, cfg.vocab_size, (B, bc.decode_prompt), dtype=np.int32)
         fns, meta = {}, {}
-        for wd in bc.weight_dtypes:
-            # as `gptjax generate --weight-dtype`: weight-only bfloat16 where the CPU kernel reads it
-            c = cfg if wd == "float32" else with_weight_dtype(cfg, wd)
-            p = params if wd == "float32" else _cast(params, wd)
+        for wd, (p, c) in weights.items():
             name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights") + \
                 (f" {c.dtype}-compute" if c.dtype != wd and wd != "float32" else "")
             fns[name] = lambda p=p, c=c, x=prompt_BT: generate(p, c, x, bc.decode_tokens)

@@ -133,16 +133,25 @@ def _check_resume_flags(args, run: str, run_values: dict) -> None:
                          f"(or start a new run with another --out)")
 
 
+def _load_for_decoding(model: str, weight_dtype: str | None):
+    """`load_model`, laid out for decoding (on CPU: (out, in) kernels and the C++ matvec kernel), with
+    the weights in `weight_dtype` (see generate.decoding_weights)."""
+    from gptjax.checkpoint import load_model
+    from gptjax.generate import decoding_model, decoding_weights
+
+    # bfloat16 is cast as it loads (half the memory); int8 is quantized from float32
+    params, cfg = load_model(model, dtype=None if weight_dtype == "int8" else weight_dtype)
+    params, cfg = decoding_model(params, cfg)
+    return decoding_weights(params, cfg, weight_dtype)
+
+
 def cmd_generate(args) -> int:
     import jax
 
-    from gptjax.generate import decoding_model, generate, stream_text, trim_at_eos, with_weight_dtype
-    from gptjax.checkpoint import load_model
+    from gptjax.generate import generate, stream_text, trim_at_eos
     from gptjax.tokenizer import get_gpt2_tokenizer
 
-    params, cfg = load_model(args.model, dtype=args.weight_dtype)
-    params, cfg = decoding_model(params, cfg)  # on CPU: (out, in) kernels and the C++ matvec kernel
-    cfg = with_weight_dtype(cfg, args.weight_dtype)
+    params, cfg = _load_for_decoding(args.model, args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
     ids = tok.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not ids:
@@ -372,7 +381,7 @@ def cmd_finetune_instruct(args) -> int:
 
 
 def cmd_respond(args) -> int:
-    from gptjax.checkpoint import load_model, load_run_config
+    from gptjax.checkpoint import load_run_config
     from gptjax.tasks.instruct import (format_table, generate_responses, load_instruction_data, offline_report,
                                        save_responses)
     from gptjax.tokenizer import get_gpt2_tokenizer
@@ -387,7 +396,7 @@ def cmd_respond(args) -> int:
             source = next((meta[t].get("data") for t in ("instruct", "dpo") if isinstance(meta.get(t), dict)), None)
         records = _ch7_splits(load_instruction_data(source), None)["test"]
     records = records[:args.limit] if args.limit else records
-    params, cfg = load_model(args.run, dtype=args.weight_dtype)
+    params, cfg = _load_for_decoding(args.run, args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
     out = Path(args.out) if args.out else (Path(args.run) / "responses.json" if Path(args.run).is_dir()
                                            else Path("responses.json"))
@@ -468,11 +477,10 @@ def cmd_dpo(args) -> int:
 
 def cmd_chat(args) -> int:
     from gptjax.chat import chat
-    from gptjax.checkpoint import load_model
     from gptjax.tokenizer import get_gpt2_tokenizer
 
     try:
-        params, cfg = load_model(args.model, dtype=args.weight_dtype)
+        params, cfg = _load_for_decoding(args.model, args.weight_dtype)
     except ConnectionError as e:
         print(f"gptjax chat: error: {e}", file=sys.stderr)
         return 2
@@ -538,7 +546,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--weight-dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--weight-dtype", default=None, choices=["float32", "bfloat16", "int8"],
+                   help="decode from these weights (bfloat16: half the bytes per token, int8: a quarter)")
     p.add_argument("--bpe-dir", default=None, help="directory with GPT-2's encoder.json + vocab.bpe (offline)")
 
 
@@ -665,8 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--no-eos", action="store_true", help="keep generating past <|endoftext|>")
-    p.add_argument("--weight-dtype", default=None, choices=["float32", "bfloat16"],
-                   help="cast the weights (bfloat16 halves the bytes each token reads; compute follows)")
+    p.add_argument("--weight-dtype", default=None, choices=["float32", "bfloat16", "int8"],
+                   help="decode from these weights: bfloat16 halves the bytes each token reads, int8 "
+                        "(a scale per row, float32 compute) quarters them")
     p.add_argument("--stream", action="store_true", help="print tokens as they are decoded")
     p.add_argument("--no-cache", action="store_true", help="decode without the KV cache (the book's loop; slower)")
     p.add_argument("--bpe-dir", default=None, help="directory with GPT-2's encoder.json + vocab.bpe (offline)")
@@ -714,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nocache-tokens", type=int, default=20,
                    help="new tokens without the cache at batch 1, divided by the batch beyond (slow path)")
     p.add_argument("--decode-rounds", type=int, default=3)
-    p.add_argument("--weight-dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+    p.add_argument("--weight-dtype", nargs="+", default=["float32", "bfloat16", "int8"],
+                   choices=["float32", "bfloat16", "int8"],
                    help="weight dtypes of the KV-cache decode rows")
     p.add_argument("--parts", nargs="+", default=["bandwidth", "train", "compile", "decode"],
                    choices=["bandwidth", "train", "compile", "decode"])

@@ -32,13 +32,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptjax.runtime import user_cache_dir
 
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "gptjax_matvec"  # float32 weights
 TARGET_BF16 = "gptjax_matvec_bf16"  # bfloat16 weights: half the bytes to stream
-SYMBOLS = {TARGET: "GptjaxMatVec", TARGET_BF16: "GptjaxMatVecBf16"}
+TARGET_INT8 = "gptjax_matvec_int8"  # int8 weights and a float32 scale per out row: a quarter of the bytes
+SYMBOLS = {TARGET: "GptjaxMatVec", TARGET_BF16: "GptjaxMatVecBf16", TARGET_INT8: "GptjaxMatVecInt8"}
 MAX_ROWS = 8  # measured faster than XLA's dot at 1 and 8 rows (batch-1 and batch-8 decoding)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
 
@@ -150,11 +152,12 @@ def status() -> dict:
 def applies(x: jax.Array, w_OI: jax.Array) -> bool:
     """Whether `matvec` runs the kernel for these operands (static: shapes and dtypes only)."""
     rows = x.size // max(x.shape[-1], 1)
-    return (0 < rows <= MAX_ROWS and x.dtype in _DTYPES and w_OI.dtype in _DTYPES and w_OI.ndim == 2
+    return (0 < rows <= MAX_ROWS and x.dtype in _X_DTYPES and w_OI.dtype in _W_DTYPES and w_OI.ndim == 2
             and x.shape[-1] == w_OI.shape[1] > 0 and w_OI.shape[0] > 0 and available())
 
 
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_W_DTYPES = (*_X_DTYPES, jnp.dtype(jnp.int8))
 
 
 def _xla(x: jax.Array, w_OI: jax.Array) -> jax.Array:
@@ -165,6 +168,16 @@ def _kernel(x: jax.Array, w_OI: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((*x.shape[:-1], w_OI.shape[0]), jnp.float32)
     target = TARGET if w_OI.dtype == jnp.float32 else TARGET_BF16
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x.astype(jnp.float32), w_OI)
+
+
+def _xla_int8(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array) -> jax.Array:
+    y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), w_OI.astype(jnp.float32))
+    return y * scale_O
+
+
+def _kernel_int8(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct((*x.shape[:-1], w_OI.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET_INT8, out, vmap_method="sequential")(x.astype(jnp.float32), w_OI, scale_O)
 
 
 @jax.custom_vjp
@@ -188,10 +201,53 @@ def _bwd(res, g):
 _matvec.defvjp(_fwd, _bwd)
 
 
-def matvec(x: jax.Array, w_OI: jax.Array) -> jax.Array:
-    """x (..., I) times w (O, I) transposed -> float32 (..., O), accumulated in float32: the kernel
-    where it `applies` (float32 or bfloat16 operands, at most MAX_ROWS rows), else XLA's dot.
+@jax.custom_vjp
+def _matvec_int8(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array) -> jax.Array:
+    return jax.lax.platform_dependent(x, w_OI, scale_O, cpu=_kernel_int8, default=_xla_int8)
 
-    Differentiable (the backward pass is XLA's), and on non-CPU platforms always XLA's dot.
+
+def _fwd_int8(x, w_OI, scale_O):
+    return _matvec_int8(x, w_OI, scale_O), (x, w_OI, scale_O)
+
+
+def _bwd_int8(res, g):
+    # int8 weights are frozen (their cotangent is float0); x and the scales get XLA's gradients
+    x, w_OI, scale_O = res
+    w = w_OI.astype(jnp.float32)
+    dx = jnp.einsum("...o,oi->...i", g * scale_O, w)
+    dscale = jnp.sum((g * _xla_int8(x, w_OI, jnp.ones_like(scale_O))).reshape(-1, g.shape[-1]), axis=0)
+    return dx.astype(x.dtype), np.zeros(w_OI.shape, jax.dtypes.float0), dscale
+
+
+_matvec_int8.defvjp(_fwd_int8, _bwd_int8)
+
+
+def matvec(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array | None = None) -> jax.Array:
+    """x (..., I) times w (O, I) transposed -> float32 (..., O), accumulated in float32: the kernel
+    where it `applies` (float32, bfloat16 or int8 weights, at most MAX_ROWS rows), else XLA's dot.
+
+    int8 weights need `scale_O`, a float32 scale per out row (`quantize_int8`): y = (x @ w.T) * scale.
+    Differentiable (the backward pass is XLA's; int8 weights are constants), and on non-CPU
+    platforms always XLA's dot.
     """
+    if w_OI.dtype == jnp.int8 or scale_O is not None:
+        if w_OI.dtype != jnp.int8 or scale_O is None or scale_O.shape != w_OI.shape[:1]:
+            raise ValueError(f"a scale goes with int8 weights: one float32 per out row, shape ({w_OI.shape[0]},); "
+                             f"got weights {w_OI.dtype} {w_OI.shape} and scale "
+                             f"{None if scale_O is None else (scale_O.dtype, scale_O.shape)} (see quantize_int8)")
+        scale_O = scale_O.astype(jnp.float32)
+        return _matvec_int8(x, w_OI, scale_O) if applies(x, w_OI) else _xla_int8(x, w_OI, scale_O)
     return _matvec(x, w_OI) if applies(x, w_OI) else _xla(x, w_OI)
+
+
+def quantize_int8(w_OI: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 per out row: (q int8 (..., O, I), scale float32 (..., O)) with w ~ q * scale[..., None].
+
+    scale = max |w| of the row / 127 (1 for an all-zero row), q = round(w / scale): an error of at
+    most scale / 2 per weight.
+    """
+    w = jnp.asarray(w_OI, jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=-1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(w / scale[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale

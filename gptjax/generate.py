@@ -25,7 +25,8 @@ import numpy as np
 
 from gptjax import cpu_matvec
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, fastest_linear_layout, init_cache, set_linear_layout, unstack_layers
+from gptjax.model import (GPT, fastest_linear_layout, init_cache, quantize_weights, set_linear_layout,
+                          unstack_layers)
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array | None, *, temperature: float = 0.0,
@@ -99,16 +100,33 @@ def decoding_model(params: Any, cfg: GPTConfig, linear_layout: str | None = None
     return params, cfg.replace(matvec=matvec)
 
 
-def with_weight_dtype(cfg: GPTConfig, weight_dtype: str | None) -> GPTConfig:
-    """The config to decode with from weights stored in `weight_dtype` (None: as loaded).
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
-    The compute follows the weights' dtype (no per-step up-cast), except bfloat16 weights under the
-    CPU kernel (cfg.matvec == "kernel"), which reads them itself: there the compute stays as it is
-    (weight-only bfloat16; 56.6 vs 43.8 tokens/s for gpt2-small, experiments/cpu_decode_bf16.py).
+
+def decoding_weights(params: Any, cfg: GPTConfig, weight_dtype: str | None) -> tuple[Any, GPTConfig]:
+    """Params and config to decode with from weights stored in `weight_dtype` (None: as they are), for
+    params already laid out by `decoding_model`.
+
+    - "bfloat16": under the CPU kernel (cfg.matvec == "kernel"), which reads bfloat16 weights itself,
+      weight-only: the compute is float32 (56.6 vs 43.8 tokens/s with bfloat16 compute for
+      gpt2-small, experiments/cpu_decode_bf16.py); elsewhere the compute follows (no per-step up-cast).
+    - "int8": weight-only int8, a scale per out row (`model.quantize_weights`), float32 compute;
+      kernels are put (out, in) first if they are not.
+    - "float32": the weights and compute in float32.
     """
-    if weight_dtype is None or (cfg.matvec == "kernel" and weight_dtype == "bfloat16"):
-        return cfg
-    return cfg.replace(dtype=weight_dtype)
+    if weight_dtype is None:
+        return params, cfg
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES} (or None: as loaded), got {weight_dtype!r}")
+    if weight_dtype == "int8":
+        if cfg.linear_layout != "out_in":
+            params = set_linear_layout(params, cfg.linear_layout, "out_in")
+            cfg = cfg.replace(linear_layout="out_in")
+        params = jax.tree.map(lambda a: a if a.dtype == jnp.int8 else a.astype(jnp.float32), params)
+        return quantize_weights(params, cfg), cfg.replace(dtype="float32")
+    params = jax.tree.map(lambda a: a.astype(jnp.dtype(weight_dtype)), params)
+    weight_only = cfg.matvec == "kernel" and weight_dtype == "bfloat16"
+    return params, cfg.replace(dtype="float32" if weight_only else weight_dtype)
 
 
 def _bucket(n: int, multiple: int, cap: int) -> int:

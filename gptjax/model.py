@@ -55,17 +55,20 @@ def _dense(cfg: GPTConfig, features: int, name: str, use_bias: bool = True, std:
                     dot_general=dot_general, **inits)
 
 
-def product_out_in(x_BTI: jax.Array, w_OI: jax.Array, dtype: Any, f32_out: bool, matvec: str) -> jax.Array:
+def product_out_in(x_BTI: jax.Array, w_OI: jax.Array, dtype: Any, f32_out: bool, matvec: str,
+                   scale_O: jax.Array | None = None) -> jax.Array:
     """x (..., in) times an (out, in) kernel in the compute `dtype` (float32 result with `f32_out`).
 
     matvec="kernel": few-row products (decoding) go to gptjax.cpu_matvec with the weights as stored
     (bfloat16 ones are widened inside the kernel, exactly as astype would), accumulated in float32.
+    int8 weights (`quantize_weights`) come with `scale_O`, one scale per out row: y = (x @ w.T) * scale.
     """
     x_BTI = x_BTI.astype(dtype)
     if matvec == "kernel" and cpu_matvec.applies(x_BTI, w_OI):
-        y_BTO = cpu_matvec.matvec(x_BTI, w_OI)
+        y_BTO = cpu_matvec.matvec(x_BTI, w_OI, scale_O)
         return y_BTO if f32_out else y_BTO.astype(dtype)
-    return jnp.einsum("...i,oi->...o", x_BTI, w_OI.astype(dtype), preferred_element_type=jnp.float32 if f32_out else None)
+    y_BTO = jnp.einsum("...i,oi->...o", x_BTI, w_OI.astype(dtype), preferred_element_type=jnp.float32 if f32_out else None)
+    return y_BTO if scale_O is None else y_BTO * scale_O.astype(y_BTO.dtype)
 
 
 class LinearOutIn(nn.Module):
@@ -87,10 +90,27 @@ class LinearOutIn(nn.Module):
         init = self.kernel_init
         w_OI = self.param("kernel", lambda key, shape: init(key, shape[::-1], jnp.float32).T,
                           (self.features, x_BTI.shape[-1]))
-        y_BTO = product_out_in(x_BTI, w_OI, self.dtype, self.f32_out, self.matvec)
+        scale_O = self.get_variable("params", "kernel_scale") if self.has_variable("params", "kernel_scale") else None
+        y_BTO = product_out_in(x_BTI, w_OI, self.dtype, self.f32_out, self.matvec, scale_O)
         if self.use_bias:
             y_BTO = y_BTO + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y_BTO.dtype)
         return y_BTO
+
+
+class Embed(nn.Module):
+    """nn.Embed's float32 table and lookup (same param, same init), which may also be weight-only int8:
+    an int8 "embedding" with a float32 "embedding_scale" per row (`quantize_weights`), for the tied head."""
+    num_embeddings: int
+    features: int
+    embedding_init: Any = nn.initializers.normal(1.0)
+
+    def setup(self):
+        self.embedding = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features), jnp.float32)
+        self.scale = self.get_variable("params", "embedding_scale") if self.has_variable("params", "embedding_scale") else None
+
+    def __call__(self, idx: jax.Array) -> jax.Array:
+        x = jnp.take(self.embedding, idx, axis=0).astype(jnp.float32)
+        return x if self.scale is None else x * jnp.take(self.scale, idx, axis=0)[..., None]
 
 
 def _embed_init(cfg: GPTConfig, std: float):
@@ -233,8 +253,7 @@ class GPT(nn.Module):
             raise ValueError(f"input has {T} tokens but context_length is {cfg.context_length}; crop the input "
                              f"to its last {cfg.context_length} tokens")
         V = cfg.padded_vocab_size
-        wte = nn.Embed(V, cfg.emb_dim, embedding_init=_embed_init(cfg, 0.02), dtype=jnp.float32,
-                       param_dtype=jnp.float32, name="wte")
+        wte = Embed(V, cfg.emb_dim, embedding_init=_embed_init(cfg, 0.02), name="wte")
         wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_embed_init(cfg, 0.01),
                        dtype=jnp.float32, param_dtype=jnp.float32, name="wpe")
         pos_BT = jnp.arange(T)[None, :] if pos_B is None else jnp.reshape(pos_B, (-1, 1)) + jnp.arange(T)[None, :]
@@ -261,7 +280,7 @@ class GPT(nn.Module):
             return nn.Dense(cfg.n_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="cls_head")(x_BTD)
         dt = _dtype(cfg)
         if cfg.tie_embeddings:
-            logits_BTV = product_out_in(x_BTD, wte.embedding, dt, f32_out=True, matvec=cfg.matvec)
+            logits_BTV = product_out_in(x_BTD, wte.embedding, dt, f32_out=True, matvec=cfg.matvec, scale_O=wte.scale)
         else:
             # the head multiplies in the compute dtype (a quarter of the FLOPs) but returns float32 logits
             logits_BTV = _dense(cfg, V, "lm_head", use_bias=False, f32_out=True)(x_BTD)
@@ -390,6 +409,37 @@ def set_linear_layout(params: dict, src: str, dst: str) -> dict:
         return v
 
     return jax.tree_util.tree_map_with_path(swap, params)
+
+
+def quantize_weights(params: dict, cfg: GPTConfig) -> dict:
+    """Weight-only int8 for decoding: every matmul weight (block kernels, the LM head or the tied
+    embedding) becomes int8 with a float32 scale per out row (`cpu_matvec.quantize_int8`), stored
+    beside it as "kernel_scale" / "embedding_scale"; biases, layer norms and wpe stay as they are.
+
+    Needs (out, in) kernels (cfg.linear_layout == "out_in": the scales are per out row). A quarter of
+    float32's bytes per decoded token; the model computes in cfg.dtype (float32 on CPU) and the
+    C++ kernel (cfg.matvec == "kernel") reads the int8 rows itself. Not for training.
+    """
+    if cfg.linear_layout != "out_in":
+        raise ValueError(f"int8 weights need (out, in) kernels, the config has linear_layout={cfg.linear_layout!r}: "
+                         f"convert first with set_linear_layout(params, {cfg.linear_layout!r}, 'out_in') and "
+                         f"cfg.replace(linear_layout='out_in') (generate.decoding_weights does this)")
+
+    def walk(tree: dict, path: tuple) -> dict:
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict):
+                out[k] = walk(v, (*path, k))
+            elif v.dtype == jnp.int8 or (f"{k}_scale" in tree):
+                out[k] = v  # already quantized
+            elif (k == "kernel" and path[:1] != ("cls_head",)) or (k == "embedding" and path == ("wte",) and
+                                                                    cfg.tie_embeddings and not cfg.n_classes):
+                out[k], out[f"{k}_scale"] = cpu_matvec.quantize_int8(v)
+            else:
+                out[k] = v
+        return out
+
+    return walk(params, ())
 
 
 def convert_params(params: dict, cfg: GPTConfig) -> dict:

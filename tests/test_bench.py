@@ -110,10 +110,10 @@ def test_cli_bench(tmp_path, capsys):
 
     assert main(["bench", "--n-layers", "1", "--emb-dim", "32", "--n-heads", "4", "--context-length", "16",
                  "--steps", "2", "--warmup", "1", "--decode-batch", "1", "--decode-tokens", "4", "--nocache-tokens",
-                 "2", "--decode-rounds", "1", "--weight-dtype", "float32", "bfloat16", "--parts", "train", "decode",
+                 "2", "--decode-rounds", "1", "--weight-dtype", "float32", "int8", "--parts", "train", "decode",
                  "--no-torch", "--out", str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
-    assert "### train" in out and "kv-cache bfloat16-weights" in out
+    assert "### train" in out and "kv-cache int8-weights float32-compute" in out
     assert (tmp_path / "b.json").is_file()
 
 
@@ -132,5 +132,7 @@ def test_variant_flags_parse_to_typed_config_keys():
 def test_torch_process_must_be_known():
     with pytest.raises(ValueError, match="torch_process must be auto, same or apart, got 'elsewhere'"):
         BenchConfig(torch_process="elsewhere")
+    with pytest.raises(ValueError, match=r"weight_dtypes must be float32, bfloat16 or int8, got \['int4'\]"):
+        BenchConfig(weight_dtypes=("float32", "int4"))
     assert bench.torch_apart(BenchConfig(torch_process="apart")) and not bench.torch_apart(BenchConfig(torch_process="same"))
     assert bench.torch_apart(BenchConfig()) == (jax.default_backend() == "cpu")

@@ -35,6 +35,11 @@ def test_pretrain_then_generate(tmp_path, corpus, capsys):
                  "bfloat16", "--no-eos"]) == 0
     with_kernel = capsys.readouterr().out
     assert with_kernel.startswith("It had") and len(with_kernel) > len("It had\n")
+    # int8 weights with a scale per row (on CPU: read by the matvec kernel), streamed
+    assert main(["generate", "--model", str(run), "--prompt", "It had", "--max-new-tokens", "8", "--weight-dtype",
+                 "int8", "--no-eos", "--stream"]) == 0
+    int8 = capsys.readouterr().out
+    assert int8.startswith("It had") and len(int8) > len("It had\n")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -43,7 +43,8 @@ def test_kernel_is_used_only_where_it_applies():
     assert not cpu_matvec.applies(jnp.ones((cpu_matvec.MAX_ROWS + 1, 4)), w)  # prefill: XLA's GEMM
     assert cpu_matvec.applies(jnp.ones((1, 4), jnp.bfloat16), w.astype(jnp.bfloat16))
     assert not cpu_matvec.applies(jnp.ones((1, 4), jnp.float16), w.astype(jnp.float16))
-    assert not cpu_matvec.applies(jnp.ones((1, 4)), w.astype(jnp.int8))
+    assert not cpu_matvec.applies(jnp.ones((1, 4)), w.astype(jnp.int16))
+    assert not cpu_matvec.applies(jnp.ones((1, 4), jnp.int8), w)
     assert not cpu_matvec.applies(jnp.ones((1, 5)), w)
     big = jnp.ones((3, 9, 4))
     assert cpu_matvec.TARGET not in jax.jit(cpu_matvec.matvec).lower(big, w).as_text()
@@ -199,3 +200,111 @@ def test_bfloat16_weights_with_float32_compute_read_bf16_and_match_xla():
     prompt = np.array([[3, 1, 4]])
     np.testing.assert_array_equal(gen.generate(params, cfg, prompt, 10),
                                   gen.generate(params, cfg.replace(matvec="xla"), prompt, 10))
+
+
+# --- weight-only int8 -------------------------------------------------------------------------
+
+def test_quantize_int8_rounds_each_row_to_its_own_scale():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((2, 5, 33)).astype(np.float32) * np.array([1e-3, 1.0, 50.0, 0.02, 7.0])[:, None]
+    w[0, 3] = 0.0  # an all-zero row
+    q, s = cpu_matvec.quantize_int8(w)
+    assert q.dtype == jnp.int8 and q.shape == w.shape and s.dtype == jnp.float32 and s.shape == (2, 5)
+    q, s = np.asarray(q, np.int32), np.asarray(s)
+    assert np.abs(q).max() == 127 and (np.abs(q).max(-1)[w.any(-1)] == 127).all()  # each row spans the range
+    assert s[0, 3] == 1.0 and (q[0, 3] == 0).all()
+    np.testing.assert_allclose(s[w.any(-1)], np.abs(w).max(-1)[w.any(-1)] / 127, rtol=1e-6)
+    assert (np.abs(q * s[..., None] - w) <= s[..., None] * (0.5 + 1e-5)).all()  # round to nearest
+
+
+@needs_compiler
+@pytest.mark.parametrize("lead, I, O", [((1,), 768, 2304), ((8,), 64, 50), ((3,), 37, 131), ((2, 3), 16, 4),
+                                        ((1,), 5, 3)])
+def test_int8_kernel_matches_numpy(lead, I, O):
+    rng = np.random.default_rng(I + O)
+    x = rng.standard_normal((*lead, I)).astype(np.float32)
+    q, s = cpu_matvec.quantize_int8(rng.standard_normal((O, I)).astype(np.float32))
+    assert cpu_matvec.applies(jnp.asarray(x), q)
+    f = jax.jit(cpu_matvec.matvec)
+    assert cpu_matvec.TARGET_INT8 in f.lower(x, q, s).as_text()
+    y = f(x, q, s)
+    assert y.shape == (*lead, O) and y.dtype == jnp.float32
+    ref = np.einsum("...i,oi->...o", x.astype(np.float64), np.asarray(q, np.float64)) * np.asarray(s, np.float64)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * np.sqrt(I))
+    # past MAX_ROWS (prefill), the same product on XLA
+    xs = np.tile(x.reshape(-1, I), (cpu_matvec.MAX_ROWS + 1, 1))
+    assert cpu_matvec.TARGET_INT8 not in f.lower(xs, q, s).as_text()
+    np.testing.assert_allclose(np.asarray(f(xs, q, s)), np.tile(ref.reshape(-1, O), (cpu_matvec.MAX_ROWS + 1, 1)),
+                               rtol=1e-5, atol=1e-5 * np.sqrt(I))
+
+
+@needs_compiler
+def test_int8_gradients_match_xla_and_bad_scales_are_refused():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 40)), jnp.float32)
+    q, s = cpu_matvec.quantize_int8(rng.standard_normal((9, 40)).astype(np.float32))
+    loss = lambda f: lambda x, s: jnp.sum(jnp.tanh(f(x, s)))  # noqa: E731
+    got = jax.grad(loss(lambda x, s: cpu_matvec.matvec(x, q, s)), argnums=(0, 1))(x, s)
+    want = jax.grad(loss(lambda x, s: (x @ q.astype(jnp.float32).T) * s), argnums=(0, 1))(x, s)
+    for g, r in zip(got, want):  # float32 sums of up to 40 terms in another order
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+    with pytest.raises(ValueError, match=r"one float32 per out row, shape \(9,\).*int8 \(9, 40\) and scale None"):
+        cpu_matvec.matvec(x, q)
+    with pytest.raises(ValueError, match=r"shape \(9,\)"):
+        cpu_matvec.matvec(x, q, s[:4])
+    with pytest.raises(ValueError, match="scale goes with int8 weights"):
+        cpu_matvec.matvec(x, q.astype(jnp.float32), s)
+
+
+@needs_compiler
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_int8_on_other_platforms_lowers_to_xla_dot(platform):
+    x, (q, s) = jnp.ones((1, 32)), cpu_matvec.quantize_int8(jnp.ones((8, 32)))
+    text = jax.export.export(jax.jit(cpu_matvec.matvec), platforms=[platform])(x, q, s).mlir_module()
+    assert cpu_matvec.TARGET_INT8 not in text and "dot_general" in text
+
+
+@needs_compiler
+@pytest.mark.parametrize("tie", [False, True])
+def test_int8_decoding_reads_int8_and_matches_xla(tie):
+    """`gptjax generate --weight-dtype int8`: every matmul weight int8 with its row scales, float32 compute;
+    the kernel and XLA's dot give the same tokens, and the logits stay close to float32's."""
+    cfg = GPTConfig(vocab_size=211, context_length=40, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0,
+                    qkv_bias=True, tie_embeddings=tie, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(9))
+    p32, c32 = gen.decoding_model(params, cfg.replace(dtype="float32"))
+    pq, cq = gen.decoding_weights(*gen.decoding_model(params, cfg), "int8")
+    assert (cq.dtype, cq.matvec, cq.linear_layout) == ("float32", "kernel", "out_in")
+    head = pq["wte"] if tie else pq["lm_head"]
+    assert head["embedding" if tie else "kernel"].dtype == jnp.int8
+    assert pq["h_0"]["mlp"]["c_fc"]["kernel"].dtype == jnp.int8 and pq["h_0"]["mlp"]["c_fc"]["bias"].dtype == jnp.float32
+    assert pq["h_1"]["attn"]["c_attn"]["kernel_scale"].shape == (3 * 48,) and pq["wpe"]["embedding"].dtype == jnp.float32
+    idx = jnp.asarray([[7]])
+    f = {m: jax.jit(lambda p, i, m=m: GPT(cq.replace(matvec=m)).apply({"params": p}, i)) for m in ("kernel", "xla")}
+    hlo = f["kernel"].lower(pq, idx).as_text()
+    assert hlo.count(cpu_matvec.TARGET_INT8) >= 4 * 2 + 1 and cpu_matvec.TARGET_BF16 not in hlo
+    lk, lx = (np.asarray(f[m](pq, idx)) for m in ("kernel", "xla"))
+    np.testing.assert_allclose(lk, lx, rtol=1e-4, atol=1e-5)
+    l32 = np.asarray(GPT(c32).apply({"params": p32}, idx))
+    assert 0 < np.abs(lk - l32).max() < 0.02 * np.abs(l32).max()  # quantized, and close
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
+    assert gen.generate_batch(pq, cq, prompts, 10) == gen.generate_batch(pq, cq.replace(matvec="xla"), prompts, 10)
+
+
+def test_decoding_weights_layouts_dtypes_and_errors():
+    cfg = GPTConfig(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0,
+                    dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    # int8 from (in, out) kernels: put (out, in) first
+    pq, cq = gen.decoding_weights(params, cfg, "int8")
+    assert cq.linear_layout == "out_in" and pq["h_0"]["attn"]["c_attn"]["kernel"].shape == (48, 16)
+    # bfloat16 under the kernel is weight-only: float32 compute whatever the loaded config said
+    pb, cb = gen.decoding_weights(params, cfg.replace(matvec="kernel", linear_layout="out_in"), "bfloat16")
+    assert cb.dtype == "float32" and pb["h_0"]["mlp"]["c_fc"]["kernel"].dtype == jnp.bfloat16
+    assert gen.decoding_weights(params, cfg, "bfloat16")[1].dtype == "bfloat16"  # XLA's dot: compute follows
+    assert gen.decoding_weights(params, cfg, None) == (params, cfg)
+    with pytest.raises(ValueError, match=r"weight_dtype must be one of \('float32', 'bfloat16', 'int8'\).*'int4'"):
+        gen.decoding_weights(params, cfg, "int4")
+    from gptjax.model import quantize_weights
+    with pytest.raises(ValueError, match="int8 weights need \\(out, in\\) kernels.*linear_layout='in_out'"):
+        quantize_weights(params, cfg)
