@@ -28,7 +28,10 @@ _SOURCES_HELP = "a local UTF-8 text file, an http(s) URL, 'hf:NAME[:CONFIG][:SPL
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("GPTJAX_CACHE") or Path.home() / ".cache" / "gptjax").expanduser()
+    """Downloads go to $GPTJAX_CACHE, else $XDG_CACHE_HOME/gptjax, else ~/.cache/gptjax."""
+    if os.environ.get("GPTJAX_CACHE"):
+        return Path(os.environ["GPTJAX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "gptjax"
 
 
 def _file_sha256(path: Path) -> str:

@@ -41,6 +41,18 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
+def test_default_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    from gptjax.data import default_cache_dir
+
+    monkeypatch.delenv("GPTJAX_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert default_cache_dir() == Path.home() / ".cache" / "gptjax"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "gptjax"
+    monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     d = tmp_path / "cache"
