@@ -7,10 +7,10 @@ per out row, float32 compute), greedy decoding of 200 tokens after an 8-token pr
 timed side by side round after round (medians), against the bandwidth roofline of each (half the
 best 1 GiB in-place copy, measured before and after; bytes = matmul weights + float32 KV cache).
 
-Quality (with --model, a trained model: a run directory or a GPT-2 size): on the held-out tail
-(1 - --train-ratio) of --text (the validation split of `gptjax pretrain` with the same corpus),
-the next-token cross-entropy with each weight dtype, and how often its argmax next token agrees
-with float32's, in windows of the model's context length.
+Quality (with --model, a trained model: a run directory or a GPT-2 size): on --text split as
+`gptjax pretrain` splits it (the run's training text and its held-out tail), the next-token
+cross-entropy with each weight dtype, and how often its argmax next token agrees with float32's,
+in windows of the model's context length.
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/cpu_decode_weight_dtypes.py \\
         [--model checkpoints/pretrain] [--text default] [--rounds 5]
@@ -65,30 +65,30 @@ def quality(model: str, text_path: str, train_ratio: float, max_windows: int) ->
     from gptjax.tokenizer import get_gpt2_tokenizer
 
     params, cfg = gen.decoding_model(*load_model(model))
-    text = split_text(load_corpus(text_path), train_ratio)[1]
-    ids = get_gpt2_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+    tok = get_gpt2_tokenizer()
     T = cfg.context_length
-    windows = [ids[i:i + T + 1] for i in range(0, len(ids) - 1, T)][:max_windows]
-    windows = [w for w in windows if len(w) > 1]
-    n_tokens = sum(len(w) - 1 for w in windows)
-    results = {}
-    for wd in DTYPES:
-        p, c = gen.decoding_weights(params, cfg, wd)
-        fwd = jax.jit(lambda p, x, c=c: GPT(c).apply({"params": p}, x))
-        nll, argmax = 0.0, []
-        for w in windows:
-            x, y = jnp.asarray([w[:-1]]), np.asarray(w[1:])
-            logp = np.asarray(jax.nn.log_softmax(fwd(p, x)[0], axis=-1))
-            nll -= logp[np.arange(len(y)), y].sum()
-            argmax.append(logp.argmax(-1))
-        results[wd] = (nll / n_tokens, np.concatenate(argmax))
-    print(f"{model}: {n_tokens} held-out tokens of {text_path} (the last {1 - train_ratio:.0%}), "
-          f"{len(windows)} windows of up to {T}")
-    print("| weights | cross-entropy | perplexity | vs float32 | argmax next token = float32's |")
-    print("|---|---:|---:|---:|---:|")
-    ref_loss, ref_arg = results["float32"]
-    for wd, (loss, arg) in results.items():
-        print(f"| {wd} | {loss:.4f} | {np.exp(loss):.2f} | {loss - ref_loss:+.4f} | {np.mean(arg == ref_arg):.4f} |")
+    runs = {wd: gen.decoding_weights(params, cfg, wd) for wd in DTYPES}
+    fwd = {wd: jax.jit(lambda p, x, c=c: GPT(c).apply({"params": p}, x)) for wd, (_, c) in runs.items()}
+    print(f"{model} on {text_path!r} split at {train_ratio} as `gptjax pretrain` splits it, windows of up to {T} "
+          f"tokens (at most {max_windows})")
+    print("| text | weights | tokens | cross-entropy | vs float32 | argmax next token = float32's |")
+    print("|---|---|---:|---:|---:|---:|")
+    for split, text in zip(("train", "held-out"), split_text(load_corpus(text_path), train_ratio)):
+        ids = tok.encode(text, allowed_special={"<|endoftext|>"})
+        windows = [w for w in (ids[i:i + T + 1] for i in range(0, len(ids) - 1, T)) if len(w) > 1][:max_windows]
+        n_tokens = sum(len(w) - 1 for w in windows)
+        results = {}
+        for wd, (p, _) in runs.items():
+            nll, argmax = 0.0, []
+            for w in windows:
+                x, y = jnp.asarray([w[:-1]]), np.asarray(w[1:])
+                logp = np.asarray(jax.nn.log_softmax(fwd[wd](p, x)[0], axis=-1))
+                nll -= logp[np.arange(len(y)), y].sum()
+                argmax.append(logp.argmax(-1))
+            results[wd] = (nll / n_tokens, np.concatenate(argmax))
+        ref_loss, ref_arg = results["float32"]
+        for wd, (loss, arg) in results.items():
+            print(f"| {split} | {wd} | {n_tokens} | {loss:.4f} | {loss - ref_loss:+.4f} | {np.mean(arg == ref_arg):.4f} |")
 
 
 def main() -> None:

@@ -110,8 +110,9 @@ def decoding_weights(params: Any, cfg: GPTConfig, weight_dtype: str | None) -> t
     - "bfloat16": under the CPU kernel (cfg.matvec == "kernel"), which reads bfloat16 weights itself,
       weight-only: the compute is float32 (56.6 vs 43.8 tokens/s with bfloat16 compute for
       gpt2-small, experiments/cpu_decode_bf16.py); elsewhere the compute follows (no per-step up-cast).
-    - "int8": weight-only int8, a scale per out row (`model.quantize_weights`), float32 compute;
-      kernels are put (out, in) first if they are not.
+    - "int8": weight-only int8, a scale per out row (`model.quantize_weights`; kernels are put
+      (out, in) first if they are not). Under the CPU kernel the compute is float32; elsewhere it
+      stays cfg.dtype (XLA widens each int8 weight to it, then scales the product).
     - "float32": the weights and compute in float32.
     """
     if weight_dtype is None:
@@ -123,7 +124,7 @@ def decoding_weights(params: Any, cfg: GPTConfig, weight_dtype: str | None) -> t
             params = set_linear_layout(params, cfg.linear_layout, "out_in")
             cfg = cfg.replace(linear_layout="out_in")
         params = jax.tree.map(lambda a: a if a.dtype == jnp.int8 else a.astype(jnp.float32), params)
-        return quantize_weights(params, cfg), cfg.replace(dtype="float32")
+        return quantize_weights(params, cfg), cfg.replace(dtype="float32") if cfg.matvec == "kernel" else cfg
     params = jax.tree.map(lambda a: a.astype(jnp.dtype(weight_dtype)), params)
     weight_only = cfg.matvec == "kernel" and weight_dtype == "bfloat16"
     return params, cfg.replace(dtype="float32" if weight_only else weight_dtype)

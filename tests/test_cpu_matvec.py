@@ -298,6 +298,12 @@ def test_decoding_weights_layouts_dtypes_and_errors():
     # int8 from (in, out) kernels: put (out, in) first
     pq, cq = gen.decoding_weights(params, cfg, "int8")
     assert cq.linear_layout == "out_in" and pq["h_0"]["attn"]["c_attn"]["kernel"].shape == (48, 16)
+    assert cq.dtype == "bfloat16"  # XLA's dot (a GPU): int8 widened to the compute dtype
+    assert gen.decoding_weights(params, cfg.replace(matvec="kernel"), "int8")[1].dtype == "float32"
+    x = jnp.asarray([[1, 2, 3]])
+    l8 = GPT(cq).apply({"params": pq}, x)
+    l16 = GPT(cfg).apply({"params": params}, x)
+    assert l8.dtype == jnp.float32 and np.abs(np.asarray(l8 - l16)).max() < 0.05 * np.abs(np.asarray(l16)).max()
     # bfloat16 under the kernel is weight-only: float32 compute whatever the loaded config said
     pb, cb = gen.decoding_weights(params, cfg.replace(matvec="kernel", linear_layout="out_in"), "bfloat16")
     assert cb.dtype == "float32" and pb["h_0"]["mlp"]["c_fc"]["kernel"].dtype == jnp.bfloat16
