@@ -101,3 +101,23 @@ def test_matvec_kernel_setting_runs_xla_dot_on_gpu():
     with jax.default_matmul_precision("highest"):
         np.testing.assert_array_equal(
             generate(out_in, cfg.replace(linear_layout="out_in", matvec="kernel"), idx, 16), generate(p, c, idx, 16))
+
+
+def test_int8_weights_decode_on_gpu():
+    """--weight-dtype int8 on a GPU: (out, in) int8 kernels widened by XLA to the compute dtype, logits
+    close to float32's; a config that asks for the CPU kernel gives the same tokens there."""
+    from gptjax.generate import decoding_model, decoding_weights
+    from gptjax.model import GPT
+
+    cfg = GPTConfig(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
+                    tie_embeddings=True)
+    params = jax.tree.map(lambda a: a * 3.0, init_params(cfg, jax.random.key(1)))
+    pq, cq = decoding_weights(*decoding_model(params, cfg), "int8")
+    assert (cq.linear_layout, cq.matvec, cq.dtype) == ("out_in", "xla", "float32")
+    assert pq["wte"]["embedding"].dtype == jnp.int8
+    idx = np.array([[1, 2, 3, 4]])
+    with jax.default_matmul_precision("highest"):
+        lq = np.asarray(GPT(cq).apply({"params": pq}, idx))
+        l32 = np.asarray(GPT(cfg).apply({"params": params}, idx))
+        assert np.abs(lq - l32).max() < 0.05 * np.abs(l32).max()  # 2.5 % on CPU
+        np.testing.assert_array_equal(generate(pq, cq.replace(matvec="kernel"), idx, 16), generate(pq, cq, idx, 16))
