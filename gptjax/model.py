@@ -6,6 +6,7 @@ Speed options live in GPTConfig and leave the math alone: `scan_layers` (params 
 "h"; `stack_layers`/`unstack_layers` convert), `remat`, `vocab_multiple` (padded rows, logits
 sliced back to vocab_size here), `attn_impl`, `dtype`. Decoding with a KV cache passes the
 "cache" collection (`init_cache`) and the rows' position `pos_B` (one per row, or one for all).
+For decoding, `quantize_weights` makes the matmul weights int8 with a scale per out row.
 """
 from __future__ import annotations
 
