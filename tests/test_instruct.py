@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -271,7 +272,15 @@ def test_cli_finetune_respond_judge_dpo_chat(tmp_path, capsys, monkeypatch):
 
     assert main(["respond", "--run", str(run), "--data", str(data), "--limit", "3", "--max-new-tokens", "2",
                  "--out", str(tmp_path / "r.json"), "--quiet"]) == 0
-    assert "3 responses (alpaca prompts)" in capsys.readouterr().out
+    out32 = capsys.readouterr().out
+    assert "3 responses (alpaca prompts)" in out32
+    # the same from int8 weights (the tied head too): the reference answers' loss barely moves
+    assert main(["respond", "--run", str(run), "--data", str(data), "--limit", "3", "--max-new-tokens", "2",
+                 "--out", str(tmp_path / "r8.json"), "--quiet", "--weight-dtype", "int8"]) == 0
+    out8 = capsys.readouterr().out
+    assert "3 responses (alpaca prompts)" in out8
+    loss32, loss8 = (float(re.search(r"\| 3 \| ([\d.]+) \|", o).group(1)) for o in (out32, out8))
+    assert abs(loss8 - loss32) < 0.01 * loss32
     assert main(["judge", "--data", str(tmp_path / "r.json"), "--offline", "--run", str(run)]) == 0
     assert "ref. perplexity" in capsys.readouterr().out
 
@@ -284,6 +293,9 @@ def test_cli_finetune_respond_judge_dpo_chat(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Name a color.\n/quit\n"))
     assert main(["chat", "--model", str(tmp_path / "dpo"), "--max-new-tokens", "3"]) == 0
+    assert "Model: " in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("Name a color.\n/quit\n"))
+    assert main(["chat", "--model", str(tmp_path / "dpo"), "--max-new-tokens", "3", "--weight-dtype", "int8"]) == 0
     assert "Model: " in capsys.readouterr().out
 
 
