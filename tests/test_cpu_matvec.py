@@ -301,8 +301,8 @@ def test_decoding_weights_layouts_dtypes_and_errors():
     assert cq.dtype == "bfloat16"  # XLA's dot (a GPU): int8 widened to the compute dtype
     assert gen.decoding_weights(params, cfg.replace(matvec="kernel"), "int8")[1].dtype == "float32"
     x = jnp.asarray([[1, 2, 3]])
-    l8 = GPT(cq).apply({"params": pq}, x)
-    l16 = GPT(cfg).apply({"params": params}, x)
+    l8 = jax.jit(lambda p, x: GPT(cq).apply({"params": p}, x))(pq, x)
+    l16 = jax.jit(lambda p, x: GPT(cfg).apply({"params": p}, x))(params, x)
     assert l8.dtype == jnp.float32 and np.abs(np.asarray(l8 - l16)).max() < 0.05 * np.abs(np.asarray(l16)).max()
     # bfloat16 under the kernel is weight-only: float32 compute whatever the loaded config said
     pb, cb = gen.decoding_weights(params, cfg.replace(matvec="kernel", linear_layout="out_in"), "bfloat16")

@@ -269,16 +269,10 @@ def test_cli_finetune_respond_judge_dpo_chat(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "train step compiled for 1 batch shape(s)" in out and "| random | 2 |" in out
     assert len(json.loads((run / "test-responses.json").read_text())) == 2
-    # --linear-layout auto trains (out, in) kernels on CPU; the run loads as (in, out), and its steps are
-    # those of an (in, out) run
+    # --linear-layout auto trains (out, in) kernels on CPU; the run loads as (in, out) (the two layouts'
+    # losses are compared in test_classify's CLI run, through the same option)
     assert json.loads((run / "config.json").read_text())["model"]["linear_layout"] == "out_in"
     assert load_run(run)[1].linear_layout == "in_out"
-    assert main(["finetune-instruct", *tiny, "--epochs", "1", "--lr", "1e-3", "--no-respond", "--linear-layout",
-                 "in_out", "--out", str(tmp_path / "sft_io")]) == 0
-    capsys.readouterr()
-    steps = [[json.loads(ln)["loss"] for ln in (d / "steps.jsonl").read_text().splitlines()] for d in (run, tmp_path / "sft_io")]
-    assert len(steps[0]) == len(steps[1]) > 1
-    np.testing.assert_allclose(steps[0], steps[1], rtol=1e-4)
     assert main(["finetune-instruct", *tiny, "--lora-rank", "2", "--linear-layout", "out_in",
                  "--out", str(tmp_path / "x")]) == 2
     assert "LoRA adapters train on (in, out) kernels; drop --linear-layout out_in" in capsys.readouterr().err
