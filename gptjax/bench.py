@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.config import GPTConfig, get_config
+from gptjax.config import WEIGHT_DTYPES, GPTConfig, get_config
 from gptjax.model import abstract_params, count_params, init_params
 
 # Dense peak FLOP/s per device by device_kind substring (lowercase), from the vendors' data sheets.
@@ -219,7 +219,7 @@ class BenchConfig:
     decode_tokens: int = 200
     nocache_tokens: int = 20  # at batch 1 (// B beyond): the no-cache path re-reads the whole window per token
     decode_rounds: int = 3
-    weight_dtypes: tuple[str, ...] = ("float32", "bfloat16", "int8")  # generate.WEIGHT_DTYPES
+    weight_dtypes: tuple[str, ...] = WEIGHT_DTYPES
     torch: bool = True
     torch_compile: bool = True
     # where PyTorch's train rows run: "same" alternates them with gptjax's in this process; "apart"
@@ -234,7 +234,7 @@ class BenchConfig:
     def __post_init__(self):
         if self.torch_process not in ("auto", "same", "apart"):
             raise ValueError(f"torch_process must be auto, same or apart, got {self.torch_process!r}")
-        if bad := [w for w in self.weight_dtypes if w not in ("float32", "bfloat16", "int8")]:
+        if bad := [w for w in self.weight_dtypes if w not in WEIGHT_DTYPES]:
             raise ValueError(f"weight_dtypes must be float32, bfloat16 or int8, got {bad}")
 
     def model_config(self, **overrides) -> GPTConfig:

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from gptjax.config import WEIGHT_DTYPES
+
 PRESET_KEYS = ("emb_dim", "n_layers", "n_heads", "drop_rate", "context_length")
 
 
@@ -25,6 +27,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--linear-layout", default="auto", choices=["auto", "in_out", "out_in"],
                    help="how kernels are stored while training; auto: out_in on CPU (faster there), else in_out. "
                    "The saved model loads as in_out either way")
+
+
+def _add_finetune_layout_arg(g) -> None:
+    g.add_argument("--linear-layout", default="auto", choices=["auto", "in_out", "out_in"],
+                   help="how kernels are stored while training; auto: out_in on CPU (faster there) unless LoRA "
+                   "trains, else in_out. The saved model loads as in_out either way")
 
 
 def _linear_layout(choice: str) -> str:
@@ -528,9 +536,7 @@ def _add_ch7_train_args(p: argparse.ArgumentParser, *, model_default: str | None
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
     g.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank instead of every "
                    "weight (appendix E: 16)")
-    g.add_argument("--linear-layout", default="auto", choices=["auto", "in_out", "out_in"],
-                   help="how kernels are stored while training; auto: out_in on CPU (faster there) unless LoRA "
-                   "trains, else in_out. The saved model loads as in_out either way")
+    _add_finetune_layout_arg(g)
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     g.add_argument("--lora-targets", default=None, help="comma-separated globs of Dense layers to adapt (default: all)")
     g = p.add_argument_group("batches")
@@ -566,7 +572,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--weight-dtype", default=None, choices=["float32", "bfloat16", "int8"],
+    p.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPES,
                    help="decode from these weights (bfloat16: half the bytes per token, int8: a quarter)")
     p.add_argument("--bpe-dir", default=None, help="directory with GPT-2's encoder.json + vocab.bpe (offline)")
 
@@ -694,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--no-eos", action="store_true", help="keep generating past <|endoftext|>")
-    p.add_argument("--weight-dtype", default=None, choices=["float32", "bfloat16", "int8"],
+    p.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPES,
                    help="decode from these weights: bfloat16 halves the bytes each token reads, int8 "
                         "(a scale per row, float32 compute) quarters them")
     p.add_argument("--stream", action="store_true", help="print tokens as they are decoded")
@@ -744,8 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nocache-tokens", type=int, default=20,
                    help="new tokens without the cache at batch 1, divided by the batch beyond (slow path)")
     p.add_argument("--decode-rounds", type=int, default=3)
-    p.add_argument("--weight-dtype", nargs="+", default=["float32", "bfloat16", "int8"],
-                   choices=["float32", "bfloat16", "int8"],
+    p.add_argument("--weight-dtype", nargs="+", default=list(WEIGHT_DTYPES), choices=WEIGHT_DTYPES,
                    help="weight dtypes of the KV-cache decode rows")
     p.add_argument("--parts", nargs="+", default=["bandwidth", "train", "compile", "decode"],
                    choices=["bandwidth", "train", "compile", "decode"])
@@ -787,9 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-rate", type=float, default=0.0, help="dropout while fine-tuning (the book: 0.0)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
-    g.add_argument("--linear-layout", default="auto", choices=["auto", "in_out", "out_in"],
-                   help="how kernels are stored while training; auto: out_in on CPU (faster there) unless LoRA "
-                   "trains, else in_out. The saved model loads as in_out either way")
+    _add_finetune_layout_arg(g)
     g = p.add_argument_group("training")
     g.add_argument("--train", default=None, help="base parameters to train: last-block (the book: last block, final "
                    "LayerNorm, head), last-N, all, head, or none; default last-block, or none with --lora-rank")

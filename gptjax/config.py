@@ -12,6 +12,8 @@ ATTN_IMPLS = ("auto", "xla", "cudnn", "einsum")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 LINEAR_LAYOUTS = ("in_out", "out_in")
 MATVECS = ("xla", "kernel")
+# the weights decoding reads (generate.decoding_weights, --weight-dtype)
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
 
 @dataclass(frozen=True)

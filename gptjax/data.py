@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from gptjax.runtime import user_cache_dir
 from gptjax.tokenizer import is_offline, text_to_token_ids
 
 VERDICT_URL = (
@@ -31,7 +32,7 @@ def default_cache_dir() -> Path:
     """Downloads go to $GPTJAX_CACHE, else $XDG_CACHE_HOME/gptjax, else ~/.cache/gptjax."""
     if os.environ.get("GPTJAX_CACHE"):
         return Path(os.environ["GPTJAX_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "gptjax"
+    return user_cache_dir()
 
 
 def _file_sha256(path: Path) -> str:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import cpu_matvec
-from gptjax.config import GPTConfig
+from gptjax.config import WEIGHT_DTYPES, GPTConfig
 from gptjax.model import (GPT, fastest_linear_layout, init_cache, quantize_weights, set_linear_layout,
                           unstack_layers)
 
@@ -100,9 +100,6 @@ def decoding_model(params: Any, cfg: GPTConfig, linear_layout: str | None = None
     return params, cfg.replace(matvec=matvec)
 
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
-
-
 def decoding_weights(params: Any, cfg: GPTConfig, weight_dtype: str | None) -> tuple[Any, GPTConfig]:
     """Params and config to decode with from weights stored in `weight_dtype` (None: as they are), for
     params already laid out by `decoding_model`.
@@ -120,9 +117,7 @@ def decoding_weights(params: Any, cfg: GPTConfig, weight_dtype: str | None) -> t
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES} (or None: as loaded), got {weight_dtype!r}")
     if weight_dtype == "int8":
-        if cfg.linear_layout != "out_in":
-            params = set_linear_layout(params, cfg.linear_layout, "out_in")
-            cfg = cfg.replace(linear_layout="out_in")
+        params, cfg = decoding_model(params, cfg, linear_layout="out_in", matvec=cfg.matvec)
         params = jax.tree.map(lambda a: a if a.dtype == jnp.int8 else a.astype(jnp.float32), params)
         return quantize_weights(params, cfg), cfg.replace(dtype="float32") if cfg.matvec == "kernel" else cfg
     params = jax.tree.map(lambda a: a.astype(jnp.dtype(weight_dtype)), params)

@@ -18,10 +18,10 @@ from pathlib import Path
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 
-def user_cache_dir(name: str) -> Path:
-    """$XDG_CACHE_HOME/gptjax/<name>, else ~/.cache/gptjax/<name>."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gptjax" / name
+def user_cache_dir(name: str | None = None) -> Path:
+    """$XDG_CACHE_HOME/gptjax[/<name>], else ~/.cache/gptjax[/<name>]."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "gptjax"
+    return root / name if name else root
 
 
 def default_cache_dir() -> Path:
