@@ -165,20 +165,14 @@ def _xla(x: jax.Array, w_OI: jax.Array) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, w_OI, preferred_element_type=jnp.float32)
 
 
-def _kernel(x: jax.Array, w_OI: jax.Array) -> jax.Array:
+def _kernel(x: jax.Array, w_OI: jax.Array, *scale_O: jax.Array) -> jax.Array:
     out = jax.ShapeDtypeStruct((*x.shape[:-1], w_OI.shape[0]), jnp.float32)
-    target = TARGET if w_OI.dtype == jnp.float32 else TARGET_BF16
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x.astype(jnp.float32), w_OI)
+    target = {jnp.dtype(jnp.float32): TARGET, jnp.dtype(jnp.bfloat16): TARGET_BF16, jnp.dtype(jnp.int8): TARGET_INT8}
+    return jax.ffi.ffi_call(target[w_OI.dtype], out, vmap_method="sequential")(x.astype(jnp.float32), w_OI, *scale_O)
 
 
 def _xla_int8(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array) -> jax.Array:
-    y = jnp.einsum("...i,oi->...o", x.astype(jnp.float32), w_OI.astype(jnp.float32))
-    return y * scale_O
-
-
-def _kernel_int8(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array) -> jax.Array:
-    out = jax.ShapeDtypeStruct((*x.shape[:-1], w_OI.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET_INT8, out, vmap_method="sequential")(x.astype(jnp.float32), w_OI, scale_O)
+    return _xla(x.astype(jnp.float32), w_OI.astype(jnp.float32)) * scale_O
 
 
 @jax.custom_vjp
@@ -204,7 +198,7 @@ _matvec.defvjp(_fwd, _bwd)
 
 @jax.custom_vjp
 def _matvec_int8(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array) -> jax.Array:
-    return jax.lax.platform_dependent(x, w_OI, scale_O, cpu=_kernel_int8, default=_xla_int8)
+    return jax.lax.platform_dependent(x, w_OI, scale_O, cpu=_kernel, default=_xla_int8)
 
 
 def _fwd_int8(x, w_OI, scale_O):
@@ -216,7 +210,7 @@ def _bwd_int8(res, g):
     x, w_OI, scale_O = res
     w = w_OI.astype(jnp.float32)
     dx = jnp.einsum("...o,oi->...i", g * scale_O, w)
-    dscale = jnp.sum((g * _xla_int8(x, w_OI, jnp.ones_like(scale_O))).reshape(-1, g.shape[-1]), axis=0)
+    dscale = jnp.sum((g * _xla(x.astype(jnp.float32), w)).reshape(-1, g.shape[-1]), axis=0)
     return dx.astype(x.dtype), np.zeros(w_OI.shape, jax.dtypes.float0), dscale
 
 
