@@ -229,7 +229,7 @@ void rows(const float* x, const uint16_t* w, float* y, int64_t R, int64_t I, int
 // int8 weights (a quarter of float32's bytes) with one float32 scale per out row: each 16 weights
 // widen to a float vector (sign-extend, convert), the products and sums are float32 and the row's
 // sum is scaled once at the end.
-// GCC 12 compiles __builtin_convertvector from int8 lanes into scalar code (3 GB/s), so the
+// GCC 12 compiles __builtin_convertvector from int8 lanes into scalar code (a vcvtsi2ss per weight), so the
 // widening is spelled out per instruction set; other CPUs get the generic conversion.
 inline vf load_i8(const int8_t* p) {
 #if defined(__AVX512F__)
