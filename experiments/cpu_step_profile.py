@@ -4,7 +4,7 @@ The book's chapter-5 setting (gpt2-small, context 256, batch 2, float32, AdamW, 
 the median of 3 timed steps, then the traced step's time per XLA op category (fusion kinds, dots,
 calls) and the slowest single ops. XLA:CPU reports per-op events with --xla_cpu_enable_xprof_traceme.
 
-    python experiments/cpu_step_profile.py [--dtype bfloat16] [--linear-layout in_out]
+    python experiments/cpu_step_profile.py [--dtype bfloat16] [--linear-layout in_out] [--matmul-precision bfloat16]
 """
 import argparse
 import os
@@ -31,9 +31,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     ap.add_argument("--linear-layout", default="out_in", choices=["in_out", "out_in"],
                     help="kernels' storage (out_in: what `gptjax pretrain` uses on CPU)")
+    ap.add_argument("--matmul-precision", default="float32", choices=["float32", "bfloat16"],
+                    help="GPTConfig.matmul_precision")
     args = ap.parse_args()
     cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.1, dtype=args.dtype,
-                                           linear_layout=args.linear_layout)
+                                           linear_layout=args.linear_layout, matmul_precision=args.matmul_precision)
     tx = make_optimizer(OptimConfig(lr=4e-4, weight_decay=0.1))
     state = create_state(cfg, tx, 0)
     step, _ = make_steps(cfg, tx)

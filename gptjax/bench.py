@@ -200,6 +200,7 @@ class BenchConfig:
     context_length: int = 256
     batch_size: int = 2
     dtype: str = "float32"
+    matmul_precision: str = "float32"  # GPTConfig's; PyTorch's rows then run torch's "medium" float32 matmuls
     drop_rate: float = 0.1
     qkv_bias: bool = True  # transformers' GPT2 always has q/k/v biases: match it
     tie_embeddings: bool = False  # the book's chapter-5 model has its own head
@@ -239,7 +240,8 @@ class BenchConfig:
 
     def model_config(self, **overrides) -> GPTConfig:
         kw = dict(context_length=self.context_length, drop_rate=self.drop_rate, qkv_bias=self.qkv_bias,
-                  tie_embeddings=self.tie_embeddings, dtype=self.dtype, attn_impl=self.attn_impl,
+                  tie_embeddings=self.tie_embeddings, dtype=self.dtype, matmul_precision=self.matmul_precision,
+                  attn_impl=self.attn_impl,
                   scan_layers=self.scan_layers, scan_unroll=self.scan_unroll, remat=self.remat,
                   vocab_multiple=self.vocab_multiple, linear_layout=self.linear_layout)
         if self.n_layers:
@@ -301,7 +303,9 @@ class TorchTrain:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(bc.seed)
-        if device == "cuda":  # as the book's fastest setup: TF32 for what autocast leaves in float32
+        if cfg.matmul_precision == "bfloat16":  # float32 matmuls may run in bfloat16 (oneDNN on a CPU)
+            torch.set_float32_matmul_precision("medium")
+        elif device == "cuda":  # as the book's fastest setup: TF32 for what autocast leaves in float32
             torch.set_float32_matmul_precision("high")
         hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
                         n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate,
@@ -434,7 +438,8 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
         achieved = fpt * tokens / med
         row = {"part": "train", "framework": name.split()[0],
                "variant": _describe(c, cfg) if name in cfgs else
-               name.split()[1] + " sdpa fusedAdamW" + (" own-process" if isinstance(r, _Timed) else ""),
+               name.split()[1] + " sdpa fusedAdamW" + (" matmuls medium" if cfg.matmul_precision != "float32" else "")
+               + (" own-process" if isinstance(r, _Timed) else ""),
                "model": bc.preset, "params": r.n_params, "batch": bc.batch_size, "T": c.context_length,
                "dtype": c.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
                "steps": len(times[name]), "tokens_per_s": round(tokens / med, 1),
@@ -493,7 +498,7 @@ def _unregister(duration_listener, event_listener) -> None:
 
 
 _DESCRIBED = ("attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple", "linear_layout",
-              "dtype", "context_length")  # the last two have their own table columns
+              "matmul_precision", "dtype", "context_length")  # the last two have their own table columns
 
 
 def _describe(cfg: GPTConfig, base: GPTConfig | None = None) -> str:
@@ -507,6 +512,8 @@ def _describe(cfg: GPTConfig, base: GPTConfig | None = None) -> str:
         bits.append(f"vocab->{cfg.padded_vocab_size}")
     if cfg.linear_layout != "in_out":
         bits.append(f"kernels {cfg.linear_layout}")
+    if cfg.matmul_precision != "float32":
+        bits.append(f"matmuls {cfg.matmul_precision}")
     if base is not None:
         bits += [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
                  if f.name not in _DESCRIBED and getattr(cfg, f.name) != getattr(base, f.name)]

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gptjax.config import WEIGHT_DTYPES
+from gptjax.config import MATMUL_PRECISIONS, WEIGHT_DTYPES
 
 PRESET_KEYS = ("emb_dim", "n_layers", "n_heads", "drop_rate", "context_length")
 
@@ -22,11 +22,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tie-embeddings", action="store_true", help="share wte with the output head (GPT-2 does)")
     g.add_argument("--init", default="book", choices=["book", "gpt2"],
                    help="weight init: the book's PyTorch defaults (needed for its ch05 numbers) or GPT-2's std 0.02")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    _add_precision_args(g)
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
     g.add_argument("--linear-layout", default="auto", choices=["auto", "in_out", "out_in"],
                    help="how kernels are stored while training; auto: out_in on CPU (faster there), else in_out. "
                    "The saved model loads as in_out either way")
+
+
+def _add_precision_args(g) -> None:
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    g.add_argument("--matmul-precision", default="float32", choices=list(MATMUL_PRECISIONS),
+                   help="bfloat16: the weight matmuls round their operands to bfloat16 and accumulate in float32, "
+                   "the rest stays in --dtype (on a CPU with AMX: about 1.9x faster gpt2-small train steps)")
 
 
 def _add_finetune_layout_arg(g) -> None:
@@ -46,7 +53,8 @@ def _model_config(args):
 
     overrides = {k: getattr(args, k) for k in PRESET_KEYS if getattr(args, k) is not None}
     overrides.update(init=args.init, qkv_bias=args.qkv_bias, tie_embeddings=args.tie_embeddings, dtype=args.dtype,
-                     attn_impl=args.attn_impl, linear_layout=_linear_layout(args.linear_layout))
+                     matmul_precision=args.matmul_precision, attn_impl=args.attn_impl,
+                     linear_layout=_linear_layout(args.linear_layout))
     return get_config(args.preset, **overrides)
 
 
@@ -226,7 +234,8 @@ def cmd_bench(args) -> int:
     if args.steps < 1 or args.decode_rounds < 1:
         raise ValueError("--steps and --decode-rounds must be >= 1")
     bc = BenchConfig(preset=args.preset, context_length=args.context_length, batch_size=args.batch_size,
-                     dtype=args.dtype, drop_rate=args.drop_rate, tie_embeddings=args.tie_embeddings,
+                     dtype=args.dtype, matmul_precision=args.matmul_precision, drop_rate=args.drop_rate,
+                     tie_embeddings=args.tie_embeddings,
                      attn_impl=args.attn_impl, scan_layers=args.scan_layers, scan_unroll=args.scan_unroll,
                      remat=args.remat, vocab_multiple=args.vocab_multiple, n_layers=args.n_layers, steps=args.steps,
                      linear_layout=_linear_layout(args.linear_layout),
@@ -278,7 +287,7 @@ def cmd_finetune_classifier(args) -> int:
         print(f"data: {len(data):,} examples {data.counts()}")
         tok = get_gpt2_tokenizer(args.bpe_dir)
         params, cfg = load_base_model(args.model, random_cfg=random_cfg, seed=args.seed)
-        cfg = cfg.replace(dtype=args.dtype, attn_impl=args.attn_impl)
+        cfg = cfg.replace(dtype=args.dtype, matmul_precision=args.matmul_precision, attn_impl=args.attn_impl)
         params, cfg = _train_layout(params, cfg, args.linear_layout, lora=lora is not None)
         result = finetune_classifier(params, cfg, data, tok, args.out, train=args.train, lora=lora, tcfg=tcfg,
                                      max_length=args.max_length, balance=not args.no_balance,
@@ -320,7 +329,8 @@ def _ch7_model(args):
         random_cfg = get_config(args.preset, **overrides, qkv_bias=args.qkv_bias, tie_embeddings=args.tie_embeddings,
                                 init=args.init)
     params, cfg = load_base_model(args.model, random_cfg=random_cfg, seed=args.seed)
-    cfg = cfg.replace(drop_rate=args.drop_rate, dtype=args.dtype, attn_impl=args.attn_impl)
+    cfg = cfg.replace(drop_rate=args.drop_rate, dtype=args.dtype, matmul_precision=args.matmul_precision,
+                      attn_impl=args.attn_impl)
     return _train_layout(params, cfg, args.linear_layout, lora=args.lora_rank is not None)
 
 
@@ -532,7 +542,7 @@ def _add_ch7_train_args(p: argparse.ArgumentParser, *, model_default: str | None
     g.add_argument("--tie-embeddings", action="store_true", help="--model random: share wte with the output head")
     g.add_argument("--init", default="gpt2", choices=["book", "gpt2"], help="--model random: weight init")
     g.add_argument("--drop-rate", type=float, default=0.0, help="dropout while fine-tuning (the book: 0.0)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    _add_precision_args(g)
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
     g.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank instead of every "
                    "weight (appendix E: 16)")
@@ -730,7 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-heads", type=int, default=None, help="override the preset's heads")
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    _add_precision_args(p)
     p.add_argument("--drop-rate", type=float, default=0.1)
     p.add_argument("--tie-embeddings", action="store_true", help="GPT-2's tied head (default: the book's own head)")
     p.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
@@ -790,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-length", type=int, help="--model random: context length (default: the preset's 1024)")
     g.add_argument("--qkv-bias", action="store_true", help="--model random: bias in the q/k/v projections")
     g.add_argument("--drop-rate", type=float, default=0.0, help="dropout while fine-tuning (the book: 0.0)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    _add_precision_args(g)
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
     _add_finetune_layout_arg(g)
     g = p.add_argument_group("training")

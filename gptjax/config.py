@@ -12,6 +12,8 @@ ATTN_IMPLS = ("auto", "xla", "cudnn", "einsum")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 LINEAR_LAYOUTS = ("in_out", "out_in")
 MATVECS = ("xla", "kernel")
+# what the model's weight matmuls multiply: float32, or operands rounded to bfloat16 (accumulated in float32)
+MATMUL_PRECISIONS = ("float32", "bfloat16")
 # the weights decoding reads (generate.decoding_weights, --weight-dtype)
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
 
@@ -52,6 +54,12 @@ class GPTConfig:
     # gptjax's C++ matrix-vector kernel on CPU (gptjax.cpu_matvec; XLA's dot on other platforms),
     # 15% more tokens/s on two cores; gptjax.generate.decoding_model turns it on where it builds
     matvec: str = "xla"
+    # "bfloat16": every weight matmul (not attention's) rounds its operands to bfloat16 and accumulates
+    # and returns float32, also in the backward pass; the rest of the step stays in `dtype`. What
+    # jax.default_matmul_precision("bfloat16") means on a TPU and torch's "medium" float32 matmul
+    # precision, which XLA:CPU does not implement. On a CPU with AMX it halves a float32 train step
+    # (experiments/cpu_train_matmul_bf16.py)
+    matmul_precision: str = "float32"
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -77,6 +85,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.linear_layout must be one of {LINEAR_LAYOUTS}, got {self.linear_layout!r}")
         if self.matvec not in MATVECS:
             raise ValueError(f"GPTConfig.matvec must be one of {MATVECS}, got {self.matvec!r}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"GPTConfig.matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"GPTConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for name in ("scan_unroll", "vocab_multiple"):

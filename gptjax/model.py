@@ -4,7 +4,8 @@ Letters: B batch, T time, S cache slots, L layers, D emb_dim, H heads, K head di
 
 Speed options live in GPTConfig and leave the math alone: `scan_layers` (params stacked under
 "h"; `stack_layers`/`unstack_layers` convert), `remat`, `vocab_multiple` (padded rows, logits
-sliced back to vocab_size here), `attn_impl`, `dtype`. Decoding with a KV cache passes the
+sliced back to vocab_size here), `attn_impl`; `dtype` and `matmul_precision` (`bf16_product`) set
+the precision. Decoding with a KV cache passes the
 "cache" collection (`init_cache`) and the rows' position `pos_B` (one per row, or one for all).
 For decoding, `quantize_weights` makes the matmul weights int8 with a scale per out row.
 """
@@ -49,24 +50,82 @@ def _dense(cfg: GPTConfig, features: int, name: str, use_bias: bool = True, std:
     dtype = dtype or _dtype(cfg)
     if cfg.linear_layout == "out_in":
         return LinearOutIn(features, use_bias=use_bias, dtype=dtype, f32_out=f32_out, name=name,
-                           matvec=cfg.matvec, **inits)
+                           matvec=cfg.matvec, matmul_precision=cfg.matmul_precision, **inits)
     # f32_out: multiply in the compute dtype (bfloat16 tensor cores on a GPU), accumulate and return float32
     dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32) if f32_out else None
+    if cfg.matmul_precision == "bfloat16":
+        dot_general = _bf16_dot_general_in_out
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
                     dot_general=dot_general, **inits)
 
 
+def _transposed(a_NC: jax.Array) -> jax.Array:
+    """a.T, written so that XLA makes the copy instead of folding the transpose into the next dot.
+
+    Why: XLA:CPU (with YNNPACK) runs a bfloat16 product that contracts the leading axis of both
+    operands (a weight gradient, x.T @ g) at 210-250 GFLOP/s, on the same path as float32; given both
+    operands transposed it takes the AMX path, 950 GFLOP/s with the copies (experiments/cpu_matmul_flags.py).
+    """
+    return jnp.swapaxes(a_NC.reshape(*a_NC.shape, 1), 0, 2)[0]
+
+
+def _bf16_dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array:
+    bf16 = jnp.bfloat16
+    return jax.lax.dot_general(a.astype(bf16), b.astype(bf16), (((a_axis,), (b_axis,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bf16_product(x_NI: jax.Array, w: jax.Array, w_in_axis: int) -> jax.Array:
+    """x (..., in) @ w with both rounded to bfloat16, accumulated and returned in float32
+    (GPTConfig.matmul_precision="bfloat16"). w is (in, out) for w_in_axis=0, (out, in) for 1.
+
+    The backward pass rounds the output gradient to bfloat16 too and returns float32 gradients.
+    """
+    return _bf16_dot(x_NI, w, x_NI.ndim - 1, w_in_axis)
+
+
+def _bf16_product_fwd(x_NI, w, w_in_axis):
+    xb, wb = x_NI.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    # the bfloat16 copies are the residuals: half the bytes of float32 activations
+    dtypes = jnp.zeros((0,), x_NI.dtype), jnp.zeros((0,), w.dtype)  # the gradients' dtypes, as arrays
+    return _bf16_dot(xb, wb, x_NI.ndim - 1, w_in_axis), (xb, wb, dtypes)
+
+
+def _bf16_product_bwd(w_in_axis, res, g_NO):
+    xb, wb, (x_like, w_like) = res
+    gb = g_NO.astype(jnp.bfloat16)
+    dx_NI = _bf16_dot(gb, wb, gb.ndim - 1, 1 - w_in_axis).astype(x_like.dtype)
+    g_MO, x_MI = gb.reshape(-1, gb.shape[-1]), xb.reshape(-1, xb.shape[-1])  # M: every token
+    gT_OM, xT_IM = _transposed(g_MO), _transposed(x_MI)
+    dw = _bf16_dot(gT_OM, xT_IM, 1, 1) if w_in_axis == 1 else _bf16_dot(xT_IM, gT_OM, 1, 1)
+    return dx_NI, dw.astype(w_like.dtype)
+
+
+bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)
+
+
+def _bf16_dot_general_in_out(x, w_IO, dimension_numbers, precision=None, preferred_element_type=None):
+    # nn.Dense's dot_general hook: it always contracts x's last axis with the kernel's first
+    assert dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())), dimension_numbers
+    return bf16_product(x, w_IO, 0)
+
+
 def product_out_in(x_BTI: jax.Array, w_OI: jax.Array, dtype: Any, f32_out: bool, matvec: str,
-                   scale_O: jax.Array | None = None) -> jax.Array:
+                   scale_O: jax.Array | None = None, matmul_precision: str = "float32") -> jax.Array:
     """x (..., in) times an (out, in) kernel in the compute `dtype` (float32 result with `f32_out`).
 
     matvec="kernel": few-row products (decoding) go to gptjax.cpu_matvec with the weights as stored
     (bfloat16 ones are widened inside the kernel, exactly as astype would), accumulated in float32.
     int8 weights (`quantize_weights`) come with `scale_O`, one scale per out row: y = (x @ w.T) * scale.
+    matmul_precision="bfloat16": `bf16_product` (float32 weights only).
     """
     x_BTI = x_BTI.astype(dtype)
     if matvec == "kernel" and cpu_matvec.applies(x_BTI, w_OI):
         y_BTO = cpu_matvec.matvec(x_BTI, w_OI, scale_O)
+        return y_BTO if f32_out else y_BTO.astype(dtype)
+    if matmul_precision == "bfloat16" and scale_O is None:
+        y_BTO = bf16_product(x_BTI, w_OI, 1)
         return y_BTO if f32_out else y_BTO.astype(dtype)
     y_BTO = jnp.einsum("...i,oi->...o", x_BTI, w_OI.astype(dtype), preferred_element_type=jnp.float32 if f32_out else None)
     return y_BTO if scale_O is None else y_BTO * scale_O.astype(y_BTO.dtype)
@@ -83,6 +142,7 @@ class LinearOutIn(nn.Module):
     dtype: Any = jnp.float32
     f32_out: bool = False
     matvec: str = "xla"  # "kernel": few-row products through gptjax.cpu_matvec (GPTConfig.matvec)
+    matmul_precision: str = "float32"  # GPTConfig.matmul_precision
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
 
@@ -92,7 +152,7 @@ class LinearOutIn(nn.Module):
         w_OI = self.param("kernel", lambda key, shape: init(key, shape[::-1], jnp.float32).T,
                           (self.features, x_BTI.shape[-1]))
         scale_O = self.get_variable("params", "kernel_scale") if self.has_variable("params", "kernel_scale") else None
-        y_BTO = product_out_in(x_BTI, w_OI, self.dtype, self.f32_out, self.matvec, scale_O)
+        y_BTO = product_out_in(x_BTI, w_OI, self.dtype, self.f32_out, self.matvec, scale_O, self.matmul_precision)
         if self.use_bias:
             y_BTO = y_BTO + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y_BTO.dtype)
         return y_BTO
@@ -281,7 +341,8 @@ class GPT(nn.Module):
             return nn.Dense(cfg.n_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="cls_head")(x_BTD)
         dt = _dtype(cfg)
         if cfg.tie_embeddings:
-            logits_BTV = product_out_in(x_BTD, wte.embedding, dt, f32_out=True, matvec=cfg.matvec, scale_O=wte.scale)
+            logits_BTV = product_out_in(x_BTD, wte.embedding, dt, f32_out=True, matvec=cfg.matvec, scale_O=wte.scale,
+                                        matmul_precision=cfg.matmul_precision)
         else:
             # the head multiplies in the compute dtype (a quarter of the FLOPs) but returns float32 logits
             logits_BTV = _dense(cfg, V, "lm_head", use_bias=False, f32_out=True)(x_BTD)

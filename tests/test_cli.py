@@ -101,3 +101,18 @@ def test_export_a_run_to_hf_and_book_formats(tmp_path, corpus, capsys):
         loaded, cfg = load_gpt2(path)
         np.testing.assert_array_equal(np.asarray(loaded["h_1"]["mlp"]["c_fc"]["kernel"]),
                                       np.asarray(params["h_1"]["mlp"]["c_fc"]["kernel"]))
+
+
+def test_matmul_precision_reaches_the_model_config():
+    from gptjax.cli import _model_config
+
+    parser = build_parser()
+    cfg = _model_config(parser.parse_args(["pretrain", "--matmul-precision", "bfloat16", "--linear-layout", "in_out"]))
+    assert (cfg.matmul_precision, cfg.dtype) == ("bfloat16", "float32")
+    assert _model_config(parser.parse_args(["pretrain"])).matmul_precision == "float32"
+    for command in ("finetune-instruct", "dpo", "finetune-classifier", "bench"):
+        required = ["--model", "random"] if command == "dpo" else []
+        args = parser.parse_args([command, *required, "--matmul-precision", "bfloat16"])
+        assert args.matmul_precision == "bfloat16", command
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "--matmul-precision", "tf32"])

@@ -363,6 +363,7 @@ def test_convert_params_rejects_a_smaller_vocab(tiny_cfg):
     (dict(remat="everything"), "remat must be one of"),
     (dict(scan_unroll=0), "scan_unroll must be an integer >= 1"),
     (dict(vocab_multiple=0), "vocab_multiple must be an integer >= 1"),
+    (dict(matmul_precision="tf32"), "matmul_precision must be one of"),
 ])
 def test_bad_speed_options(tiny_cfg, overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -462,3 +463,51 @@ def test_grad_barrier_is_the_identity_and_its_gradient_too():
     assert np.isnan(g[..., 0]).all() and (g[..., 1:] == 1.0).all()
     # the backward pass carries the gradient through a loop XLA cannot fuse across
     assert "while" in jax.jit(jax.grad(f)).lower(x).as_text()
+
+
+def _bf16(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("w_in_axis", [0, 1])
+def test_bf16_product_rounds_operands_to_bfloat16_and_accumulates_in_float32(w_in_axis):
+    from gptjax.model import bf16_product
+
+    kx, kw, kg = jax.random.split(jax.random.key(5), 3)
+    x_BTI = jax.random.normal(kx, (2, 7, 40))
+    w = jax.random.normal(kw, (40, 24) if w_in_axis == 0 else (24, 40))
+    g_BTO = jax.random.normal(kg, (2, 7, 24))
+    y, vjp = jax.vjp(jax.jit(lambda x, w: bf16_product(x, w, w_in_axis)), x_BTI, w)
+    dx, dw = vjp(g_BTO)
+    w_IO = _bf16(w) if w_in_axis == 0 else _bf16(w).T
+    # the float64 products of the rounded operands; the output gradient is rounded as well
+    y_ref = _bf16(x_BTI) @ w_IO
+    dx_ref = _bf16(g_BTO) @ w_IO.T
+    dw_IO = _bf16(x_BTI).reshape(-1, 40).T @ _bf16(g_BTO).reshape(-1, 24)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32 and dw.shape == w.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, dw_IO if w_in_axis == 0 else dw_IO.T, rtol=1e-5, atol=1e-5)
+    # not float32 in disguise: the unrounded product differs by far more than float32 rounding
+    assert np.abs(np.asarray(y) - np.asarray(x_BTI, np.float64) @ np.asarray(w if w_in_axis == 0 else w.T)).max() > 1e-2
+    # bfloat16 inputs keep their dtype in the gradient
+    dxb, _ = jax.vjp(lambda x, w: bf16_product(x, w, w_in_axis), x_BTI.astype(jnp.bfloat16), w)[1](g_BTO)
+    assert dxb.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("layout, tie", [("in_out", False), ("out_in", True)])
+def test_bfloat16_matmuls_stay_close_to_float32(tiny_cfg, layout, tie):
+    base = tiny_cfg.replace(tie_embeddings=tie, linear_layout=layout)
+    cfg = base.replace(matmul_precision="bfloat16")
+    params = _randomize(_params(base), seed=3, scale=0.05)
+    idx_BT = _tokens(base, seed=4, T=base.context_length + 1)
+    loss_ref, grads_ref = _loss_and_grads(base, params, idx_BT, jax.random.key(0))
+    loss, grads = _loss_and_grads(cfg, params, idx_BT, jax.random.key(0))
+    assert loss != loss_ref  # the products did run in bfloat16
+    np.testing.assert_allclose(loss, loss_ref, rtol=5e-3)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        g_ref = np.asarray(dict(jax.tree_util.tree_leaves_with_path(grads_ref))[path]).ravel()
+        g = np.asarray(g).ravel()
+        assert g.dtype == np.float32
+        cos = g @ g_ref / (np.linalg.norm(g) * np.linalg.norm(g_ref) + 1e-30)
+        assert cos > 0.99, (jax.tree_util.keystr(path), cos)

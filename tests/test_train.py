@@ -133,15 +133,19 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(tiny_cfg):
     tx = make_optimizer(OptimConfig(lr=1e-3))
     batch = _batches(tiny_cfg).batch_at(0, 0)
     out = {}
-    for dtype in ("float32", "bfloat16"):
-        cfg = tiny_cfg.replace(dtype=dtype)
+    # bfloat16 compute, and float32 compute with bfloat16 matmuls ((out, in) kernels, as on CPU)
+    for name, kw in {"float32": {}, "bfloat16": dict(dtype="bfloat16"),
+                     "matmuls": dict(matmul_precision="bfloat16", linear_layout="out_in")}.items():
+        cfg = tiny_cfg.replace(**kw)
         train_step, eval_step = make_steps(cfg, tx)
         state, m = train_step(create_state(cfg, tx, 0), batch)
         assert m["loss"].dtype == jnp.float32 and m["grad_norm"].dtype == jnp.float32
         assert {a.dtype for a in jax.tree_util.tree_leaves((state.params, state.opt_state))
                 if jnp.issubdtype(a.dtype, jnp.floating)} == {jnp.dtype("float32")}
-        out[dtype] = float(m["loss"]), float(eval_step(state.params, batch))
+        out[name] = float(m["loss"]), float(eval_step(state.params, batch))
     np.testing.assert_allclose(out["bfloat16"], out["float32"], rtol=2e-2)
+    np.testing.assert_allclose(out["matmuls"], out["float32"], rtol=1e-2)
+    assert out["matmuls"][1] < out["matmuls"][0]  # the step lowered the loss
 
 
 def test_train_config_round_trips_through_json():
