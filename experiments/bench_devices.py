@@ -21,10 +21,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 SETTINGS = {
-    # per-layer blocks with (out, in) kernels (the fastest step on XLA:CPU); timed alongside: scan over
-    # layers, 2 per iteration (a 2-3x faster compile), and the (in, out) kernels of earlier runs
+    # per-layer blocks with (out, in) kernels (the fastest float32 step on XLA:CPU); timed alongside: scan
+    # over layers, 2 per iteration (a 2-3x faster compile), the (in, out) kernels of earlier runs, and
+    # bfloat16 matmuls (float32 compute otherwise; PyTorch's rows stay float32)
     "cpu": ["--preset", "gpt2-small", "--context-length", "256", "--batch-size", "2", "--dtype", "float32",
             "--variant", "scan_layers=true,scan_unroll=2", "--variant", "linear_layout=in_out",
+            "--variant", "matmul_precision=bfloat16",
             "--steps", "20", "--decode-batch", "1", "8", "--decode-tokens", "200", "--nocache-tokens", "200"],
     # GPU/TPU: nanoGPT's GPT-2 pretraining setting (no dropout: the fused attention kernels take none)
     "gpu": ["--preset", "gpt2-small", "--context-length", "1024", "--batch-size", "16", "--dtype", "bfloat16",
