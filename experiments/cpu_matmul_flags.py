@@ -3,8 +3,9 @@
 Per setting: GFLOP/s of a float32 and a bfloat16 (float32 accumulation) 512x768 @ 768x3072 product
 (a gpt2-small MLP matmul at 512 tokens); of the bfloat16 weight-gradient product of the same size
 (768x512 @ 512x3072, contracting the token axis of both operands) as the backward pass writes it,
-with the transpose spelled out in the jitted function, and with the transpose disguised as a 3-D
-swap of axes (which XLA does not fold back into the product); and the bytes/s a 1 x 768 @ 768 x 50,304 matrix-vector
+with the transpose spelled out in the jitted function, with the transpose disguised as a 3-D
+swap of axes (which XLA does not fold back into the product), and with only the output gradient
+so transposed, (3072 x 512) @ (512 x 768), the form model.bf16_product uses for (out, in) kernels; and the bytes/s a 1 x 768 @ 768 x 50,304 matrix-vector
 product (one decoded token through the LM head) reads from float32, bfloat16 and int8 weights
 (int8: converted to float32 inside the jitted function, then scaled). Medians of 15 calls.
 
@@ -39,6 +40,7 @@ wgrad = flops / med(jax.jit(wg), Ab, G) / 1e9
 wgrad_t = flops / med(jax.jit(lambda a, g: mm(a.T, g)), Ab, G) / 1e9
 swap = lambda a: jnp.swapaxes(a.reshape(*a.shape, 1), 0, 2)[0]  # a.T, as a reshape and a swap of axes
 wgrad_s = flops / med(jax.jit(lambda a, g: mm(swap(a), g)), Ab, G) / 1e9
+wgrad_1 = flops / med(jax.jit(lambda a, g: mm(swap(g), a)), Ab, G) / 1e9
 x, W = jax.random.normal(k1, (1, 768)), jax.random.normal(k2, (768, 50304)) * 0.02
 s = jnp.max(jnp.abs(W), axis=0) / 127
 Wq = jnp.round(W / s).astype(jnp.int8)
@@ -46,12 +48,12 @@ n = 768 * 50304
 gv32 = 4 * n / med(mm, x, W) / 1e9
 gv16 = 2 * n / med(mm, x.astype(jnp.bfloat16), W.astype(jnp.bfloat16)) / 1e9
 gv8 = n / med(jax.jit(lambda x, w, s: (x @ w.astype(jnp.float32)) * s), x, Wq, s) / 1e9
-print(f"{f32:9.1f} {bf16:9.1f} {wgrad:9.1f} {wgrad_t:9.1f} {wgrad_s:9.1f} {gv32:10.1f} {gv16:10.1f} {gv8:10.1f}")
+print(f"{f32:9.1f} {bf16:9.1f} {wgrad:9.1f} {wgrad_t:9.1f} {wgrad_s:9.1f} {wgrad_1:9.1f} {gv32:10.1f} {gv16:10.1f} {gv8:10.1f}")
 '''
 
 
 def main() -> None:
-    print(f"{'XLA_FLAGS':56s} {'f32 GF/s':>9s} {'bf16 GF/s':>9s} {'wgrad':>9s} {'wgrad a.T':>9s} {'wgrad swp':>9s} "
+    print(f"{'XLA_FLAGS':56s} {'f32 GF/s':>9s} {'bf16 GF/s':>9s} {'wgrad':>9s} {'wgrad a.T':>9s} {'wgrad swp':>9s} {'wgrad gT':>9s} "
           f"{'gemv f32':>10s} {'gemv bf16':>10s} {'gemv int8':>10s}   (wgrad: bf16 GF/s; gemv: GB/s of weights)")
     for flags in SETTINGS:
         env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}

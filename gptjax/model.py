@@ -63,9 +63,9 @@ def _transposed(a_NC: jax.Array) -> jax.Array:
     """a.T, written so that XLA makes the copy instead of folding the transpose into the next dot.
 
     Why: XLA:CPU (with YNNPACK) runs a bfloat16 product that contracts the leading axis of both
-    operands (a weight gradient, x.T @ g) at 210-250 GFLOP/s, on the same path as float32; with one
-    operand transposed first it takes the AMX path, 590-1,400 GFLOP/s on gpt2-small's shapes with the
-    copy (experiments/cpu_matmul_flags.py).
+    operands (a weight gradient, x.T @ g) at 230-250 GFLOP/s, on the same path as float32; with one
+    operand transposed first it takes the AMX path: 1,070-1,390 GFLOP/s with the copy for a
+    (512, 768) x (512, 3072) weight gradient (experiments/cpu_matmul_flags.py, individual_dot).
     """
     return jnp.swapaxes(a_NC.reshape(*a_NC.shape, 1), 0, 2)[0]
 
@@ -98,8 +98,8 @@ def _bf16_product_bwd(w_in_axis, res, g_NO):
     gb = g_NO.astype(jnp.bfloat16)
     dx_NI = _bf16_dot(gb, wb, gb.ndim - 1, 1 - w_in_axis).astype(x_like.dtype)
     g_MO, x_MI = gb.reshape(-1, gb.shape[-1]), xb.reshape(-1, xb.shape[-1])  # M: every token
-    # one operand transposed, so the product is a plain (rows, M) @ (M, cols) and the result comes
-    # out in the kernel's layout (fastest of the forms timed, experiments/cpu_matmul_flags.py)
+    # one operand transposed, so the product is a plain (rows, M) @ (M, cols) whose result is already
+    # in the kernel's layout (no transpose of the weight-sized gradient)
     if w_in_axis == 1:
         dw = _bf16_dot(_transposed(g_MO), x_MI, 1, 0)  # (O, M) @ (M, I)
     else:

@@ -15,8 +15,9 @@ from pathlib import Path
 # a ~9 s gpt2-small train step on two cores (the grad-norm sum of squares over the (768, 50257) head
 # gradient); "individual_dot" keeps YNNPACK for matmuls and drops the reduce: measured 2x faster
 # train steps than the default. It ties with "dot" (matmuls fused with their elementwise neighbours)
-# in float32, and only it runs bfloat16 products on AMX: 2.8x faster than "dot" on a (512, 768) x
-# (768, 3072) product (experiments/cpu_matmul_flags.py), 1.9x on a train step with matmul_precision="bfloat16".
+# in float32 (experiments/cpu_train_flags.py), and only it runs bfloat16 products on AMX: 5x faster
+# than "dot" on a (512, 768) x (768, 3072) product (experiments/cpu_matmul_flags.py), 2.5x on a train
+# step with matmul_precision="bfloat16" (experiments/cpu_bf16_train.py).
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot",)
 
 
