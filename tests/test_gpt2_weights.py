@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import gptjax.gpt2_weights as gw
+from gptjax.book_torch import book_gpt_model
 from gptjax.config import GPTConfig
 from gptjax.generate import generate
 from gptjax.gpt2_weights import export_book, export_hf, load_gpt2
@@ -212,75 +213,6 @@ def _book_state_from_hf(model, with_bias: bool = True) -> dict:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _book_gpt_model(cfg: dict):
-    """The book's chapter-4 GPTModel, condensed, to check export_book against the real module names."""
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-
-    class LayerNorm(nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.eps, self.scale, self.shift = 1e-5, nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
-
-        def forward(self, x):
-            mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
-            return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
-
-    class GELU(nn.Module):
-        def forward(self, x):
-            return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-    class FeedForward(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            D = c["emb_dim"]
-            self.layers = nn.Sequential(nn.Linear(D, 4 * D), GELU(), nn.Linear(4 * D, D))
-
-        def forward(self, x):
-            return self.layers(x)
-
-    class MultiHeadAttention(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            D, self.H = c["emb_dim"], c["n_heads"]
-            self.W_query, self.W_key, self.W_value = (nn.Linear(D, D, bias=c["qkv_bias"]) for _ in range(3))
-            self.out_proj = nn.Linear(D, D)
-            self.register_buffer("mask", torch.triu(torch.ones(c["context_length"], c["context_length"]), diagonal=1))
-
-        def forward(self, x):
-            B, T, D = x.shape
-            q, k, v = (w(x).view(B, T, self.H, D // self.H).transpose(1, 2)
-                       for w in (self.W_query, self.W_key, self.W_value))
-            att = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:T, :T], -torch.inf)
-            att = torch.softmax(att / k.shape[-1] ** 0.5, dim=-1)
-            return self.out_proj((att @ v).transpose(1, 2).reshape(B, T, D))
-
-    class TransformerBlock(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.att, self.ff = MultiHeadAttention(c), FeedForward(c)
-            self.norm1, self.norm2 = LayerNorm(c["emb_dim"]), LayerNorm(c["emb_dim"])
-
-        def forward(self, x):
-            x = x + self.att(self.norm1(x))
-            return x + self.ff(self.norm2(x))
-
-    class GPTModel(nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.tok_emb = nn.Embedding(c["vocab_size"], c["emb_dim"])
-            self.pos_emb = nn.Embedding(c["context_length"], c["emb_dim"])
-            self.trf_blocks = nn.Sequential(*[TransformerBlock(c) for _ in range(c["n_layers"])])
-            self.final_norm = LayerNorm(c["emb_dim"])
-            self.out_head = nn.Linear(c["emb_dim"], c["vocab_size"], bias=False)
-
-        def forward(self, idx):
-            x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1]))
-            return self.out_head(self.final_norm(self.trf_blocks(x)))
-
-    return GPTModel(cfg).eval()
-
-
 def test_book_checkpoint_matches_transformers(hf_tiny, tiny_ids, tmp_path):
     from safetensors.torch import save_file as torch_save_file
 
@@ -300,7 +232,7 @@ def test_export_book_loads_strictly_into_the_books_gptmodel(tmp_path, tiny_ids):
                         qkv_bias=qkv_bias, tie_embeddings=False)
         params = _gptjax_params(cfg)
         path = export_book(params, cfg, tmp_path / f"book_{qkv_bias}.safetensors")
-        book = _book_gpt_model(gw.book_config(cfg))
+        book = book_gpt_model(gw.book_config(cfg)).eval()
         book.load_state_dict(load_file(str(path)), strict=True)
         with torch.no_grad():
             ref = book(torch.as_tensor(tiny_ids)).numpy()

@@ -161,6 +161,43 @@ def test_dropout_rngs_reseed_as_rbg_keys_and_keep_the_rate(tiny_cfg):
     np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.75], rtol=1e-6)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_dropout_masks_keep_the_rate_and_are_independent_across_layers_and_steps(tiny_cfg, monkeypatch, scan):
+    """Every dropout mask of a training step, for the keys train_step derives (fold_in(key, step)), through
+    Flax's per-layer fold-ins (unsafe_rbg XORs) or scan's split: each keeps 1 - rate of its inputs, and no
+    two masks of the same shape, in one step or in neighbouring steps, are correlated."""
+    import gptjax.attention as attention
+    import gptjax.model as model
+
+    rate, masks = 0.1, []
+
+    def recording(x, r, rng):
+        keep = dropout(jnp.ones(x.shape, jnp.float32), r, rng) != 0  # the same rng gives the same mask
+        jax.debug.callback(lambda k: masks.append(np.asarray(k)), keep)
+        return dropout(x, r, rng)
+
+    monkeypatch.setattr(model, "dropout", recording)
+    monkeypatch.setattr(attention, "dropout", recording)
+    cfg = tiny_cfg.replace(drop_rate=rate, n_layers=3, scan_layers=scan)
+    params = convert_params(_params(tiny_cfg.replace(n_layers=3)), cfg)
+    idx_BT = _tokens(cfg, batch=4)
+    run = jax.jit(lambda p, k: GPT(cfg).apply({"params": p}, idx_BT, deterministic=False, rngs=dropout_rngs(k)))
+    key = jax.random.PRNGKey(0)
+    for step in range(4):
+        jax.block_until_ready(run(params, jax.random.fold_in(key, step)))
+    jax.effects_barrier()
+    assert len(masks) == 4 * (1 + 3 * cfg.n_layers)  # embeddings, then attention weights and two residuals per block
+    for m in masks:
+        assert abs(m.mean() - (1 - rate)) < 6 * math.sqrt(rate * (1 - rate) / m.size)
+    for i, a in enumerate(masks):
+        for b in masks[i + 1:]:
+            if a.shape != b.shape:
+                continue
+            # P(both kept) - P(a) P(b) is 0 for independent masks, with sd ~ p(1 - p) / sqrt(n); equal masks give 0.09
+            dev = (a & b).mean() - a.mean() * b.mean()
+            assert abs(dev) < 6 * (1 - rate) * rate / math.sqrt(a.size), (a.shape, dev)
+
+
 def test_zero_dropout_needs_no_rng(tiny_cfg):
     params = _params(tiny_cfg)
     idx_BT = _tokens(tiny_cfg)

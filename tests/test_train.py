@@ -7,7 +7,7 @@ import pytest
 from gptjax.checkpoint import load_run
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
-from gptjax.model import set_linear_layout
+from gptjax.model import GPT, set_linear_layout
 from gptjax.train import (OptimConfig, TrainConfig, clip_by_global_norm_after, create_state, cross_entropy,
                           logged_schedule, make_optimizer, make_steps, perplexity, train)
 
@@ -62,6 +62,43 @@ def test_same_seed_same_losses_with_dropout(tiny_cfg):
     a, b, c = _losses(cfg, steps=4, seeds=(3, 3, 4))
     assert a == b
     assert a != c
+
+
+@pytest.mark.parametrize("clip_norm", [None, 0.05])
+def test_training_matches_the_books_pytorch_loop(tiny_cfg, tmp_path, clip_norm):
+    """The book's train_model_simple in PyTorch (its GPTModel, torch.optim.AdamW with weight decay 0.1,
+    clip_grad_norm_ as in appendix D) from the same init on the same batches: the same loss at every step,
+    and the same logits after the last update."""
+    torch = pytest.importorskip("torch")
+    from gptjax.book_torch import book_from_params
+
+    cfg = tiny_cfg.replace(init="book")
+    ocfg = OptimConfig(lr=1e-3, weight_decay=0.1, clip_norm=clip_norm)
+    tx = make_optimizer(ocfg)
+    state = create_state(cfg, tx, 0)
+    book = book_from_params(state.params, cfg, tmp_path / "init.safetensors").train()
+    opt = torch.optim.AdamW(book.parameters(), lr=ocfg.lr, weight_decay=ocfg.weight_decay)
+    train_step, eval_step = make_steps(cfg, tx)
+    batches, ours, theirs, clipped = _batches(cfg), [], [], []
+    for i in range(6):
+        x_BT, y_BT = batches.batch_at(i // len(batches), i % len(batches))
+        state, m = train_step(state, (x_BT, y_BT))
+        ours.append(float(m["loss"]))
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(book(torch.as_tensor(x_BT, dtype=torch.long)).flatten(0, 1),
+                                                 torch.as_tensor(y_BT, dtype=torch.long).flatten())
+        loss.backward()
+        if clip_norm is not None:
+            clipped.append(float(torch.nn.utils.clip_grad_norm_(book.parameters(), clip_norm)) > clip_norm)
+        opt.step()
+        theirs.append(loss.item())
+    np.testing.assert_allclose(ours, theirs, rtol=2e-5)
+    assert ours[-1] < ours[0] - 0.1  # it learns, so the updates are not all tiny
+    assert all(clipped) and len(clipped) == (6 if clip_norm else 0)  # when clipping, every step clipped
+    x_BT = batches.batch_at(0, 0)[0]
+    with torch.no_grad():
+        ref = book.eval()(torch.as_tensor(x_BT, dtype=torch.long)).numpy()
+    np.testing.assert_allclose(GPT(cfg).apply({"params": state.params}, x_BT), ref, atol=2e-4)
 
 
 def test_schedule_warmup_cosine_and_clipping():
