@@ -8,7 +8,9 @@ starts every variant from the same init and batch order:
 - none / torch-none: gptjax and the book's PyTorch code without dropout (the same computation up to rounding);
 - clip: gptjax with global-norm gradient clipping at 1.0 (`gptjax pretrain --clip-norm 1.0`);
 - warmup: gptjax with appendix D's linear warmup over the first 20 % of the 10-epoch run (18 steps) from 1e-5
-  (`gptjax pretrain --warmup-steps 18 --initial-lr 1e-5`), then lr 4e-4.
+  (`gptjax pretrain --warmup-steps 18 --initial-lr 1e-5`), then lr 4e-4;
+- b2: gptjax with AdamW's beta2 at 0.95 (nanoGPT's) instead of 0.999;
+- lr1e-4: gptjax with a quarter of the book's learning rate.
 
     python experiments/ch05_loss_spike.py --corpus path/to/the-verdict.txt [--seeds 120 121 ...]
 
@@ -45,7 +47,8 @@ RESULTS = Path(__file__).parent / "results"
 GPTJAX = (model.dropout_rngs, attention.dropout)
 VARIANTS = {"gptjax": "gptjax dropout (unsafe_rbg keys)", "stock": "Flax stock dropout (threefry bernoulli)",
             "torch": "book's PyTorch code", "none": "gptjax, no dropout", "torch-none": "PyTorch, no dropout",
-            "clip": "gptjax, clip-norm 1.0", "warmup": "gptjax, 18 warmup steps"}
+            "clip": "gptjax, clip-norm 1.0", "warmup": "gptjax, 18 warmup steps",
+            "b2": "gptjax, AdamW beta2 0.95", "lr1e-4": "gptjax, lr 1e-4"}
 
 
 def stock_dropout(x, rate, rng):
@@ -65,7 +68,7 @@ def use_dropout(kind: str) -> None:
 
 
 def run(cfg, seed: int, steps: int, text: str, tok, **optim) -> list[float]:
-    ocfg = train.OptimConfig(lr=4e-4, weight_decay=0.1, **optim)
+    ocfg = train.OptimConfig(**{"lr": 4e-4, "weight_decay": 0.1, **optim})
     tx = train.make_optimizer(ocfg)
     train_step, _ = train.make_steps(cfg, tx)
     state = train.create_state(cfg, tx, seed)
@@ -135,7 +138,8 @@ def main() -> None:
             if kind.startswith("torch"):
                 losses = run_torch(cfg, seed, args.steps, text, tok, tmp)
             else:
-                optim = {"clip": dict(clip_norm=1.0), "warmup": dict(warmup_steps=18, initial_lr=1e-5)}.get(kind, {})
+                optim = {"clip": dict(clip_norm=1.0), "warmup": dict(warmup_steps=18, initial_lr=1e-5),
+                         "b2": dict(b2=0.95), "lr1e-4": dict(lr=1e-4)}.get(kind, {})
                 losses = run(cfg, seed, args.steps, text, tok, **optim)
             out[f"{kind}/{seed}"] = losses
             r, i = rise(losses)
