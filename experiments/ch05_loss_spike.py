@@ -67,45 +67,44 @@ def use_dropout(kind: str) -> None:
     model.dropout = attention.dropout = drop
 
 
-def run(cfg, seed: int, steps: int, text: str, tok, **optim) -> list[float]:
-    ocfg = train.OptimConfig(**{"lr": 4e-4, "weight_decay": 0.1, **optim})
-    tx = train.make_optimizer(ocfg)
+BOOK_OPTIM = dict(lr=4e-4, weight_decay=0.1)  # the book's chapter-5 AdamW
+
+
+def first_batches(batches, steps: int):
+    """The first `steps` batches of the run, epoch after epoch (the train loop's order)."""
+    for s in range(steps):
+        yield batches.batch_at(s // len(batches), s % len(batches))
+
+
+def run(cfg, seed: int, steps: int, batches, **optim) -> list[float]:
+    tx = train.make_optimizer(train.OptimConfig(**{**BOOK_OPTIM, **optim}))
     train_step, _ = train.make_steps(cfg, tx)
     state = train.create_state(cfg, tx, seed)
-    batches, _ = create_dataloaders(text, tok, context_length=256, batch_size=2, train_ratio=0.9, seed=seed)
     losses = []
-    while len(losses) < steps:
-        for x_BT, y_BT in batches.epoch(len(losses) // len(batches)):
-            state, m = train_step(state, (jnp.asarray(x_BT), jnp.asarray(y_BT)))
-            losses.append(m["loss"])
-            if len(losses) == steps:
-                break
+    for x_BT, y_BT in first_batches(batches, steps):
+        state, m = train_step(state, (jnp.asarray(x_BT), jnp.asarray(y_BT)))
+        losses.append(m["loss"])
     return [float(v) for v in jax.device_get(losses)]
 
 
-def run_torch(cfg, seed: int, steps: int, text: str, tok, tmp: Path) -> list[float]:
+def run_torch(cfg, seed: int, steps: int, batches, tmp: Path) -> list[float]:
     """The book's train_model_simple on the same init and batches, in PyTorch."""
     import torch
 
-    from gptjax.book_torch import book_from_params
+    from gptjax.book_torch import book_from_params, calc_loss_batch
 
-    tx = train.make_optimizer(train.OptimConfig())
-    params = train.create_state(cfg, tx, seed).params
+    tx = train.make_optimizer(train.OptimConfig(**BOOK_OPTIM))
+    params = train.create_state(cfg, tx, seed).params  # gptjax's init for this seed
     torch.manual_seed(seed)
     book = book_from_params(params, cfg, tmp / f"init_{seed}.safetensors").train()
-    opt = torch.optim.AdamW(book.parameters(), lr=4e-4, weight_decay=0.1)
-    batches, _ = create_dataloaders(text, tok, context_length=256, batch_size=2, train_ratio=0.9, seed=seed)
+    opt = torch.optim.AdamW(book.parameters(), **BOOK_OPTIM)
     losses = []
-    while len(losses) < steps:
-        for x_BT, y_BT in batches.epoch(len(losses) // len(batches)):
-            opt.zero_grad()
-            logits = book(torch.as_tensor(x_BT, dtype=torch.long))
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.as_tensor(y_BT, dtype=torch.long).flatten())
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if len(losses) == steps:
-                break
+    for x_BT, y_BT in first_batches(batches, steps):
+        opt.zero_grad()
+        loss = calc_loss_batch(x_BT, y_BT, book)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
     return losses
 
 
@@ -125,6 +124,9 @@ def main() -> None:
 
     text = load_corpus(args.corpus, sha256=VERDICT_SHA256 if args.corpus.startswith("http") else None)
     tok = get_gpt2_tokenizer()
+    # the chapter-5 loaders; a seed's batch order is the same for every variant
+    loaders = {seed: create_dataloaders(text, tok, context_length=256, batch_size=2, train_ratio=0.9, seed=seed)[0]
+               for seed in args.seeds}
     store = RESULTS / "ch05_loss_spike.json"
     old = json.loads(store.read_text()) if store.exists() else {}
     out = old.get("losses", {}) if old.get("steps") == args.steps else {}
@@ -135,12 +137,13 @@ def main() -> None:
         cfg = get_config("gpt2-small", context_length=256, drop_rate=0.0 if kind.endswith("none") else 0.1,
                          qkv_bias=False, init="book")
         for seed in args.seeds:
+            batches = loaders[seed]
             if kind.startswith("torch"):
-                losses = run_torch(cfg, seed, args.steps, text, tok, tmp)
+                losses = run_torch(cfg, seed, args.steps, batches, tmp)
             else:
                 optim = {"clip": dict(clip_norm=1.0), "warmup": dict(warmup_steps=18, initial_lr=1e-5),
                          "b2": dict(b2=0.95), "lr1e-4": dict(lr=1e-4)}.get(kind, {})
-                losses = run(cfg, seed, args.steps, text, tok, **optim)
+                losses = run(cfg, seed, args.steps, batches, **optim)
             out[f"{kind}/{seed}"] = losses
             r, i = rise(losses)
             print(f"{kind:7s} seed {seed}: biggest rise {r:5.2f} at step {i}, loss {losses[i]:.2f}", flush=True)

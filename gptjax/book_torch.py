@@ -81,6 +81,15 @@ def book_gpt_model(c: dict[str, Any]):
     return GPTModel()
 
 
+def calc_loss_batch(input_batch, target_batch, model):
+    """The book's chapter-5 batch loss: mean cross-entropy of `model`'s logits (int token arrays in)."""
+    import torch
+
+    logits = model(torch.as_tensor(input_batch, dtype=torch.long))
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                             torch.as_tensor(target_batch, dtype=torch.long).flatten())
+
+
 def book_from_params(params: dict, cfg, path) -> Any:
     """The book's GPTModel holding gptjax `params` (written to `path` by export_book, loaded strictly)."""
     from safetensors.torch import load_file

@@ -70,7 +70,7 @@ def test_training_matches_the_books_pytorch_loop(tiny_cfg, tmp_path, clip_norm):
     clip_grad_norm_ as in appendix D) from the same init on the same batches: the same loss at every step,
     and the same logits after the last update."""
     torch = pytest.importorskip("torch")
-    from gptjax.book_torch import book_from_params
+    from gptjax.book_torch import book_from_params, calc_loss_batch
 
     cfg = tiny_cfg.replace(init="book")
     ocfg = OptimConfig(lr=1e-3, weight_decay=0.1, clip_norm=clip_norm)
@@ -85,8 +85,7 @@ def test_training_matches_the_books_pytorch_loop(tiny_cfg, tmp_path, clip_norm):
         state, m = train_step(state, (x_BT, y_BT))
         ours.append(float(m["loss"]))
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(book(torch.as_tensor(x_BT, dtype=torch.long)).flatten(0, 1),
-                                                 torch.as_tensor(y_BT, dtype=torch.long).flatten())
+        loss = calc_loss_batch(x_BT, y_BT, book)
         loss.backward()
         if clip_norm is not None:
             clipped.append(float(torch.nn.utils.clip_grad_norm_(book.parameters(), clip_norm)) > clip_norm)
