@@ -25,7 +25,8 @@ from gptjax.checkpoint import CHECKPOINTS_DIR, TrainCheckpoints, TrainingInterru
 from gptjax.config import get_config
 from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus
 from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.train import OptimConfig, TrainConfig, train
+from gptjax.engine import OptimConfig
+from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "appendix_d_training_loop"

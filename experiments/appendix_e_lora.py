@@ -32,8 +32,9 @@ from gptjax.checkpoint import load_run  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
 from gptjax.lora import LoRAConfig, lora_param_count  # noqa: E402
 from gptjax.model import abstract_params, count_params  # noqa: E402
-from gptjax.tasks.classify import (Classifier, book_split, classifier_from_adapters, load_base_model,  # noqa: E402
-                                   load_labeled_texts)
+from gptjax.checkpoint import load_base_model  # noqa: E402
+from gptjax.tasks.classify import Classifier, classifier_from_adapters  # noqa: E402
+from gptjax.tasks.classify_data import book_split, load_labeled_texts  # noqa: E402
 from gptjax.tokenizer import get_gpt2_tokenizer  # noqa: E402
 
 BOOK = {"train": 99.81, "val": 97.99, "test": 96.67}

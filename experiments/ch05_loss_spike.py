@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 
 import gptjax.attention as attention  # noqa: E402
 import gptjax.model as model  # noqa: E402
-import gptjax.train as train  # noqa: E402
+import gptjax.tasks.pretrain as train  # noqa: E402
+from gptjax import engine  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
 from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus  # noqa: E402
 from gptjax.tokenizer import get_gpt2_tokenizer  # noqa: E402
@@ -77,8 +78,8 @@ def first_batches(batches, steps: int):
 
 
 def run(cfg, seed: int, steps: int, batches, **optim) -> list[float]:
-    tx = train.make_optimizer(train.OptimConfig(**{**BOOK_OPTIM, **optim}))
-    train_step, _ = train.make_steps(cfg, tx)
+    tx = engine.make_optimizer(engine.OptimConfig(**{**BOOK_OPTIM, **optim}))
+    train_step, _ = train.jitted_steps(cfg, tx)
     state = train.create_state(cfg, tx, seed)
     losses = []
     for x_BT, y_BT in first_batches(batches, steps):
@@ -93,7 +94,7 @@ def run_torch(cfg, seed: int, steps: int, batches, tmp: Path) -> list[float]:
 
     from gptjax.book_torch import book_from_params, calc_loss_batch
 
-    tx = train.make_optimizer(train.OptimConfig(**BOOK_OPTIM))
+    tx = engine.make_optimizer(engine.OptimConfig(**BOOK_OPTIM))
     params = train.create_state(cfg, tx, seed).params  # gptjax's init for this seed
     torch.manual_seed(seed)
     book = book_from_params(params, cfg, tmp / f"init_{seed}.safetensors").train()

@@ -20,10 +20,11 @@ setup()  # XLA:CPU flags (bfloat16 matmuls need them to run on AMX) before JAX s
 
 import jax  # noqa: E402
 
-from gptjax.config import get_config
-from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus
-from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.train import OptimConfig, TrainConfig, train
+from gptjax.config import get_config  # noqa: E402
+from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus  # noqa: E402
+from gptjax.tokenizer import get_gpt2_tokenizer  # noqa: E402
+from gptjax.engine import OptimConfig  # noqa: E402
+from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import jax
 
+from gptjax.checkpoint import load_base_model
 from gptjax.config import GPTConfig
-from gptjax.tasks.classify import (ClassifierTrainConfig, balance_indices, book_split, encode_texts,
-                                   finetune_classifier, load_base_model, load_labeled_texts, random_split_indices)
+from gptjax.tasks.classify import ClassifierTrainConfig, book_split, encode_texts, finetune_classifier
+from gptjax.tasks.classify_data import balance_indices, load_labeled_texts, random_split_indices
 from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.train import OptimConfig
+from gptjax.engine import OptimConfig
 
 RESULTS = Path(__file__).parent / "results"
 BOOK = {"train": 97.21, "val": 97.32, "test": 95.67}
@@ -44,7 +45,7 @@ def pretrain_on_sms(data, tok, run_dir: Path, *, epochs: int = 2, seed: int = 12
     """A small GPT pretrained (next-token loss) on the SMS texts outside the book's val/test split; labels unused."""
     from gptjax.checkpoint import load_run
     from gptjax.data import create_dataloaders
-    from gptjax.train import TrainConfig, train
+    from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
 
     if (run_dir / "params").is_dir():
         print(f"reusing the pretrained model in {run_dir}")

@@ -28,9 +28,10 @@ import jax
 
 from gptjax.checkpoint import load_run
 from gptjax.tasks.dpo import DPOTrainConfig, finetune_dpo, load_preference_data
-from gptjax.tasks.instruct import format_table, run_style, split_data
+from gptjax.tasks.instruct import format_table, run_style
+from gptjax.tasks.instruct_data import split_data
 from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.train import OptimConfig
+from gptjax.engine import OptimConfig
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 from gptjax.bench import alternate  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
 from gptjax.model import init_params, set_linear_layout  # noqa: E402
-from gptjax.tasks.instruct import compiled_sft_steps, split_trainable  # noqa: E402
-from gptjax.train import IGNORE_INDEX, OptimConfig, TrainState  # noqa: E402
+from gptjax.tasks.instruct import make_sft_steps, split_trainable  # noqa: E402
+from gptjax.engine import IGNORE_INDEX, OptimConfig  # noqa: E402
 
 
 def main() -> None:
@@ -44,13 +44,12 @@ def main() -> None:
     for layout in ("out_in", "in_out"):
         cfg = base.replace(linear_layout=layout)
         p = set_linear_layout(params, "in_out", layout)
-        tx, train_step, _ = compiled_sft_steps(cfg, OptimConfig(lr=5e-5, weight_decay=0.1))
         trainable, frozen = split_trainable(p, None, jax.random.key(1))
-        states[layout] = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
-                                    key=jax.random.key(2))
+        steps = make_sft_steps(cfg, OptimConfig(lr=5e-5, weight_decay=0.1), trainable, frozen)
+        states[layout] = steps.init_state(trainable, jax.random.PRNGKey(2))
 
-        def run(layout=layout, step=train_step, frozen=frozen):
-            states[layout], m = step(states[layout], frozen, batch)
+        def run(layout=layout, steps=steps):
+            states[layout], m = steps.train_step(states[layout], batch)
             m["loss"].block_until_ready()
         runs[layout] = run
     times = alternate(runs, rounds=args.rounds, warmup=1)

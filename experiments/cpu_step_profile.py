@@ -23,7 +23,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gptjax.config import get_config  # noqa: E402
-from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps  # noqa: E402
+from gptjax.engine import OptimConfig, make_optimizer  # noqa: E402
+from gptjax.tasks.pretrain import create_state, jitted_steps as make_steps  # noqa: E402
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ def accumulation_check(cfg, devices, batch: int, k: int) -> dict:
     import numpy as np
 
     from gptjax import sharding as sh
-    from gptjax.train import OptimConfig, make_optimizer
+    from gptjax.engine import OptimConfig, make_optimizer
 
     tx = make_optimizer(OptimConfig(lr=1e-3, grad_accum=k))
     sharded = sh.make_sharded_steps(cfg, tx, sh.make_mesh("dp", devices=devices), "dp")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from gptjax.config import GPTConfig
     from gptjax.model import num_params
-    from gptjax.train import OptimConfig, make_optimizer
+    from gptjax.engine import OptimConfig, make_optimizer
 
     if max(counts) > jax.device_count():
         raise SystemExit(f"asked for {max(counts)} devices but jax sees {jax.device_count()}")

@@ -33,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import WEIGHT_DTYPES, GPTConfig, get_config
+from gptjax.engine import OptimConfig, mean_metrics
 from gptjax.model import abstract_params, count_params, init_params
+from gptjax.tasks.pretrain import init_state, make_steps
 
 # Dense peak FLOP/s per device by device_kind substring (lowercase), from the vendors' data sheets.
 # "fp32" is what XLA runs float32 matmuls on by default: TF32 tensor cores on NVIDIA Ampere and newer.
@@ -271,19 +273,16 @@ def _device_peak_bytes() -> int | None:
 
 
 class JaxTrain:
-    """One jitted train step of gptjax (train.make_steps) on `cfg`, compiled ahead of time."""
+    """One jitted train step of gptjax (the pretraining task's engine steps) on `cfg`, compiled ahead of time."""
 
     def __init__(self, cfg: GPTConfig, bc: BenchConfig):
-        from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps
-
         self.cfg = cfg
-        tx = make_optimizer(OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
-        self.state = create_state(cfg, tx, bc.seed)
+        self.steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
+        self.state = init_state(self.steps, cfg, bc.seed)
         self.n_params = count_params(self.state.params)
-        train_step, self.eval_step = make_steps(cfg, tx)
         self.batch = _batch(cfg, bc.batch_size, bc.seed)
         t0 = time.perf_counter()
-        lowered = train_step.lower(self.state, self.batch)
+        lowered = self.steps.lower(self.state, self.batch)
         t1 = time.perf_counter()
         self.step_fn = lowered.compile()
         t2 = time.perf_counter()
@@ -291,7 +290,7 @@ class JaxTrain:
         self.xla_bytes = _xla_memory(self.step_fn)
 
     def __call__(self) -> None:
-        self.state, metrics = self.step_fn(self.state, self.batch)
+        self.state, metrics = self.step_fn(self.state, None, self.batch)
         metrics["loss"].block_until_ready()
 
 
@@ -463,11 +462,8 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
 
 def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None = None, steps: int = 6) -> dict:
     """Programs a training run compiles: the jitted train/eval steps over a few batches of one shape."""
-    from gptjax.train import OptimConfig, create_state, evaluate, make_optimizer, make_steps
-
-    tx = make_optimizer(OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
-    state = runner.state if runner is not None else create_state(cfg, tx, bc.seed)
-    train_step, eval_step = make_steps(cfg, tx)
+    steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
+    state = runner.state if runner is not None else init_state(steps, cfg, bc.seed)
     events: list[str] = []
     compiled = lambda name, *a, **k: events.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
     loaded = lambda name, *a, **k: events.append(name) if name.endswith("cache_hits") else None  # noqa: E731
@@ -475,15 +471,15 @@ def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None 
     jax.monitoring.register_event_listener(loaded)
     try:
         for i in range(steps):
-            state, metrics = train_step(state, _batch(cfg, bc.batch_size, seed=i))
+            state, metrics = steps.train_step(state, _batch(cfg, bc.batch_size, seed=i))
             if i % 3 == 0:
-                evaluate(eval_step, state.params, [_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)])
+                mean_metrics(steps, state.params, [_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)])
         float(metrics["loss"])
     finally:
         _unregister(compiled, loaded)
     if runner is not None:
         runner.state = state
-    return {"train_step_programs": train_step._cache_size(), "eval_step_programs": eval_step._cache_size(),
+    return {"train_step_programs": steps.train_jit._cache_size(), "eval_step_programs": steps.eval_jit._cache_size(),
             "xla_compiles_in_loop": sum(e.endswith("backend_compile_duration") for e in events),
             "cache_loads_in_loop": sum(e.endswith("cache_hits") for e in events), "loop_steps": steps}
 
@@ -542,17 +538,13 @@ def _ratios(rows: list[dict], key: str) -> None:
 def _compile_probe(spec: dict) -> dict:
     """Run in a fresh process: AOT lower + compile of the train step from abstract shapes."""
     from gptjax.runtime import enable_compilation_cache
-    from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps
-
     if spec.get("cache_dir"):
         enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
     cfg = GPTConfig.from_dict(spec["cfg"])
-    tx = make_optimizer(OptimConfig())
-    state = jax.eval_shape(lambda: create_state(cfg, tx, 0))
+    steps = make_steps(cfg, OptimConfig())
     x = jax.ShapeDtypeStruct((spec["batch"], cfg.context_length), jnp.int32)
-    train_step, _ = make_steps(cfg, tx)
     t0 = time.perf_counter()
-    lowered = train_step.lower(state, (x, x))
+    lowered = steps.lower(steps.abstract, (x, x))
     t1 = time.perf_counter()
     lowered.compile()
     t2 = time.perf_counter()
@@ -817,8 +809,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--torch-train-probe"]:
         print(json.dumps(_torch_train_probe(json.loads(argv[1]))))
         return 0
-    from gptjax.cli import main as cli_main
-    return cli_main(["bench", *argv])
+    print("python -m gptjax.bench runs the benchmark's subprocess probes; run the benchmark with `gptjax bench`",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

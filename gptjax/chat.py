@@ -14,7 +14,7 @@ import jax
 
 from gptjax.config import GPTConfig
 from gptjax.generate import decoding_model, stream_generate
-from gptjax.tasks.instruct import PAD_TOKEN_ID, encode, format_input, response_prefix
+from gptjax.tasks.instruct_data import PAD_TOKEN_ID, encode, format_input, response_prefix
 
 QUIT = ("/quit", "/exit", "/bye")
 

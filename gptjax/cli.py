@@ -65,7 +65,7 @@ def cmd_pretrain(args) -> int:
     from gptjax.checkpoint import CheckpointSaveError, RunExistsError, TrainingInterrupted, load_run_config
     from gptjax.data import create_dataloaders, load_corpus
     from gptjax.tokenizer import get_gpt2_tokenizer
-    from gptjax.train import TrainConfig, train
+    from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
 
     if args.sharding != "none":
         from gptjax.sharding import initialize_distributed
@@ -123,7 +123,7 @@ def cmd_pretrain(args) -> int:
 
 def _optim_config(args, updates: int):
     """OptimConfig of the pretrain flags; `updates` optimizer updates in the whole run (for warmup/cosine)."""
-    from gptjax.train import OptimConfig
+    from gptjax.engine import OptimConfig
 
     common = dict(weight_decay=args.weight_decay, grad_accum=args.grad_accum)
     if args.appendix_d:
@@ -263,9 +263,11 @@ def _col(value: str | None):
 def cmd_finetune_classifier(args) -> int:
     from gptjax.config import get_config
     from gptjax.lora import LoRAConfig
-    from gptjax.tasks.classify import ClassifierTrainConfig, finetune_classifier, load_base_model, load_labeled_texts
+    from gptjax.checkpoint import load_base_model
+    from gptjax.tasks.classify import ClassifierTrainConfig, finetune_classifier
+    from gptjax.tasks.classify_data import load_labeled_texts
     from gptjax.tokenizer import get_gpt2_tokenizer
-    from gptjax.train import OptimConfig
+    from gptjax.engine import OptimConfig
 
     try:
         lora = None
@@ -320,7 +322,7 @@ def cmd_classify(args) -> int:
 def _ch7_model(args):
     """(params, cfg) of --model: a GPT-2 size, local weights, a run directory, or 'random' of the size flags."""
     from gptjax.config import get_config
-    from gptjax.tasks.instruct import load_base_model
+    from gptjax.checkpoint import load_base_model
 
     random_cfg = None
     if args.model == "random":
@@ -328,7 +330,7 @@ def _ch7_model(args):
                      if getattr(args, k) is not None}
         random_cfg = get_config(args.preset, **overrides, qkv_bias=args.qkv_bias, tie_embeddings=args.tie_embeddings,
                                 init=args.init)
-    params, cfg = load_base_model(args.model, random_cfg=random_cfg, seed=args.seed)
+    params, cfg = load_base_model(args.model, random_cfg=random_cfg, seed=args.seed, language_model=True)
     cfg = cfg.replace(drop_rate=args.drop_rate, dtype=args.dtype, matmul_precision=args.matmul_precision,
                       attn_impl=args.attn_impl)
     return _train_layout(params, cfg, args.linear_layout, lora=args.lora_rank is not None)
@@ -359,7 +361,7 @@ def _ch7_lora(args):
 
 
 def _ch7_splits(records: list, limit: int | None) -> dict:
-    from gptjax.tasks.instruct import split_data
+    from gptjax.tasks.instruct_data import split_data
 
     splits = split_data(records)
     return {k: v[:limit] for k, v in splits.items()} if limit else splits
@@ -389,9 +391,10 @@ def _ch7_run(args, fn, **kw) -> int:
 
 
 def cmd_finetune_instruct(args) -> int:
-    from gptjax.tasks.instruct import InstructTrainConfig, finetune_instruct, load_instruction_data
+    from gptjax.tasks.instruct import InstructTrainConfig, finetune_instruct
+    from gptjax.tasks.instruct_data import load_instruction_data
     from gptjax.tokenizer import get_gpt2_tokenizer
-    from gptjax.train import OptimConfig
+    from gptjax.engine import OptimConfig
 
     def go() -> int:
         splits = _ch7_splits(load_instruction_data(args.data), args.limit)
@@ -417,8 +420,8 @@ def cmd_finetune_instruct(args) -> int:
 
 def cmd_respond(args) -> int:
     from gptjax.checkpoint import load_run_config
-    from gptjax.tasks.instruct import (format_table, generate_responses, load_instruction_data, offline_report,
-                                       save_responses)
+    from gptjax.tasks.instruct import format_table, generate_responses, offline_report, save_responses
+    from gptjax.tasks.instruct_data import load_instruction_data
     from gptjax.tokenizer import get_gpt2_tokenizer
 
     style = _ch7_style(args)
@@ -449,7 +452,8 @@ def cmd_respond(args) -> int:
 def cmd_judge(args) -> int:
     import json
 
-    from gptjax.tasks.instruct import format_table, load_json_records, offline_report
+    from gptjax.tasks.instruct import format_table, offline_report
+    from gptjax.tasks.instruct_data import load_json_records
     from gptjax.tasks.judge import generate_model_scores
 
     records = load_json_records(args.data, keys=("instruction", "output", args.key))
@@ -487,7 +491,7 @@ def cmd_judge(args) -> int:
 def cmd_dpo(args) -> int:
     from gptjax.tasks.dpo import DPOTrainConfig, finetune_dpo, load_preference_data
     from gptjax.tokenizer import get_gpt2_tokenizer
-    from gptjax.train import OptimConfig
+    from gptjax.engine import OptimConfig
 
     def go() -> int:
         splits = _ch7_splits(load_preference_data(args.data), args.limit)

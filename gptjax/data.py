@@ -35,7 +35,7 @@ def default_cache_dir() -> Path:
     return user_cache_dir()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -54,7 +54,7 @@ def cached_download(url: str, *, cache_dir: str | os.PathLike | None = None, sha
     """Download `url` once into the cache (verified against sha256 when given) and return the local path."""
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = _cache_path(url, cache_dir)
-    if path.is_file() and (sha256 is None or _file_sha256(path) == sha256.lower()):
+    if path.is_file() and (sha256 is None or file_sha256(path) == sha256.lower()):
         return path
     if is_offline() and not url.startswith("file:"):
         raise RuntimeError(
@@ -203,7 +203,7 @@ def load_corpus(
     path = Path(source_str).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"corpus {source_str!r} is not an existing file; pass {_SOURCES_HELP}")
-    if sha256 is not None and (got := _file_sha256(path)) != sha256.lower():
+    if sha256 is not None and (got := file_sha256(path)) != sha256.lower():
         raise ValueError(f"sha256 mismatch for {path}: expected {sha256.lower()}, got {got}")
     return _check_text(_read_text(path, source_str), source_str)
 

@@ -1,4 +1,4 @@
-"""Device mesh, data-parallel and FSDP shardings, sharded train steps and checkpoints, multi-host start.
+"""Device mesh, data-parallel and FSDP shardings, sharded checkpoints, multi-host start.
 
 The mesh has two axes, `data` x `fsdp`. The batch is split over both (each device gets B / n_devices
 rows). Parameters and optimizer state are either replicated ("dp": every device holds the whole state,
@@ -7,24 +7,19 @@ dimension divisible by the fsdp axis size; XLA all-gathers weights where they ar
 reduce-scatters gradients). `make_mesh("dp")` is n x 1, `make_mesh("fsdp")` is 1 x n, and
 `make_mesh("fsdp", fsdp=8)` on 32 devices is hybrid: FSDP inside groups of 8, data parallel across them.
 
-Nothing here communicates by hand: jit with explicit in/out shardings lets XLA insert the collectives,
-and jax.distributed runs the processes. Letters: B batch, T time.
+Nothing here communicates by hand: the engine (gptjax.engine.Steps) jits its steps with these in/out
+shardings and XLA inserts the collectives; jax.distributed runs the processes. Letters: B batch, T time.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from gptjax.config import GPTConfig
-from gptjax.train import TrainState, create_state, step_functions
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)  # the batch dimension is split over every device of the mesh
@@ -101,6 +96,16 @@ def make_mesh(strategy: str = "dp", fsdp: int | None = None, devices: Sequence[A
     return jax.make_mesh((n // fsdp, fsdp), (DATA, FSDP), axis_types=auto, devices=devices)
 
 
+def mesh_for(strategy: str, fsdp: int | None = None, batch_size: int | None = None) -> Mesh | None:
+    """The mesh a run over every device uses ("dp" / "fsdp"), checked against its batch; None for "none"."""
+    if strategy == "none":
+        return None
+    mesh = make_mesh(strategy, fsdp=fsdp)
+    if batch_size is not None:
+        check_batch(batch_size, mesh)
+    return mesh
+
+
 def _check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sharding strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -122,15 +127,26 @@ def tree_shardings(tree: Any, mesh: Mesh, strategy: str) -> Any:
     return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(a.shape, n)), tree)
 
 
-def state_shardings(abstract: TrainState, mesh: Mesh, strategy: str) -> TrainState:
+def check_strategy(strategy: str, mesh: Mesh) -> None:
+    _check_strategy(strategy)
+    if strategy == "fsdp" and mesh.shape[FSDP] == 1 and mesh.size > 1:
+        raise ValueError("strategy 'fsdp' needs a mesh with an fsdp axis > 1; build it with make_mesh('fsdp')")
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def state_shardings(abstract: Any, mesh: Mesh, strategy: str) -> Any:
     """Shardings of a TrainState: params and optimizer state by `strategy`, step and PRNG key replicated.
 
     Adam's moments have the params' shapes, so the shape rule gives them the params' shardings and the
     update is local to each shard.
     """
-    replicated = NamedSharding(mesh, P())
-    return TrainState(step=replicated, key=replicated, params=tree_shardings(abstract.params, mesh, strategy),
-                      opt_state=tree_shardings(abstract.opt_state, mesh, strategy))
+    check_strategy(strategy, mesh)
+    return abstract.replace(step=replicated(mesh), key=replicated(mesh),
+                            params=tree_shardings(abstract.params, mesh, strategy),
+                            opt_state=tree_shardings(abstract.opt_state, mesh, strategy))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -200,65 +216,6 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-# ----------------------------------------------------------------------------------- sharded steps
-
-class ShardedSteps:
-    """Jitted train/eval steps with explicit in/out shardings on `mesh`, and the state to feed them.
-
-    `train_step(state, (x_BT, y_BT)) -> (state, metrics)` and `eval_step(params, (x_BT, y_BT)) -> loss`
-    take host batches (the global batch, see `shard_batch`) or global arrays; the math is `make_steps`'s.
-    """
-
-    def __init__(self, cfg: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, strategy: str = "dp",
-                 schedule: optax.Schedule | None = None):
-        _check_strategy(strategy)
-        if strategy == "fsdp" and mesh.shape[FSDP] == 1 and mesh.size > 1:
-            raise ValueError("strategy 'fsdp' needs a mesh with an fsdp axis > 1; build it with make_mesh('fsdp')")
-        self.cfg, self.tx, self.mesh, self.strategy = cfg, tx, mesh, strategy
-        self.abstract = jax.eval_shape(lambda: create_state(cfg, tx, 0))  # shapes only, nothing allocated
-        self.state_sharding = state_shardings(self.abstract, mesh, strategy)
-        self.batch_sharding = batch_sharding(mesh)
-        replicated = NamedSharding(mesh, P())
-        params_sharding = self.state_sharding.params
-        # under FSDP the constraint makes the gradient reduction a reduce-scatter into each device's shard
-        train_step, eval_step = step_functions(
-            cfg, tx, schedule, constrain_grads=lambda g: jax.lax.with_sharding_constraint(g, params_sharding))
-
-        batch_in = (self.batch_sharding, self.batch_sharding)
-        self.train_step_jit = jax.jit(train_step, in_shardings=(self.state_sharding, batch_in),
-                                      out_shardings=(self.state_sharding, replicated), donate_argnums=0)
-        self.eval_step_jit = jax.jit(eval_step, in_shardings=(params_sharding, batch_in), out_shardings=replicated)
-        # out_shardings partition the init itself: each device draws only its own shard of every weight
-        self.init_jit = jax.jit(lambda seed: create_state(cfg, tx, seed), out_shardings=self.state_sharding)
-
-    def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-        return self.train_step_jit(state, shard_batch(tuple(batch), self.mesh))
-
-    def eval_step(self, params: Any, batch) -> jax.Array:
-        return self.eval_step_jit(params, shard_batch(tuple(batch), self.mesh))
-
-    def abstract_state(self) -> TrainState:
-        """ShapeDtypeStructs carrying this mesh's shardings: the restore target of a checkpoint."""
-        return with_shardings(self.abstract, self.state_sharding)
-
-    def init_state(self, seed: int, params: Any = None) -> TrainState:
-        """`create_state(cfg, tx, seed, params)` made directly in shards: no device ever holds the whole model.
-
-        `params` (e.g. loaded GPT-2 weights, host or device arrays) are placed shard by shard.
-        """
-        if params is None:
-            return self.init_jit(seed)
-        params = jax.device_put(params, self.state_sharding.params)
-        return jax.jit(lambda p: create_state(self.cfg, self.tx, seed, p), out_shardings=self.state_sharding,
-                       donate_argnums=0)(params)
-
-
-def make_sharded_steps(cfg: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, strategy: str = "dp",
-                       schedule: optax.Schedule | None = None) -> ShardedSteps:
-    """Sharded `make_steps`: steps, state init and checkpoint targets for `mesh` and "dp" or "fsdp"."""
-    return ShardedSteps(cfg, tx, mesh, strategy, schedule)
-
-
 # ------------------------------------------------------------------------------------- checkpoints
 
 def save_state(path: str | Path, state: Any) -> Path:
@@ -266,8 +223,6 @@ def save_state(path: str | Path, state: Any) -> Path:
 
     All processes must call it (same path, a file system they share).
     """
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(path, state, force=True)
@@ -280,43 +235,11 @@ def restore_state(path: str | Path, target: Any) -> Any:
 
     Each device reads only its own shard, so a state written on 8 devices restores onto 1 or 4.
     """
-    import orbax.checkpoint as ocp
-
     return ocp.StandardCheckpointer().restore(Path(path).absolute(), target)
 
 
-# ------------------------------------------------------------------------------------- launch check
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m gptjax.sharding`: check a launch on every process: join, mesh, one all-reduce, a few steps."""
-    p = argparse.ArgumentParser(prog="python -m gptjax.sharding", description=main.__doc__.split(": ", 1)[1])
-    p.add_argument("--strategy", default="fsdp", choices=STRATEGIES)
-    p.add_argument("--fsdp", type=int, help="size of the fsdp axis (default: all devices for fsdp, 1 for dp)")
-    p.add_argument("--steps", type=int, default=3, help="training steps of a small GPT")
-    p.add_argument("--rows-per-device", type=int, default=2, help="batch rows per device")
-    args = p.parse_args(argv)
-    joined = initialize_distributed()
-    mesh = make_mesh(args.strategy, args.fsdp)
-    n = batch_devices(mesh)
-    ones = shard_batch(np.ones((n,), np.float32), mesh)
-    total = float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones).addressable_data(0))
-    assert total == n, f"an all-reduce over {n} devices gave {total}: the processes do not see each other's data"
-
-    from gptjax.train import OptimConfig, make_optimizer
-
-    cfg = GPTConfig(vocab_size=256, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
-    steps = make_sharded_steps(cfg, make_optimizer(OptimConfig(lr=1e-3)), mesh, args.strategy)
-    ids_BT = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.rows_per_device * n, cfg.context_length + 1))
-    state, losses = steps.init_state(0), []
-    for _ in range(args.steps):
-        state, m = steps.train_step(state, (ids_BT[:, :-1], ids_BT[:, 1:]))
-        losses.append(round(float(m["loss"]), 4))
-    kb = max(bytes_per_device(state).values()) / 1024
-    print(f"process {jax.process_index()} of {jax.process_count()} ({'joined' if joined else 'single process'}): "
-          f"{jax.local_device_count()} local of {jax.device_count()} {jax.devices()[0].platform} devices; mesh "
-          f"{dict(mesh.shape)}; all-reduce ok ({total:g}); {args.strategy} losses {losses}; state {kb:.0f} KiB on "
-          f"its busiest device", flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    # the launch check trains a small GPT: it lives with the pretraining task, a layer above this module
+    from gptjax.tasks.pretrain import launch_check
+
+    launch_check()

@@ -6,7 +6,7 @@ import pytest
 from gptjax.chat import chat
 from gptjax.generate import generate_batch
 from gptjax.model import init_params
-from gptjax.tasks.instruct import encode, format_input, response_prefix
+from gptjax.tasks.instruct_data import encode, format_input, response_prefix
 from test_instruct import EOT, CharTokenizer, char_cfg
 
 

@@ -11,7 +11,8 @@ from gptjax.checkpoint import (CheckpointCorruptError, CheckpointMismatchError, 
 from gptjax.config import GPTConfig
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
-from gptjax.train import OptimConfig, TrainConfig, train
+from gptjax.engine import OptimConfig
+from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
 
 
 class CharTok:

@@ -11,7 +11,8 @@ from gptjax.attention import causal_attention, default_impl
 from gptjax.config import GPTConfig
 from gptjax.generate import generate
 from gptjax.model import init_params
-from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps
+from gptjax.engine import OptimConfig, make_optimizer
+from gptjax.tasks.pretrain import create_state, jitted_steps as make_steps
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (JAX_PLATFORMS=cuda)")
 

@@ -11,11 +11,9 @@ from gptjax.checkpoint import RunExistsError, TrainingInterrupted, load_run, loa
 from gptjax.config import GPTConfig
 from gptjax.lora import LoRAConfig, load_adapters
 from gptjax.model import GPT, init_params
-from gptjax.tasks.instruct import (IGNORE_INDEX, InstructionBatches, InstructTrainConfig, bucket_length, collate,
-                                   encode_examples, extract_response, finetune_instruct, format_example, format_input,
-                                   format_table, generate_responses, load_instruction_data,
-                                   offline_report, response_nll, save_responses, split_data)
-from gptjax.train import OptimConfig, cross_entropy
+from gptjax.tasks.instruct import InstructTrainConfig, finetune_instruct, format_table, generate_responses, offline_report, response_nll, save_responses
+from gptjax.tasks.instruct_data import IGNORE_INDEX, InstructionBatches, bucket_length, collate, encode_examples, extract_response, format_example, format_input, load_instruction_data, split_data
+from gptjax.engine import OptimConfig, cross_entropy
 
 EOT = 256
 

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from gptjax.cli import main
-from gptjax.tasks.instruct import format_input
+from gptjax.tasks.instruct_data import format_input
 from gptjax.tasks.judge import (JudgeUnavailableError, chat_url, exact_match, generate_model_scores, judge_prompt,
                                 lcs_length, query_model, rouge_l, rouge_tokens, text_scores)
 

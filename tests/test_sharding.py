@@ -131,14 +131,15 @@ def test_two_processes_on_loopback_train_fsdp_and_save_a_checkpoint(tmp_path):
     assert (r0["rows"], r1["rows"]) == ([0, 4], [4, 8])  # each process fed only its half of the batch
     # this (single-process, one-device) pytest reads the checkpoint the two processes wrote
     from gptjax.config import GPTConfig
-    from gptjax.sharding import make_mesh, make_sharded_steps, restore_state
-    from gptjax.train import OptimConfig, make_optimizer
+    from gptjax.engine import OptimConfig
+    from gptjax.sharding import make_mesh, restore_state
+    from gptjax.tasks.pretrain import make_steps
 
     cfg = GPTConfig(**TINY, drop_rate=0.0)
-    steps = make_sharded_steps(cfg, make_optimizer(OptimConfig(lr=1e-3)), make_mesh("dp"))
-    state = restore_state(tmp_path / "ckpt", steps.abstract_state())
+    steps = make_steps(cfg, OptimConfig(lr=1e-3), make_mesh("dp"))
+    state = restore_state(tmp_path / "ckpt", steps.restore_target())
     assert int(state.step) == 5
-    assert float(steps.eval_step(state.params, _batch(0))) == pytest.approx(r0["eval"], rel=1e-5)
+    assert float(steps.eval_step(state.params, _batch(0))["loss"]) == pytest.approx(r0["eval"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ workers
@@ -176,11 +177,13 @@ def worker_mesh(tmp: Path) -> dict:
 
     from gptjax import sharding as sh
     from gptjax.config import GPTConfig
-    from gptjax.model import count_params
-    from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps
+    from gptjax.model import count_params, init_params
+    from gptjax.engine import OptimConfig, make_optimizer
+    from gptjax.tasks.pretrain import create_state, init_state, jitted_steps as make_steps, make_steps as sharded
 
     cfg = GPTConfig(**TINY, drop_rate=0.1)  # dropout too: its masks must not depend on the sharding
-    tx = make_optimizer(OptimConfig(lr=1e-3))
+    ocfg = OptimConfig(lr=1e-3)
+    tx = make_optimizer(ocfg)
     batches = [_batch(i) for i in range(STEPS)]
     ref_step, ref_eval = make_steps(cfg, tx)
     init = create_state(cfg, tx, SEED)
@@ -189,9 +192,10 @@ def worker_mesh(tmp: Path) -> dict:
            "param_bytes": 4 * count_params(init.params)}
     states = {}
     for strategy in ("dp", "fsdp"):
-        steps = sh.make_sharded_steps(cfg, tx, sh.make_mesh(strategy), strategy)
-        mem = steps.init_jit.lower(SEED).compile().memory_analysis()
-        state = steps.init_state(SEED)
+        steps = sharded(cfg, ocfg, sh.make_mesh(strategy), strategy)
+        init_key, key = jax.random.split(jax.random.PRNGKey(SEED))
+        mem = steps.sharded_init(lambda: init_params(cfg, init_key)).lower(key).compile().memory_analysis()
+        state = init_state(steps, cfg, SEED)
         r = {"init_equal": _equal(state.params, init.params),
              "init_peak_bytes": mem.output_size_in_bytes + mem.temp_size_in_bytes,
              "state_bytes_per_device": max(sh.bytes_per_device(state).values()),
@@ -199,7 +203,7 @@ def worker_mesh(tmp: Path) -> dict:
                         for p, a in jax.tree_util.tree_flatten_with_path(state.params)[0]},
              "batch_shards": [list(s.data.shape) for s in sh.shard_batch(batches[0], steps.mesh)[0].addressable_shards]}
         state, r["losses"] = _train(steps.train_step, state, batches)
-        r["eval"] = float(steps.eval_step(state.params, batches[0]))
+        r["eval"] = float(steps.eval_step(state.params, batches[0])["loss"])
         out[strategy], states[strategy] = r, (steps, state)
     steps8, state8 = states["fsdp"]
     try:
@@ -210,8 +214,8 @@ def worker_mesh(tmp: Path) -> dict:
 
     # FSDP on 8 devices -> one device
     sh.save_state(tmp / "fsdp8", state8)
-    steps1 = sh.make_sharded_steps(cfg, tx, sh.make_mesh("dp", devices=jax.devices()[:1]))
-    state1 = sh.restore_state(tmp / "fsdp8", steps1.abstract_state())
+    steps1 = sharded(cfg, ocfg, sh.make_mesh("dp", devices=jax.devices()[:1]))
+    state1 = sh.restore_state(tmp / "fsdp8", steps1.restore_target())
     r = {"equal": _equal(state1, state8), "devices": len(state1.params["wte"]["embedding"].sharding.device_set)}
     _, r["next_losses"] = _train(steps1.train_step, state1, batches[:2])
     _, r["expected_losses"] = _train(steps8.train_step, state8, batches[:2])
@@ -219,8 +223,8 @@ def worker_mesh(tmp: Path) -> dict:
 
     # one device (plain create_state / make_steps) -> FSDP on 4 devices
     sh.save_state(tmp / "single", ref)
-    steps4 = sh.make_sharded_steps(cfg, tx, sh.make_mesh("fsdp", devices=jax.devices()[:4]), "fsdp")
-    state4 = sh.restore_state(tmp / "single", steps4.abstract_state())
+    steps4 = sharded(cfg, ocfg, sh.make_mesh("fsdp", devices=jax.devices()[:4]), "fsdp")
+    state4 = sh.restore_state(tmp / "single", steps4.restore_target())
     kernel = state4.params["h_0"]["attn"]["c_attn"]["kernel"]
     r = {"equal": _equal(state4, ref), "devices": len(kernel.sharding.device_set),
          "shard": list(kernel.addressable_shards[0].data.shape)}
@@ -242,7 +246,8 @@ def worker_process(tmp: Path) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from gptjax.config import GPTConfig
-    from gptjax.train import OptimConfig, create_state, make_optimizer, make_steps
+    from gptjax.engine import OptimConfig, make_optimizer
+    from gptjax.tasks.pretrain import create_state, init_state, jitted_steps as make_steps, make_steps as sharded
 
     mesh = sh.make_mesh("fsdp")
     replicated = NamedSharding(mesh, P())
@@ -256,17 +261,18 @@ def worker_process(tmp: Path) -> dict:
            "rows": [rows.start, rows.stop]}
 
     cfg = GPTConfig(**TINY, drop_rate=0.0)
-    tx = make_optimizer(OptimConfig(lr=1e-3))
+    ocfg = OptimConfig(lr=1e-3)
+    tx = make_optimizer(ocfg)
     batches = [_batch(i) for i in range(5)]
     ref_step, _ = make_steps(cfg, tx)  # the same model on this process's first device alone
     _, out["ref_losses"] = _train(ref_step, jax.device_put(create_state(cfg, tx, SEED), jax.local_devices()[0]),
                                   batches)
-    steps = sh.make_sharded_steps(cfg, tx, mesh, "fsdp")
+    steps = sharded(cfg, ocfg, mesh, "fsdp")
     # each process passes only its own rows, as a loader reading local_rows of the data would
     local = [tuple(a[rows] for a in b) for b in batches]
-    state, out["losses"] = _train(lambda s, b: steps.train_step_jit(s, sh.shard_batch(b, mesh, local=True)),
-                                  steps.init_state(SEED), local)
-    out["eval"] = float(steps.eval_step(state.params, batches[0]))
+    state, out["losses"] = _train(lambda s, b: steps.train_jit(s, steps.frozen, sh.shard_batch(b, mesh, local=True)),
+                                  init_state(steps, cfg, SEED), local)
+    out["eval"] = float(steps.eval_step(state.params, batches[0])["loss"])
     sh.save_state(tmp / "ckpt", state)  # every process writes its own shards
     return out
 

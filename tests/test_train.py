@@ -8,8 +8,8 @@ from gptjax.checkpoint import load_run
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
 from gptjax.model import GPT, set_linear_layout
-from gptjax.train import (OptimConfig, TrainConfig, clip_by_global_norm_after, create_state, cross_entropy,
-                          logged_schedule, make_optimizer, make_steps, perplexity, train)
+from gptjax.engine import OptimConfig, clip_by_global_norm_after, cross_entropy, make_optimizer, perplexity
+from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, create_state, jitted_steps as make_steps, pretrain as train
 
 
 def test_cross_entropy_matches_numpy_and_ignores_minus_100():
@@ -154,7 +154,7 @@ def test_clipping_starts_after_the_warmup_as_in_the_book():
 def test_logged_lr_follows_updates_under_accumulation(tiny_cfg):
     ocfg = OptimConfig(lr=1e-3, initial_lr=1e-4, warmup_steps=3, grad_accum=2)
     tx = make_optimizer(ocfg)
-    train_step, _ = make_steps(tiny_cfg, tx, logged_schedule(ocfg))
+    train_step, _ = make_steps(tiny_cfg, tx, ocfg.logged_schedule())
     state, batches = create_state(tiny_cfg, tx, 0), _batches(tiny_cfg, batch_size=2)
     lrs = []
     for i in range(6):
@@ -187,7 +187,7 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(tiny_cfg):
 def test_train_config_round_trips_through_json():
     tcfg = TrainConfig(epochs=3, save_every=4, optim=OptimConfig.appendix_d(30, grad_accum=2))
     assert TrainConfig.from_dict(json.loads(json.dumps(tcfg.to_dict()))) == tcfg
-    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['epoch'\]"):
+    with pytest.raises(ValueError, match=r"unknown PretrainConfig keys \['epoch'\]"):
         TrainConfig.from_dict({"epoch": 3})
 
 

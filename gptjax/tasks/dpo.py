@@ -15,22 +15,27 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache, partial
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import lora as lora_lib
+from gptjax import engine, lora as lora_lib, runs
+from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
+from gptjax.engine import OptimConfig, Steps, TrainConfig, mean_metrics
+from gptjax.generate import generate_batch
+from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params
-from gptjax.tasks.instruct import (PAD_TOKEN_ID, bucket_length, encode, format_input, full_params, load_json_records,
-                                   mean_metrics, plot_history, response_prefix, run_loop, split_data, split_trainable)
-from gptjax.train import OptimConfig, TrainState, global_norm, make_optimizer
+from gptjax.tasks.instruct import fit, full_params, respond_and_evaluate, split_trainable
+from gptjax.tasks.instruct_data import (PAD_TOKEN_ID, bucket_length, encode, format_input, load_json_records,
+                                        response_prefix, split_data)
 
 PREFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
                        "04_preference-tuning-with-dpo/instruction-data-with-preference.json")
@@ -164,69 +169,44 @@ def _pair_logprobs(params: dict, cfg: GPTConfig, batch: dict) -> tuple[jax.Array
     return jnp.split(lp_2B, 2)
 
 
-def make_dpo_steps(cfg: GPTConfig, tx: optax.GradientTransformation, beta: float = 0.1, lora_scale: float = 1.0):
-    """Jitted `train_step(state, (frozen, ref), batch)` and `eval_step(trainable, (frozen, ref), batch)`.
-
-    `ref` are the reference model's params (None: the frozen base params, as with LoRA). Dropout is
-    off in both models, as the book (drop_rate 0), so step 0's loss is exactly log 2.
-    """
-    def metrics_fn(trainable, fixed, batch):
+@lru_cache(maxsize=8)
+def make_loss_fn(cfg: GPTConfig, beta: float = 0.1, lora_scale: float = 1.0) -> engine.LossFn:
+    """The book's DPO loss over `frozen = (base weights, reference params)`; `ref` None: the frozen base
+    params are the reference (LoRA). Dropout is off in both models, as the book (drop_rate 0), so
+    step 0's loss is exactly log 2."""
+    def loss_fn(trainable, fixed, batch, key):
         frozen, ref = fixed
         pol_c, pol_r = _pair_logprobs(full_params(trainable, frozen, lora_scale), cfg, batch)
         ref_c, ref_r = _pair_logprobs(frozen if ref is None else ref, cfg, batch)
         ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
         loss, chosen, rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, batch.get("valid"))
-        return loss, {"loss": loss, "chosen_reward": chosen, "rejected_reward": rejected,
-                      "reward_margin": chosen - rejected}
+        return loss, {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected}
 
-    @partial(jax.jit, donate_argnums=0)
-    def train_step(state: TrainState, fixed, batch):
-        (_, metrics), grads = jax.value_and_grad(metrics_fn, has_aux=True)(state.params, fixed, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        metrics["grad_norm"] = global_norm(grads)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), metrics
-
-    @jax.jit
-    def eval_step(trainable, fixed, batch):
-        return metrics_fn(trainable, fixed, batch)[1]
-
-    return train_step, eval_step
+    return loss_fn
 
 
-@lru_cache(maxsize=4)
-def compiled_dpo_steps(cfg: GPTConfig, ocfg: OptimConfig, beta: float, lora_scale: float = 1.0):
-    """(tx, train_step, eval_step) per settings, shared by runs in one process."""
-    tx = make_optimizer(ocfg)
-    return (tx, *make_dpo_steps(cfg, tx, beta, lora_scale))
+def make_dpo_steps(cfg: GPTConfig, optim: OptimConfig, trainable: Any, fixed: tuple, beta: float = 0.1,
+                   lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp") -> Steps:
+    """The engine's steps for DPO: `fixed` is (frozen base weights, reference params or None)."""
+    return Steps(make_loss_fn(cfg, beta, lora_scale), optim, trainable, frozen=fixed, mesh=mesh, strategy=strategy)
 
 
 # --- the run -------------------------------------------------------------------------------------
 
 @dataclass
-class DPOTrainConfig:
+class DPOTrainConfig(TrainConfig):
     """The book's DPO run: beta 0.1, AdamW lr 5e-6, weight decay 0.01, batch 8, 1 epoch, evaluation every 5 steps."""
     epochs: int = 1
     batch_size: int = 8
-    eval_freq: int = 5
-    eval_iter: int = 5
-    seed: int = 123
-    beta: float = 0.1
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, weight_decay=0.01))
-    save_every: int = 0
     keep_checkpoints: int = 1
     sample_tokens: int = 35
+    beta: float = 0.1
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        super().__post_init__()
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ValueError(f"beta must be a positive number (the book: 0.1), got {self.beta!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, list[dict]], tokenizer: Any,
@@ -235,18 +215,13 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                  allowed_max_length: int = 1024, base_model: str | None = None, data_source: str | None = None,
                  respond: bool = True, max_new_tokens: int = 256, resume: bool = False,
                  overwrite: bool = False, progress: bool = True,
-                 stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> dict:
+                 stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none", fsdp: int | None = None) -> dict:
     """The book's DPO bonus end to end: the reference is a frozen copy of `params` (an SFT model).
 
     Writes config.json, params/, checkpoints/, metrics.jsonl (train/val loss, chosen/rejected rewards,
     margin every eval_freq steps), steps.jsonl (the same per step, of the step's batch), dpo.png and,
     with `respond`, test-responses.json plus eval.json/eval.md scored against the chosen answers.
     """
-    from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run, write_json_atomic
-    from gptjax.generate import generate_batch
-    from gptjax.tasks.instruct import respond_and_evaluate
-    from gptjax.train import _prepare_out_dir
-
     tcfg = tcfg or DPOTrainConfig()
     out_dir = Path(out_dir)
     if not resume:
@@ -263,15 +238,16 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     train_b = PreferenceBatches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed,
                                 name="training", **common)
     val_b = PreferenceBatches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation", **common)
-    _prepare_out_dir(out_dir)
+    runs.prepare_out_dir(out_dir)
 
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     ref = None if lora else params  # LoRA: the frozen base is the reference
     scale = lora.scale if lora else 1.0
-    tx, train_step, eval_step = compiled_dpo_steps(cfg, tcfg.optim, tcfg.beta, scale)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable), key=key)
     fixed = (frozen, ref)
+    steps = make_dpo_steps(cfg, tcfg.optim, trainable, fixed, tcfg.beta, scale, mesh=mesh_for(sharding, fsdp, tcfg.batch_size),
+                           strategy=sharding)
+    state = steps.init_state(trainable, key)
     n_train = count_params(trainable)
     print(f"policy: {count_params(params):,} parameters, {n_train:,} trainable"
           f"{f' (LoRA r={lora.rank} alpha={lora.alpha:g})' if lora else ''}; reference frozen; splits "
@@ -282,9 +258,9 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                 "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
                 "split_sizes": {k: len(v) for k, v in splits.items()}, "trainable_params": n_train}
     if not resume:
-        write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "dpo": settings, "status": "running"})
-    initial = {**{f"train_{k}": v for k, v in mean_metrics(eval_step, trainable, fixed, train_b.epoch(0), 5).items()},
-               **{f"val_{k}": v for k, v in mean_metrics(eval_step, trainable, fixed, val_b.epoch(0), 5).items()}}
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "dpo": settings, "status": "running"})
+    initial = {**{f"train_{k}": v for k, v in mean_metrics(steps, trainable, train_b.epoch(0), 5).items()},
+               **{f"val_{k}": v for k, v in mean_metrics(steps, trainable, val_b.epoch(0), 5).items()}}
     print(f"initial: training loss {initial['train_loss']:.4f}, validation loss {initial['val_loss']:.4f} "
           f"(log 2 = {math.log(2):.4f}), reward margins {initial['train_reward_margin']:.3f} / "
           f"{initial['val_reward_margin']:.3f}")
@@ -295,11 +271,9 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                              eos_id=pad_token_id)[0]
         return tokenizer.decode(sample_ids + new)
 
-    loop = run_loop(tcfg, state, fixed, train_b, val_b, out_dir, train_step=train_step, eval_step=eval_step,
-                    count_tokens=lambda b: int(b["chosen"][b["valid"]].size),
-                    sample=sample if tcfg.sample_tokens else None,
-                    meta={"task": "dpo", "model": cfg.to_dict()}, resume=resume, progress=progress,
-                    stop_after=stop_after, desc="dpo")
+    loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(b["chosen"][b["valid"]].size),
+               sample=sample, meta={"task": "dpo", "model": cfg.to_dict()}, resume=resume, progress=progress,
+               stop_after=stop_after, desc="dpo")
     merged = full_params(loop["state"].params, frozen, scale)
     h = loop["history"]
     result = {**settings, "initial": initial, "steps": loop["steps"], "tokens_seen": loop["tokens_seen"],
@@ -307,8 +281,8 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
               "final": {k: v[-1] for k, v in h.items() if k.startswith(("train_", "val_"))} if h else {},
               "compiled_shapes": {k: [list(map(list, s)) for s in v] for k, v in loop["compiled_shapes"].items()}}
     if h:
-        plot_history(h, out_dir / "loss.png")
-        plot_history(h, out_dir / "dpo.png", keys=(("train_reward_margin", "Training reward margin"),
+        runs.plot_history(h, out_dir / "loss.png")
+        runs.plot_history(h, out_dir / "dpo.png", keys=(("train_reward_margin", "Training reward margin"),
                                                    ("val_reward_margin", "Validation reward margin")),
                      ylabel="Reward margin")
     if lora is not None:

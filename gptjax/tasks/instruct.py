@@ -1,14 +1,9 @@
-"""Instruction fine-tuning (the book's chapter 7): Alpaca data, the book's collate, SFT (full or LoRA), responses.
+"""Instruction fine-tuning (the book's chapter 7) over the engine: SFT (full or LoRA), responses, the offline table.
 
-Data: Alpaca-style records {instruction, input, output} from the book's instruction-data.json (downloaded
-once), a local JSON file or a Hugging Face dataset, split 85 / 10 / 5 (train / test / val) in file order
-as the book. Prompts: the book's Alpaca template or its exercise-7.1 Phi-3 template.
-Batches: the book's custom_collate_fn (append <|endoftext|>, pad with it, mask all padding targets but
-the first with -100), optionally masking the prompt (exercise 7.2) and padding to length buckets so the
-jitted step compiles once per bucket instead of once per batch length.
-Training: the shared `run_loop` (also used by DPO) over jitted steps whose state holds only what trains:
-every weight, or LoRA adapters beside frozen weights. Responses: greedy KV-cache decoding of many prompts of
-different lengths at once, text after the prompt, saved in the book's instruction-data-with-response.json.
+Training: `fit`, the engine's run with chapter 7's evaluation (also used by DPO), over steps whose
+state holds only what trains: every weight, or LoRA adapters beside frozen weights. Responses:
+greedy KV-cache decoding of many prompts of different lengths at once, text after the prompt, saved
+in the book's instruction-data-with-response.json format. Data and prompts: gptjax.tasks.instruct_data.
 
 Letters: N examples, B batch, T time, V vocab.
 """
@@ -16,305 +11,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
-from gptjax import lora as lora_lib
+from gptjax import engine, lora as lora_lib, runs
+from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
+from gptjax.engine import IGNORE_INDEX, Hooks, OptimConfig, Steps, TrainConfig, TrainState, mean_metrics
+from gptjax.generate import decoding_model, generate_batch
+from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params, dropout_rngs
-from gptjax.train import IGNORE_INDEX, OptimConfig, TrainState, global_norm, make_optimizer
-
-INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
-                        "instruction-data.json")
-INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
-PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>: the book's end-of-response and padding token
-STYLES = ("alpaca", "phi3")
-_ALPACA_HEAD = ("Below is an instruction that describes a task. "
-                "Write a response that appropriately completes the request.")
-# what starts the answer, and the marker the book strips from generated text
-_RESPONSE_PREFIX = {"alpaca": "\n\n### Response:\n", "phi3": "\n<|assistant|>:\n"}
-_RESPONSE_MARKER = {"alpaca": "### Response:", "phi3": "<|assistant|>:"}
-
-
-# --- prompts -------------------------------------------------------------------------------------
-
-def _check_style(style: str) -> str:
-    if style not in STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; choose one of {STYLES}")
-    return style
-
-
-def format_input(entry: dict, style: str = "alpaca") -> str:
-    """The book's format_input: the instruction (and input) in the Alpaca or the Phi-3 template (exercise 7.1)."""
-    if _check_style(style) == "phi3":
-        return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get("input") else "")
-    return (f"{_ALPACA_HEAD}\n\n### Instruction:\n{entry['instruction']}"
-            + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else ""))
-
-
-def response_prefix(style: str = "alpaca") -> str:
-    return _RESPONSE_PREFIX[_check_style(style)]
-
-
-def format_example(entry: dict, style: str = "alpaca", response_key: str = "output") -> str:
-    """Prompt plus answer, the text a training example is made of."""
-    return format_input(entry, style) + response_prefix(style) + entry[response_key]
-
-
-def extract_response(generated_text: str, prompt: str, style: str = "alpaca") -> str:
-    """The book's `generated_text[len(input_text):].replace("### Response:", "").strip()`."""
-    return generated_text[len(prompt):].replace(_RESPONSE_MARKER[_check_style(style)], "").strip()
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-def _check_entries(data: Any, where: str, keys: Sequence[str] = ("instruction", "output")) -> list[dict]:
-    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]} wrappers
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) == 1:
-            data = lists[0]
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{where} holds no list of records; expected a JSON list of objects with keys "
-                         f"{list(keys)} (+ optional 'input')")
-    out = []
-    for i, e in enumerate(data):
-        if not isinstance(e, dict):
-            raise ValueError(f"{where}: record {i} is {type(e).__name__}, not an object with keys {list(keys)}")
-        missing = [k for k in keys if k not in e]
-        if missing:
-            raise ValueError(f"{where}: record {i} lacks {missing} (it has {sorted(e)}); every record needs "
-                             f"{list(keys)}")
-        out.append({**e, "input": e.get("input") or ""})
-    return out
-
-
-def load_json_records(source: str | os.PathLike | None = None, *, url: str = INSTRUCTION_DATA_URL,
-                      sha256: str | None = INSTRUCTION_DATA_SHA256, keys: Sequence[str] = ("instruction", "output"),
-                      cache_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Records from None/'default' (`url`, downloaded once), a JSON file, an http(s) URL or 'hf:NAME'."""
-    from gptjax.data import cached_download
-
-    src = None if source is None else os.fspath(source)
-    if src is None or src == "default":
-        try:
-            path = cached_download(url, cache_dir=cache_dir, sha256=sha256)
-        except RuntimeError as e:
-            raise FileNotFoundError(f"{e}. The file is {Path(url).name} from the book's repository: pass a local "
-                                    f"copy (CLI: --data PATH)") from None
-        src = str(path)
-    elif src.startswith("hf:"):
-        return _check_entries(_load_hf_records(src, cache_dir), repr(src), keys)
-    elif src.startswith(("http://", "https://")):
-        src = str(cached_download(src, cache_dir=cache_dir))
-    path = Path(src).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist; pass a JSON file of records, an http(s) "
-                                f"URL, 'hf:NAME' or 'default'")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); expected a list of records") from None
-    return _check_entries(data, repr(str(path)), keys)
-
-
-def load_instruction_data(source: str | os.PathLike | None = None, *,
-                          cache_dir: str | os.PathLike | None = None) -> list[dict]:
-    """The book's instruction-data.json (1,100 records, downloaded once) or any Alpaca-style JSON / HF dataset."""
-    return load_json_records(source, cache_dir=cache_dir)
-
-
-def _load_hf_records(src: str, cache_dir) -> list[dict]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError("loading a Hugging Face dataset needs `pip install datasets`; or save it as a JSON "
-                          "list of records and pass the path") from e
-    name, config, split = (src[3:].split(":", 2) + [None, None])[:3]
-    if not name:
-        raise ValueError(f"data {src!r} names no dataset; use 'hf:NAME[:CONFIG][:SPLIT]' "
-                         f"(e.g. hf:yahma/alpaca-cleaned)")
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train",
-                                   cache_dir=None if cache_dir is None else str(Path(cache_dir) / "hf"))
-    except Exception as e:
-        raise ValueError(f"could not load Hugging Face dataset {src!r}: {type(e).__name__}: {e}; check the name, "
-                         f"config and split, or pass a local JSON file") from e
-    return [dict(r) for r in ds]
-
-
-def split_data(data: Sequence[dict], train_frac: float = 0.85, test_frac: float = 0.10) -> dict[str, list[dict]]:
-    """The book's split, in file order (no shuffle): train 85%, test 10%, validation the rest (935/110/55)."""
-    if not (0 < train_frac < 1 and 0 <= test_frac < 1 and train_frac + test_frac <= 1):
-        raise ValueError(f"split fractions must satisfy 0 < train < 1, 0 <= test, train + test <= 1; got "
-                         f"train={train_frac}, test={test_frac}")
-    n_train, n_test = int(len(data) * train_frac), int(len(data) * test_frac)
-    splits = {"train": list(data[:n_train]), "test": list(data[n_train:n_train + n_test]),
-              "val": list(data[n_train + n_test:])}
-    if not splits["train"] or not splits["val"]:
-        raise ValueError(f"{len(data)} records give {len(splits['train'])} training and {len(splits['val'])} "
-                         f"validation examples; use more data")
-    return splits
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    try:  # tiktoken: a literal "<|endoftext|>" inside a record is text, not the control token
-        return tokenizer.encode(text, disallowed_special=())
-    except TypeError:
-        return tokenizer.encode(text)
-
-
-@dataclass
-class InstructionExamples:
-    """Token ids of prompt + response per example, and where the instruction and the answer text start."""
-    ids: list[list[int]]
-    instruction_len: list[int]  # tokens of format_input (the book's exercise-7.2 mask)
-    response_start: list[int]   # tokens before the answer text (prompt + response header)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _prefix_len(full: list[int], prefix: list[int]) -> int:
-    """Tokens of `full` that are `prefix` (BPE can merge across the boundary; then the common part)."""
-    n = min(len(prefix), len(full))
-    if full[:n] == prefix[:n]:
-        return n
-    return next(i for i, (a, b) in enumerate(zip(full, prefix)) if a != b)
-
-
-def encode_examples(entries: Sequence[dict], tokenizer: Any, style: str = "alpaca",
-                    response_key: str = "output") -> InstructionExamples:
-    """The book's InstructionDataset: `tokenizer.encode(format_input(entry) + response)` per record."""
-    ids, inst, start = [], [], []
-    for e in entries:
-        full = encode(tokenizer, format_example(e, style, response_key))
-        ids.append(full)
-        inst.append(_prefix_len(full, encode(tokenizer, format_input(e, style))))
-        start.append(_prefix_len(full, encode(tokenizer, format_input(e, style) + response_prefix(style))))
-    return InstructionExamples(ids, inst, start)
-
-
-# --- the book's collate ----------------------------------------------------------------------------
-
-def bucket_length(n: int, multiple: int, cap: int | None = None) -> int:
-    """`n` rounded up to a multiple of `multiple`, at most `cap` (never below n when n <= cap)."""
-    t = -(-n // multiple) * multiple if multiple > 1 else n
-    return min(t, cap) if cap is not None else t
-
-
-def collate(batch: Sequence[Sequence[int]], *, pad_token_id: int = PAD_TOKEN_ID, ignore_index: int = IGNORE_INDEX,
-            allowed_max_length: int | None = None, mask_lengths: Sequence[int] | None = None,
-            pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The book's custom_collate_fn -> (inputs_BT, targets_BT) int32.
-
-    Each item gets one <|endoftext|>, then padding to the longest item + 1; inputs drop the last token,
-    targets the first; every padding target but the first becomes `ignore_index`; both are cut to
-    `allowed_max_length`. `mask_lengths[i]` (exercise 7.2): the first n tokens of item i are prompt, so
-    `targets[:n - 1]` are ignored too. `pad_to`: pad inputs to at least this length (a bucket); the
-    extra positions are padding with ignored targets, so the loss equals the book's.
-    """
-    if not batch:
-        raise ValueError("collate needs at least one example")
-    batch_max_length = max(len(item) + 1 for item in batch)
-    if pad_to is not None:
-        batch_max_length = max(batch_max_length, pad_to + 1)
-    inputs, targets = [], []
-    for i, item in enumerate(batch):
-        padded = np.full(batch_max_length, pad_token_id, np.int32)
-        padded[:len(item)] = item
-        x_T, y_T = padded[:-1], padded[1:].copy()
-        pads = np.flatnonzero(y_T == pad_token_id)
-        if pads.size > 1:
-            y_T[pads[1:]] = ignore_index
-        if mask_lengths is not None:
-            y_T[:max(int(mask_lengths[i]) - 1, 0)] = ignore_index
-        if allowed_max_length is not None:
-            x_T, y_T = x_T[:allowed_max_length], y_T[:allowed_max_length]
-        inputs.append(x_T)
-        targets.append(y_T)
-    return np.stack(inputs), np.stack(targets)
-
-
-MASKS = ("none", "instruction", "prompt")
-
-
-class InstructionBatches:
-    """Batches of the book's collate; a last partial batch is filled with ignored rows so B never changes.
-
-    `pad_multiple` > 1 pads T up to a multiple of it (capped at `allowed_max_length`): a run then
-    compiles one step per bucket. `mask`: 'none' (the book), 'instruction' (exercise 7.2: the tokens of
-    format_input) or 'prompt' (everything before the answer text, the response header too).
-    """
-
-    def __init__(self, examples: InstructionExamples, batch_size: int, *, shuffle: bool, drop_last: bool,
-                 seed: int = 123, pad_multiple: int = 1, allowed_max_length: int | None = 1024, mask: str = "none",
-                 pad_token_id: int = PAD_TOKEN_ID, name: str = "data"):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if pad_multiple < 1:
-            raise ValueError(f"pad_multiple must be >= 1 (1 = the book's per-batch length), got {pad_multiple!r}")
-        if mask not in MASKS:
-            raise ValueError(f"unknown prompt mask {mask!r}; choose one of {MASKS}")
-        if len(examples) == 0 or (drop_last and len(examples) < batch_size):
-            raise ValueError(f"the {name} split has {len(examples)} examples, fewer than batch_size={batch_size}; "
-                             f"use a smaller --batch-size or more data")
-        self.examples, self.batch_size, self.shuffle, self.drop_last = examples, batch_size, shuffle, drop_last
-        self.seed, self.pad_multiple, self.allowed_max_length = seed, pad_multiple, allowed_max_length
-        self.mask, self.pad_token_id = mask, pad_token_id
-        self._masks = {"none": None, "instruction": examples.instruction_len, "prompt": examples.response_start}[mask]
-
-    def __len__(self) -> int:
-        n, b = len(self.examples), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
-    def order(self, epoch: int) -> np.ndarray:
-        n = len(self.examples)
-        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
-
-    def batch_at(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
-        items = [self.examples.ids[r] for r in rows]
-        longest = max(len(it) for it in items)
-        cap = self.allowed_max_length
-        pad_to = bucket_length(longest, self.pad_multiple, cap) if self.pad_multiple > 1 else None
-        masks = None if self._masks is None else [self._masks[r] for r in rows]
-        x_BT, y_BT = collate(items, pad_token_id=self.pad_token_id, allowed_max_length=cap, mask_lengths=masks,
-                             pad_to=pad_to)
-        if len(rows) < self.batch_size:  # filler rows: all targets ignored, the loss is unchanged
-            fill = self.batch_size - len(rows)
-            x_BT = np.concatenate([x_BT, np.full((fill, x_BT.shape[1]), self.pad_token_id, np.int32)])
-            y_BT = np.concatenate([y_BT, np.full((fill, y_BT.shape[1]), IGNORE_INDEX, np.int32)])
-        return x_BT, y_BT
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for i in range(start, len(self)):
-            yield self.batch_at(epoch, i)
-
-    def __iter__(self):
-        return self.epoch(0)
-
-    def shapes(self, epoch: int = 0) -> set[tuple[int, int]]:
-        """Batch shapes of one pass: the programs a jitted step compiles for it."""
-        return {self.batch_at(epoch, i)[0].shape for i in range(len(self))}
-
+from gptjax.tasks.instruct_data import (PAD_TOKEN_ID, InstructionBatches, check_style, encode, encode_examples,
+                                        extract_response, format_input, split_data)
+from gptjax.tasks.judge import text_scores
 
 # --- model, loss and steps -------------------------------------------------------------------------
-
-def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int = 123) -> tuple[dict, GPTConfig]:
-    """'random' (a fresh GPT of `random_cfg`), a gptjax run directory, a GPT-2 size or a local HF-format dir/file."""
-    from gptjax.checkpoint import load_base_model as load
-
-    return load(spec, random_cfg=random_cfg, seed=seed, language_model=True)
-
 
 def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:
     """Model params from what trains and what does not: all weights, or frozen weights + LoRA merged in."""
@@ -337,245 +58,78 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, 
     return jnp.sum(nll_BT * valid_BT), jnp.sum(valid_BT)
 
 
-def make_sft_steps(cfg: GPTConfig, tx: optax.GradientTransformation, lora_scale: float = 1.0):
-    """Jitted `train_step(state, frozen, (x, y)) -> (state, metrics)` and `eval_step(trainable, frozen, (x, y))`.
+@lru_cache(maxsize=8)
+def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0) -> engine.LossFn:
+    """The book's SFT loss: mean cross-entropy over targets that are not -100, of batches `(x_BT, y_BT)`.
 
-    `state.params` holds only what trains; `frozen` is an argument (not a closure) so no weight is baked
-    into the program. The loss is the book's: mean cross-entropy over targets that are not -100.
-    """
+    `trainable` is {"params": every weight} or {"lora": adapters} over the `frozen` weights."""
     model = GPT(cfg)
 
-    def loss_fn(trainable, frozen, x_BT, y_BT, key):
-        rngs = dropout_rngs(key)
+    def loss_fn(trainable, frozen, batch, key):
+        x_BT, y_BT = batch
         logits_BTV = model.apply({"params": full_params(trainable, frozen, lora_scale)}, x_BT,
-                                 deterministic=key is None, rngs=rngs)
+                                 deterministic=key is None, rngs=dropout_rngs(key))
         nll, count = token_nll(logits_BTV, y_BT)
-        return nll / jnp.maximum(count, 1)
+        return nll / jnp.maximum(count, 1), {}
 
-    @partial(jax.jit, donate_argnums=0)
-    def train_step(state: TrainState, frozen, batch):
-        x_BT, y_BT = batch
-        key = jax.random.fold_in(state.key, state.step) if cfg.drop_rate > 0 else None
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, x_BT, y_BT, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        metrics = {"loss": loss, "grad_norm": global_norm(grads)}
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state), metrics
-
-    @jax.jit
-    def eval_step(trainable, frozen, batch):
-        x_BT, y_BT = batch
-        return {"loss": loss_fn(trainable, frozen, x_BT, y_BT, None)}
-
-    return train_step, eval_step
+    return loss_fn
 
 
-@lru_cache(maxsize=4)
-def compiled_sft_steps(cfg: GPTConfig, ocfg: OptimConfig, lora_scale: float = 1.0):
-    """(tx, train_step, eval_step) per settings: runs in one process (a resume, a sweep) share the compiled steps."""
-    tx = make_optimizer(ocfg)
-    return (tx, *make_sft_steps(cfg, tx, lora_scale))
+def make_sft_steps(cfg: GPTConfig, optim: OptimConfig, trainable: Any, frozen: Any = None,
+                   lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp") -> Steps:
+    """The engine's steps for supervised fine-tuning: only `trainable` has gradients and optimizer state."""
+    return Steps(make_loss_fn(cfg, lora_scale), optim, trainable, frozen=frozen, mesh=mesh, strategy=strategy)
 
 
 # --- the fine-tuning loop (SFT and DPO) ------------------------------------------------------------
 
 @dataclass
-class InstructTrainConfig:
+class InstructTrainConfig(TrainConfig):
     """The book's chapter-7 run: AdamW lr 5e-5, weight decay 0.1, batch 8, 2 epochs, evaluation every 5 steps."""
     epochs: int = 2
     batch_size: int = 8
-    eval_freq: int = 5
-    eval_iter: int = 5
-    seed: int = 123
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.1))
-    save_every: int = 0          # steps between checkpoints; 0 = at the end of every epoch
     keep_checkpoints: int = 1
     sample_tokens: int = 35      # greedy sample of the first validation prompt after each epoch (0: none)
 
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.save_every < 0 or self.sample_tokens < 0:
-            raise ValueError(f"save_every and sample_tokens must be >= 0, got {self.save_every!r} and "
-                             f"{self.sample_tokens!r}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+def fit(steps: Steps, state: TrainState, tcfg: TrainConfig, train_b, val_b, out_dir: Path, *,
+        count: Callable[[Any], int], sample: Callable[[Any], str] | None, meta: dict, resume: bool, progress: bool,
+        stop_after: int | None, desc: str) -> dict:
+    """The engine's run with chapter 7's evaluation (every metric of the eval step, on `eval_iter` batches
+    of a fresh training shuffle and of the validation set) and the batch shapes the steps compiled for."""
+    shapes: dict[str, set] = {"train": set(), "eval": set()}
 
+    def counted(batches, kind):
+        for b in batches:
+            shapes[kind].add(_shape(b))
+            yield b
 
-def mean_metrics(eval_step: Callable, trainable: dict, frozen: Any, batches: Iterator,
-                 num_batches: int | None = None) -> dict[str, float]:
-    """The book's calc_loss_loader for every metric: the mean of per-batch values over the first batches."""
-    vals: list[dict] = []
-    for i, batch in enumerate(batches):
-        if num_batches is not None and i >= num_batches:
-            break
-        vals.append(eval_step(trainable, frozen, batch))
-    if not vals:
-        return {}
-    vals = jax.device_get(vals)
-    return {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
+    def evaluate(params, step: int) -> dict:
+        tr = mean_metrics(steps, params, counted(train_b.epoch(10**6 + step), "eval"), tcfg.eval_iter)
+        va = mean_metrics(steps, params, counted(val_b.epoch(0), "eval"), tcfg.eval_iter)
+        return {**{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}}
+
+    def validate(params) -> float:
+        return mean_metrics(steps, params, counted(val_b.epoch(0), "eval"), tcfg.eval_iter)["loss"]
+
+    class Batches:  # the training batches, their shapes recorded
+        def __len__(self):
+            return len(train_b)
+
+        def batch_at(self, epoch, i):
+            batch = train_b.batch_at(epoch, i)
+            shapes["train"].add(_shape(batch))
+            return batch
+
+    hooks = Hooks(evaluate=evaluate, validate=validate, count=count, sample=sample)
+    loop = engine.run(steps, state, tcfg, Batches(), out_dir, hooks, meta=meta, resume=resume, progress=progress,
+                      stop_after=stop_after, desc=desc)
+    return {**loop, "compiled_shapes": {k: sorted(v) for k, v in shapes.items()}}
 
 
 def _shape(batch) -> tuple:
     return tuple(tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(batch))
-
-
-def run_loop(tcfg: Any, state: TrainState, frozen: Any, train_b, val_b, out_dir: str | Path, *,
-             train_step: Callable, eval_step: Callable, count_tokens: Callable[[Any], int],
-             sample: Callable[[dict], str] | None = None, meta: dict | None = None, resume: bool = False,
-             progress: bool = True, stop_after: int | None = None, desc: str = "finetune") -> dict:
-    """The book's train_model_simple (and train_model_dpo_simple) over a jitted step, checkpointed and resumable.
-
-    Every `eval_freq` steps it logs the mean of `eval_step`'s metrics over `eval_iter` batches of the
-    training and validation data to metrics.jsonl; every step's own metrics go to steps.jsonl. It
-    checkpoints every `save_every` steps (0: each epoch end) into out_dir/checkpoints; `resume` continues
-    from the latest one exactly. SIGINT/SIGTERM (or `stop_after` steps) save and raise TrainingInterrupted.
-    The step donates `state`: pass arrays the caller no longer needs. Returns the final state, the
-    evaluation history, the epoch samples and the batch shapes the steps were compiled for.
-    """
-    from gptjax.checkpoint import CHECKPOINTS_DIR, GracefulStop, TrainCheckpoints, TrainingInterrupted
-
-    out_dir = Path(out_dir)
-    n_batches = len(train_b)
-    total = tcfg.epochs * n_batches
-    expect = {"task": (meta or {}).get("task"), "model": (meta or {}).get("model") or {},
-              "train": {k: v for k, v in tcfg.to_dict().items() if k not in ("save_every", "keep_checkpoints")},
-              "steps_per_epoch": n_batches}
-    ckpts = TrainCheckpoints(out_dir / CHECKPOINTS_DIR, keep=tcfg.keep_checkpoints, async_save=False)
-    steps_path, metrics_path = out_dir / "steps.jsonl", out_dir / "metrics.jsonl"
-    try:
-        if resume:
-            params, rest, saved = ckpts.restore(state.params, {"step": state.step, "opt_state": state.opt_state,
-                                                               "key": state.key}, expect=expect)
-            state = TrainState(params=params, **rest)
-            done, tokens_seen, history = int(state.step), saved["tokens_seen"], saved["history"]
-            samples, wall_before = saved["samples"], saved["wall_s"]
-            for path in (steps_path, metrics_path):  # drop what the run logged after its checkpoint
-                if path.is_file():
-                    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < done]
-                    path.write_text("".join(ln + "\n" for ln in keep))
-            print(f"resuming from {ckpts.describe(done)}")
-        else:
-            if ckpts.latest_step() is not None:
-                ckpts.delete_all()
-            done, tokens_seen, history, samples, wall_before = 0, 0, {}, [], 0.0
-            steps_path.write_text("")
-            metrics_path.write_text("")
-        shapes = {"train": set(), "eval": set()}
-
-        def evaluate(tag: int) -> dict[str, float]:
-            tr = mean_metrics(eval_step, state.params, frozen, _counted(train_b.epoch(10**6 + tag), "eval"),
-                              tcfg.eval_iter)
-            va = mean_metrics(eval_step, state.params, frozen, _counted(val_b.epoch(0), "eval"), tcfg.eval_iter)
-            return {**{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}}
-
-        def _counted(batches, kind):
-            for b in batches:
-                shapes[kind].add(_shape(b))
-                yield b
-
-        pending: list[tuple[int, int, dict]] = []  # per-step metrics still on device: no host sync per step
-
-        def flush(log) -> None:
-            for (s, ep, _), m in zip(pending, jax.device_get([m for *_, m in pending])):
-                rec = {"step": s, "epoch": ep, **{k: float(v) for k, v in m.items()}}
-                if not all(math.isfinite(v) for v in rec.values()):
-                    raise FloatingPointError(f"training diverged at step {s}: {rec}; lower the learning rate (--lr); "
-                                             f"the last good checkpoint is {ckpts.describe(ckpts.latest_step())}")
-                log.write(json.dumps(rec) + "\n")
-            log.flush()
-            pending.clear()
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=done, disable=not progress, desc=desc, unit="step")
-        t0 = time.time()
-        with GracefulStop() as stop, steps_path.open("a") as slog, metrics_path.open("a") as mlog:
-            epoch0, i0 = divmod(done, n_batches)
-            for epoch in range(epoch0, tcfg.epochs):
-                for i in range(i0 if epoch == epoch0 else 0, n_batches):
-                    batch = train_b.batch_at(epoch, i)
-                    shapes["train"].add(_shape(batch))
-                    state, metrics = train_step(state, frozen, batch)
-                    step = epoch * n_batches + i  # the book's global_step, from 0
-                    done = step + 1
-                    tokens_seen += count_tokens(batch)
-                    pending.append((step, epoch + 1, metrics))
-                    bar.update(1)
-                    if step % tcfg.eval_freq == 0:
-                        flush(slog)
-                        rec = {"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen, **evaluate(step),
-                               "elapsed_s": round(wall_before + time.time() - t0, 2)}
-                        if not math.isfinite(rec["train_loss"]):
-                            raise FloatingPointError(f"training diverged: loss {rec['train_loss']} after step {step}; "
-                                                     f"lower the learning rate (--lr)")
-                        mlog.write(json.dumps(rec) + "\n")
-                        mlog.flush()
-                        for k, v in rec.items():
-                            history.setdefault(k, []).append(v)
-                        bar.write(f"Ep {epoch + 1} (Step {step:06d}): " + ", ".join(
-                            f"{k.replace('_', ' ')} {v:.3f}" for k, v in rec.items()
-                            if k.startswith(("train_", "val_"))))
-                    if i == n_batches - 1 and sample is not None:
-                        samples.append({"epoch": epoch + 1, "text": sample(state.params)})
-                        bar.write(f"Ep {epoch + 1} sample: {samples[-1]['text']!r}")
-                    stopping = stop.requested or (stop_after is not None and done >= stop_after)
-                    if stopping or done == total or (done % tcfg.save_every == 0 if tcfg.save_every
-                                                     else i == n_batches - 1):
-                        flush(slog)
-                        val = history.get("val_loss", [None])[-1]
-                        path = ckpts.save(done, state.params, {"step": state.step, "opt_state": state.opt_state,
-                                                               "key": state.key},
-                                          {**expect, "tokens_seen": tokens_seen, "history": history,
-                                           "samples": samples, "wall_s": round(wall_before + time.time() - t0, 2)},
-                                          val)
-                    if stopping:
-                        bar.close()
-                        why = f"by {stop.name}" if stop.requested else f"after {stop_after} steps as asked"
-                        raise TrainingInterrupted(
-                            f"training stopped {why} after step {step} (epoch {epoch + 1}); checkpoint saved to "
-                            f"{path}. Resume with the same command plus --resume", signum=stop.signum, step=done,
-                            checkpoint=path, state=state)
-            flush(slog)
-        bar.close()
-    finally:
-        ckpts.close()
-    return {"state": state, "history": history, "samples": samples, "tokens_seen": tokens_seen,
-            "wall_s": wall_before + time.time() - t0, "steps": int(state.step),
-            "compiled_shapes": {k: sorted(v) for k, v in shapes.items()}}
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-
-
-def plot_history(history: dict, path: str | Path, keys: Sequence[tuple[str, str]] = (("train_loss", "Training loss"),
-                 ("val_loss", "Validation loss")), ylabel: str = "Loss", title: str | None = None) -> None:
-    """The book's plot_losses: metrics against steps, tokens seen on a twin x-axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax1 = plt.subplots(figsize=(5, 3))
-    for (k, label), style in zip(keys, ("-", "-.", "--", ":")):
-        if k in history:
-            ax1.plot(history["step"], history[k], linestyle=style, label=label)
-    ax1.set_xlabel("Steps")
-    ax1.set_ylabel(ylabel)
-    ax1.legend(loc="best")
-    if history.get("tokens_seen"):
-        ax2 = ax1.twiny()
-        ax2.plot(history["tokens_seen"], history[keys[0][0]], alpha=0)
-        ax2.set_xlabel("Tokens seen")
-    if title:
-        ax1.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -589,10 +143,6 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
     <|endoftext|>) and keep the text after the prompt without the "### Response:" marker. Prompts of
     different lengths are decoded `batch_size` at a time (KV cache), each as if alone.
     `return_finished` also returns, per answer, whether it ended with `eos_id` before the limit."""
-    from tqdm.auto import tqdm
-
-    from gptjax.generate import decoding_model, generate_batch
-
     params, cfg = decoding_model(params, cfg)  # once for all the batches
     prompts = [format_input(e, style) for e in entries]
     ids = [encode(tokenizer, p) for p in prompts]
@@ -614,11 +164,10 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
 def save_responses(entries: Sequence[dict], responses: Sequence[str], path: str | Path,
                    key: str = "model_response") -> Path:
     """The book's instruction-data-with-response.json: each record plus its `model_response` (indent 4)."""
-    from gptjax.checkpoint import write_json_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, [{**e, key: r} for e, r in zip(entries, responses)], indent=4)
+    runs.write_json_atomic(path, [{**e, key: r} for e, r in zip(entries, responses)], indent=4)
     return path
 
 
@@ -653,8 +202,6 @@ def offline_report(entries: Sequence[dict], responses: Sequence[str] | None = No
                    name: str = "model", pad_token_id: int = PAD_TOKEN_ID) -> dict[str, Any]:
     """One row of the offline table: reference loss/perplexity (with a model) and exact match / ROUGE-L
     of `responses` against the references (with responses)."""
-    from gptjax.tasks.judge import text_scores
-
     row: dict[str, Any] = {"model": name, "n": len(entries)}
     if params is not None:
         nll = response_nll(params, cfg, entries, tokenizer, style=style, pad_token_id=pad_token_id)
@@ -687,7 +234,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                       lora: lora_lib.LoRAConfig | None = None, mask: str = "none", pad_multiple: int = 64,
                       allowed_max_length: int = 1024, respond: bool = True, max_new_tokens: int = 256,
                       base_model: str | None = None, data_source: str | None = None, resume: bool = False,
-                      overwrite: bool = False, progress: bool = True, stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> dict:
+                      overwrite: bool = False, progress: bool = True, stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none", fsdp: int | None = None) -> dict:
     """Chapter 7 end to end; writes a run directory that `load_run`, `gptjax respond/chat/dpo` read.
 
     `data`: all records (split as the book) or ready {"train", "val", "test"} splits. Writes
@@ -695,12 +242,8 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     `respond`, test-responses.json (the book's format) and eval.json / eval.md (the offline table).
     `pad_token_id` is the end-of-text token of the tokenizer (GPT-2's 50256), which also pads.
     """
-    from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run, write_json_atomic
-    from gptjax.generate import generate_batch
-    from gptjax.train import _prepare_out_dir
-
     tcfg = tcfg or InstructTrainConfig()
-    _check_style(style)
+    check_style(style)
     out_dir = Path(out_dir)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax finetune-instruct ... --resume`")
@@ -717,13 +260,14 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
         raise ValueError("the validation split is empty; use more data")
     val_b = InstructionBatches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation",
                                **common)
-    _prepare_out_dir(out_dir)
+    runs.prepare_out_dir(out_dir)
 
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     scale = lora.scale if lora else 1.0
-    tx, train_step, eval_step = compiled_sft_steps(cfg, tcfg.optim, scale)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable), key=key)
+    steps = make_sft_steps(cfg, tcfg.optim, trainable, frozen, scale, mesh=mesh_for(sharding, fsdp, tcfg.batch_size),
+                           strategy=sharding)
+    state = steps.init_state(trainable, key)
     longest = max(len(x) for x in enc["train"].ids)
     n_train = count_params(trainable)
     print(f"model: {count_params(params):,} parameters, {n_train:,} trainable"
@@ -736,9 +280,10 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                 "split_sizes": {k: len(v) for k, v in splits.items()},
                 "trainable_params": n_train}
     if not resume:
-        write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "instruct": settings, "status": "running"})
-    initial = {"train_loss": mean_metrics(eval_step, trainable, frozen, train_b.epoch(0), 5).get("loss"),
-               "val_loss": mean_metrics(eval_step, trainable, frozen, val_b.epoch(0), 5).get("loss")}
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "instruct": settings,
+                                                       "status": "running"})
+    initial = {"train_loss": mean_metrics(steps, trainable, train_b.epoch(0), 5).get("loss"),
+               "val_loss": mean_metrics(steps, trainable, val_b.epoch(0), 5).get("loss")}
     print(f"initial losses: training {initial['train_loss']:.3f}, validation {initial['val_loss']:.3f}")
 
     sample_ids = encode(tokenizer, format_input(splits["val"][0], style))
@@ -748,11 +293,9 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                              eos_id=pad_token_id)[0]
         return tokenizer.decode(sample_ids + new)
 
-    loop = run_loop(tcfg, state, frozen, train_b, val_b, out_dir, train_step=train_step, eval_step=eval_step,
-                    count_tokens=lambda b: int(np.sum(b[1] != IGNORE_INDEX)),
-                    sample=sample if tcfg.sample_tokens else None,
-                    meta={"task": "instruct", "model": cfg.to_dict()}, resume=resume, progress=progress,
-                    stop_after=stop_after, desc="finetune-instruct")
+    loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(np.sum(b[1] != IGNORE_INDEX)),
+               sample=sample, meta={"task": "instruct", "model": cfg.to_dict()}, resume=resume, progress=progress,
+               stop_after=stop_after, desc="finetune-instruct")
     trainable = loop["state"].params
     merged = full_params(trainable, frozen, scale)
     h = loop["history"]
@@ -764,7 +307,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     print(f"trained {loop['steps']} steps in {loop['wall_s']:.0f} s; train step compiled for "
           f"{len(shapes['train'])} batch shape(s), eval step for {len(shapes['eval'])}")
     if h:
-        plot_history(h, out_dir / "loss.png")
+        runs.plot_history(h, out_dir / "loss.png")
     if lora is not None:
         lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora,
                                metadata={"base_model": base_model})

@@ -8,6 +8,10 @@ import urllib.error
 import urllib.request
 from typing import Any, Sequence
 
+from tqdm.auto import tqdm
+
+from gptjax.tasks.instruct_data import format_input
+
 DEFAULT_URL = "http://localhost:11434"
 DEFAULT_JUDGE = "llama3"  # the book's judge: Llama 3 8B Instruct served by Ollama
 
@@ -64,7 +68,6 @@ def query_model(prompt: str, model: str = DEFAULT_JUDGE, url: str = DEFAULT_URL,
 
 def judge_prompt(entry: dict, json_key: str = "model_response", style: str = "alpaca") -> str:
     """The book's scoring prompt for one record."""
-    from gptjax.tasks.instruct import format_input
 
     return (f"Given the input `{format_input(entry, style)}` "
             f"and correct output `{entry['output']}`, "
@@ -78,7 +81,6 @@ def generate_model_scores(entries: Sequence[dict], json_key: str = "model_respon
                           **query_kw: Any) -> dict[str, Any]:
     """The book's generate_model_scores: one judge score per record, `int(reply)`; replies that are not an
     integer are counted and skipped. Returns scores, their mean, and the unparsable replies."""
-    from tqdm.auto import tqdm
 
     missing = [i for i, e in enumerate(entries) if json_key not in e or "output" not in e]
     if missing:

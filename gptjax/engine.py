@@ -1,0 +1,499 @@
+"""The training engine: jitted steps built from a loss function, and the one run loop every task uses.
+
+A task (pretraining, classification, SFT, DPO) supplies
+- `loss_fn(trainable, frozen, batch, key) -> (loss, metrics)`: `trainable` is what the optimizer
+  updates (all weights, the unfrozen part, or LoRA adapters), `frozen` what it only reads;
+- batches with `len()` per epoch and `batch_at(epoch, i)`, a pure function of the seed;
+- `evaluate(state) -> {name: float}` for the eval points, and optionally a per-epoch `sample` and
+  `on_epoch_end`.
+`Steps` turns the loss into `train_step(state, batch) -> (state, metrics)` (state donated, optimizer
+and gradient accumulation from `OptimConfig`, dp/fsdp shardings from a mesh); `run` owns the rest:
+the step or epoch budget, eval cadence, progress bar, JSONL metrics, Orbax checkpoints (async),
+exact resume, SIGINT/SIGTERM and the NaN guard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from gptjax import runs, sharding
+from gptjax.checkpoint import (CHECKPOINTS_DIR, CheckpointSaveError, GracefulStop, TrainCheckpoints,
+                               TrainingInterrupted)
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """Mean token cross-entropy in float32, skipping `ignore_index` targets (PyTorch's semantics)."""
+    valid_BT = targets_BT != ignore_index
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV.astype(jnp.float32), jnp.where(valid_BT, targets_BT, 0))
+    return jnp.sum(nll_BT * valid_BT) / jnp.maximum(jnp.sum(valid_BT), 1)
+
+
+def perplexity(loss: float) -> float:
+    return float(math.exp(min(loss, 700.0)))
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(tree)))
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array      # int32 scalar: optimizer updates done
+    params: Any          # what trains
+    opt_state: Any
+    key: jax.Array       # raw uint32 PRNG key; dropout uses fold_in(key, step)
+
+
+def new_state(params: Any, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=key)
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 4e-4               # the peak learning rate when there is a schedule
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0          # linear warmup from initial_lr to lr (appendix D)
+    initial_lr: float = 0.0
+    decay_steps: int = 0           # > 0: cosine decay to min_lr over this many steps after warmup
+    min_lr: float = 0.0
+    clip_norm: float | None = None  # global-norm gradient clipping (appendix D uses 1.0)
+    clip_after_warmup: bool = False  # the book clips only once the warmup is over
+    grad_accum: int = 1            # micro-batches per optimizer update (optax.MultiSteps)
+
+    def __post_init__(self):
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum!r}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ValueError(f"warmup_steps and decay_steps must be >= 0, got {self.warmup_steps!r} and "
+                             f"{self.decay_steps!r}")
+        if not 0 <= self.initial_lr <= self.lr or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"initial_lr and min_lr must lie in [0, lr={self.lr}], got initial_lr={self.initial_lr!r}, "
+                             f"min_lr={self.min_lr!r}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm!r}")
+
+    def schedule(self) -> optax.Schedule:
+        """Learning rate by optimizer update (not micro-batch)."""
+        if self.warmup_steps == 0 and self.decay_steps == 0:
+            return optax.constant_schedule(self.lr)
+        warm = optax.linear_schedule(self.initial_lr, self.lr, max(self.warmup_steps, 1))
+        if self.decay_steps == 0:
+            rest = optax.constant_schedule(self.lr)
+        else:
+            # half-cosine from lr to min_lr, as the book's appendix D
+            rest = optax.cosine_decay_schedule(self.lr, self.decay_steps, alpha=self.min_lr / self.lr)
+        return optax.join_schedules([warm, rest], [self.warmup_steps])
+
+    def logged_schedule(self) -> optax.Schedule:
+        """Learning rate of the update a micro-step feeds (MultiSteps counts updates, the state micro-steps)."""
+        sched = self.schedule()
+        return lambda step: sched(step // self.grad_accum)
+
+    @classmethod
+    def appendix_d(cls, total_steps: int, lr: float = 1e-3, warmup_frac: float = 0.2, initial_lr: float = 1e-5,
+                   min_lr: float = 1e-5, **kw) -> "OptimConfig":
+        """The book's appendix-D recipe over `total_steps` optimizer updates: warmup, cosine, clip 1.0 after warmup."""
+        warmup = int(warmup_frac * total_steps)
+        return cls(lr=lr, warmup_steps=warmup, initial_lr=initial_lr, decay_steps=max(total_steps - warmup, 1),
+                   min_lr=min_lr, clip_norm=1.0, clip_after_warmup=True, **kw)
+
+
+class ClipAfterState(NamedTuple):
+    count: jax.Array  # updates seen
+
+
+def clip_by_global_norm_after(max_norm: float, after: int) -> optax.GradientTransformation:
+    """Global-norm clipping from update `after + 1` on (appendix D: `if global_step > warmup_steps`)."""
+
+    def init(params):
+        return ClipAfterState(jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        g_norm = global_norm(updates)
+        scale = jnp.where((state.count > after) & (g_norm > max_norm), max_norm / g_norm, 1.0)
+        return jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), updates), ClipAfterState(state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(ocfg: OptimConfig, mask: Any = None) -> optax.GradientTransformation:
+    """AdamW as torch.optim.AdamW (decay on every param unless `mask` says otherwise)."""
+    chain = []
+    if ocfg.clip_norm is not None:
+        chain.append(clip_by_global_norm_after(ocfg.clip_norm, ocfg.warmup_steps) if ocfg.clip_after_warmup
+                     else optax.clip_by_global_norm(ocfg.clip_norm))
+    chain.append(optax.adamw(ocfg.schedule(), b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
+                             weight_decay=ocfg.weight_decay, mask=mask))
+    tx = optax.chain(*chain)
+    if ocfg.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=ocfg.grad_accum)
+    return tx
+
+
+# ----------------------------------------------------------------------------------------------- steps
+
+LossFn = Callable[[Any, Any, Any, "jax.Array | None"], "tuple[jax.Array, dict]"]
+
+
+def step_functions(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None,
+                   constrain_grads: Callable | None = None):
+    """The un-jitted `train_step(state, frozen, batch) -> (state, metrics)` and `eval_step(params, frozen, batch)`.
+
+    Metrics: the loss function's own, plus the gradient's global norm and, with `schedule`, the learning
+    rate. `constrain_grads` (a sharding constraint) applies to the gradients before the update.
+    """
+    def train_step(state: TrainState, frozen, batch):
+        key = jax.random.fold_in(state.key, state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, key)
+        if constrain_grads is not None:
+            grads = constrain_grads(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": global_norm(grads)}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def eval_step(params, frozen, batch):
+        loss, metrics = loss_fn(params, frozen, batch, None)
+        return {**metrics, "loss": loss}
+
+    return train_step, eval_step
+
+
+class Steps:
+    """Jitted `train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> metrics` of a loss.
+
+    `params` is what trains (arrays or their shapes). `frozen` (weights the loss reads but does not
+    train) is an argument of the compiled programs, never a constant baked into them, and is not
+    donated. With a `mesh`, params, optimizer state and frozen weights are laid out by `strategy`
+    ("dp" or "fsdp", see gptjax.sharding) and batches split over the batch axes.
+    """
+
+    def __init__(self, loss_fn: LossFn, optim: OptimConfig, params: Any, *, frozen: Any = None, mask: Any = None,
+                 mesh: jax.sharding.Mesh | None = None, strategy: str = "dp"):
+        self.optim, self.mesh = optim, mesh
+        self.tx = make_optimizer(optim, mask)
+        key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        self.abstract = jax.eval_shape(lambda p, k: new_state(p, self.tx, k), params, key)
+        schedule = optim.logged_schedule()
+        if mesh is None:
+            self.shardings = None
+            self.frozen = frozen
+            train_fn, eval_fn = step_functions(loss_fn, self.tx, schedule)
+            self.train_jit = jax.jit(train_fn, donate_argnums=0)
+            self.eval_jit = jax.jit(eval_fn)
+            return
+        self.shardings = sharding.state_shardings(self.abstract, mesh, strategy)
+        frozen_sharding = sharding.tree_shardings(frozen, mesh, strategy)
+        self.frozen = jax.device_put(frozen, frozen_sharding)
+        params_sharding = self.shardings.params
+        # under FSDP the constraint makes the gradient reduction a reduce-scatter into each device's shard
+        train_fn, eval_fn = step_functions(loss_fn, self.tx, schedule,
+                                           lambda g: jax.lax.with_sharding_constraint(g, params_sharding))
+        batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+        self.train_jit = jax.jit(train_fn, in_shardings=(self.shardings, frozen_sharding, batch),
+                              out_shardings=(self.shardings, replicated), donate_argnums=0)
+        self.eval_jit = jax.jit(eval_fn, in_shardings=(params_sharding, frozen_sharding, batch),
+                             out_shardings=replicated)
+
+    def init_state(self, params: Any, key: jax.Array) -> TrainState:
+        """A fresh state with PRNG key `key`. `params`: arrays (copied, since the first step donates the
+        state) or a function `() -> params`, which on a mesh runs sharded: each device draws only its shard."""
+        if self.mesh is None:
+            params = params() if callable(params) else jax.tree_util.tree_map(jnp.copy, params)
+            return new_state(params, self.tx, key)
+        if callable(params):
+            return self.sharded_init(params)(key)
+        params = jax.device_put(params, self.shardings.params)
+        return jax.jit(lambda p, k: new_state(p, self.tx, k), out_shardings=self.shardings)(params, key)
+
+    def sharded_init(self, params_fn: Callable[[], Any]):
+        """The jitted `key -> state` that draws `params_fn()` straight into this mesh's shards."""
+        return jax.jit(lambda k: new_state(params_fn(), self.tx, k), out_shardings=self.shardings)
+
+    def restore_target(self) -> TrainState:
+        """ShapeDtypeStructs (with this mesh's shardings) of the state: what a checkpoint restores into."""
+        if self.shardings is None:
+            return self.abstract
+        return sharding.with_shardings(self.abstract, self.shardings)
+
+    def lower(self, state: TrainState, batch):
+        """The train step lowered for `state` and `batch` (arrays or shapes): for AOT compiles and cost analysis."""
+        return self.train_jit.lower(state, self.frozen, batch)
+
+    def _batch(self, batch):
+        return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh)
+
+    def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        return self.train_jit(state, self.frozen, self._batch(batch))
+
+    def eval_step(self, params: Any, batch) -> dict:
+        return self.eval_jit(params, self.frozen, self._batch(batch))
+
+
+def mean_metrics(steps: Steps, params: Any, batches, num_batches: int | None = None) -> dict[str, float]:
+    """The book's calc_loss_loader for every metric: the mean of per-batch values over the first batches."""
+    vals: list[dict] = []
+    for i, batch in enumerate(batches):
+        if num_batches is not None and i >= num_batches:
+            break
+        vals.append(steps.eval_step(params, batch))
+    if not vals:
+        return {}
+    return {k: float(jnp.mean(jnp.stack([v[k] for v in vals]))) for k in vals[0]}
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainConfig:
+    """What every run loop needs; tasks subclass it for their defaults and their own settings."""
+    epochs: int = 10
+    batch_size: int = 2
+    eval_freq: int = 5
+    eval_iter: int = 5
+    seed: int = 123
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    save_every: int = 0            # steps between checkpoints; 0 = at the end of every epoch
+    keep_checkpoints: int = 2      # the last K checkpoints, plus the best by validation loss
+    async_checkpoint: bool = True  # write checkpoints in the background while training goes on
+    sample_tokens: int = 50        # tokens of the greedy sample after each epoch (0: none)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "keep_checkpoints"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.save_every < 0:
+            raise ValueError(f"save_every must be >= 0 (0 = every epoch), got {self.save_every!r}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens must be >= 0 (0 = no sample), got {self.sample_tokens!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        fields_ = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(d) - fields_:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; valid keys: {sorted(fields_)}")
+        d["optim"] = OptimConfig(**d.get("optim", {}))
+        return cls(**d)
+
+
+# settings that only say how checkpoints are written; a resume may change them
+CHECKPOINT_KEYS = ("save_every", "keep_checkpoints", "async_checkpoint")
+
+
+@dataclass
+class Hooks:
+    """What a task adds to the loop.
+    - `evaluate(params, step)`: the eval record's values, "train_loss" and "val_loss" among them;
+    - `validate(params)`: the validation loss alone (the best checkpoint is chosen by it);
+    - `count(batch)`: the tokens or examples a batch adds to the run's count;
+    - `sample(params)`: a text after each epoch; `on_epoch_end(params, step)`: values logged at each
+      epoch end (kept apart, in `epoch_history`); `line(rec)`: the progress line of an eval record.
+    """
+    evaluate: Callable[[Any, int], dict]
+    validate: Callable[[Any], float]
+    count: Callable[[Any], int]
+    sample: Callable[[Any], str] | None = None
+    on_epoch_end: Callable[[Any, int], dict] | None = None
+    line: Callable[[dict], str] | None = None
+    count_name: str = "tokens_seen"  # what `count` counts, as the logs name it
+
+
+def _default_line(rec: dict) -> str:
+    return f"Ep {rec['epoch']} (Step {rec['step']:06d}): " + ", ".join(
+        f"{k.replace('_', ' ')} {v:.3f}" for k, v in rec.items() if k.startswith(("train_", "val_")))
+
+
+class _Log:
+    """The run's JSONL logs and in-memory history; per-step metrics stay on device until a flush."""
+
+    def __init__(self, out_dir: Path, done: int, resume: bool, saved: dict | None):
+        self.steps_path, self.metrics_path = out_dir / "steps.jsonl", out_dir / "metrics.jsonl"
+        if resume:
+            for path in (self.steps_path, self.metrics_path):  # drop what the run logged after its checkpoint
+                runs.truncate_jsonl(path, done)
+        else:
+            self.steps_path.write_text("")
+            self.metrics_path.write_text("")
+        saved = saved or {}
+        self.history: dict[str, list] = saved.get("history", {})
+        self.samples: list[dict] = saved.get("samples", [])
+        self.epoch_history: dict[str, list] = saved.get("epoch_history", {})
+        self.last: dict[str, float] = {}
+        self.pending: list[tuple[int, int, dict]] = []
+        self.slog, self.mlog = self.steps_path.open("a"), self.metrics_path.open("a")
+
+    def flush(self, diverged: Callable[[str, int], Exception]) -> None:
+        """Pull the pending step metrics to the host; stop on the first non-finite one."""
+        for (s, ep, _), m in zip(self.pending, jax.device_get([m for *_, m in self.pending])):
+            rec = {"step": s, "epoch": ep, **{k: float(v) for k, v in m.items()}}
+            for k in ("loss", "grad_norm"):
+                if k in rec and not math.isfinite(rec[k]):
+                    raise diverged(f"{'loss' if k == 'loss' else 'gradient norm'} became {rec[k]}", s)
+            self.slog.write(json.dumps(rec) + "\n")
+            self.last = rec
+        self.slog.flush()
+        self.pending.clear()
+
+    def record(self, rec: dict, history: dict | None = None) -> None:
+        self.mlog.write(json.dumps(rec) + "\n")
+        self.mlog.flush()
+        for k, v in rec.items():
+            (self.history if history is None else history).setdefault(k, []).append(v)
+
+    def close(self) -> None:
+        self.slog.close()
+        self.mlog.close()
+
+
+def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_dir: str | Path, hooks: Hooks, *,
+        meta: dict, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+        desc: str = "train", resume_hint: str = "the same command plus --resume") -> dict:
+    """The book's train_model_simple over `steps`, checkpointed, resumable and signal-safe.
+
+    Every `eval_freq` steps it logs `hooks.evaluate` to metrics.jsonl (with the step's own batch
+    loss, lr and gradient norm); every step's metrics go to steps.jsonl. Checkpoints every `save_every`
+    steps (0: each epoch end) into out_dir/checkpoints, the params and the rest of `state` apart.
+    `resume` continues from the latest checkpoint exactly: `meta` (the task, the model, the train
+    settings) must match. SIGINT/SIGTERM (or `stop_after` steps) save and raise TrainingInterrupted;
+    a non-finite loss raises FloatingPointError (nothing non-finite is saved).
+    """
+    out_dir = Path(out_dir)
+    n_batches = len(train_batches)
+    total = tcfg.epochs * n_batches
+    expect = {**meta, "train": {k: v for k, v in tcfg.to_dict().items() if k not in CHECKPOINT_KEYS},
+              "steps_per_epoch": n_batches}
+    ckpts = TrainCheckpoints(out_dir / CHECKPOINTS_DIR, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
+    log = None
+    try:
+        saved = None
+        if resume:
+            params, rest, saved = ckpts.restore(state.params, {"step": state.step, "opt_state": state.opt_state,
+                                                               "key": state.key}, expect=expect)
+            state = TrainState(params=params, **rest)
+            print(f"resuming from {ckpts.describe(int(state.step))}")
+        elif ckpts.latest_step() is not None:
+            ckpts.delete_all()
+        done = int(state.step)
+        tokens_seen, wall_before = (saved or {}).get("tokens_seen", 0), (saved or {}).get("wall_s", 0.0)
+        log = _Log(out_dir, done, resume, saved)
+
+        def diverged(what: str, s: int) -> FloatingPointError:
+            return FloatingPointError(
+                f"training diverged: {what} at step {s} (epoch {s // n_batches + 1}); nothing from that step on was "
+                f"saved. The last good checkpoint is {ckpts.describe(ckpts.latest_step())}. Lower the learning rate "
+                f"(--lr), add gradient clipping (--clip-norm 1.0) or a warmup, and train again")
+
+        line = hooks.line or _default_line
+        bar = tqdm(total=total, initial=done, disable=not progress, desc=desc, unit="step")
+        t0, last_val = time.time(), (-1, None)
+        with GracefulStop() as stop:
+            epoch0, i0 = divmod(done, n_batches)
+            for epoch in range(epoch0, tcfg.epochs):
+                for i in range(i0 if epoch == epoch0 else 0, n_batches):
+                    batch = train_batches.batch_at(epoch, i)
+                    state, metrics = steps.train_step(state, batch)
+                    step = epoch * n_batches + i  # the book's global_step, counted from 0
+                    done = step + 1
+                    tokens_seen += hooks.count(batch)
+                    log.pending.append((step, epoch + 1, metrics))
+                    bar.update(1)
+                    if step % tcfg.eval_freq == 0:
+                        log.flush(diverged)
+                        values = hooks.evaluate(state.params, step)
+                        if not math.isfinite(values["train_loss"]):
+                            raise diverged(f"the parameters became non-finite (their loss is {values['train_loss']})",
+                                           step)
+                        last_val = (done, values.get("val_loss"))
+                        rec = {"step": step, "epoch": epoch + 1, hooks.count_name: tokens_seen, **values,
+                               **{("batch_loss" if k == "loss" else k): v for k, v in log.last.items()
+                                  if k in ("loss", "lr", "grad_norm")},
+                               "elapsed_s": round(wall_before + time.time() - t0, 2)}
+                        log.record(rec)
+                        bar.set_postfix(train=f"{values['train_loss']:.3f}", val=f"{values.get('val_loss', 0):.3f}")
+                        bar.write(line(rec))
+                    if i == n_batches - 1:
+                        if hooks.sample is not None and tcfg.sample_tokens:
+                            log.samples.append({"epoch": epoch + 1, "text": hooks.sample(state.params)})
+                            bar.write(f"Ep {epoch + 1} sample: {log.samples[-1]['text']!r}")
+                        if hooks.on_epoch_end is not None:
+                            log.flush(diverged)
+                            log.record({"epoch": epoch + 1, **hooks.on_epoch_end(state.params, step),
+                                        hooks.count_name: tokens_seen,
+                                        "elapsed_s": round(wall_before + time.time() - t0, 2)}, log.epoch_history)
+                    stopping = stop.requested or (stop_after is not None and done >= stop_after)
+                    if stopping or done == total or (done % tcfg.save_every == 0 if tcfg.save_every
+                                                     else i == n_batches - 1):
+                        log.flush(diverged)
+                        val = last_val[1] if last_val[0] == done else hooks.validate(state.params)
+                        meta_now = {**expect, "epoch": epoch + (i + 1) // n_batches, "batch": (i + 1) % n_batches,
+                                    "tokens_seen": tokens_seen, "val_loss": val, "history": log.history,
+                                    "epoch_history": log.epoch_history, "samples": log.samples, "wall_s": round(wall_before + time.time() - t0, 2)}
+                        try:
+                            path = ckpts.save(done, state.params, {"step": state.step, "opt_state": state.opt_state,
+                                                                   "key": state.key}, meta_now, val)
+                            if stopping:
+                                ckpts.wait()
+                        except CheckpointSaveError as e:
+                            e.state = state
+                            raise
+                        except FloatingPointError:  # the save refused non-finite params or optimizer state
+                            raise diverged("the parameters or optimizer state became non-finite", step) from None
+                    if stopping:
+                        bar.close()
+                        why = f"by {stop.name}" if stop.requested else f"after {stop_after} steps as asked"
+                        raise TrainingInterrupted(
+                            f"training stopped {why} after step {step} (epoch {epoch + 1}, batch {i + 1} of "
+                            f"{n_batches}); checkpoint saved to {path}. Resume with {resume_hint}",
+                            signum=stop.signum, step=done, checkpoint=path, state=state)
+            log.flush(diverged)
+            bar.close()
+            ckpts.wait()
+    except BaseException:
+        try:
+            ckpts.close()  # a pending save still completes, so "the last good checkpoint" is really on disk
+        except Exception:
+            pass
+        raise
+    finally:
+        if log is not None:
+            log.close()
+    ckpts.close()
+    return {"state": state, "history": log.history, "epoch_history": log.epoch_history, "samples": log.samples,
+            "tokens_seen": tokens_seen,
+            "wall_s": wall_before + time.time() - t0, "steps": int(state.step), "checkpoints": ckpts.directory}
+
+
+def host_batch_count(batch, key: int = 1, ignore: int = IGNORE_INDEX) -> int:
+    """Targets that count in a batch `(x, y)`: those that are not `ignore`."""
+    return int(np.sum(np.asarray(batch[key]) != ignore))

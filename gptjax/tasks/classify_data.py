@@ -1,0 +1,305 @@
+"""Chapter 6's data: labelled texts (the SMS Spam Collection, CSV/TSV files, Hugging Face datasets), the
+book's balancing and split, GPT-2 encoding padded to the longest training text, and batches.
+
+Letters: N examples, B batch, T time.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from gptjax.data import cached_download, default_cache_dir, file_sha256
+
+SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+# sha256 of the extracted `SMSSpamCollection` (UCI v.1): checked on the member, so a re-zipped archive still loads
+SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+SMS_SPAM_LABELS = ("ham", "spam")
+PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the book's padding token
+IGNORE_LABEL = -100   # label of the filler rows that complete a last partial batch
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+@dataclass
+class LabeledTexts:
+    texts: list[str]
+    labels_N: np.ndarray          # int32 class ids into label_names
+    label_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx_N: Sequence[int] | np.ndarray) -> "LabeledTexts":
+        idx_N = np.asarray(idx_N, dtype=np.int64)
+        return LabeledTexts([self.texts[i] for i in idx_N], self.labels_N[idx_N], self.label_names)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(np.sum(self.labels_N == i)) for i, name in enumerate(self.label_names)}
+
+
+def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+def sms_spam_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The UCI SMS Spam Collection file: downloaded once as a zip into the cache, extracted and checksummed."""
+    target = _cache_dir(cache_dir) / f"SMSSpamCollection-{SMS_SPAM_SHA256[:10]}"
+    if target.is_file() and file_sha256(target) == SMS_SPAM_SHA256:
+        return target
+    try:
+        zip_path = cached_download(SMS_SPAM_URL, cache_dir=cache_dir)
+    except RuntimeError as e:
+        raise FileNotFoundError(f"{e}. The SMS Spam Collection is the tab-separated file `SMSSpamCollection` inside "
+                                f"that zip: pass its path instead (CLI: --data PATH)") from None
+    with zipfile.ZipFile(zip_path) as zf:
+        if "SMSSpamCollection" not in zf.namelist():
+            raise ValueError(f"{zip_path} has no SMSSpamCollection member (it has {zf.namelist()}); delete it "
+                             f"and retry, or pass a local copy of the file")
+        data = zf.read("SMSSpamCollection")
+
+    if (got := hashlib.sha256(data).hexdigest()) != SMS_SPAM_SHA256:
+        os.remove(zip_path)
+        raise ValueError(f"SMSSpamCollection from {SMS_SPAM_URL} has sha256 {got}, expected {SMS_SPAM_SHA256}; "
+                         f"the cached zip was deleted. Pass a local copy of the file if the dataset changed")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+    return target
+
+
+def _column(header: list[str] | None, col: int | str, path: str) -> int:
+    if isinstance(col, int):
+        return col
+    if header is None or col not in header:
+        raise ValueError(f"{path!r} has no column {col!r}; its columns are {header}; pass the label/text "
+                         f"column by name or 0-based index")
+    return header.index(col)
+
+
+def read_labeled_table(path: str | os.PathLike, *, label_col: int | str = 0, text_col: int | str = 1,
+                       sep: str | None = None) -> tuple[list[str], list[str]]:
+    """(labels, texts) from a CSV/TSV. Columns by 0-based index (no header) or by name (first row is a header).
+
+    Parsed like pandas' read_csv with default quoting, as the book reads SMSSpamCollection (5,572 rows).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist; pass a CSV/TSV path, 'sms-spam' or 'hf:NAME'")
+    text = path.read_text(encoding="utf-8")
+    if sep is None:
+        first = text.split("\n", 1)[0]
+        sep = "\t" if "\t" in first or path.suffix.lower() in ("", ".tsv", ".tab") else ","
+    rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=sep) if r]
+    named = isinstance(label_col, str) or isinstance(text_col, str)
+    header = rows.pop(0) if named and rows else None
+    li, ti = _column(header, label_col, str(path)), _column(header, text_col, str(path))
+    labels, texts = [], []
+    for n, row in enumerate(rows):
+        if max(li, ti) >= len(row):
+            raise ValueError(f"{str(path)!r} row {n + 1} has {len(row)} fields but columns {li} and {ti} are needed "
+                             f"(separator {sep!r}); check --sep and the column options")
+        labels.append(row[li].strip())
+        texts.append(row[ti])
+    if not rows:
+        raise ValueError(f"data file {str(path)!r} has no rows")
+    return labels, texts
+
+
+def _label_ids(values: list, label_names: Sequence[str] | None, where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    values = [str(v) for v in values]
+    if label_names is None:
+        uniq = sorted(set(values), key=lambda s: (0, int(s), s) if re.fullmatch(r"-?\d+", s) else (1, 0, s))
+        label_names = tuple(uniq)
+    label_names = tuple(str(n) for n in label_names)
+    index = {n: i for i, n in enumerate(label_names)}
+    unknown = sorted(set(values) - set(index))
+    if unknown:
+        raise ValueError(f"{where} has labels {unknown[:5]} that are not among the label names {list(label_names)}; "
+                         f"pass all label names (CLI: --labels a,b,...)")
+    if len(label_names) < 2:
+        raise ValueError(f"{where} has only the label(s) {list(label_names)}; classification needs at least 2 classes")
+    return np.asarray([index[v] for v in values], np.int32), label_names
+
+
+def load_labeled_texts(source: str | os.PathLike | None = None, *, label_names: Sequence[str] | None = None,
+                       label_col: int | str | None = None, text_col: int | str | None = None, sep: str | None = None,
+                       cache_dir: str | os.PathLike | None = None) -> LabeledTexts:
+    """Texts and integer labels from None/'sms-spam' (downloaded once), a CSV/TSV path, or 'hf:NAME[:CONFIG][:SPLIT]'.
+
+    `label_names` fixes the class order (label i = label_names[i]); by default the SMS data uses
+    ('ham', 'spam') and other data its sorted label values.
+    """
+    src = None if source is None else os.fspath(source)
+    if src is None or src == "sms-spam":
+        labels, texts = read_labeled_table(sms_spam_path(cache_dir), label_col=0, text_col=1, sep="\t")
+        ids_N, names = _label_ids(labels, label_names or SMS_SPAM_LABELS, "the SMS Spam Collection")
+        return LabeledTexts(texts, ids_N, names)
+    if src.startswith("hf:"):
+        return _load_hf(src, label_names, label_col, text_col, cache_dir)
+    labels, texts = read_labeled_table(src, label_col=0 if label_col is None else label_col,
+                                       text_col=1 if text_col is None else text_col, sep=sep)
+    ids_N, names = _label_ids(labels, label_names, repr(src))
+    return LabeledTexts(texts, ids_N, names)
+
+
+def _load_hf(src: str, label_names, label_col, text_col, cache_dir) -> LabeledTexts:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("loading a Hugging Face dataset needs `pip install datasets`; or export it to a CSV "
+                          "and pass the path") from e
+    name, config, split = (src[3:].split(":", 2) + [None, None])[:3]
+    if not name:
+        raise ValueError(f"data {src!r} names no dataset; use 'hf:NAME[:CONFIG][:SPLIT]'")
+    label_col = "label" if label_col is None else label_col
+    text_col = "text" if text_col is None else text_col
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train",
+                                   cache_dir=None if cache_dir is None else str(Path(cache_dir) / "hf"))
+    except Exception as e:
+        raise ValueError(f"could not load Hugging Face dataset {src!r}: {type(e).__name__}: {e}; check the name, "
+                         f"config and split, or pass a local CSV/TSV") from e
+    cols = ds.column_names
+    label_col = cols[label_col] if isinstance(label_col, int) else label_col
+    text_col = cols[text_col] if isinstance(text_col, int) else text_col
+    for c in (label_col, text_col):
+        if c not in cols:
+            raise ValueError(f"Hugging Face dataset {src!r} has no column {c!r}; its columns are {cols}; "
+                             f"pass --label-col/--text-col")
+    values = list(ds[label_col])
+    feature = ds.features[label_col]
+    if label_names is None and hasattr(feature, "names"):  # ClassLabel: ints with names
+        label_names = tuple(feature.names)
+        values = [feature.names[v] for v in values]
+    ids_N, names = _label_ids(values, label_names, repr(src))
+    return LabeledTexts([str(t) for t in ds[text_col]], ids_N, names)
+
+
+def balance_indices(labels_N: np.ndarray, seed: int = 123) -> np.ndarray:
+    """The book's create_balanced_dataset: undersample every class to the smallest one.
+
+    Class by class in label order, a larger class keeps `RandomState(seed).permutation(n)[:n_min]`
+    of its rows (= pandas `.sample(n_min, random_state=seed)`); the smallest keeps its rows in order.
+    """
+    labels_N = np.asarray(labels_N)
+    present = np.unique(labels_N)
+    n_min = min(int(np.sum(labels_N == c)) for c in present)
+    parts = []
+    for c in present:
+        idx_c = np.flatnonzero(labels_N == c)
+        if len(idx_c) > n_min:
+            idx_c = idx_c[np.random.RandomState(seed).permutation(len(idx_c))[:n_min]]
+        parts.append(idx_c)
+    return np.concatenate(parts)
+
+
+def random_split_indices(n: int, train_frac: float = 0.7, val_frac: float = 0.1,
+                         seed: int = 123) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The book's random_split: shuffle (pandas `.sample(frac=1, random_state=seed)`), then cut 70/10/20."""
+    if not (0 < train_frac < 1 and 0 <= val_frac < 1 and train_frac + val_frac <= 1):
+        raise ValueError(f"split fractions must satisfy 0 < train < 1, 0 <= val, train + val <= 1; "
+                         f"got train={train_frac}, val={val_frac}")
+    order_N = np.random.RandomState(seed).permutation(n)
+    train_end = int(n * train_frac)
+    val_end = train_end + int(n * val_frac)
+    return order_N[:train_end], order_N[train_end:val_end], order_N[val_end:]
+
+
+def book_split(data: LabeledTexts, *, balance: bool = True, train_frac: float = 0.7, val_frac: float = 0.1,
+               seed: int = 123) -> dict[str, LabeledTexts]:
+    """Balanced (optional) then shuffled 70/10/20 train / validation / test, exactly as chapter 6."""
+    idx_N = balance_indices(data.labels_N, seed) if balance else np.arange(len(data))
+    parts = random_split_indices(len(idx_N), train_frac, val_frac, seed)
+    splits = {name: data.subset(idx_N[p]) for name, p in zip(("train", "val", "test"), parts)}
+    if len(splits["train"]) == 0:
+        raise ValueError(f"the training split is empty ({len(idx_N)} examples after balancing); use more data")
+    return splits
+
+
+def encode_texts(texts: Sequence[str], tokenizer: Any, *, max_length: int | None = None,
+                 context_length: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> tuple[np.ndarray, int]:
+    """The book's SpamDataset: token ids (N, T) padded with `pad_token_id` to `max_length`.
+
+    max_length None: the longest text (the training set's, then reused for val/test). Longer texts
+    are truncated; nothing exceeds `context_length`.
+    """
+    encoded = [_encode(tokenizer, t) for t in texts]
+    if max_length is None:
+        max_length = max((len(e) for e in encoded), default=0)
+    if context_length is not None:
+        max_length = min(max_length, context_length)
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length} (are all texts empty?)")
+    ids_NT = np.full((len(encoded), max_length), pad_token_id, np.int32)
+    for i, e in enumerate(encoded):
+        e = e[:max_length]
+        ids_NT[i, :len(e)] = e
+    return ids_NT, max_length
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    try:  # tiktoken: a literal "<|endoftext|>" in a message is text, not a control token
+        return tokenizer.encode(text, disallowed_special=())
+    except TypeError:
+        return tokenizer.encode(text)
+
+
+class ClassBatches:
+    """(x_BT, y_B) batches; a last partial batch is filled with IGNORE_LABEL rows so every batch has one shape."""
+
+    def __init__(self, ids_NT: np.ndarray, labels_N: np.ndarray, batch_size: int, *, shuffle: bool,
+                 drop_last: bool, seed: int = 123, name: str = "data"):
+        ids_NT, labels_N = np.asarray(ids_NT, np.int32), np.asarray(labels_N, np.int32)
+        if ids_NT.ndim != 2 or len(ids_NT) != len(labels_N):
+            raise ValueError(f"ids must be (N, T) and labels (N,), got {ids_NT.shape} and {labels_N.shape}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if drop_last and len(ids_NT) < batch_size:
+            raise ValueError(f"the {name} split has {len(ids_NT)} examples, fewer than batch_size={batch_size}; "
+                             f"use a smaller --batch-size or more data")
+        self.ids_NT, self.labels_N = ids_NT, labels_N
+        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+
+    @property
+    def num_examples(self) -> int:
+        """Examples one pass covers (drop_last leaves the rest out, as torch's DataLoader)."""
+        return len(self) * self.batch_size if self.drop_last else len(self.ids_NT)
+
+    def __len__(self) -> int:
+        n, b = len(self.ids_NT), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.ids_NT)
+        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+
+    def batch_at(self, epoch: int, i: int, order_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Batch `i` of `epoch`: a pure function of (seed, epoch, i), so a resumed run sees the same batches."""
+        b = self.batch_size
+        rows = (self.order(epoch) if order_N is None else order_N)[i * b:(i + 1) * b]
+        x_BT, y_B = self.ids_NT[rows], self.labels_N[rows]
+        if len(rows) < b:
+            x_BT = np.concatenate([x_BT, np.zeros((b - len(rows), x_BT.shape[1]), np.int32)])
+            y_B = np.concatenate([y_B, np.full(b - len(rows), IGNORE_LABEL, np.int32)])
+        return x_BT, y_B
+
+    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        order_N = self.order(epoch)
+        for i in range(len(self)):
+            yield self.batch_at(epoch, i, order_N)
+
+    def __iter__(self):
+        return self.epoch(0)
+
+

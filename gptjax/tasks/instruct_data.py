@@ -1,0 +1,297 @@
+"""Chapter 7's data: Alpaca-style records, prompt templates, the book's collate and length-bucketed batches.
+
+Records {instruction, input, output} come from the book's instruction-data.json (downloaded once), a
+local JSON file or a Hugging Face dataset, split 85 / 10 / 5 (train / test / val) in file order as the
+book. Prompts: the book's Alpaca template or its exercise-7.1 Phi-3 template. Batches: the book's
+custom_collate_fn (append <|endoftext|>, pad with it, mask all padding targets but the first with
+-100), optionally masking the prompt (exercise 7.2) and padding to length buckets so the jitted step
+compiles once per bucket instead of once per batch length.
+
+Letters: N examples, B batch, T time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from gptjax.data import cached_download
+from gptjax.engine import IGNORE_INDEX
+
+INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
+                        "instruction-data.json")
+INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
+PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>: the book's end-of-response and padding token
+STYLES = ("alpaca", "phi3")
+_ALPACA_HEAD = ("Below is an instruction that describes a task. "
+                "Write a response that appropriately completes the request.")
+# what starts the answer, and the marker the book strips from generated text
+_RESPONSE_PREFIX = {"alpaca": "\n\n### Response:\n", "phi3": "\n<|assistant|>:\n"}
+_RESPONSE_MARKER = {"alpaca": "### Response:", "phi3": "<|assistant|>:"}
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+def check_style(style: str) -> str:
+    if style not in STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {STYLES}")
+    return style
+
+
+def format_input(entry: dict, style: str = "alpaca") -> str:
+    """The book's format_input: the instruction (and input) in the Alpaca or the Phi-3 template (exercise 7.1)."""
+    if check_style(style) == "phi3":
+        return f"<|user|>\n{entry['instruction']}" + (f"\n{entry['input']}" if entry.get("input") else "")
+    return (f"{_ALPACA_HEAD}\n\n### Instruction:\n{entry['instruction']}"
+            + (f"\n\n### Input:\n{entry['input']}" if entry.get("input") else ""))
+
+
+def response_prefix(style: str = "alpaca") -> str:
+    return _RESPONSE_PREFIX[check_style(style)]
+
+
+def format_example(entry: dict, style: str = "alpaca", response_key: str = "output") -> str:
+    """Prompt plus answer, the text a training example is made of."""
+    return format_input(entry, style) + response_prefix(style) + entry[response_key]
+
+
+def extract_response(generated_text: str, prompt: str, style: str = "alpaca") -> str:
+    """The book's `generated_text[len(input_text):].replace("### Response:", "").strip()`."""
+    return generated_text[len(prompt):].replace(_RESPONSE_MARKER[check_style(style)], "").strip()
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def _check_entries(data: Any, where: str, keys: Sequence[str] = ("instruction", "output")) -> list[dict]:
+    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]} wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            data = lists[0]
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{where} holds no list of records; expected a JSON list of objects with keys "
+                         f"{list(keys)} (+ optional 'input')")
+    out = []
+    for i, e in enumerate(data):
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: record {i} is {type(e).__name__}, not an object with keys {list(keys)}")
+        missing = [k for k in keys if k not in e]
+        if missing:
+            raise ValueError(f"{where}: record {i} lacks {missing} (it has {sorted(e)}); every record needs "
+                             f"{list(keys)}")
+        out.append({**e, "input": e.get("input") or ""})
+    return out
+
+
+def load_json_records(source: str | os.PathLike | None = None, *, url: str = INSTRUCTION_DATA_URL,
+                      sha256: str | None = INSTRUCTION_DATA_SHA256, keys: Sequence[str] = ("instruction", "output"),
+                      cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Records from None/'default' (`url`, downloaded once), a JSON file, an http(s) URL or 'hf:NAME'."""
+
+    src = None if source is None else os.fspath(source)
+    if src is None or src == "default":
+        try:
+            path = cached_download(url, cache_dir=cache_dir, sha256=sha256)
+        except RuntimeError as e:
+            raise FileNotFoundError(f"{e}. The file is {Path(url).name} from the book's repository: pass a local "
+                                    f"copy (CLI: --data PATH)") from None
+        src = str(path)
+    elif src.startswith("hf:"):
+        return _check_entries(_load_hf_records(src, cache_dir), repr(src), keys)
+    elif src.startswith(("http://", "https://")):
+        src = str(cached_download(src, cache_dir=cache_dir))
+    path = Path(src).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist; pass a JSON file of records, an http(s) "
+                                f"URL, 'hf:NAME' or 'default'")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); expected a list of records") from None
+    return _check_entries(data, repr(str(path)), keys)
+
+
+def load_instruction_data(source: str | os.PathLike | None = None, *,
+                          cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The book's instruction-data.json (1,100 records, downloaded once) or any Alpaca-style JSON / HF dataset."""
+    return load_json_records(source, cache_dir=cache_dir)
+
+
+def _load_hf_records(src: str, cache_dir) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("loading a Hugging Face dataset needs `pip install datasets`; or save it as a JSON "
+                          "list of records and pass the path") from e
+    name, config, split = (src[3:].split(":", 2) + [None, None])[:3]
+    if not name:
+        raise ValueError(f"data {src!r} names no dataset; use 'hf:NAME[:CONFIG][:SPLIT]' "
+                         f"(e.g. hf:yahma/alpaca-cleaned)")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train",
+                                   cache_dir=None if cache_dir is None else str(Path(cache_dir) / "hf"))
+    except Exception as e:
+        raise ValueError(f"could not load Hugging Face dataset {src!r}: {type(e).__name__}: {e}; check the name, "
+                         f"config and split, or pass a local JSON file") from e
+    return [dict(r) for r in ds]
+
+
+def split_data(data: Sequence[dict], train_frac: float = 0.85, test_frac: float = 0.10) -> dict[str, list[dict]]:
+    """The book's split, in file order (no shuffle): train 85%, test 10%, validation the rest (935/110/55)."""
+    if not (0 < train_frac < 1 and 0 <= test_frac < 1 and train_frac + test_frac <= 1):
+        raise ValueError(f"split fractions must satisfy 0 < train < 1, 0 <= test, train + test <= 1; got "
+                         f"train={train_frac}, test={test_frac}")
+    n_train, n_test = int(len(data) * train_frac), int(len(data) * test_frac)
+    splits = {"train": list(data[:n_train]), "test": list(data[n_train:n_train + n_test]),
+              "val": list(data[n_train + n_test:])}
+    if not splits["train"] or not splits["val"]:
+        raise ValueError(f"{len(data)} records give {len(splits['train'])} training and {len(splits['val'])} "
+                         f"validation examples; use more data")
+    return splits
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    try:  # tiktoken: a literal "<|endoftext|>" inside a record is text, not the control token
+        return tokenizer.encode(text, disallowed_special=())
+    except TypeError:
+        return tokenizer.encode(text)
+
+
+@dataclass
+class InstructionExamples:
+    """Token ids of prompt + response per example, and where the instruction and the answer text start."""
+    ids: list[list[int]]
+    instruction_len: list[int]  # tokens of format_input (the book's exercise-7.2 mask)
+    response_start: list[int]   # tokens before the answer text (prompt + response header)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _prefix_len(full: list[int], prefix: list[int]) -> int:
+    """Tokens of `full` that are `prefix` (BPE can merge across the boundary; then the common part)."""
+    n = min(len(prefix), len(full))
+    if full[:n] == prefix[:n]:
+        return n
+    return next(i for i, (a, b) in enumerate(zip(full, prefix)) if a != b)
+
+
+def encode_examples(entries: Sequence[dict], tokenizer: Any, style: str = "alpaca",
+                    response_key: str = "output") -> InstructionExamples:
+    """The book's InstructionDataset: `tokenizer.encode(format_input(entry) + response)` per record."""
+    ids, inst, start = [], [], []
+    for e in entries:
+        full = encode(tokenizer, format_example(e, style, response_key))
+        ids.append(full)
+        inst.append(_prefix_len(full, encode(tokenizer, format_input(e, style))))
+        start.append(_prefix_len(full, encode(tokenizer, format_input(e, style) + response_prefix(style))))
+    return InstructionExamples(ids, inst, start)
+
+
+# --- the book's collate ----------------------------------------------------------------------------
+
+def bucket_length(n: int, multiple: int, cap: int | None = None) -> int:
+    """`n` rounded up to a multiple of `multiple`, at most `cap` (never below n when n <= cap)."""
+    t = -(-n // multiple) * multiple if multiple > 1 else n
+    return min(t, cap) if cap is not None else t
+
+
+def collate(batch: Sequence[Sequence[int]], *, pad_token_id: int = PAD_TOKEN_ID, ignore_index: int = IGNORE_INDEX,
+            allowed_max_length: int | None = None, mask_lengths: Sequence[int] | None = None,
+            pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The book's custom_collate_fn -> (inputs_BT, targets_BT) int32.
+
+    Each item gets one <|endoftext|>, then padding to the longest item + 1; inputs drop the last token,
+    targets the first; every padding target but the first becomes `ignore_index`; both are cut to
+    `allowed_max_length`. `mask_lengths[i]` (exercise 7.2): the first n tokens of item i are prompt, so
+    `targets[:n - 1]` are ignored too. `pad_to`: pad inputs to at least this length (a bucket); the
+    extra positions are padding with ignored targets, so the loss equals the book's.
+    """
+    if not batch:
+        raise ValueError("collate needs at least one example")
+    batch_max_length = max(len(item) + 1 for item in batch)
+    if pad_to is not None:
+        batch_max_length = max(batch_max_length, pad_to + 1)
+    inputs, targets = [], []
+    for i, item in enumerate(batch):
+        padded = np.full(batch_max_length, pad_token_id, np.int32)
+        padded[:len(item)] = item
+        x_T, y_T = padded[:-1], padded[1:].copy()
+        pads = np.flatnonzero(y_T == pad_token_id)
+        if pads.size > 1:
+            y_T[pads[1:]] = ignore_index
+        if mask_lengths is not None:
+            y_T[:max(int(mask_lengths[i]) - 1, 0)] = ignore_index
+        if allowed_max_length is not None:
+            x_T, y_T = x_T[:allowed_max_length], y_T[:allowed_max_length]
+        inputs.append(x_T)
+        targets.append(y_T)
+    return np.stack(inputs), np.stack(targets)
+
+
+MASKS = ("none", "instruction", "prompt")
+
+
+class InstructionBatches:
+    """Batches of the book's collate; a last partial batch is filled with ignored rows so B never changes.
+
+    `pad_multiple` > 1 pads T up to a multiple of it (capped at `allowed_max_length`): a run then
+    compiles one step per bucket. `mask`: 'none' (the book), 'instruction' (exercise 7.2: the tokens of
+    format_input) or 'prompt' (everything before the answer text, the response header too).
+    """
+
+    def __init__(self, examples: InstructionExamples, batch_size: int, *, shuffle: bool, drop_last: bool,
+                 seed: int = 123, pad_multiple: int = 1, allowed_max_length: int | None = 1024, mask: str = "none",
+                 pad_token_id: int = PAD_TOKEN_ID, name: str = "data"):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1 (1 = the book's per-batch length), got {pad_multiple!r}")
+        if mask not in MASKS:
+            raise ValueError(f"unknown prompt mask {mask!r}; choose one of {MASKS}")
+        if len(examples) == 0 or (drop_last and len(examples) < batch_size):
+            raise ValueError(f"the {name} split has {len(examples)} examples, fewer than batch_size={batch_size}; "
+                             f"use a smaller --batch-size or more data")
+        self.examples, self.batch_size, self.shuffle, self.drop_last = examples, batch_size, shuffle, drop_last
+        self.seed, self.pad_multiple, self.allowed_max_length = seed, pad_multiple, allowed_max_length
+        self.mask, self.pad_token_id = mask, pad_token_id
+        self._masks = {"none": None, "instruction": examples.instruction_len, "prompt": examples.response_start}[mask]
+
+    def __len__(self) -> int:
+        n, b = len(self.examples), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.examples)
+        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+
+    def batch_at(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        items = [self.examples.ids[r] for r in rows]
+        longest = max(len(it) for it in items)
+        cap = self.allowed_max_length
+        pad_to = bucket_length(longest, self.pad_multiple, cap) if self.pad_multiple > 1 else None
+        masks = None if self._masks is None else [self._masks[r] for r in rows]
+        x_BT, y_BT = collate(items, pad_token_id=self.pad_token_id, allowed_max_length=cap, mask_lengths=masks,
+                             pad_to=pad_to)
+        if len(rows) < self.batch_size:  # filler rows: all targets ignored, the loss is unchanged
+            fill = self.batch_size - len(rows)
+            x_BT = np.concatenate([x_BT, np.full((fill, x_BT.shape[1]), self.pad_token_id, np.int32)])
+            y_BT = np.concatenate([y_BT, np.full((fill, y_BT.shape[1]), IGNORE_INDEX, np.int32)])
+        return x_BT, y_BT
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(start, len(self)):
+            yield self.batch_at(epoch, i)
+
+    def __iter__(self):
+        return self.epoch(0)
+
+    def shapes(self, epoch: int = 0) -> set[tuple[int, int]]:
+        """Batch shapes of one pass: the programs a jitted step compiles for it."""
+        return {self.batch_at(epoch, i)[0].shape for i in range(len(self))}
+
+

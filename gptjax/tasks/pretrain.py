@@ -1,0 +1,172 @@
+"""Pretraining (the book's chapter 5 and appendix D) as a task over the engine: next-token loss,
+sliding-window batches, train/val loss at the eval points and a greedy sample after each epoch."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from gptjax import engine, runs
+from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run
+from gptjax.config import GPTConfig
+from gptjax.engine import Hooks, OptimConfig, Steps, TrainConfig, TrainState, cross_entropy, mean_metrics, new_state
+from gptjax.generate import generate, trim_at_eos
+from gptjax.model import GPT, count_params, dropout_rngs, init_params
+from gptjax.sharding import mesh_for
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """The book's chapter-5 run: 10 epochs, batch 2, AdamW lr 4e-4, evaluation every 5 steps on 5 batches."""
+    start_context: str = "Every effort moves you"  # prompt of the per-epoch sample
+
+
+@lru_cache(maxsize=8)
+def make_loss_fn(cfg: GPTConfig) -> engine.LossFn:
+    """Next-token cross-entropy of batches `(x_BT, y_BT)`; dropout when a key is given."""
+    model = GPT(cfg)
+
+    def loss_fn(params, frozen, batch, key):
+        x_BT, y_BT = batch
+        logits_BTV = model.apply({"params": params}, x_BT, deterministic=key is None, rngs=dropout_rngs(key))
+        return cross_entropy(logits_BTV, y_BT), {}
+
+    return loss_fn
+
+
+def create_state(cfg: GPTConfig, tx: optax.GradientTransformation, seed: int, params: Any = None) -> TrainState:
+    """A fresh pretraining state: params from `seed` (or `params`), the PRNG key for dropout split off it."""
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+    return new_state(init_params(cfg, init_key) if params is None else params, tx, train_key)
+
+
+def jitted_steps(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None):
+    """The engine's pretraining steps as plain jitted functions: `train_step(state, (x, y)) -> (state,
+    metrics)` (state donated) and `eval_step(params, (x, y)) -> loss`, for notebooks and experiments."""
+    train_fn, eval_fn = engine.step_functions(make_loss_fn(cfg), tx, schedule)
+    return (jax.jit(lambda state, batch: train_fn(state, None, batch), donate_argnums=0),
+            jax.jit(lambda params, batch: eval_fn(params, None, batch)["loss"]))
+
+
+def make_steps(cfg: GPTConfig, optim: OptimConfig, mesh: jax.sharding.Mesh | None = None,
+               strategy: str = "dp") -> Steps:
+    """The engine's pretraining steps for `cfg`: on the default device, or over `mesh` ("dp" / "fsdp")."""
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    return Steps(make_loss_fn(cfg), optim, abstract, mesh=mesh, strategy=strategy)
+
+
+def init_state(steps: Steps, cfg: GPTConfig, seed: int, params: Any = None) -> TrainState:
+    """`create_state` for `steps`: on a mesh the init runs sharded (no device ever holds the whole model)."""
+    init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+    return steps.init_state(params if params is not None else (lambda: init_params(cfg, init_key)), train_key)
+
+
+def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, tokenizer, out_dir: str | Path,
+             params: Any = None, progress: bool = True, *, resume: bool = False, overwrite: bool = False,
+             run_info: dict | None = None, stop_after: int | None = None, sharding: str = "none",
+             fsdp: int | None = None) -> dict:
+    """The book's train loop (appendix D's with a warmup/cosine/clip OptimConfig) on the engine.
+
+    Writes config.json, checkpoints/, metrics.jsonl, steps.jsonl, then params/, samples.json and
+    loss.png at the end. `params` starts from given weights (else a fresh init from the seed);
+    `resume` continues the run in `out_dir` from its latest checkpoint exactly; `overwrite` drops an
+    earlier run's checkpoints there; `run_info` is stored in config.json (the CLI keeps its data
+    settings there); `stop_after` stops as if interrupted once that many steps are done. `sharding`
+    "dp" / "fsdp" trains over every device (`fsdp` sets that axis's size). Raises
+    TrainingInterrupted after SIGINT/SIGTERM (a checkpoint is on disk), FloatingPointError when the
+    loss stops being finite, CheckpointSaveError when a save fails.
+    """
+    out_dir = runs.prepare_out_dir(out_dir)
+    if resume and params is not None:
+        raise ValueError("pass either params (weights to start from) or resume=True (continue a run), not both")
+    mesh = mesh_for(sharding, fsdp, tcfg.batch_size)
+    steps = make_steps(cfg, tcfg.optim, mesh, sharding if mesh is not None else "dp")
+    if resume:
+        state = steps.restore_target()
+    else:
+        refuse_existing_run(out_dir, overwrite=overwrite,
+                            resume_hint=f"`gptjax pretrain --resume {out_dir}` (pretrain(..., resume=True))")
+        state = init_state(steps, cfg, tcfg.seed, params)
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "train": tcfg.to_dict(),
+                                                       **(run_info or {}), "status": "running"})
+    n_batches = len(train_batches)
+    print(f"model: {count_params(steps.abstract.params):,} parameters; train {n_batches} batches/epoch, "
+          f"val {len(val_batches)} batches; {tcfg.epochs * n_batches} steps")
+    start_ids = np.asarray([tokenizer.encode(tcfg.start_context, allowed_special={"<|endoftext|>"})], np.int32)
+
+    def evaluate(params, step: int) -> dict:
+        epoch = step // n_batches
+        return {"train_loss": mean_metrics(steps, params, train_batches.epoch(epoch), tcfg.eval_iter)["loss"],
+                "val_loss": validate(params)}
+
+    def validate(params) -> float:
+        return mean_metrics(steps, params, val_batches.epoch(0), tcfg.eval_iter).get("loss", float("nan"))
+
+    def sample(params) -> str:
+        ids = generate(params, cfg, start_ids, tcfg.sample_tokens)
+        return tokenizer.decode(trim_at_eos(ids[0], None))
+
+    def line(rec: dict) -> str:
+        return (f"Ep {rec['epoch']} (Step {rec['step']:06d}): Train loss {rec['train_loss']:.3f}, "
+                f"Val loss {rec['val_loss']:.3f} (lr {rec['lr']:.2e}, grad norm {rec['grad_norm']:.2f})")
+
+    hooks = Hooks(evaluate=evaluate, validate=validate, count=lambda b: int(np.size(b[0])), sample=sample, line=line)
+    loop = engine.run(steps, state, tcfg, train_batches, out_dir, hooks, meta={"model": cfg.to_dict()},
+                      resume=resume, progress=progress, stop_after=stop_after,
+                      resume_hint=f"gptjax pretrain --resume {out_dir} (or pretrain(..., resume=True))")
+    state = loop["state"]
+    save_run(out_dir, state.params, cfg, extra={"train": tcfg.to_dict(), **(run_info or {}), "status": "finished",
+                                                "tokens_seen": loop["tokens_seen"], "steps": loop["steps"],
+                                                "wall_s": round(loop["wall_s"], 1)})
+    (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
+    if loop["history"].get("step"):
+        runs.plot_history(loop["history"], out_dir / "loss.png")
+    return {**loop, "steps": step_log(out_dir)}
+
+
+def step_log(out_dir: str | Path) -> dict[str, list[float]]:
+    """Every step's loss, learning rate and gradient norm of a run, from its steps.jsonl."""
+    recs = runs.read_jsonl(Path(out_dir) / "steps.jsonl")
+    return {k: [r[k] for r in recs] for k in ("loss", "lr", "grad_norm")}
+
+
+def launch_check(argv: list[str] | None = None) -> None:
+    """`python -m gptjax.sharding`: check a launch on every process: join, mesh, one all-reduce, a few steps."""
+    import argparse
+
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from gptjax import sharding as sh
+
+    p = argparse.ArgumentParser(prog="python -m gptjax.sharding", description=launch_check.__doc__.split(": ", 1)[1])
+    p.add_argument("--strategy", default="fsdp", choices=sh.STRATEGIES)
+    p.add_argument("--fsdp", type=int, help="size of the fsdp axis (default: all devices for fsdp, 1 for dp)")
+    p.add_argument("--steps", type=int, default=3, help="training steps of a small GPT")
+    p.add_argument("--rows-per-device", type=int, default=2, help="batch rows per device")
+    args = p.parse_args(argv)
+    joined = sh.initialize_distributed()
+    mesh = sh.make_mesh(args.strategy, args.fsdp)
+    n = sh.batch_devices(mesh)
+    ones = sh.shard_batch(np.ones((n,), np.float32), mesh)
+    total = float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones).addressable_data(0))
+    assert total == n, f"an all-reduce over {n} devices gave {total}: the processes do not see each other's data"
+
+    cfg = GPTConfig(vocab_size=256, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+    steps = make_steps(cfg, OptimConfig(lr=1e-3), mesh, args.strategy)
+    ids_BT = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.rows_per_device * n, cfg.context_length + 1))
+    state, losses = init_state(steps, cfg, 0), []
+    for _ in range(args.steps):
+        state, m = steps.train_step(state, (ids_BT[:, :-1], ids_BT[:, 1:]))
+        losses.append(round(float(m["loss"]), 4))
+    kb = max(sh.bytes_per_device(state).values()) / 1024
+    print(f"process {jax.process_index()} of {jax.process_count()} ({'joined' if joined else 'single process'}): "
+          f"{jax.local_device_count()} local of {jax.device_count()} {jax.devices()[0].platform} devices; mesh "
+          f"{dict(mesh.shape)}; all-reduce ok ({total:g}); {args.strategy} losses {losses}; state {kb:.0f} KiB on "
+          f"its busiest device", flush=True)

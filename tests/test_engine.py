@@ -1,0 +1,139 @@
+"""gptjax.engine through every task: a run stopped by a real SIGINT and resumed ends bitwise equal to an
+uninterrupted one, and data parallelism over 8 simulated CPU devices gives one device's losses.
+
+Run as a script, this file is the 8-device subprocess: `python tests/test_engine.py dp TMP`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EOT = 256
+RECORDS = [
+    {"instruction": "Name the capital of France.", "input": "", "output": "Paris.", "chosen": "It is Paris.",
+     "rejected": "Paris, obviously."},
+    {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4", "chosen": "The sum is 4.",
+     "rejected": "4, duh."},
+    {"instruction": "What color is the sky?", "input": "", "output": "Blue.", "chosen": "The sky is blue.",
+     "rejected": "Blue. Look up."},
+    {"instruction": "Translate to German.", "input": "dog", "output": "Hund", "chosen": "Hund.",
+     "rejected": "Hund, easy."},
+]
+TEXTS = [("spam", "WIN a FREE prize now!! call 555"), ("ham", "see you at lunch today, ok?"),
+         ("spam", "CLAIM your FREE cash prize"), ("ham", "running late, be there soon")] * 4
+
+
+class CharTokenizer:
+    """Byte-level ids 0..255 plus end-of-text 256: tiny models, no BPE files."""
+    eot_token = EOT
+
+    def encode(self, text, **kw):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", "replace")
+
+
+def _cfg(**kw):
+    from gptjax.config import GPTConfig
+
+    return GPTConfig(**{**dict(vocab_size=257, context_length=128, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1,
+                               tie_embeddings=True), **kw})
+
+
+def run_task(task: str, out: Path, **kw) -> dict:
+    """One tiny run of `task` (6 steps, dropout on where the task allows it); returns its final trainable params
+    and every step's loss."""
+    from gptjax.engine import OptimConfig
+    from gptjax.model import init_params
+    from gptjax.tasks import classify, dpo, instruct
+
+    cfg, tok = _cfg(), CharTokenizer()
+    params = init_params(cfg, jax.random.key(0))
+    common = dict(eval_freq=2, eval_iter=1, save_every=2, seed=5, optim=OptimConfig(lr=1e-3))
+    if task == "classify":
+        from gptjax.tasks.classify_data import LabeledTexts
+
+        data = LabeledTexts([t for _, t in TEXTS], np.array([lab == "spam" for lab, _ in TEXTS], np.int32),
+                            ("ham", "spam"))
+        splits = {"train": data.subset(range(12)), "val": data.subset(range(12, 16))}
+        tcfg = classify.ClassifierTrainConfig(epochs=2, batch_size=4, **common)
+        r = classify.finetune_classifier(params, cfg, splits, tok, out, tcfg=tcfg, drop_rate=0.1, train="all",
+                                         pad_token_id=EOT, progress=False, **kw)
+    elif task == "instruct":
+        tcfg = instruct.InstructTrainConfig(epochs=3, batch_size=2, sample_tokens=0, **common)
+        r = instruct.finetune_instruct(params, cfg, {"train": RECORDS, "val": RECORDS[:2], "test": []}, tok, out,
+                                       tcfg=tcfg, pad_token_id=EOT, progress=False, respond=False, **kw)
+    else:
+        tcfg = dpo.DPOTrainConfig(epochs=3, batch_size=2, sample_tokens=0, **common)
+        r = dpo.finetune_dpo(params, cfg.replace(drop_rate=0.0), {"train": RECORDS, "val": RECORDS[:2], "test": []},
+                             tok, out, tcfg=tcfg, pad_token_id=EOT, progress=False, respond=False, **kw)
+    losses = [json.loads(ln)["loss"] for ln in (out / "steps.jsonl").read_text().splitlines()]
+    return {"params": r["params"], "losses": losses}
+
+
+@pytest.mark.parametrize("task", ["classify", "instruct", "dpo"])
+def test_a_sigint_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(task, tmp_path, monkeypatch):
+    from gptjax import engine
+    from gptjax.checkpoint import TrainingInterrupted
+
+    full = run_task(task, tmp_path / "full")
+    assert len(full["losses"]) == 6
+
+    class Bar:  # the progress bar: a real SIGINT to this process once the 3rd step is done
+        def __init__(self, *a, **k):
+            self.n = 0
+
+        def update(self, n):
+            self.n += n
+            if self.n == 3:
+                signal.raise_signal(signal.SIGINT)
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "tqdm", Bar)
+        with pytest.raises(TrainingInterrupted, match="stopped by SIGINT after step 2") as info:
+            run_task(task, tmp_path / "cut")
+    assert info.value.step == 3 and info.value.exit_code == 130
+    resumed = run_task(task, tmp_path / "cut", resume=True)
+    assert resumed["losses"] == full["losses"]
+    for a, b in zip(jax.tree_util.tree_leaves(resumed["params"]), jax.tree_util.tree_leaves(full["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dp_on_8_devices_gives_one_devices_losses_for_every_task(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__, "dp", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["devices"] == 8
+    for task in ("classify", "instruct", "dpo"):
+        assert len(r[task]["one"]) == 6
+        assert r[task]["dp"] == pytest.approx(r[task]["one"], rel=1e-4, abs=1e-5), task
+
+
+def worker_dp(tmp: Path) -> dict:
+    out = {"devices": jax.device_count()}
+    for task in ("classify", "instruct", "dpo"):
+        one = run_task(task, tmp / f"{task}-one")
+        dp = run_task(task, tmp / f"{task}-dp", sharding="dp")
+        out[task] = {"one": one["losses"], "dp": dp["losses"]}
+    return out
+
+
+if __name__ == "__main__":
+    mode, tmp = sys.argv[1], Path(sys.argv[2])
+    print(json.dumps({"dp": worker_dp}[mode](tmp)))
