@@ -369,7 +369,8 @@ class _Log:
         self.mlog.write(json.dumps(rec) + "\n")
         self.mlog.flush()
         for k, v in rec.items():
-            (self.history if history is None else history).setdefault(k, []).append(v)
+            if k != "elapsed_s":  # wall time: a log value, not part of the run's (exactly resumable) history
+                (self.history if history is None else history).setdefault(k, []).append(v)
 
     def close(self) -> None:
         self.slog.close()
@@ -474,7 +475,7 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
                         why = f"by {stop.name}" if stop.requested else f"after {stop_after} steps as asked"
                         raise TrainingInterrupted(
                             f"training stopped {why} after step {step} (epoch {epoch + 1}, batch {i + 1} of "
-                            f"{n_batches}); checkpoint saved to {path}. Resume with {resume_hint}",
+                            f"{n_batches}); checkpoint saved to {path}. Resume with: {resume_hint}",
                             signum=stop.signum, step=done, checkpoint=path, state=state)
             log.flush(diverged)
             bar.close()
