@@ -331,8 +331,13 @@ class GPT(nn.Module):
             if pos_B is not None:
                 raise ValueError("KV-cache decoding runs on per-layer params: convert with unstack_layers and "
                                  "cfg.replace(scan_layers=False) (gptjax.generate does this for you)")
+            # check_constancy_invariants=False: no broadcast variables or outputs to check, so no extra trace
+            # of the block. Flax 0.12.12 (not 0.12.8) runs that check through DCE, which keeps effectful ops (a
+            # jax.debug.print / callback in a block) and then refuses them as "broadcasted variable has a
+            # data dependency on the scan body".
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                             in_axes=nn.broadcast, length=cfg.n_layers, unroll=cfg.scan_unroll)
+                             in_axes=nn.broadcast, length=cfg.n_layers, unroll=cfg.scan_unroll,
+                             check_constancy_invariants=False)
             x_BTD, _ = blocks(cfg, deterministic, name="h")(x_BTD, None)
         else:
             for i in range(cfg.n_layers):

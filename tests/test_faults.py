@@ -127,15 +127,22 @@ def test_sigkill_mid_save_leaves_the_previous_checkpoint_restorable(tmp_path):
 
 
 def test_divergence_stops_with_the_step_and_the_last_good_checkpoint(tmp_path, corpus, capsys):
+    """A learning rate that jumps from 1e-3 (step 0) to 1e20 (step 1 on): Adam's first steps move each weight by
+    about the learning rate, so after step 1 the block weights are ~1e20 (finite) and step 2's forward
+    multiplies two of them: 1e40 overflows float32 (max 3.4e38) whatever the order of the sums, so step 2's
+    loss is not finite on every XLA. (The old --lr 10 run only hit a NaN where XLA:CPU fused the softmax's
+    scale into an FMA: jax 0.10 did; on jax 0.12 the same run stays finite.)"""
     run = tmp_path / "run"
     code = main(["pretrain", "--corpus", str(corpus), "--out", str(run), "--epochs", "2", "--eval-freq", "5",
-                 "--save-every", "2", "--lr", "10", "--weight-decay", "0", "--sync-checkpoints", *TINY])
+                 "--save-every", "2", "--initial-lr", "1e-3", "--warmup-steps", "1", "--lr", "1e20",
+                 "--weight-decay", "0", "--sync-checkpoints", *TINY])
     err = capsys.readouterr().err
     m = re.search(r"training diverged: (.*(nan|inf|non-finite).*) at step (\d+) \(epoch \d\); nothing from that "
                   r"step on was saved\. The last good checkpoint is (\S+) \(after (\d+) steps\)\. Lower the "
                   r"learning rate", err)
     assert code == 2 and m, err
     bad, good = int(m.group(3)), int(m.group(5))
+    assert (bad, good) == (2, 2), err  # step 2's loss; the checkpoint after steps 0 and 1
     ck = TrainCheckpoints(run / "checkpoints", read_only=True)
     assert ck.latest_step() == good <= bad and m.group(4) == str(run / "checkpoints" / str(good))
     params = load_run(run, step=good)[0]  # the latest checkpoint holds no NaN

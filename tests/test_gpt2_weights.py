@@ -265,6 +265,7 @@ def test_export_hf_loads_into_transformers(hf_tiny, tiny_ids, tmp_path):
 
 
 def test_export_hf_untied_without_qkv_bias(tmp_path, tiny_ids):
+    pytest.importorskip("torch")  # transformers' models need it (transformers alone imports without torch)
     transformers = pytest.importorskip("transformers")
     cfg = GPTConfig(vocab_size=97, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
     assert not cfg.qkv_bias and not cfg.tie_embeddings  # the book's own model

@@ -94,7 +94,11 @@ def test_dp_and_fsdp_on_8_devices_match_one_device_and_checkpoints_change_mesh(t
         # 20 training steps (dropout on) give one device's losses; so does the eval step
         assert s["losses"] == pytest.approx(r["ref_losses"], rel=1e-4, abs=1e-5), strategy
         assert s["eval"] == pytest.approx(r["ref_eval"], rel=1e-5)
-        assert s["init_equal"], f"{strategy}: sharded init differs from create_state"
+        # dp draws every weight whole, as create_state does: the same bits. fsdp draws each device's shard from the
+        # same random bits, but XLA:CPU (jax 0.12) fuses the multiply-adds of erf_inv's polynomial (inside
+        # jax.random.normal) into FMAs for whole rows and not for a shard's short ones (wte/wpe: 4 of 32 columns):
+        # at most 3 ulp apart after * sqrt(2) and * std (3.2M normals drawn both ways; 2 here). jax 0.10: equal.
+        assert s["init_max_ulp"] <= (0 if strategy == "dp" else 3), f"{strategy}: sharded init differs from create_state"
         assert s["batch_shards"] == [[B // 8, T]] * 8  # each device holds one row of the batch
     # dp: whole weights everywhere; fsdp: each device an eighth (the split dimension differs by weight)
     assert r["dp"]["shards"]["h_0/attn/c_attn/kernel"] == {"spec": [], "shape": [32, 96]}
@@ -162,6 +166,18 @@ def _equal(a, b) -> bool:
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _max_ulp(a, b) -> int:
+    """Largest distance between the float32 leaves of two trees, in units in the last place."""
+    import jax
+    import numpy as np
+
+    def ordered(x):  # float32 bits as integers that count up through the floats
+        i = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+        return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+    return max(int(np.abs(ordered(x) - ordered(y)).max(initial=0)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def _train(step_fn, state, batches):
     losses = []
     for batch in batches:
@@ -196,7 +212,7 @@ def worker_mesh(tmp: Path) -> dict:
         init_key, key = jax.random.split(jax.random.PRNGKey(SEED))
         mem = steps.sharded_init(lambda: init_params(cfg, init_key)).lower(key).compile().memory_analysis()
         state = init_state(steps, cfg, SEED)
-        r = {"init_equal": _equal(state.params, init.params),
+        r = {"init_max_ulp": _max_ulp(state.params, init.params),
              "init_peak_bytes": mem.output_size_in_bytes + mem.temp_size_in_bytes,
              "state_bytes_per_device": max(sh.bytes_per_device(state).values()),
              "shards": {_path_str(p): {"spec": list(a.sharding.spec), "shape": list(a.addressable_shards[0].data.shape)}
