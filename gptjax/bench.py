@@ -462,8 +462,8 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
 
 def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None = None, steps: int = 6) -> dict:
     """Programs a training run compiles: the jitted train/eval steps over a few batches of one shape."""
-    steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
-    state = runner.state if runner is not None else init_state(steps, cfg, bc.seed)
+    engine_steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
+    state = runner.state if runner is not None else init_state(engine_steps, cfg, bc.seed)
     events: list[str] = []
     compiled = lambda name, *a, **k: events.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
     loaded = lambda name, *a, **k: events.append(name) if name.endswith("cache_hits") else None  # noqa: E731
@@ -471,15 +471,15 @@ def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None 
     jax.monitoring.register_event_listener(loaded)
     try:
         for i in range(steps):
-            state, metrics = steps.train_step(state, _batch(cfg, bc.batch_size, seed=i))
+            state, metrics = engine_steps.train_step(state, _batch(cfg, bc.batch_size, seed=i))
             if i % 3 == 0:
-                mean_metrics(steps, state.params, [_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)])
+                mean_metrics(engine_steps, state.params, [_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)])
         float(metrics["loss"])
     finally:
         _unregister(compiled, loaded)
     if runner is not None:
         runner.state = state
-    return {"train_step_programs": steps.train_jit._cache_size(), "eval_step_programs": steps.eval_jit._cache_size(),
+    return {"train_step_programs": engine_steps.train_jit._cache_size(), "eval_step_programs": engine_steps.eval_jit._cache_size(),
             "xla_compiles_in_loop": sum(e.endswith("backend_compile_duration") for e in events),
             "cache_loads_in_loop": sum(e.endswith("cache_hits") for e in events), "loop_steps": steps}
 

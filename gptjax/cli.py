@@ -59,54 +59,34 @@ def _model_config(args):
 
 
 def cmd_pretrain(args) -> int:
-    import dataclasses
-    import hashlib
-
-    from gptjax.checkpoint import CheckpointSaveError, RunExistsError, TrainingInterrupted, load_run_config
-    from gptjax.data import create_dataloaders, load_corpus
-    from gptjax.tokenizer import get_gpt2_tokenizer
-    from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
+    from gptjax.checkpoint import CheckpointSaveError, RunExistsError, TrainingInterrupted
+    from gptjax.tasks.pretrain import PretrainConfig, pretrain_corpus, run_settings
 
     if args.sharding != "none":
         from gptjax.sharding import initialize_distributed
 
         initialize_distributed()  # no-op for one process; joins a multi-host run from the environment
-
     if args.resume:
-        out = args.resume
-        cfg, meta = load_run_config(out)
-        if "data" not in meta or "train" not in meta:
-            raise ValueError(f"{out!r} was not started by `gptjax pretrain` (its config.json has no data settings); "
-                             f"resume it from Python with train(..., resume=True)")
-        tcfg, data = TrainConfig.from_dict(meta["train"]), meta["data"]
-        _check_resume_flags(args, out, {**data, **cfg.to_dict(), **meta["train"], **meta["train"]["optim"]})
+        out, cfg, tcfg, optim_for = args.resume, None, None, None
+        run_cfg, run_tcfg, data = run_settings(out)
+        _check_resume_flags(args, out, {**data, **run_cfg.to_dict(), **run_tcfg.to_dict(),
+                                        **run_tcfg.to_dict()["optim"]})
     else:
         out, cfg = args.out, _model_config(args)
         # settings are checked before the corpus is read; the schedule needs the batch count, so optim comes later
-        tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
-                           eval_iter=args.eval_iter, seed=args.seed, start_context=args.start_context,
-                           save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-                           async_checkpoint=not args.sync_checkpoints)
+        tcfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
+                              eval_iter=args.eval_iter, seed=args.seed, start_context=args.start_context,
+                              save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+                              async_checkpoint=not args.sync_checkpoints)
         _optim_config(args, updates=1)
-        corpus = str(Path(args.corpus).absolute()) if args.corpus and Path(args.corpus).is_file() else args.corpus
-        data = {"corpus": corpus, "stride": args.stride, "train_ratio": args.train_ratio}
-    text = load_corpus(args.corpus or data["corpus"])
-    sha = hashlib.sha256(text.encode()).hexdigest()
-    if args.resume and data.get("corpus_sha256", sha) != sha:
-        raise ValueError(f"the corpus differs from the one {out!r} was trained on (sha256 {sha[:12]}... vs "
-                         f"{data['corpus_sha256'][:12]}...); pass --corpus with the original text to resume")
-    tok = get_gpt2_tokenizer(args.bpe_dir)
-    train_b, val_b = create_dataloaders(text, tok, context_length=cfg.context_length, batch_size=tcfg.batch_size,
-                                        stride=data["stride"], train_ratio=data["train_ratio"], seed=tcfg.seed)
-    if not args.resume:
-        tcfg = dataclasses.replace(tcfg, optim=_optim_config(args, updates=args.epochs * len(train_b)
-                                                             // max(args.grad_accum, 1)))
-        data["corpus_sha256"] = sha
-    print(f"corpus: {len(text):,} characters; {cfg}")
+
+        def optim_for(steps: int):
+            return _optim_config(args, updates=steps // max(args.grad_accum, 1))
     try:
-        result = train(cfg, tcfg, train_b, val_b, tok, out, progress=not args.quiet, resume=bool(args.resume),
-                       overwrite=args.overwrite, run_info={"data": data}, sharding=args.sharding,
-                       fsdp=args.fsdp)
+        result = pretrain_corpus(args.corpus, out, cfg, tcfg, optim_for=optim_for, stride=args.stride,
+                                 train_ratio=args.train_ratio, bpe_dir=args.bpe_dir, resume=bool(args.resume),
+                                 progress=not args.quiet, overwrite=args.overwrite, sharding=args.sharding,
+                                 fsdp=args.fsdp)
     except TrainingInterrupted as e:
         print(f"gptjax pretrain: {e}", file=sys.stderr)
         return e.exit_code
@@ -263,7 +243,7 @@ def _col(value: str | None):
 def cmd_finetune_classifier(args) -> int:
     from gptjax.config import get_config
     from gptjax.lora import LoRAConfig
-    from gptjax.checkpoint import load_base_model
+    from gptjax.checkpoint import CheckpointSaveError, TrainingInterrupted, load_base_model
     from gptjax.tasks.classify import ClassifierTrainConfig, finetune_classifier
     from gptjax.tasks.classify_data import load_labeled_texts
     from gptjax.tokenizer import get_gpt2_tokenizer
@@ -276,7 +256,7 @@ def cmd_finetune_classifier(args) -> int:
             lora = LoRAConfig(args.lora_rank, args.lora_alpha if args.lora_alpha is not None else args.lora_rank, targets)
         lr = args.lr if args.lr is not None else (8e-4 if lora else 5e-5)  # the book's ch06 / appendix E values
         tcfg = ClassifierTrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
-                                     eval_iter=args.eval_iter, seed=args.seed,
+                                     eval_iter=args.eval_iter, seed=args.seed, save_every=args.save_every,
                                      optim=OptimConfig(lr=lr, weight_decay=args.weight_decay))
         random_cfg = None
         if args.model == "random":
@@ -294,8 +274,12 @@ def cmd_finetune_classifier(args) -> int:
         result = finetune_classifier(params, cfg, data, tok, args.out, train=args.train, lora=lora, tcfg=tcfg,
                                      max_length=args.max_length, balance=not args.no_balance,
                                      train_frac=args.train_frac, val_frac=args.val_frac, drop_rate=args.drop_rate,
-                                     base_model=args.model, progress=not args.quiet)
-    except (RuntimeError, ConnectionError, ImportError) as e:  # no network / missing package: say what to do
+                                     base_model=args.model, progress=not args.quiet, resume=args.resume,
+                                     overwrite=args.overwrite)
+    except TrainingInterrupted as e:
+        print(f"gptjax {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except (RuntimeError, ConnectionError, ImportError, CheckpointSaveError) as e:  # no network, a full disk, ...
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
         return 2
     acc = "  ".join(f"{k} {v['accuracy'] * 100:.2f}%" for k, v in result["results"].items())
@@ -823,6 +807,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-targets", default=None, help="comma-separated globs of Dense layers to adapt, e.g. "
                    "'*/attn/*,cls_head' (default: every Dense layer, the head included)")
     g.add_argument("--out", default="checkpoints/classifier", help="run directory")
+    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its latest "
+                   "checkpoint (same command, same flags)")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune_classifier)
 

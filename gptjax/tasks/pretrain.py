@@ -2,23 +2,29 @@
 sliding-window batches, train/val loss at the eval points and a greedy sample after each epoch."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax import engine, runs
-from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run
+from gptjax import engine, runs, sharding as sh
+from gptjax.checkpoint import CONFIG_FILE, load_run_config, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
+from gptjax.data import create_dataloaders, load_corpus
 from gptjax.engine import Hooks, OptimConfig, Steps, TrainConfig, TrainState, cross_entropy, mean_metrics, new_state
 from gptjax.generate import generate, trim_at_eos
 from gptjax.model import GPT, count_params, dropout_rngs, init_params
 from gptjax.sharding import mesh_for
+from gptjax.tokenizer import get_gpt2_tokenizer
 
 
 @dataclass
@@ -138,13 +144,6 @@ def step_log(out_dir: str | Path) -> dict[str, list[float]]:
 
 def launch_check(argv: list[str] | None = None) -> None:
     """`python -m gptjax.sharding`: check a launch on every process: join, mesh, one all-reduce, a few steps."""
-    import argparse
-
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from gptjax import sharding as sh
-
     p = argparse.ArgumentParser(prog="python -m gptjax.sharding", description=launch_check.__doc__.split(": ", 1)[1])
     p.add_argument("--strategy", default="fsdp", choices=sh.STRATEGIES)
     p.add_argument("--fsdp", type=int, help="size of the fsdp axis (default: all devices for fsdp, 1 for dp)")
@@ -155,7 +154,7 @@ def launch_check(argv: list[str] | None = None) -> None:
     mesh = sh.make_mesh(args.strategy, args.fsdp)
     n = sh.batch_devices(mesh)
     ones = sh.shard_batch(np.ones((n,), np.float32), mesh)
-    total = float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones).addressable_data(0))
+    total = float(jax.jit(jnp.sum, out_shardings=sh.replicated(mesh))(ones).addressable_data(0))
     assert total == n, f"an all-reduce over {n} devices gave {total}: the processes do not see each other's data"
 
     cfg = GPTConfig(vocab_size=256, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
@@ -170,3 +169,51 @@ def launch_check(argv: list[str] | None = None) -> None:
           f"{jax.local_device_count()} local of {jax.device_count()} {jax.devices()[0].platform} devices; mesh "
           f"{dict(mesh.shape)}; all-reduce ok ({total:g}); {args.strategy} losses {losses}; state {kb:.0f} KiB on "
           f"its busiest device", flush=True)
+
+
+def run_settings(out_dir: str | Path) -> tuple[GPTConfig, PretrainConfig, dict]:
+    """(model, train settings, data settings) of a pretraining run directory: what a resume continues with."""
+    cfg, meta = load_run_config(out_dir)
+    if "data" not in meta or "train" not in meta:
+        raise ValueError(f"{str(out_dir)!r} was not started by `gptjax pretrain` (its config.json has no data "
+                         f"settings); resume it from Python with pretrain(..., resume=True)")
+    return cfg, PretrainConfig.from_dict(meta["train"]), meta["data"]
+
+
+def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | None = None,
+                    tcfg: PretrainConfig | None = None, *, optim_for: Callable[[int], OptimConfig] | None = None,
+                    stride: int | None = None, train_ratio: float = 0.9, bpe_dir: str | None = None,
+                    resume: bool = False, **kw) -> dict:
+    """`gptjax pretrain` as one call: corpus -> GPT-2 tokens -> the book's windows -> `pretrain`.
+
+    `corpus`: a path, URL, `hf:NAME` or None (the default corpus, see data.load_corpus). `optim_for(n)`
+    gives the optimizer settings for a run of n micro-steps (warmup and cosine need the count).
+    config.json records the corpus, its sha256 and the windowing. `resume=True` continues the run in
+    `out_dir` with the model, train and data settings saved there (`cfg`/`tcfg` must be None) and
+    refuses a corpus whose text changed. `kw` goes to `pretrain` (progress, overwrite, sharding, ...).
+    """
+    if resume:
+        if cfg is not None or tcfg is not None:
+            raise ValueError("a resume continues with the run's own model and train settings: pass neither cfg "
+                             "nor tcfg")
+        cfg, tcfg, data = run_settings(out_dir)
+    else:
+        if cfg is None or tcfg is None:
+            raise ValueError("a new run needs a model config (cfg) and train settings (tcfg)")
+        path = Path(corpus) if corpus else None
+        data = {"corpus": str(path.absolute()) if path is not None and path.is_file() else corpus, "stride": stride,
+                "train_ratio": train_ratio}
+    text = load_corpus(corpus or data["corpus"])
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    if resume and data.get("corpus_sha256", sha) != sha:
+        raise ValueError(f"the corpus differs from the one {str(out_dir)!r} was trained on (sha256 {sha[:12]}... vs "
+                         f"{data['corpus_sha256'][:12]}...); pass --corpus with the original text to resume")
+    tok = get_gpt2_tokenizer(bpe_dir)
+    train_b, val_b = create_dataloaders(text, tok, context_length=cfg.context_length, batch_size=tcfg.batch_size,
+                                        stride=data["stride"], train_ratio=data["train_ratio"], seed=tcfg.seed)
+    if not resume:
+        if optim_for is not None:
+            tcfg = dataclasses.replace(tcfg, optim=optim_for(tcfg.epochs * len(train_b)))
+        data["corpus_sha256"] = sha
+    print(f"corpus: {len(text):,} characters; {cfg}")
+    return pretrain(cfg, tcfg, train_b, val_b, tok, out_dir, resume=resume, run_info={"data": data}, **kw)
