@@ -1,5 +1,6 @@
 import json
 import os
+from types import SimpleNamespace
 from pathlib import Path
 
 import jax
@@ -16,7 +17,7 @@ from gptjax.model import count_params, init_params
 from gptjax.tasks.classify import IGNORE_LABEL, PAD_TOKEN_ID, ClassBatches, Classifier, ClassifierTrainConfig, _loss_and_correct, book_split, classifier_from_adapters, classify, combine, encode_texts, evaluate_split, make_classifier_steps, partition, to_classifier, train_classifier, trainable_mask
 from gptjax.tasks.classify_data import balance_indices, load_labeled_texts, random_split_indices, read_labeled_table
 from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.engine import OptimConfig, TrainState, make_optimizer
+from gptjax.engine import OptimConfig, make_optimizer
 
 SHARED = Path(os.environ.get("GPTJAX_SHARED_DATA", "/work/shared/data"))
 SMS = SHARED / "SMSSpamCollection" if (SHARED / "SMSSpamCollection").is_file() else SHARED
@@ -114,7 +115,8 @@ def test_accuracy_and_loss_skip_filler_rows():
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
     # the book's calc_loss_loader: mean of per-batch losses; accuracy over examples
     outs = iter([{"loss": 1.0, "correct": 3, "count": 4}, {"loss": 3.0, "correct": 1, "count": 1}])
-    assert evaluate_split(lambda *a: next(outs), None, None, [0, 1]) == (2.0, 0.8)
+    steps = SimpleNamespace(eval_step=lambda *a: next(outs))
+    assert evaluate_split(steps, None, [0, 1]) == (2.0, 0.8)
 
 
 def test_trainable_masks(tiny_cfg):
@@ -152,7 +154,7 @@ def _state_size(opt_state) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(opt_state) if x.ndim)
 
 
-def test_freezing_and_learning_a_separable_task(tiny_cfg):
+def test_freezing_and_learning_a_separable_task(tiny_cfg, tmp_path):
     params, cfg = to_classifier(init_params(tiny_cfg, jax.random.key(0)), tiny_cfg, 2, jax.random.key(1))
     trainable, frozen = partition(params, trainable_mask(params, "last-block"))
     ids_NT, y_N = _synthetic(64, 8)
@@ -164,13 +166,15 @@ def test_freezing_and_learning_a_separable_task(tiny_cfg):
     frozen_before = jax.tree_util.tree_map(np.array, frozen)
     train_b = ClassBatches(ids_NT, y_N, 16, shuffle=True, drop_last=True)
     val_b = ClassBatches(*_synthetic(32, 8, seed=1), 16, shuffle=False, drop_last=False)
-    out = train_classifier(cfg, {"params": trainable}, frozen, train_b, val_b, tcfg, progress=False)
-    h = out["history"]
+    steps = make_classifier_steps(cfg, tcfg.optim, {"params": trainable}, frozen)
+    state = steps.init_state({"params": trainable}, jax.random.PRNGKey(tcfg.seed))
+    out = train_classifier(steps, state, train_b, val_b, tcfg, tmp_path, meta={"task": "classify"}, progress=False)
+    h, trained = out["history"], out["state"].params
     assert h["train_loss"][-1] < 0.5 * h["train_loss"][0]
     jax.tree_util.tree_map(np.testing.assert_array_equal, frozen, frozen_before)  # frozen: untouched
-    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), out["trainable"]["params"], trainable)
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), trained["params"], trainable)
     assert min(jax.tree_util.tree_leaves(moved)) > 0  # every trainable leaf got updates
-    _, acc = evaluate_split(out["eval_step"], out["trainable"], frozen, train_b.epoch(0))
+    _, acc = evaluate_split(steps, trained, train_b.epoch(0))
     assert acc == 1.0
 
 
@@ -178,16 +182,14 @@ def test_lora_training_updates_only_adapters(tiny_cfg):
     params, cfg = to_classifier(init_params(tiny_cfg, jax.random.key(0)), tiny_cfg, 2, jax.random.key(1))
     lcfg = LoRAConfig(rank=2, alpha=4)
     trainable = {"params": {}, "lora": init_lora(params, lcfg, jax.random.key(2))}
-    tx = make_optimizer(OptimConfig(lr=1e-2, weight_decay=0.1))
-    train_step, _ = make_classifier_steps(cfg, tx, lcfg.scale)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
-                       key=jax.random.PRNGKey(0))
+    steps = make_classifier_steps(cfg, OptimConfig(lr=1e-2, weight_decay=0.1), trainable, params, lcfg.scale)
+    state = steps.init_state(trainable, jax.random.PRNGKey(0))
     n_lora = count_params(trainable["lora"])
     assert _state_size(state.opt_state) == 2 * n_lora
     ids_NT, y_N = _synthetic(8, 8)
     losses = []
     for _ in range(8):
-        state, m = train_step(state, params, (ids_NT, y_N))
+        state, m = steps.train_step(state, (ids_NT, y_N))
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0]
     assert sorted(state.params) == ["lora", "params"] and state.params["params"] == {}
