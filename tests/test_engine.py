@@ -29,7 +29,7 @@ RECORDS = [
      "rejected": "Hund, easy."},
 ]
 TEXTS = [("spam", "WIN a FREE prize now!! call 555"), ("ham", "see you at lunch today, ok?"),
-         ("spam", "CLAIM your FREE cash prize"), ("ham", "running late, be there soon")] * 4
+         ("spam", "CLAIM your FREE cash prize"), ("ham", "running late, be there soon")] * 6
 
 
 class CharTokenizer:
@@ -46,12 +46,12 @@ class CharTokenizer:
 def _cfg(**kw):
     from gptjax.config import GPTConfig
 
-    return GPTConfig(**{**dict(vocab_size=257, context_length=128, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1,
+    return GPTConfig(**{**dict(vocab_size=257, context_length=256, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1,
                                tie_embeddings=True), **kw})
 
 
 def run_task(task: str, out: Path, **kw) -> dict:
-    """One tiny run of `task` (6 steps, dropout on where the task allows it); returns its final trainable params
+    """One tiny run of `task` (6 steps of 8 rows, dropout on where the task allows it); returns its final params
     and every step's loss."""
     from gptjax.engine import OptimConfig
     from gptjax.model import init_params
@@ -65,17 +65,17 @@ def run_task(task: str, out: Path, **kw) -> dict:
 
         data = LabeledTexts([t for _, t in TEXTS], np.array([lab == "spam" for lab, _ in TEXTS], np.int32),
                             ("ham", "spam"))
-        splits = {"train": data.subset(range(12)), "val": data.subset(range(12, 16))}
-        tcfg = classify.ClassifierTrainConfig(epochs=2, batch_size=4, **common)
+        splits = {"train": data.subset(range(16)), "val": data.subset(range(16, 24))}
+        tcfg = classify.ClassifierTrainConfig(epochs=3, batch_size=8, **common)
         r = classify.finetune_classifier(params, cfg, splits, tok, out, tcfg=tcfg, drop_rate=0.1, train="all",
                                          pad_token_id=EOT, progress=False, **kw)
     elif task == "instruct":
-        tcfg = instruct.InstructTrainConfig(epochs=3, batch_size=2, sample_tokens=0, **common)
-        r = instruct.finetune_instruct(params, cfg, {"train": RECORDS, "val": RECORDS[:2], "test": []}, tok, out,
+        tcfg = instruct.InstructTrainConfig(epochs=3, batch_size=8, sample_tokens=0, **common)
+        r = instruct.finetune_instruct(params, cfg, {"train": RECORDS * 4, "val": RECORDS[:2], "test": []}, tok, out,
                                        tcfg=tcfg, pad_token_id=EOT, progress=False, respond=False, **kw)
     else:
-        tcfg = dpo.DPOTrainConfig(epochs=3, batch_size=2, sample_tokens=0, **common)
-        r = dpo.finetune_dpo(params, cfg.replace(drop_rate=0.0), {"train": RECORDS, "val": RECORDS[:2], "test": []},
+        tcfg = dpo.DPOTrainConfig(epochs=3, batch_size=8, sample_tokens=0, **common)
+        r = dpo.finetune_dpo(params, cfg.replace(drop_rate=0.0), {"train": RECORDS * 4, "val": RECORDS[:2], "test": []},
                              tok, out, tcfg=tcfg, pad_token_id=EOT, progress=False, respond=False, **kw)
     losses = [json.loads(ln)["loss"] for ln in (out / "steps.jsonl").read_text().splitlines()]
     return {"params": r["params"], "losses": losses}
@@ -107,6 +107,7 @@ def test_a_sigint_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(task, t
             run_task(task, tmp_path / "cut")
     assert info.value.step == 3 and info.value.exit_code == 130
     resumed = run_task(task, tmp_path / "cut", resume=True)
+    assert full["losses"][-1] < full["losses"][0]  # it trains
     assert resumed["losses"] == full["losses"]
     for a, b in zip(jax.tree_util.tree_leaves(resumed["params"]), jax.tree_util.tree_leaves(full["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -121,7 +122,7 @@ def test_dp_on_8_devices_gives_one_devices_losses_for_every_task(tmp_path):
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["devices"] == 8
     for task in ("classify", "instruct", "dpo"):
-        assert len(r[task]["one"]) == 6
+        assert len(r[task]["one"]) == 6 and r[task]["one"][-1] < r[task]["one"][0]
         assert r[task]["dp"] == pytest.approx(r[task]["one"], rel=1e-4, abs=1e-5), task
 
 
