@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax.config import GPTConfig
+from gptjax.options import Options
 from gptjax.train import TrainState, create_state, step_functions
 
 DATA, FSDP = "data", "fsdp"
@@ -210,26 +211,27 @@ class ShardedSteps:
     """
 
     def __init__(self, cfg: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, strategy: str = "dp",
-                 schedule: optax.Schedule | None = None):
+                 schedule: optax.Schedule | None = None, opts: Options | None = None):
         _check_strategy(strategy)
         if strategy == "fsdp" and mesh.shape[FSDP] == 1 and mesh.size > 1:
             raise ValueError("strategy 'fsdp' needs a mesh with an fsdp axis > 1; build it with make_mesh('fsdp')")
-        self.cfg, self.tx, self.mesh, self.strategy = cfg, tx, mesh, strategy
-        self.abstract = jax.eval_shape(lambda: create_state(cfg, tx, 0))  # shapes only, nothing allocated
+        self.cfg, self.tx, self.mesh, self.strategy, self.opts = cfg, tx, mesh, strategy, opts
+        self.abstract = jax.eval_shape(lambda: create_state(cfg, tx, 0, opts=opts))  # shapes only, nothing allocated
         self.state_sharding = state_shardings(self.abstract, mesh, strategy)
         self.batch_sharding = batch_sharding(mesh)
         replicated = NamedSharding(mesh, P())
         params_sharding = self.state_sharding.params
         # under FSDP the constraint makes the gradient reduction a reduce-scatter into each device's shard
         train_step, eval_step = step_functions(
-            cfg, tx, schedule, constrain_grads=lambda g: jax.lax.with_sharding_constraint(g, params_sharding))
+            cfg, tx, schedule, constrain_grads=lambda g: jax.lax.with_sharding_constraint(g, params_sharding),
+            opts=opts)
 
         batch_in = (self.batch_sharding, self.batch_sharding)
         self.train_step_jit = jax.jit(train_step, in_shardings=(self.state_sharding, batch_in),
                                       out_shardings=(self.state_sharding, replicated), donate_argnums=0)
         self.eval_step_jit = jax.jit(eval_step, in_shardings=(params_sharding, batch_in), out_shardings=replicated)
         # out_shardings partition the init itself: each device draws only its own shard of every weight
-        self.init_jit = jax.jit(lambda seed: create_state(cfg, tx, seed), out_shardings=self.state_sharding)
+        self.init_jit = jax.jit(lambda seed: create_state(cfg, tx, seed, opts=opts), out_shardings=self.state_sharding)
 
     def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         return self.train_step_jit(state, shard_batch(tuple(batch), self.mesh))
@@ -249,14 +251,15 @@ class ShardedSteps:
         if params is None:
             return self.init_jit(seed)
         params = jax.device_put(params, self.state_sharding.params)
-        return jax.jit(lambda p: create_state(self.cfg, self.tx, seed, p), out_shardings=self.state_sharding,
+        return jax.jit(lambda p: create_state(self.cfg, self.tx, seed, p, opts=self.opts),
+                       out_shardings=self.state_sharding,
                        donate_argnums=0)(params)
 
 
 def make_sharded_steps(cfg: GPTConfig, tx: optax.GradientTransformation, mesh: Mesh, strategy: str = "dp",
-                       schedule: optax.Schedule | None = None) -> ShardedSteps:
+                       schedule: optax.Schedule | None = None, opts: Options | None = None) -> ShardedSteps:
     """Sharded `make_steps`: steps, state init and checkpoint targets for `mesh` and "dp" or "fsdp"."""
-    return ShardedSteps(cfg, tx, mesh, strategy, schedule)
+    return ShardedSteps(cfg, tx, mesh, strategy, schedule, opts)
 
 
 # ------------------------------------------------------------------------------------- checkpoints

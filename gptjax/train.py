@@ -18,7 +18,8 @@ import numpy as np
 import optax
 
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, count_params, dropout_rngs, init_params
+from gptjax.model import GPT, count_params, dropout_rngs, init_params, map_param_trees, to_canonical, to_layout
+from gptjax.options import Options
 
 IGNORE_INDEX = -100
 
@@ -137,16 +138,17 @@ def logged_schedule(ocfg: OptimConfig) -> optax.Schedule:
     return lambda step: sched(step // ocfg.grad_accum)
 
 
-def create_state(cfg: GPTConfig, tx: optax.GradientTransformation, seed: int, params: Any = None) -> TrainState:
+def create_state(cfg: GPTConfig, tx: optax.GradientTransformation, seed: int, params: Any = None,
+                 opts: Options | None = None) -> TrainState:
     key = jax.random.PRNGKey(seed)
     init_key, train_key = jax.random.split(key)
     if params is None:
-        params = init_params(cfg, init_key)
+        params = init_params(cfg, init_key, opts or Options())
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=train_key)
 
 
-def make_loss_fn(cfg: GPTConfig) -> Callable:
-    model = GPT(cfg)
+def make_loss_fn(cfg: GPTConfig, opts: Options | None = None) -> Callable:
+    model = GPT(cfg, opts or Options.for_backend())
 
     def loss_fn(params, x_BT, y_BT, key, deterministic: bool):
         rngs = dropout_rngs(key)
@@ -157,12 +159,12 @@ def make_loss_fn(cfg: GPTConfig) -> Callable:
 
 
 def step_functions(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None,
-                   constrain_grads: Callable | None = None):
+                   constrain_grads: Callable | None = None, opts: Options | None = None):
     """The un-jitted `train_step(state, (x, y)) -> (state, metrics)` and `eval_step(params, (x, y)) -> loss`.
 
     `constrain_grads` (e.g. a sharding constraint) is applied to the gradients before the update.
     """
-    loss_fn = make_loss_fn(cfg)
+    loss_fn = make_loss_fn(cfg, opts)
     schedule = schedule or (lambda step: jnp.nan)
 
     def train_step(state: TrainState, batch):
@@ -183,9 +185,10 @@ def step_functions(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: o
     return train_step, eval_step
 
 
-def make_steps(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None):
+def make_steps(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None,
+               opts: Options | None = None):
     """Jitted `train_step(state, (x, y)) -> (state, metrics)` (state donated) and `eval_step(params, (x, y)) -> loss`."""
-    train_step, eval_step = step_functions(cfg, tx, schedule)
+    train_step, eval_step = step_functions(cfg, tx, schedule, opts=opts)
     return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
 
 
@@ -242,7 +245,7 @@ _CHECKPOINT_KEYS = ("save_every", "keep_checkpoints", "async_checkpoint")
 def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokenizer, out_dir: str | Path,
           params: Any = None, progress: bool = True, *, resume: bool = False, overwrite: bool = False,
           run_info: dict | None = None, stop_after: int | None = None, sharding: str = "none",
-          fsdp: int | None = None) -> dict:
+          fsdp: int | None = None, opts: Options | None = None) -> dict:
     """The book's train loop (appendix D's with a warmup/cosine/clip OptimConfig) over jitted steps, checkpointed.
 
     Writes config.json, checkpoints/, metrics.jsonl, then params/, samples.json and loss.png at the end.
@@ -250,6 +253,8 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
     `overwrite` drops the checkpoints of an earlier run there; `run_info` is stored in config.json
     (the CLI keeps its data settings there); `stop_after` stops as if interrupted once that many steps are done.
     `sharding` "dp" / "fsdp" trains over every device (gptjax.sharding; `fsdp` sets that axis's size).
+    `opts`: how the model runs (default Options.for_backend()); `params` are in its layout; checkpoints
+    and params/ hold the canonical layout.
     Raises TrainingInterrupted after SIGINT/SIGTERM (a checkpoint is on disk), FloatingPointError when
     the loss stops being finite (nothing non-finite is saved), CheckpointSaveError when a save fails.
     """
@@ -259,21 +264,23 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
 
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
+    opts = opts or Options.for_backend()
+    canon = lambda t: to_canonical(t, cfg, opts)  # noqa: E731
     if resume and params is not None:
         raise ValueError("pass either params (weights to start from) or resume=True (continue a run), not both")
     n_batches = len(train_batches)
     total_steps = tcfg.epochs * n_batches
     if sharding == "none":
-        tx, train_step, eval_step = _compiled_steps(cfg, tcfg.optim)
-        abstract_state = lambda: jax.eval_shape(lambda: create_state(cfg, tx, tcfg.seed))  # noqa: E731
-        initial_state = lambda: create_state(cfg, tx, tcfg.seed, params)  # noqa: E731
+        tx, train_step, eval_step = _compiled_steps(cfg, tcfg.optim, opts)
+        abstract_state = lambda: jax.eval_shape(lambda: create_state(cfg, tx, tcfg.seed, opts=opts))  # noqa: E731
+        initial_state = lambda: create_state(cfg, tx, tcfg.seed, params, opts=opts)  # noqa: E731
     else:
         from gptjax.sharding import check_batch, make_mesh, make_sharded_steps
 
         mesh = make_mesh(sharding, fsdp=fsdp)
         check_batch(tcfg.batch_size, mesh)
         tx = make_optimizer(tcfg.optim)
-        sharded = make_sharded_steps(cfg, tx, mesh, sharding, logged_schedule(tcfg.optim))
+        sharded = make_sharded_steps(cfg, tx, mesh, sharding, logged_schedule(tcfg.optim), opts=opts)
         train_step, eval_step = sharded.train_step, sharded.eval_step
         abstract_state = sharded.abstract_state
         initial_state = lambda: sharded.init_state(tcfg.seed, params)  # noqa: E731
@@ -284,10 +291,18 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
         if resume:
             abstract = abstract_state()
             train_dict = {k: v for k, v in tcfg.to_dict().items() if k not in _CHECKPOINT_KEYS}
+            if not opts.canonical_layout:  # checkpoints hold canonical params (and optimizer state)
+                abstract = jax.eval_shape(lambda s: s.replace(params=canon(s.params), opt_state=map_param_trees(
+                    canon, s.opt_state, s.params)), abstract)
             p, rest, meta = ckpts.restore(abstract.params, _rest_of(abstract),
                                           expect={"model": cfg.to_dict(), "train": train_dict,
                                                   "steps_per_epoch": n_batches})
             state = TrainState(params=p, **rest)
+            if not opts.canonical_layout:
+                lay = lambda t: to_layout(t, cfg, opts)  # noqa: E731
+                state = state.replace(params=lay(state.params), opt_state=map_param_trees(lay, state.opt_state, p))
+                if sharding != "none":
+                    state = jax.device_put(state, sharded.state_sharding)
             done = int(state.step)
             epoch0, batch0 = meta["epoch"], meta["batch"]
             tokens_seen, history, samples, steps_log = (meta["tokens_seen"], meta["history"], meta["samples"],
@@ -306,8 +321,8 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
             history = {"step": [], "tokens_seen": [], "epoch": [], "train_loss": [], "val_loss": []}
             samples, steps_log = [], {"loss": [], "lr": [], "grad_norm": []}
             log_path.write_text("")
-            write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "train": tcfg.to_dict(),
-                                                      **(run_info or {}), "status": "running"})
+            write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(),
+                                                      "train": tcfg.to_dict(), **(run_info or {}), "status": "running"})
         print(f"model: {count_params(state.params):,} parameters; train {n_batches} batches/epoch, "
               f"val {len(val_batches)} batches; {total_steps} steps")
 
@@ -365,7 +380,7 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
                         bar.write(f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, "
                                   f"Val loss {val_loss:.3f} (lr {rec['lr']:.2e}, grad norm {rec['grad_norm']:.2f})")
                     if i == n_batches - 1:
-                        ids = generate(state.params, cfg, start_ids, tcfg.sample_tokens)
+                        ids = generate(state.params, cfg, start_ids, tcfg.sample_tokens, opts=opts)
                         samples.append({"epoch": epoch + 1, "text": tokenizer.decode(trim_at_eos(ids[0], None))})
                         bar.write(f"Ep {epoch + 1} sample: {samples[-1]['text']!r}")
                     stopping = stop.requested or (stop_after is not None and done >= stop_after)
@@ -379,7 +394,10 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
                                 "tokens_seen": tokens_seen, "val_loss": val, "history": history, "samples": samples,
                                 "steps": steps_log, "wall_s": round(wall_before + time.time() - t0, 2)}
                         try:
-                            path = ckpts.save(done, state.params, _rest_of(state), meta, val)
+                            rest = _rest_of(state)
+                            if not opts.canonical_layout:
+                                rest = {**rest, "opt_state": map_param_trees(canon, rest["opt_state"], state.params)}
+                            path = ckpts.save(done, canon(state.params), rest, meta, val)
                             if stopping:
                                 ckpts.wait()
                         except CheckpointSaveError as e:
@@ -400,7 +418,8 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
             log.close()
             ckpts.wait()
             wall = wall_before + time.time() - t0
-            save_run(out_dir, state.params, cfg, extra={"train": tcfg.to_dict(), **(run_info or {}),
+            save_run(out_dir, canon(state.params), cfg, extra={"options": opts.to_dict(), "train": tcfg.to_dict(),
+                                                               **(run_info or {}),
                                                         "status": "finished", "tokens_seen": tokens_seen,
                                                         "steps": int(state.step), "wall_s": round(wall, 1)})
             (out_dir / "samples.json").write_text(json.dumps(samples, indent=1))
@@ -420,10 +439,10 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
 
 
 @lru_cache(maxsize=4)
-def _compiled_steps(cfg: GPTConfig, ocfg: OptimConfig):
+def _compiled_steps(cfg: GPTConfig, ocfg: OptimConfig, opts: Options | None = None):
     """One optimizer and jitted step pair per (model, optimizer) settings: a resume in the same process reuses them."""
     tx = make_optimizer(ocfg)
-    return (tx, *make_steps(cfg, tx, logged_schedule(ocfg)))
+    return (tx, *make_steps(cfg, tx, logged_schedule(ocfg), opts=opts))
 
 
 def _rest_of(state: TrainState) -> dict:

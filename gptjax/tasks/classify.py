@@ -32,7 +32,8 @@ from flax import traverse_util
 
 from gptjax import lora as lora_lib
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, count_params, dropout_rngs
+from gptjax.model import GPT, count_params, dropout_rngs, to_canonical
+from gptjax.options import Options
 from gptjax.train import OptimConfig, TrainState, cross_entropy, make_optimizer
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -381,10 +382,11 @@ def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:
     return lora_lib.merge(params, trainable.get("lora"), lora_scale)
 
 
-def last_token_logits(params: dict, cfg: GPTConfig, x_BT: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+def last_token_logits(params: dict, cfg: GPTConfig, x_BT: jax.Array, *, key: jax.Array | None = None,
+                      opts: Options | None = None) -> jax.Array:
     """The book's `model(x)[:, -1, :]`: class logits from the last position (padding included, as the book)."""
     rngs = dropout_rngs(key)
-    logits_BTC = GPT(cfg).apply({"params": params}, x_BT, deterministic=key is None, rngs=rngs)
+    logits_BTC = GPT(cfg, opts or Options()).apply({"params": params}, x_BT, deterministic=key is None, rngs=rngs)
     return logits_BTC[:, -1, :]
 
 
@@ -395,15 +397,17 @@ def _loss_and_correct(logits_BC: jax.Array, y_B: jax.Array) -> tuple[jax.Array, 
     return loss, correct, jnp.sum(valid_B)
 
 
-def make_classifier_steps(cfg: GPTConfig, tx, lora_scale: float = 1.0):
+def make_classifier_steps(cfg: GPTConfig, tx, lora_scale: float = 1.0, opts: Options | None = None):
     """Jitted `train_step(state, frozen, (x, y)) -> (state, metrics)`, `eval_step(trainable, frozen, (x, y))`.
 
     `state.params` holds only what trains ({"params": ..., "lora": ...}), so gradients and optimizer
     state exist for nothing else; `frozen` enters as an argument (not a closure) so no weight is
     baked into the compiled program as a constant.
     """
+    opts = opts or Options.for_backend()
+
     def loss_fn(trainable, frozen, x_BT, y_B, key):
-        logits_BC = last_token_logits(full_params(trainable, frozen, lora_scale), cfg, x_BT, key=key)
+        logits_BC = last_token_logits(full_params(trainable, frozen, lora_scale), cfg, x_BT, key=key, opts=opts)
         loss, correct, count = _loss_and_correct(logits_BC, y_B)
         return loss, (correct, count)
 
@@ -465,13 +469,13 @@ class ClassifierTrainConfig:
 
 def train_classifier(cfg: GPTConfig, trainable: dict, frozen: dict, train_b: ClassBatches, val_b: ClassBatches,
                      tcfg: ClassifierTrainConfig, *, lora_scale: float = 1.0, log_path: str | Path | None = None,
-                     progress: bool = True, eval_step: Callable | None = None) -> dict:
+                     progress: bool = True, eval_step: Callable | None = None, opts: Options | None = None) -> dict:
     """The book's train_classifier_simple over jitted steps. Returns the trained `trainable` and the history."""
     tx = make_optimizer(tcfg.optim)
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # the step donates its state: keep the caller's arrays
     state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
                        key=jax.random.PRNGKey(tcfg.seed))
-    train_step, new_eval_step = make_classifier_steps(cfg, tx, lora_scale)
+    train_step, new_eval_step = make_classifier_steps(cfg, tx, lora_scale, opts)
     eval_step = eval_step or new_eval_step  # reuse the caller's compiled one
     hist: dict[str, list] = {"step": [], "epoch_frac": [], "examples_seen": [], "train_loss": [], "val_loss": [],
                              "epoch": [], "train_acc": [], "val_acc": []}
@@ -559,18 +563,20 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
                         tcfg: ClassifierTrainConfig | None = None, max_length: int | None = None,
                         balance: bool = True, train_frac: float = 0.7, val_frac: float = 0.1,
                         drop_rate: float | None = 0.0, base_model: str | None = None,
-                        pad_token_id: int = PAD_TOKEN_ID, progress: bool = True) -> dict:
+                        pad_token_id: int = PAD_TOKEN_ID, progress: bool = True, opts: Options | None = None) -> dict:
     """Chapter 6 (and appendix E with `lora`) end to end; writes a run directory that `Classifier.from_run` loads.
 
     `params`/`cfg`: the base GPT (an LM or a classifier). `data`: all examples (split as the book) or
     ready {"train", "val", "test"} splits. `train`: which base params train (default 'last-block',
     or 'none' with LoRA, as the book). Writes params/ (merged), config.json, metrics.jsonl,
-    loss.png, accuracy.png and, with LoRA, adapters.safetensors.
+    loss.png, accuracy.png and, with LoRA, adapters.safetensors. `opts`: how it trains (default
+    Options.for_backend()), the layout of `params`; params/ and the returned params are canonical.
     """
     from gptjax.checkpoint import save_run
     from gptjax.train import _prepare_out_dir
 
     tcfg = tcfg or ClassifierTrainConfig()
+    opts = opts or Options.for_backend()
     out_dir = Path(out_dir)
     train = train or ("none" if lora is not None else "last-block")
     splits = data if isinstance(data, dict) else book_split(data, balance=balance, train_frac=train_frac,
@@ -599,11 +605,11 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     if "val" not in loaders:
         raise ValueError("the validation split is empty; use more data or a larger validation fraction")
 
-    if getattr(cfg, "scan_layers", False):
+    if opts.scan_layers:
         # per-layer params, so 'last-block' and LoRA can address single blocks
         from gptjax.model import unstack_layers
 
-        params, cfg = unstack_layers(params), cfg.replace(scan_layers=False)
+        params, opts = unstack_layers(params), opts.replace(scan_layers=False)
     key = jax.random.PRNGKey(tcfg.seed)
     head_key, lora_key = jax.random.split(key)
     if cfg.n_classes != n_classes or "cls_head" not in params:
@@ -621,12 +627,12 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
           f"max_length {max_length}; batches train {len(loaders['train'])}, val {len(loaders['val'])}"
           + (f", test {len(loaders['test'])}" if "test" in loaders else ""))
 
-    _, eval_step = make_classifier_steps(cfg, optax.identity(), lora_scale)
+    _, eval_step = make_classifier_steps(cfg, optax.identity(), lora_scale, opts)
     # the book's check before fine-tuning: accuracy on 10 batches of each split (about chance)
     initial = {name: evaluate_split(eval_step, trainable, frozen, b.epoch(0), 10)[1] for name, b in loaders.items()}
     print("before fine-tuning: " + "  ".join(f"{k} accuracy {v * 100:.2f}%" for k, v in initial.items()))
     result = train_classifier(cfg, trainable, frozen, loaders["train"], loaders["val"], tcfg, lora_scale=lora_scale,
-                              log_path=out_dir / "metrics.jsonl", progress=progress, eval_step=eval_step)
+                              log_path=out_dir / "metrics.jsonl", progress=progress, eval_step=eval_step, opts=opts)
     trainable, eval_step = result["trainable"], result["eval_step"]
     final = {}
     for name, b in loaders.items():  # full passes, as the book's final calc_accuracy_loader calls
@@ -634,7 +640,7 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
         final[name] = {"loss": loss, "accuracy": acc, "examples": b.num_examples}
     print("  ".join(f"{name} accuracy {m['accuracy'] * 100:.2f}%" for name, m in final.items()))
 
-    merged = full_params(trainable, frozen, lora_scale)
+    merged = to_canonical(full_params(trainable, frozen, lora_scale), cfg, opts)
     task = {"task": "classify", "label_names": list(label_names), "max_length": int(max_length),
             "pad_token_id": pad_token_id, "base_model": base_model, "train_layers": train,
             "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
@@ -642,7 +648,7 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
             "initial_accuracy": initial, "results": final, "steps": result["steps"],
             "examples_seen": result["examples_seen"],
             "wall_s": round(result["wall_s"], 1)}
-    save_run(out_dir, merged, cfg, extra={"classify": task})
+    save_run(out_dir, merged, cfg, extra={"options": opts.to_dict(), "classify": task})
     if lora is not None:
         # the adapters alone, plus what the base model lacks (the new head) or what trained beside them
         extra_params = combine({"cls_head": params["cls_head"]}, trainable["params"])

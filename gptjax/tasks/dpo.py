@@ -27,7 +27,8 @@ import optax
 
 from gptjax import lora as lora_lib
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, count_params
+from gptjax.model import GPT, count_params, to_canonical
+from gptjax.options import Options
 from gptjax.tasks.instruct import (PAD_TOKEN_ID, bucket_length, encode, format_input, full_params, load_json_records,
                                    mean_metrics, plot_history, response_prefix, run_loop, split_data, split_trainable)
 from gptjax.train import OptimConfig, TrainState, global_norm, make_optimizer
@@ -156,24 +157,27 @@ def dpo_loss(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chose
     return jnp.sum(losses_B * w_B) / n, jnp.sum(chosen_B * w_B) / n, jnp.sum(rejected_B * w_B) / n
 
 
-def _pair_logprobs(params: dict, cfg: GPTConfig, batch: dict) -> tuple[jax.Array, jax.Array]:
+def _pair_logprobs(params: dict, cfg: GPTConfig, batch: dict, opts: Options = Options()) -> tuple[jax.Array, jax.Array]:
     """(chosen_B, rejected_B) mean answer log-probabilities, one forward over the 2B rows."""
     x_2BT = jnp.concatenate([batch["chosen"], batch["rejected"]])
     m_2BT = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    lp_2B = sequence_logprobs(GPT(cfg).apply({"params": params}, x_2BT, deterministic=True), x_2BT, m_2BT)
+    lp_2B = sequence_logprobs(GPT(cfg, opts).apply({"params": params}, x_2BT, deterministic=True), x_2BT, m_2BT)
     return jnp.split(lp_2B, 2)
 
 
-def make_dpo_steps(cfg: GPTConfig, tx: optax.GradientTransformation, beta: float = 0.1, lora_scale: float = 1.0):
+def make_dpo_steps(cfg: GPTConfig, tx: optax.GradientTransformation, beta: float = 0.1, lora_scale: float = 1.0,
+                   opts: Options | None = None):
     """Jitted `train_step(state, (frozen, ref), batch)` and `eval_step(trainable, (frozen, ref), batch)`.
 
     `ref` are the reference model's params (None: the frozen base params, as with LoRA). Dropout is
     off in both models, as the book (drop_rate 0), so step 0's loss is exactly log 2.
     """
+    opts = opts or Options.for_backend()
+
     def metrics_fn(trainable, fixed, batch):
         frozen, ref = fixed
-        pol_c, pol_r = _pair_logprobs(full_params(trainable, frozen, lora_scale), cfg, batch)
-        ref_c, ref_r = _pair_logprobs(frozen if ref is None else ref, cfg, batch)
+        pol_c, pol_r = _pair_logprobs(full_params(trainable, frozen, lora_scale), cfg, batch, opts)
+        ref_c, ref_r = _pair_logprobs(frozen if ref is None else ref, cfg, batch, opts)
         ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
         loss, chosen, rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, batch.get("valid"))
         return loss, {"loss": loss, "chosen_reward": chosen, "rejected_reward": rejected,
@@ -195,10 +199,11 @@ def make_dpo_steps(cfg: GPTConfig, tx: optax.GradientTransformation, beta: float
 
 
 @lru_cache(maxsize=4)
-def compiled_dpo_steps(cfg: GPTConfig, ocfg: OptimConfig, beta: float, lora_scale: float = 1.0):
+def compiled_dpo_steps(cfg: GPTConfig, ocfg: OptimConfig, beta: float, lora_scale: float = 1.0,
+                       opts: Options | None = None):
     """(tx, train_step, eval_step) per settings, shared by runs in one process."""
     tx = make_optimizer(ocfg)
-    return (tx, *make_dpo_steps(cfg, tx, beta, lora_scale))
+    return (tx, *make_dpo_steps(cfg, tx, beta, lora_scale, opts))
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -235,12 +240,14 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                  allowed_max_length: int = 1024, base_model: str | None = None, data_source: str | None = None,
                  respond: bool = True, max_new_tokens: int = 256, resume: bool = False,
                  overwrite: bool = False, progress: bool = True,
-                 stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> dict:
+                 stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID, opts: Options | None = None) -> dict:
     """The book's DPO bonus end to end: the reference is a frozen copy of `params` (an SFT model).
 
     Writes config.json, params/, checkpoints/, metrics.jsonl (train/val loss, chosen/rejected rewards,
     margin every eval_freq steps), steps.jsonl (the same per step, of the step's batch), dpo.png and,
     with `respond`, test-responses.json plus eval.json/eval.md scored against the chosen answers.
+    `opts`: how it trains (default Options.for_backend()), the layout of `params`; params/,
+    checkpoints/ and the returned params are canonical.
     """
     from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run, write_json_atomic
     from gptjax.generate import generate_batch
@@ -248,6 +255,7 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     from gptjax.train import _prepare_out_dir
 
     tcfg = tcfg or DPOTrainConfig()
+    opts = opts or Options.for_backend()
     out_dir = Path(out_dir)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax dpo ... --resume`")
@@ -269,7 +277,7 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     ref = None if lora else params  # LoRA: the frozen base is the reference
     scale = lora.scale if lora else 1.0
-    tx, train_step, eval_step = compiled_dpo_steps(cfg, tcfg.optim, tcfg.beta, scale)
+    tx, train_step, eval_step = compiled_dpo_steps(cfg, tcfg.optim, tcfg.beta, scale, opts)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable), key=key)
     fixed = (frozen, ref)
     n_train = count_params(trainable)
@@ -282,7 +290,8 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                 "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
                 "split_sizes": {k: len(v) for k, v in splits.items()}, "trainable_params": n_train}
     if not resume:
-        write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "dpo": settings, "status": "running"})
+        write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(), "dpo": settings,
+                                                  "status": "running"})
     initial = {**{f"train_{k}": v for k, v in mean_metrics(eval_step, trainable, fixed, train_b.epoch(0), 5).items()},
                **{f"val_{k}": v for k, v in mean_metrics(eval_step, trainable, fixed, val_b.epoch(0), 5).items()}}
     print(f"initial: training loss {initial['train_loss']:.4f}, validation loss {initial['val_loss']:.4f} "
@@ -292,14 +301,14 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
 
     def sample(tr: dict) -> str:
         new = generate_batch(full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
-                             eos_id=pad_token_id)[0]
+                             eos_id=pad_token_id, opts=opts)[0]
         return tokenizer.decode(sample_ids + new)
 
     loop = run_loop(tcfg, state, fixed, train_b, val_b, out_dir, train_step=train_step, eval_step=eval_step,
                     count_tokens=lambda b: int(b["chosen"][b["valid"]].size),
                     sample=sample if tcfg.sample_tokens else None,
                     meta={"task": "dpo", "model": cfg.to_dict()}, resume=resume, progress=progress,
-                    stop_after=stop_after, desc="dpo")
+                    stop_after=stop_after, desc="dpo", cfg=cfg, opts=opts)
     merged = full_params(loop["state"].params, frozen, scale)
     h = loop["history"]
     result = {**settings, "initial": initial, "steps": loop["steps"], "tokens_seen": loop["tokens_seen"],
@@ -314,11 +323,12 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     if lora is not None:
         lora_lib.save_adapters(out_dir / "adapters.safetensors", loop["state"].params["lora"], lora,
                                metadata={"base_model": base_model})
-    save_run(out_dir, merged, cfg, extra={"dpo": result, "status": "finished"})
+    canonical = to_canonical(merged, cfg, opts)
+    save_run(out_dir, canonical, cfg, extra={"options": opts.to_dict(), "dpo": result, "status": "finished"})
     (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
     if respond and splits.get("test"):
         test = [{**e, "output": e["chosen"]} for e in splits["test"]]  # score against the preferred answers
         result["eval"] = respond_and_evaluate(merged, cfg, test, tokenizer, out_dir, style=style,
                                               max_new_tokens=max_new_tokens, batch_size=tcfg.batch_size,
-                                              name="dpo", progress=progress, eos_id=pad_token_id)
-    return {**result, "history": h, "out_dir": str(out_dir), "params": merged, "cfg": cfg}
+                                              name="dpo", progress=progress, eos_id=pad_token_id, opts=opts)
+    return {**result, "history": h, "out_dir": str(out_dir), "params": canonical, "cfg": cfg}

@@ -30,7 +30,8 @@ import optax
 
 from gptjax import lora as lora_lib
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, count_params, dropout_rngs
+from gptjax.model import GPT, count_params, dropout_rngs, map_param_trees, to_canonical, to_layout
+from gptjax.options import Options
 from gptjax.train import IGNORE_INDEX, OptimConfig, TrainState, global_norm, make_optimizer
 
 INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
@@ -337,13 +338,14 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, 
     return jnp.sum(nll_BT * valid_BT), jnp.sum(valid_BT)
 
 
-def make_sft_steps(cfg: GPTConfig, tx: optax.GradientTransformation, lora_scale: float = 1.0):
+def make_sft_steps(cfg: GPTConfig, tx: optax.GradientTransformation, lora_scale: float = 1.0,
+                   opts: Options | None = None):
     """Jitted `train_step(state, frozen, (x, y)) -> (state, metrics)` and `eval_step(trainable, frozen, (x, y))`.
 
     `state.params` holds only what trains; `frozen` is an argument (not a closure) so no weight is baked
     into the program. The loss is the book's: mean cross-entropy over targets that are not -100.
     """
-    model = GPT(cfg)
+    model = GPT(cfg, opts or Options.for_backend())
 
     def loss_fn(trainable, frozen, x_BT, y_BT, key):
         rngs = dropout_rngs(key)
@@ -371,10 +373,10 @@ def make_sft_steps(cfg: GPTConfig, tx: optax.GradientTransformation, lora_scale:
 
 
 @lru_cache(maxsize=4)
-def compiled_sft_steps(cfg: GPTConfig, ocfg: OptimConfig, lora_scale: float = 1.0):
+def compiled_sft_steps(cfg: GPTConfig, ocfg: OptimConfig, lora_scale: float = 1.0, opts: Options | None = None):
     """(tx, train_step, eval_step) per settings: runs in one process (a resume, a sweep) share the compiled steps."""
     tx = make_optimizer(ocfg)
-    return (tx, *make_sft_steps(cfg, tx, lora_scale))
+    return (tx, *make_sft_steps(cfg, tx, lora_scale, opts))
 
 
 # --- the fine-tuning loop (SFT and DPO) ------------------------------------------------------------
@@ -426,7 +428,8 @@ def _shape(batch) -> tuple:
 def run_loop(tcfg: Any, state: TrainState, frozen: Any, train_b, val_b, out_dir: str | Path, *,
              train_step: Callable, eval_step: Callable, count_tokens: Callable[[Any], int],
              sample: Callable[[dict], str] | None = None, meta: dict | None = None, resume: bool = False,
-             progress: bool = True, stop_after: int | None = None, desc: str = "finetune") -> dict:
+             progress: bool = True, stop_after: int | None = None, desc: str = "finetune",
+             cfg: GPTConfig | None = None, opts: Options | None = None) -> dict:
     """The book's train_model_simple (and train_model_dpo_simple) over a jitted step, checkpointed and resumable.
 
     Every `eval_freq` steps it logs the mean of `eval_step`'s metrics over `eval_iter` batches of the
@@ -435,6 +438,7 @@ def run_loop(tcfg: Any, state: TrainState, frozen: Any, train_b, val_b, out_dir:
     from the latest one exactly. SIGINT/SIGTERM (or `stop_after` steps) save and raise TrainingInterrupted.
     The step donates `state`: pass arrays the caller no longer needs. Returns the final state, the
     evaluation history, the epoch samples and the batch shapes the steps were compiled for.
+    With `cfg` and `opts` (the layout of `state.params`), checkpoints hold canonical params and state.
     """
     from gptjax.checkpoint import CHECKPOINTS_DIR, GracefulStop, TrainCheckpoints, TrainingInterrupted
 
@@ -445,14 +449,21 @@ def run_loop(tcfg: Any, state: TrainState, frozen: Any, train_b, val_b, out_dir:
               "train": {k: v for k, v in tcfg.to_dict().items() if k not in ("save_every", "keep_checkpoints")},
               "steps_per_epoch": n_batches}
     ckpts = TrainCheckpoints(out_dir / CHECKPOINTS_DIR, keep=tcfg.keep_checkpoints, async_save=False)
+    convert = opts is not None and not opts.canonical_layout
+
+    def saved(params, opt_state, fn):  # (params, opt_state) converted with fn where checkpoints need it
+        return (fn(params), map_param_trees(fn, opt_state, params)) if convert else (params, opt_state)
     steps_path, metrics_path = out_dir / "steps.jsonl", out_dir / "metrics.jsonl"
     try:
         if resume:
-            params, rest, saved = ckpts.restore(state.params, {"step": state.step, "opt_state": state.opt_state,
-                                                               "key": state.key}, expect=expect)
+            p, o = jax.eval_shape(lambda p, o: saved(p, o, lambda t: to_canonical(t, cfg, opts)), state.params,
+                                  state.opt_state)
+            params, rest, meta_ = ckpts.restore(p, {"step": state.step, "opt_state": o, "key": state.key},
+                                                expect=expect)
+            params, rest["opt_state"] = saved(params, rest["opt_state"], lambda t: to_layout(t, cfg, opts))
             state = TrainState(params=params, **rest)
-            done, tokens_seen, history = int(state.step), saved["tokens_seen"], saved["history"]
-            samples, wall_before = saved["samples"], saved["wall_s"]
+            done, tokens_seen, history = int(state.step), meta_["tokens_seen"], meta_["history"]
+            samples, wall_before = meta_["samples"], meta_["wall_s"]
             for path in (steps_path, metrics_path):  # drop what the run logged after its checkpoint
                 if path.is_file():
                     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < done]
@@ -527,8 +538,8 @@ def run_loop(tcfg: Any, state: TrainState, frozen: Any, train_b, val_b, out_dir:
                                                      else i == n_batches - 1):
                         flush(slog)
                         val = history.get("val_loss", [None])[-1]
-                        path = ckpts.save(done, state.params, {"step": state.step, "opt_state": state.opt_state,
-                                                               "key": state.key},
+                        p, o = saved(state.params, state.opt_state, lambda t: to_canonical(t, cfg, opts))
+                        path = ckpts.save(done, p, {"step": state.step, "opt_state": o, "key": state.key},
                                           {**expect, "tokens_seen": tokens_seen, "history": history,
                                            "samples": samples, "wall_s": round(wall_before + time.time() - t0, 2)},
                                           val)
@@ -584,7 +595,8 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
                        style: str = "alpaca", max_new_tokens: int = 256, batch_size: int = 8,
                        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                        seed: int = 123, eos_id: int | None = PAD_TOKEN_ID, progress: bool = False,
-                       return_finished: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+                       return_finished: bool = False, opts: Options | None = None
+                       ) -> list[str] | tuple[list[str], list[bool]]:
     """The book's test-set loop: generate after format_input(entry) (greedy, 256 tokens, stop at
     <|endoftext|>) and keep the text after the prompt without the "### Response:" marker. Prompts of
     different lengths are decoded `batch_size` at a time (KV cache), each as if alone.
@@ -593,7 +605,7 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
 
     from gptjax.generate import decoding_model, generate_batch
 
-    params, cfg = decoding_model(params, cfg)  # once for all the batches
+    params, opts = decoding_model(params, cfg, opts)  # once for all the batches
     prompts = [format_input(e, style) for e in entries]
     ids = [encode(tokenizer, p) for p in prompts]
     out, finished = [], []
@@ -604,7 +616,7 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
         if n < batch_size and len(ids) > batch_size:  # same batch size as the others: no new program
             chunk = chunk + [chunk[-1]] * (batch_size - n)
         new = generate_batch(params, cfg, chunk, max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, eos_id=eos_id, key=jax.random.fold_in(key, start))[:n]
+                             top_p=top_p, eos_id=eos_id, key=jax.random.fold_in(key, start), opts=opts)[:n]
         for p, p_ids, n_ids in zip(prompts[start:start + n], chunk, new):
             out.append(extract_response(tokenizer.decode(list(p_ids) + list(n_ids)), p, style))
             finished.append(len(n_ids) < max_new_tokens)  # generate_batch drops the eos it stopped at
@@ -626,7 +638,7 @@ def save_responses(entries: Sequence[dict], responses: Sequence[str], path: str 
 
 def response_nll(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenizer: Any, *, style: str = "alpaca",
                  response_key: str = "output", batch_size: int = 8, pad_multiple: int = 64,
-                 pad_token_id: int = PAD_TOKEN_ID) -> dict[str, float]:
+                 pad_token_id: int = PAD_TOKEN_ID, opts: Options | None = None) -> dict[str, float]:
     """Loss and perplexity of the reference answers given their prompts: mean cross-entropy per token over
     the answer text and its <|endoftext|>, the prompt and the response header excluded."""
     if not entries:
@@ -636,28 +648,29 @@ def response_nll(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenize
                                  allowed_max_length=cfg.context_length, mask="prompt", pad_token_id=pad_token_id)
     total, count = 0.0, 0
     for batch in batches:
-        nll, n = _nll_batch(params, batch, cfg=cfg)
+        nll, n = _nll_batch(params, batch, cfg=cfg, opts=opts or Options())
         total, count = total + float(nll), count + int(n)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
 
 
-@partial(jax.jit, static_argnames="cfg")
-def _nll_batch(params, batch, *, cfg: GPTConfig):
+@partial(jax.jit, static_argnames=("cfg", "opts"))
+def _nll_batch(params, batch, *, cfg: GPTConfig, opts: Options):
     x_BT, y_BT = batch
-    return token_nll(GPT(cfg).apply({"params": params}, x_BT, deterministic=True), y_BT)
+    return token_nll(GPT(cfg, opts).apply({"params": params}, x_BT, deterministic=True), y_BT)
 
 
 def offline_report(entries: Sequence[dict], responses: Sequence[str] | None = None, *, params: dict | None = None,
                    cfg: GPTConfig | None = None, tokenizer: Any = None, style: str = "alpaca",
-                   name: str = "model", pad_token_id: int = PAD_TOKEN_ID) -> dict[str, Any]:
+                   name: str = "model", pad_token_id: int = PAD_TOKEN_ID,
+                   opts: Options | None = None) -> dict[str, Any]:
     """One row of the offline table: reference loss/perplexity (with a model) and exact match / ROUGE-L
     of `responses` against the references (with responses)."""
     from gptjax.tasks.judge import text_scores
 
     row: dict[str, Any] = {"model": name, "n": len(entries)}
     if params is not None:
-        nll = response_nll(params, cfg, entries, tokenizer, style=style, pad_token_id=pad_token_id)
+        nll = response_nll(params, cfg, entries, tokenizer, style=style, pad_token_id=pad_token_id, opts=opts)
         row.update(ref_loss=nll["loss"], ref_perplexity=nll["perplexity"], ref_tokens=nll["tokens"])
     if responses is not None:
         row.update(text_scores(responses, [e["output"] for e in entries]))
@@ -687,19 +700,23 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                       lora: lora_lib.LoRAConfig | None = None, mask: str = "none", pad_multiple: int = 64,
                       allowed_max_length: int = 1024, respond: bool = True, max_new_tokens: int = 256,
                       base_model: str | None = None, data_source: str | None = None, resume: bool = False,
-                      overwrite: bool = False, progress: bool = True, stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> dict:
+                      overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
+                      pad_token_id: int = PAD_TOKEN_ID, opts: Options | None = None) -> dict:
     """Chapter 7 end to end; writes a run directory that `load_run`, `gptjax respond/chat/dpo` read.
 
     `data`: all records (split as the book) or ready {"train", "val", "test"} splits. Writes
     config.json, params/ (LoRA merged in), checkpoints/, metrics.jsonl, steps.jsonl, loss.png and, with
     `respond`, test-responses.json (the book's format) and eval.json / eval.md (the offline table).
     `pad_token_id` is the end-of-text token of the tokenizer (GPT-2's 50256), which also pads.
+    `opts`: how it trains (default Options.for_backend()), the layout of `params`; params/,
+    checkpoints/ and the returned params are canonical.
     """
     from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run, write_json_atomic
     from gptjax.generate import generate_batch
     from gptjax.train import _prepare_out_dir
 
     tcfg = tcfg or InstructTrainConfig()
+    opts = opts or Options.for_backend()
     _check_style(style)
     out_dir = Path(out_dir)
     if not resume:
@@ -722,7 +739,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     scale = lora.scale if lora else 1.0
-    tx, train_step, eval_step = compiled_sft_steps(cfg, tcfg.optim, scale)
+    tx, train_step, eval_step = compiled_sft_steps(cfg, tcfg.optim, scale, opts)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable), key=key)
     longest = max(len(x) for x in enc["train"].ids)
     n_train = count_params(trainable)
@@ -736,7 +753,8 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                 "split_sizes": {k: len(v) for k, v in splits.items()},
                 "trainable_params": n_train}
     if not resume:
-        write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "instruct": settings, "status": "running"})
+        write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(),
+                                                  "instruct": settings, "status": "running"})
     initial = {"train_loss": mean_metrics(eval_step, trainable, frozen, train_b.epoch(0), 5).get("loss"),
                "val_loss": mean_metrics(eval_step, trainable, frozen, val_b.epoch(0), 5).get("loss")}
     print(f"initial losses: training {initial['train_loss']:.3f}, validation {initial['val_loss']:.3f}")
@@ -745,14 +763,14 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
 
     def sample(tr: dict) -> str:
         new = generate_batch(full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
-                             eos_id=pad_token_id)[0]
+                             eos_id=pad_token_id, opts=opts)[0]
         return tokenizer.decode(sample_ids + new)
 
     loop = run_loop(tcfg, state, frozen, train_b, val_b, out_dir, train_step=train_step, eval_step=eval_step,
                     count_tokens=lambda b: int(np.sum(b[1] != IGNORE_INDEX)),
                     sample=sample if tcfg.sample_tokens else None,
                     meta={"task": "instruct", "model": cfg.to_dict()}, resume=resume, progress=progress,
-                    stop_after=stop_after, desc="finetune-instruct")
+                    stop_after=stop_after, desc="finetune-instruct", cfg=cfg, opts=opts)
     trainable = loop["state"].params
     merged = full_params(trainable, frozen, scale)
     h = loop["history"]
@@ -768,29 +786,33 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     if lora is not None:
         lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora,
                                metadata={"base_model": base_model})
-    save_run(out_dir, merged, cfg, extra={"instruct": {k: v for k, v in result.items() if k != "samples"},
-                                          "status": "finished"})
+    canonical = to_canonical(merged, cfg, opts)
+    save_run(out_dir, canonical, cfg, extra={"options": opts.to_dict(),
+                                             "instruct": {k: v for k, v in result.items() if k != "samples"},
+                                             "status": "finished"})
     (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
     if respond and splits.get("test"):
         result["eval"] = respond_and_evaluate(merged, cfg, splits["test"], tokenizer, out_dir, style=style,
                                               max_new_tokens=max_new_tokens, batch_size=tcfg.batch_size,
-                                              name=base_model or "model", progress=progress, eos_id=pad_token_id)
-    return {**result, "history": h, "out_dir": str(out_dir), "params": merged, "cfg": cfg}
+                                              name=base_model or "model", progress=progress, eos_id=pad_token_id,
+                                              opts=opts)
+    return {**result, "history": h, "out_dir": str(out_dir), "params": canonical, "cfg": cfg}
 
 
 def respond_and_evaluate(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenizer: Any, out_dir: str | Path,
                          *, style: str = "alpaca", max_new_tokens: int = 256, batch_size: int = 8,
-                         name: str = "model", progress: bool = False, eos_id: int = PAD_TOKEN_ID) -> dict:
+                         name: str = "model", progress: bool = False, eos_id: int = PAD_TOKEN_ID,
+                         opts: Options | None = None) -> dict:
     """Test-set responses (test-responses.json) and the offline table (eval.json, eval.md) into `out_dir`."""
     out_dir = Path(out_dir)
     t0 = time.time()
     responses, finished = generate_responses(params, cfg, entries, tokenizer, style=style,
                                              max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                                             eos_id=eos_id, return_finished=True)
+                                             eos_id=eos_id, return_finished=True, opts=opts)
     gen_s = time.time() - t0
     save_responses(entries, responses, out_dir / RESPONSES_FILE)
     row = offline_report(entries, responses, params=params, cfg=cfg, tokenizer=tokenizer, style=style, name=name,
-                         pad_token_id=eos_id)
+                         pad_token_id=eos_id, opts=opts)
     row["generate_s"] = round(gen_s, 1)
     row["unfinished"] = finished.count(False)  # answers cut at max_new_tokens, never ending with eos
     (out_dir / "eval.json").write_text(json.dumps(row, indent=1))
