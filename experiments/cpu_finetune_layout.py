@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 
 from gptjax.bench import alternate  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
-from gptjax.model import init_params, set_linear_layout  # noqa: E402
+from gptjax.model import init_params, to_layout  # noqa: E402
+from gptjax.options import Options  # noqa: E402
 from gptjax.tasks.instruct import compiled_sft_steps, split_trainable  # noqa: E402
 from gptjax.train import IGNORE_INDEX, OptimConfig, TrainState  # noqa: E402
 
@@ -42,9 +43,9 @@ def main() -> None:
     batch = (jnp.asarray(x), jnp.asarray(y))
     runs, states = {}, {}
     for layout in ("out_in", "in_out"):
-        cfg = base.replace(linear_layout=layout)
-        p = set_linear_layout(params, "in_out", layout)
-        tx, train_step, _ = compiled_sft_steps(cfg, OptimConfig(lr=5e-5, weight_decay=0.1))
+        opts = Options.for_backend(linear_layout=layout)
+        p = to_layout(params, base, opts)
+        tx, train_step, _ = compiled_sft_steps(base, OptimConfig(lr=5e-5, weight_decay=0.1), opts=opts)
         trainable, frozen = split_trainable(p, None, jax.random.key(1))
         states[layout] = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
                                     key=jax.random.key(2))

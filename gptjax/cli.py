@@ -236,7 +236,7 @@ def _parse_variant(text: str) -> dict:
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in types:
-            raise ValueError(f"--variant {text!r}: expected KEY=VALUE pairs with GPTConfig or Options keys "
+            raise ValueError(f"--variant {text!r}: expected KEY=VALUE pairs with GPTConfig keys or Options keys "
                              f"({sorted(types)})")
         try:
             out[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)

@@ -286,7 +286,7 @@ def _swap_kernels(params: dict) -> dict:
     classifier head stays (in, out)."""
     def swap(path, v):
         names = [getattr(k, "key", None) for k in path]
-        return jnp.swapaxes(v, -1, -2) if names[-1] == "kernel" and names[0] != "cls_head" else v
+        return jnp.swapaxes(v, -1, -2) if names[-1] == "kernel" and "cls_head" not in names else v
 
     return jax.tree_util.tree_map_with_path(swap, params)
 

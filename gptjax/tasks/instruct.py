@@ -451,8 +451,10 @@ def run_loop(tcfg: Any, state: TrainState, frozen: Any, train_b, val_b, out_dir:
     ckpts = TrainCheckpoints(out_dir / CHECKPOINTS_DIR, keep=tcfg.keep_checkpoints, async_save=False)
     convert = opts is not None and not opts.canonical_layout
 
-    def saved(params, opt_state, fn):  # (params, opt_state) converted with fn where checkpoints need it
-        return (fn(params), map_param_trees(fn, opt_state, params)) if convert else (params, opt_state)
+    def saved(trainable, opt_state, fn):  # the model params in trainable["params"] and their moments, through fn
+        if not convert or "params" not in trainable:
+            return trainable, opt_state
+        return {**trainable, "params": fn(trainable["params"])}, map_param_trees(fn, opt_state, trainable["params"])
     steps_path, metrics_path = out_dir / "steps.jsonl", out_dir / "metrics.jsonl"
     try:
         if resume:
