@@ -22,7 +22,7 @@ import jax  # noqa: E402
 
 from gptjax.config import get_config
 from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus
-from gptjax.options import Options
+from gptjax.options import Options  # noqa: E402
 from gptjax.tokenizer import get_gpt2_tokenizer
 from gptjax.train import OptimConfig, TrainConfig, train
 

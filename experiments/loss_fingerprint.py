@@ -2,7 +2,8 @@
 
 Runs in one process, with the CLI's own settings:
 - pretrain: the chapter-5 setting (`gptjax pretrain` on the-verdict, seed 123), the first 10 steps;
-- finetune-classifier, finetune-instruct, dpo: tiny random models, the first 5 steps.
+- finetune-classifier, finetune-instruct, dpo: tiny random models, the first 5 steps;
+- and each task's first evaluations (train and validation loss).
 
     python experiments/loss_fingerprint.py --verdict PATH/the-verdict.txt --instructions PATH/instruction-data-with-preference.json --out F.json
     python experiments/loss_fingerprint.py ... --compare experiments/results/loss_fingerprint.json
@@ -53,16 +54,21 @@ def fingerprint(verdict: str, instructions: str, work: Path) -> dict[str, list[f
     run(["pretrain", "--corpus", verdict, "--epochs", "2", "--eval-freq", "1", "--eval-iter", "1", "--quiet",
          "--out", str(work / "ch05")])
     out["pretrain"] = _column(work / "ch05" / "metrics.jsonl", "batch_loss", 10)
-    run(["finetune-classifier", "--data", str(_tiny_tsv(work / "tiny.tsv")), "--model", "random", *TINY,
+    out["pretrain_eval"] = [v for k in ("train_loss", "val_loss") for v in _column(work / "ch05" / "metrics.jsonl", k, 10)]
+    run(["finetune-classifier", "--data", str(_tiny_tsv(work / "tiny.tsv")), "--model", "random",
+         "--emb-dim", "16", "--n-layers", "1", "--n-heads", "2", "--context-length", "32",
          "--batch-size", "4", "--epochs", "1", "--eval-freq", "1", "--eval-iter", "1", "--lr", "1e-3", "--quiet",
          "--out", str(work / "cls")])
     out["classify"] = _column(work / "cls" / "metrics.jsonl", "batch_loss", 5)
+    out["classify_eval"] = [v for k in ("train_loss", "val_loss") for v in _column(work / "cls" / "metrics.jsonl", k, 5)]
     common = ["--data", instructions, "--limit", "40", "--batch-size", "4", "--eval-freq", "1", "--eval-iter", "1",
               "--quiet", "--no-respond", "--epochs", "1"]
     run(["finetune-instruct", "--model", "random", *TINY, *common, "--lr", "1e-3", "--out", str(work / "sft")])
     out["sft"] = _column(work / "sft" / "steps.jsonl", "loss", 5)
+    out["sft_eval"] = [v for k in ("train_loss", "val_loss") for v in _column(work / "sft" / "metrics.jsonl", k, 5)]
     run(["dpo", "--model", str(work / "sft"), *common, "--out", str(work / "dpo")])
     out["dpo"] = _column(work / "dpo" / "steps.jsonl", "loss", 5)
+    out["dpo_eval"] = [v for k in ("train_loss", "val_loss") for v in _column(work / "dpo" / "metrics.jsonl", k, 5)]
     return out
 
 

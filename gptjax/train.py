@@ -418,10 +418,10 @@ def train(cfg: GPTConfig, tcfg: TrainConfig, train_batches, val_batches, tokeniz
             log.close()
             ckpts.wait()
             wall = wall_before + time.time() - t0
-            save_run(out_dir, canon(state.params), cfg, extra={"options": opts.to_dict(), "train": tcfg.to_dict(),
-                                                               **(run_info or {}),
-                                                        "status": "finished", "tokens_seen": tokens_seen,
-                                                        "steps": int(state.step), "wall_s": round(wall, 1)})
+            save_run(out_dir, canon(state.params), cfg,
+                     extra={"options": opts.to_dict(), "train": tcfg.to_dict(), **(run_info or {}),
+                            "status": "finished", "tokens_seen": tokens_seen, "steps": int(state.step),
+                            "wall_s": round(wall, 1)})
             (out_dir / "samples.json").write_text(json.dumps(samples, indent=1))
             if history["step"]:
                 plot_losses(history, out_dir / "loss.png")

@@ -226,7 +226,8 @@ def test_checkpoints_hold_canonical_params_and_resume_exactly_in_another_layout(
     for a, b in zip(jax.tree_util.tree_leaves(resumed["params"]), jax.tree_util.tree_leaves(full["params"])):
         np.testing.assert_array_equal(a, b)
     loaded, _ = load_run(tmp_path / "b")
-    np.testing.assert_array_equal(loaded["h_0"]["mlp"]["c_fc"]["kernel"], full["params"]["h_0"]["mlp"]["c_fc"]["kernel"])
+    np.testing.assert_array_equal(loaded["h_0"]["mlp"]["c_fc"]["kernel"],
+                                  full["params"]["h_0"]["mlp"]["c_fc"]["kernel"])
     assert json.loads((tmp_path / "b" / "config.json").read_text())["options"] == opts.to_dict()
 
 
