@@ -24,6 +24,7 @@ import jax
 from gptjax.checkpoint import CHECKPOINTS_DIR, TrainCheckpoints, TrainingInterrupted
 from gptjax.config import get_config
 from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus
+from gptjax.options import Options
 from gptjax.tokenizer import get_gpt2_tokenizer
 from gptjax.engine import OptimConfig
 from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
@@ -49,7 +50,8 @@ def main() -> int:
     text = load_corpus(args.corpus, sha256=VERDICT_SHA256)
     sha = hashlib.sha256(text.encode()).hexdigest()  # lets `gptjax pretrain --resume OUT` check the corpus too
     tok = get_gpt2_tokenizer()
-    cfg = get_config("gpt2-small", context_length=256, drop_rate=0.1, qkv_bias=False, init="book", dtype=args.dtype)
+    cfg = get_config("gpt2-small", context_length=256, drop_rate=0.1, qkv_bias=False, init="book")
+    opts = Options.for_backend(dtype=args.dtype)
     train_b, val_b = create_dataloaders(text, tok, context_length=256, batch_size=2, train_ratio=0.9, seed=args.seed)
     total = args.epochs * len(train_b)
     ocfg = OptimConfig.appendix_d(total, lr=1e-3, warmup_frac=0.2, initial_lr=1e-5, min_lr=1e-5, weight_decay=0.1)
@@ -59,23 +61,24 @@ def main() -> int:
     env = f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {platform.processor() or platform.machine()}"
     if args.report:
         meta = TrainCheckpoints(Path(args.out) / CHECKPOINTS_DIR, read_only=True).meta()
-        write_results(meta, cfg, ocfg, total, env, finished=len(meta["steps"]["loss"]) == total)
+        write_results(meta, opts, ocfg, total, env, finished=len(meta["steps"]["loss"]) == total)
         return 0
     try:
         res = train(cfg, tcfg, train_b, val_b, tok, args.out, progress=not args.quiet, resume=args.resume,
                     overwrite=not args.resume, run_info={"data": {"corpus": args.corpus, "stride": None,
-                                                                  "train_ratio": 0.9, "corpus_sha256": sha}})
+                                                                  "train_ratio": 0.9, "corpus_sha256": sha}},
+                    opts=opts)
     except TrainingInterrupted as e:
         print(e, file=sys.stderr)
         meta = TrainCheckpoints(Path(args.out) / CHECKPOINTS_DIR, read_only=True).meta()
-        write_results(meta, cfg, ocfg, total, env, finished=False)
+        write_results(meta, opts, ocfg, total, env, finished=False)
         return e.exit_code
     write_results({"history": res["history"], "steps": res["steps"], "samples": res["samples"],
-                   "tokens_seen": res["tokens_seen"], "wall_s": res["wall_s"]}, cfg, ocfg, total, env, finished=True)
+                   "tokens_seen": res["tokens_seen"], "wall_s": res["wall_s"]}, opts, ocfg, total, env, finished=True)
     return 0
 
 
-def write_results(meta: dict, cfg, ocfg: OptimConfig, total: int, env: str, finished: bool) -> None:
+def write_results(meta: dict, opts: Options, ocfg: OptimConfig, total: int, env: str, finished: bool) -> None:
     h, steps, samples = meta["history"], meta["steps"], meta["samples"]
     done = len(steps["loss"])
     RESULTS.mkdir(exist_ok=True)
@@ -88,7 +91,7 @@ def write_results(meta: dict, cfg, ocfg: OptimConfig, total: int, env: str, fini
     best = min(range(len(h["val_loss"])), key=h["val_loss"].__getitem__)
     md = "\n".join([
         "# Appendix D: warmup + cosine decay + gradient clipping, GPT-2 124M on the-verdict", "",
-        f"Run {state}; wall time {meta['wall_s']:.0f} s ({env}); compute dtype {cfg.dtype}.",
+        f"Run {state}; wall time {meta['wall_s']:.0f} s ({env}); compute dtype {opts.dtype}.",
         f"Settings: {total} steps (batch 2, context 256), AdamW weight decay {ocfg.weight_decay}, lr "
         f"{ocfg.initial_lr:g} -> {ocfg.lr:g} over {ocfg.warmup_steps} warmup steps, cosine to {ocfg.min_lr:g} over "
         f"{ocfg.decay_steps} steps, global-norm clipping {ocfg.clip_norm} after the warmup.", "",

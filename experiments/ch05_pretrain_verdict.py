@@ -25,6 +25,7 @@ from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_co
 from gptjax.tokenizer import get_gpt2_tokenizer  # noqa: E402
 from gptjax.engine import OptimConfig  # noqa: E402
 from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train  # noqa: E402
+from gptjax.options import Options  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -36,20 +37,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--out", default="checkpoints/ch05_verdict", help="run directory (weights are not committed)")
     ap.add_argument("--matmul-precision", default="float32", choices=["float32", "bfloat16"],
-                    help="GPTConfig.matmul_precision (bfloat16: operands rounded, float32 accumulation)")
+                    help="Options.matmul_precision (bfloat16: operands rounded, float32 accumulation)")
     args = ap.parse_args()
     name = "ch05_pretrain_verdict" + ("_matmul_bf16" if args.matmul_precision == "bfloat16" else "")
 
     sha = VERDICT_SHA256 if args.corpus.startswith("http") else None
     text = load_corpus(args.corpus, sha256=sha)
     tok = get_gpt2_tokenizer()
-    cfg = get_config("gpt2-small", context_length=256, drop_rate=0.1, qkv_bias=False, init="book",
-                     matmul_precision=args.matmul_precision)
+    cfg = get_config("gpt2-small", context_length=256, drop_rate=0.1, qkv_bias=False, init="book")
+    opts = Options.for_backend(matmul_precision=args.matmul_precision)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=2, eval_freq=5, eval_iter=5, seed=args.seed,
                        optim=OptimConfig(lr=4e-4, weight_decay=0.1))
     train_b, val_b = create_dataloaders(text, tok, context_length=256, batch_size=2, train_ratio=0.9, seed=args.seed)
     t0 = time.time()
-    res = train(cfg, tcfg, train_b, val_b, tok, args.out, overwrite=True)
+    res = train(cfg, tcfg, train_b, val_b, tok, args.out, overwrite=True, opts=opts)
     wall = time.time() - t0
     h = res["history"]
 

@@ -22,8 +22,8 @@ PROBE = r'''
 import statistics, sys
 from gptjax.bench import BenchConfig, JaxTrain, alternate
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, drop_rate=0.1, qkv_bias=False)
-runs = {dtype: JaxTrain(bc.model_config(dtype=dtype), bc) for dtype in ("float32", "bfloat16")}
-runs["matmuls"] = JaxTrain(bc.model_config(matmul_precision="bfloat16"), bc)
+runs = {dtype: JaxTrain(*bc.setup(dtype=dtype), bc) for dtype in ("float32", "bfloat16")}
+runs["matmuls"] = JaxTrain(*bc.setup(matmul_precision="bfloat16"), bc)
 times = alternate(runs, rounds=int(sys.argv[1]), warmup=2)
 print(" ".join(f"{1e3 * statistics.median(t):.0f}" for t in times.values()))
 '''

@@ -31,16 +31,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     cfg = BenchConfig(preset="gpt2-small", context_length=256).model_config(drop_rate=0.0)
-    params, cfg = gen.decoding_model(init_params(cfg, jax.random.key(0)), cfg)
+    params, opts = gen.decoding_model(init_params(cfg, jax.random.key(0)), cfg)
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     prompt = np.zeros((1, 8), np.int32)
     runs = {
-        f"float32 weights (matvec={cfg.matvec})": (params, cfg),
-        "bfloat16 weights, bfloat16 compute": (bf16, cfg.replace(dtype="bfloat16")),
-        f"bfloat16 weights, float32 compute (matvec={cfg.matvec})": (bf16, cfg),
-        "bfloat16 weights, float32 compute (matvec=xla)": (bf16, cfg.replace(matvec="xla")),
+        f"float32 weights (matvec={opts.matvec})": (params, opts),
+        "bfloat16 weights, bfloat16 compute": (bf16, opts.replace(dtype="bfloat16")),
+        f"bfloat16 weights, float32 compute (matvec={opts.matvec})": (bf16, opts),
+        "bfloat16 weights, float32 compute (matvec=xla)": (bf16, opts.replace(matvec="xla")),
     }
-    times = alternate({k: lambda p=p, c=c: gen.generate(p, c, prompt, NEW_TOKENS) for k, (p, c) in runs.items()},
+    times = alternate({k: lambda p=p, o=o: gen.generate(p, cfg, prompt, NEW_TOKENS, opts=o)
+                       for k, (p, o) in runs.items()},
                       rounds=args.rounds)
     base = statistics.median(next(iter(times.values())))
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; gpt2-small with its own head, batch 1, "

@@ -39,17 +39,17 @@ BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 def speed(rounds: int) -> None:
     cfg = BenchConfig(preset="gpt2-small", context_length=256).model_config(drop_rate=0.0)
-    params, cfg = gen.decoding_model(init_params(cfg, jax.random.key(0)), cfg)
-    runs = {wd: gen.decoding_weights(params, cfg, wd) for wd in DTYPES}
+    params, opts = gen.decoding_model(init_params(cfg, jax.random.key(0)), cfg)
+    runs = {wd: gen.decoding_weights(params, cfg, opts, wd) for wd in DTYPES}
     prompt = np.zeros((1, PROMPT), np.int32)
     bws = [memory_bandwidth()]
-    times = alternate({wd: lambda p=p, c=c: gen.generate(p, c, prompt, NEW_TOKENS) for wd, (p, c) in runs.items()},
-                      rounds=rounds)
+    times = alternate({wd: lambda p=p, o=o: gen.generate(p, cfg, prompt, NEW_TOKENS, opts=o)
+                       for wd, (p, o) in runs.items()}, rounds=rounds)
     bws.append(memory_bandwidth())
     roof = roofline_bandwidth(*bws)
     base = statistics.median(times["float32"])
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; gpt2-small with its own head (random weights), "
-          f"batch 1, {NEW_TOKENS} new tokens, matvec={cfg.matvec}; roofline {roof:.1f} GB/s; {rounds} rounds, medians")
+          f"batch 1, {NEW_TOKENS} new tokens, matvec={opts.matvec}; roofline {roof:.1f} GB/s; {rounds} rounds, medians")
     print("| weights (compute float32) | tokens/s | vs float32 | roofline tokens/s | of the roofline |")
     print("|---|---:|---:|---:|---:|")
     for wd, ts in times.items():
@@ -64,11 +64,12 @@ def quality(model: str, text_path: str, train_ratio: float, max_windows: int) ->
     from gptjax.data import load_corpus, split_text
     from gptjax.tokenizer import get_gpt2_tokenizer
 
-    params, cfg = gen.decoding_model(*load_model(model))
+    params, cfg = load_model(model)
+    params, opts = gen.decoding_model(params, cfg)
     tok = get_gpt2_tokenizer()
     T = cfg.context_length
-    runs = {wd: gen.decoding_weights(params, cfg, wd) for wd in DTYPES}
-    fwd = {wd: jax.jit(lambda p, x, c=c: GPT(c).apply({"params": p}, x)) for wd, (_, c) in runs.items()}
+    runs = {wd: gen.decoding_weights(params, cfg, opts, wd) for wd in DTYPES}
+    fwd = {wd: jax.jit(lambda p, x, o=o: GPT(cfg, o).apply({"params": p}, x)) for wd, (_, o) in runs.items()}
     print(f"{model} on {text_path!r} split at {train_ratio} as `gptjax pretrain` splits it, windows of up to {T} "
           f"tokens (at most {max_windows})")
     print("| text | weights | tokens | cross-entropy | vs float32 | argmax next token = float32's |")

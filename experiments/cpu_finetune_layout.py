@@ -21,9 +21,10 @@ import numpy as np  # noqa: E402
 
 from gptjax.bench import alternate  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
-from gptjax.model import init_params, set_linear_layout  # noqa: E402
-from gptjax.tasks.instruct import make_sft_steps, split_trainable  # noqa: E402
 from gptjax.engine import IGNORE_INDEX, OptimConfig  # noqa: E402
+from gptjax.model import init_params, to_layout  # noqa: E402
+from gptjax.options import Options  # noqa: E402
+from gptjax.tasks.instruct import make_sft_steps, split_trainable  # noqa: E402
 
 
 def main() -> None:
@@ -42,10 +43,10 @@ def main() -> None:
     batch = (jnp.asarray(x), jnp.asarray(y))
     runs, states = {}, {}
     for layout in ("out_in", "in_out"):
-        cfg = base.replace(linear_layout=layout)
-        p = set_linear_layout(params, "in_out", layout)
+        opts = Options.for_backend(linear_layout=layout)
+        p = to_layout(params, base, opts)
         trainable, frozen = split_trainable(p, None, jax.random.key(1))
-        steps = make_sft_steps(cfg, OptimConfig(lr=5e-5, weight_decay=0.1), trainable, frozen)
+        steps = make_sft_steps(base, OptimConfig(lr=5e-5, weight_decay=0.1), trainable, frozen, opts=opts)
         states[layout] = steps.init_state(trainable, jax.random.PRNGKey(2))
 
         def run(layout=layout, steps=steps):

@@ -5,7 +5,7 @@ One jitted chain of exactly the products one batch-1 decode step makes: 12 block
 then the 50,257x768 head (124M weights, 494 MB). Each product feeds the next; there is no attention,
 layer norm or sampling. Its time per call bounds any decoder built on XLA's dot at batch 1. Timed
 side by side, round after round: the chain, the same chain on gptjax's C++ kernel
-(gptjax.cpu_matvec, when it builds) from float32, bfloat16 and int8 weights, the same chain in eager
+(gptjax.cpu.matvec, when it builds) from float32, bfloat16 and int8 weights, the same chain in eager
 PyTorch (when torch is installed), and gptjax's KV-cache decode of 200 tokens (the benchmark's
 decode row) with the kernel and with XLA's dot, all against the benchmark's bandwidth roofline (half
 the best in-place copy of 1 GiB, measured before and after). Medians.
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gptjax import cpu_matvec  # noqa: E402
+from gptjax.cpu import matvec as cpu_matvec  # noqa: E402
 from gptjax import generate as gen  # noqa: E402
 from gptjax.bench import alternate, memory_bandwidth, roofline_bandwidth  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
     kernel_chain = make_chain(cpu_matvec.matvec) if cpu_matvec.available() else None
 
     cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.0, tie_embeddings=False, qkv_bias=True)
-    params, cfg = gen.decoding_model(init_params(cfg, jax.random.key(1)), cfg)
+    params, opts = gen.decoding_model(init_params(cfg, jax.random.key(1)), cfg)
     prompt = jnp.zeros((1, 8), jnp.int32)
     x = jnp.ones((1, 768))
 
@@ -106,10 +106,11 @@ def main() -> None:
     if run_torch is not None:
         fns["PyTorch matrix-vector chain"] = lambda: [run_torch() for _ in range(CALLS)]
     # prefill included
-    fns[f"gptjax decode (KV cache), matvec={cfg.matvec}"] = lambda: gen.generate(params, cfg, prompt, NEW_TOKENS)
-    if cfg.matvec != "xla":
-        xla_cfg = cfg.replace(matvec="xla")
-        fns["gptjax decode (KV cache), matvec=xla"] = lambda: gen.generate(params, xla_cfg, prompt, NEW_TOKENS)
+    fns[f"gptjax decode (KV cache), matvec={opts.matvec}"] = lambda: gen.generate(params, cfg, prompt, NEW_TOKENS,
+                                                                                  opts=opts)
+    if opts.matvec != "xla":
+        xla = opts.replace(matvec="xla")
+        fns["gptjax decode (KV cache), matvec=xla"] = lambda: gen.generate(params, cfg, prompt, NEW_TOKENS, opts=xla)
 
     bws = [memory_bandwidth()]
     times = alternate(fns, rounds=args.rounds)

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
 from gptjax.engine import OptimConfig, make_optimizer  # noqa: E402
 from gptjax.tasks.pretrain import create_state, jitted_steps as make_steps  # noqa: E402
+from gptjax.options import Options  # noqa: E402
 
 
 def main() -> None:
@@ -33,13 +34,14 @@ def main() -> None:
     ap.add_argument("--linear-layout", default="out_in", choices=["in_out", "out_in"],
                     help="kernels' storage (out_in: what `gptjax pretrain` uses on CPU)")
     ap.add_argument("--matmul-precision", default="float32", choices=["float32", "bfloat16"],
-                    help="GPTConfig.matmul_precision")
+                    help="Options.matmul_precision")
     args = ap.parse_args()
-    cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.1, dtype=args.dtype,
-                                           linear_layout=args.linear_layout, matmul_precision=args.matmul_precision)
+    cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.1)
+    opts = Options.for_backend(dtype=args.dtype, linear_layout=args.linear_layout,
+                               matmul_precision=args.matmul_precision)
     tx = make_optimizer(OptimConfig(lr=4e-4, weight_decay=0.1))
-    state = create_state(cfg, tx, 0)
-    step, _ = make_steps(cfg, tx)
+    state = create_state(cfg, tx, 0, opts=opts)
+    step, _ = make_steps(cfg, tx, opts=opts)
     x = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.context_length + 1), dtype=np.int32)
     batch = (jnp.asarray(x[:, :-1]), jnp.asarray(x[:, 1:]))
     times = []

@@ -17,9 +17,9 @@ import json, statistics
 from gptjax.runtime import setup
 setup(compilation_cache=False)
 from gptjax.bench import BenchConfig, JaxTrain, alternate
-from gptjax.model import fastest_linear_layout
+from gptjax.cpu import fastest_linear_layout
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
-runs = {f"gptjax {layout}": JaxTrain(bc.model_config(linear_layout=layout), bc)
+runs = {f"gptjax {layout}": JaxTrain(*bc.setup(linear_layout=layout), bc)
         for layout in dict.fromkeys([fastest_linear_layout(), "in_out"])}
 t = alternate(runs, rounds=10, warmup=2)
 print(json.dumps({k: statistics.median(v) for k, v in t.items()}))

@@ -21,7 +21,7 @@ PROBE = r'''
 import json, statistics, sys
 from gptjax.bench import BenchConfig, JaxTrain, alternate
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
-runs = {layout: JaxTrain(bc.model_config(linear_layout=layout), bc) for layout in ("out_in", "in_out")}
+runs = {layout: JaxTrain(*bc.setup(linear_layout=layout), bc) for layout in ("out_in", "in_out")}
 t = alternate(runs, rounds=int(sys.argv[1]), warmup=2)
 print(json.dumps({k: statistics.median(v) for k, v in t.items()}))
 '''

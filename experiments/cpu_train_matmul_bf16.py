@@ -1,4 +1,4 @@
-"""Train steps with bfloat16 matmuls (GPTConfig.matmul_precision) against float32, gptjax and PyTorch, in
+"""Train steps with bfloat16 matmuls (Options.matmul_precision) against float32, gptjax and PyTorch, in
 the chapter-5 setting (gpt2-small, context 256, batch 2, AdamW, dropout 0.1) on this CPU.
 
 gptjax: float32 and matmul_precision="bfloat16" ((out, in) kernels, as `gptjax pretrain` trains on
@@ -26,24 +26,24 @@ setup(compilation_cache=False)
 from gptjax.bench import BenchConfig, JaxTrain, alternate
 rounds = int(sys.argv[1])
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32", linear_layout="out_in")
-runs = {f"gptjax, matmuls {p}": JaxTrain(bc.model_config(matmul_precision=p), bc) for p in ("float32", "bfloat16")}
+runs = {f"gptjax, matmuls {p}": JaxTrain(*bc.setup(matmul_precision=p), bc) for p in ("float32", "bfloat16")}
 t = alternate(runs, rounds=rounds, warmup=2)
 print(json.dumps({k: statistics.median(v) for k, v in t.items()}))
 '''
 TORCH = r'''
-import json, statistics, sys
+import dataclasses, json, statistics, sys
 import torch
 from gptjax.bench import BenchConfig, TorchTrain, alternate
 rounds = int(sys.argv[1])
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
 cfg = bc.model_config()
-settings = {"float32": (cfg, "highest"), "float32, matmuls medium (bfloat16)": (cfg, "medium"),
-            "bfloat16 autocast": (cfg.replace(dtype="bfloat16"), "highest")}
+settings = {"float32": (bc, "highest"), "float32, matmuls medium (bfloat16)": (bc, "medium"),
+            "bfloat16 autocast": (dataclasses.replace(bc, dtype="bfloat16"), "highest")}
 medians = {}
-for name, (c, precision) in settings.items():  # the matmul precision is process-wide: one setting at a time
+for name, (b, precision) in settings.items():  # the matmul precision is process-wide: one setting at a time
     torch.set_float32_matmul_precision(precision)
-    t = alternate({f"PyTorch eager, {name}": TorchTrain(c, bc, False, "cpu"),
-                   f"PyTorch compile, {name}": TorchTrain(c, bc, True, "cpu")}, rounds=rounds, warmup=1)
+    t = alternate({f"PyTorch eager, {name}": TorchTrain(cfg, b, False, "cpu"),
+                   f"PyTorch compile, {name}": TorchTrain(cfg, b, True, "cpu")}, rounds=rounds, warmup=1)
     medians.update({k: statistics.median(v) for k, v in t.items()})
 print(json.dumps(medians))
 '''

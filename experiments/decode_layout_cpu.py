@@ -35,11 +35,11 @@ def main() -> None:
     params = init_params(cfg, jax.random.key(0))
     prompt = np.array([[1, 2, 3, 4, 5, 6, 7, 8]])
     new = 100
-    models = {layout: decoding_model(params, cfg, layout) for layout in ("in_out", "out_in")}
+    models = {layout: decoding_model(params, cfg, linear_layout=layout) for layout in ("in_out", "out_in")}
     times: dict[str, list[float]] = {}
     for _ in range(2):
-        for layout, (p, c) in models.items():
-            times.setdefault(f"kernels {layout}", []).append(median_s(lambda: generate(p, c, prompt, new)))
+        for layout, (p, o) in models.items():
+            times.setdefault(f"kernels {layout}", []).append(median_s(lambda: generate(p, cfg, prompt, new, opts=o)))
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: greedy tokens/s, batch 1, {new} new tokens")
     for name, t in times.items():
         print(f"  {name:16s} {new / np.median(t):6.1f}")

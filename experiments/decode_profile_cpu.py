@@ -38,24 +38,24 @@ def main() -> None:
     args = ap.parse_args()
     N, B = args.new_tokens, args.batch
     cfg = get_config("gpt2-small").replace(context_length=256, drop_rate=0.0, tie_embeddings=False, qkv_bias=True)
-    params, cfg = gen.decoding_model(init_params(cfg, jax.random.key(0)), cfg)
+    params, opts = gen.decoding_model(init_params(cfg, jax.random.key(0)), cfg)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, 8))
-    gen.generate(params, cfg, prompt, N)
+    gen.generate(params, cfg, prompt, N, opts=opts)
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        gen.generate(params, cfg, prompt, N)
+        gen.generate(params, cfg, prompt, N, opts=opts)
         times.append(time.perf_counter() - t0)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: batch {B}, {N} new tokens: "
           f"{B * N / np.median(times):.1f} tokens/s ({np.median(times) / N * 1e3:.2f} ms per step)")
-    ops, calls = trace_xla_ops(lambda: gen.generate(params, cfg, prompt, N))
+    ops, calls = trace_xla_ops(lambda: gen.generate(params, cfg, prompt, N, opts=opts))
     by_kind = by_op_kind(ops)
     print(f"traced call: {sum(ops.values()) / N:.2f} ms of XLA ops per step")
     for kind, ms in by_kind.most_common(8):
         print(f"  {ms / N:7.3f} ms  {kind}")
     # matrix-vector products by output shape: which weights they read, how fast
     hlo = gen._generate_cached.lower(params, jnp.asarray(prompt), jnp.int32(8), jax.random.key(0), cfg=cfg,
-                                     max_new_tokens=N, temperature=0.0, top_k=None, top_p=None,
+                                     opts=opts, max_new_tokens=N, temperature=0.0, top_k=None, top_p=None,
                                      eos_id=None).compile().as_text()
     shapes = dict(re.findall(r"%(dot\.\d+) = (f32\[[\d,]+\])", hlo))
     groups = collections.defaultdict(lambda: [0, 0.0, 0.0])  # ops, ms per step, ms per call summed

@@ -43,30 +43,31 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return out
 
 
-def measure(cfg, tx, devices, strategy: str, batch: int, steps: int) -> dict:
+def measure(cfg, ocfg, devices, strategy: str, batch: int, steps: int) -> dict:
     import jax
     import numpy as np
 
     from gptjax import sharding as sh
+    from gptjax.tasks.pretrain import init_state, make_steps
 
     mesh = sh.make_mesh(strategy, devices=devices)
-    sharded = sh.make_sharded_steps(cfg, tx, mesh, strategy)
+    sharded = make_steps(cfg, ocfg, mesh, strategy)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (batch, cfg.context_length + 1)).astype(np.int32)
     x_BT, y_BT = sh.shard_batch((ids[:, :-1], ids[:, 1:]), mesh)
     t0 = time.perf_counter()
-    state = sharded.init_state(0)
-    compiled = sharded.train_step_jit.lower(state, (x_BT, y_BT)).compile()
+    state = init_state(sharded, cfg, 0)
+    compiled = sharded.lower(state, (x_BT, y_BT)).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     coll = collective_bytes(compiled.as_text())
     for _ in range(2):  # warm up
-        state, m = compiled(state, (x_BT, y_BT))
+        state, m = compiled(state, None, (x_BT, y_BT))
     jax.block_until_ready(m)
     times = []
     for _ in range(steps):  # the median step: other processes on a shared machine make single steps slow
         t0 = time.perf_counter()
-        state, m = compiled(state, (x_BT, y_BT))
+        state, m = compiled(state, None, (x_BT, y_BT))
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
@@ -84,12 +85,12 @@ def accumulation_check(cfg, devices, batch: int, k: int) -> dict:
     import numpy as np
 
     from gptjax import sharding as sh
-    from gptjax.engine import OptimConfig, make_optimizer
+    from gptjax.engine import OptimConfig
+    from gptjax.tasks.pretrain import make_steps
 
-    tx = make_optimizer(OptimConfig(lr=1e-3, grad_accum=k))
-    sharded = sh.make_sharded_steps(cfg, tx, sh.make_mesh("dp", devices=devices), "dp")
+    sharded = make_steps(cfg, OptimConfig(lr=1e-3, grad_accum=k), sh.make_mesh("dp", devices=devices), "dp")
     x_BT = np.zeros((batch, cfg.context_length), np.int32)
-    compiled = sharded.train_step_jit.lower(sharded.abstract_state(), sh.shard_batch((x_BT, x_BT), sharded.mesh))
+    compiled = sharded.lower(sharded.restore_target(), sh.shard_batch((x_BT, x_BT), sharded.mesh))
     return {"grad_accum": k, "devices": len(devices),
             "collective_MB_per_micro_step": {k_: v / 2**20 for k_, v in
                                              sorted(collective_bytes(compiled.compile().as_text()).items())}}
@@ -139,17 +140,17 @@ def main(argv: list[str] | None = None) -> None:
 
     from gptjax.config import GPTConfig
     from gptjax.model import num_params
-    from gptjax.engine import OptimConfig, make_optimizer
+    from gptjax.engine import OptimConfig
 
     if max(counts) > jax.device_count():
         raise SystemExit(f"asked for {max(counts)} devices but jax sees {jax.device_count()}")
     cfg = GPTConfig(vocab_size=args.vocab_size, context_length=args.context_length, emb_dim=args.emb_dim,
                     n_heads=4, n_layers=args.n_layers, drop_rate=0.0)
-    tx = make_optimizer(OptimConfig(lr=1e-3))
+    ocfg = OptimConfig(lr=1e-3)
     rows = []
     for n in counts:
         for strategy in ("dp", "fsdp"):
-            r = measure(cfg, tx, jax.devices()[:n], strategy, args.batch, args.steps)
+            r = measure(cfg, ocfg, jax.devices()[:n], strategy, args.batch, args.steps)
             rows.append(r)
             print(f"{strategy:4s} {n} devices: {r['tokens_per_s']:8,.0f} tokens/s  {r['step_ms']:6.0f} ms/step  "
                   f"state {r['state_MB_per_device']:.2f} MB/device  step peak {r['step_peak_MB_per_device']:.2f} "

@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.config import WEIGHT_DTYPES, GPTConfig, get_config
+from gptjax.config import GPTConfig, get_config
 from gptjax.engine import OptimConfig, mean_metrics
 from gptjax.model import abstract_params, count_params, init_params
+from gptjax.options import WEIGHT_DTYPES, Options
 from gptjax.tasks.pretrain import init_state, make_steps
 
 # Dense peak FLOP/s per device by device_kind substring (lowercase), from the vendors' data sheets.
@@ -73,7 +74,7 @@ def matmul_params(cfg: GPTConfig) -> int:
     Embedding lookups do no FLOPs, so wte counts only as the tied head and wpe never; with a tied
     head this is nanoGPT's N (all params minus wpe).
     """
-    shapes = abstract_params(cfg.replace(vocab_multiple=1, scan_layers=False))
+    shapes = abstract_params(cfg)
     n = count_params(shapes) - count_params(shapes["wpe"])
     tied_head = cfg.tie_embeddings and not cfg.n_classes
     return n if tied_head else n - count_params(shapes["wte"])
@@ -202,7 +203,7 @@ class BenchConfig:
     context_length: int = 256
     batch_size: int = 2
     dtype: str = "float32"
-    matmul_precision: str = "float32"  # GPTConfig's; PyTorch's rows then run torch's "medium" float32 matmuls
+    matmul_precision: str = "float32"  # Options'; PyTorch's rows then run torch's "medium" float32 matmuls
     drop_rate: float = 0.1
     qkv_bias: bool = True  # transformers' GPT2 always has q/k/v biases: match it
     tie_embeddings: bool = False  # the book's chapter-5 model has its own head
@@ -231,7 +232,8 @@ class BenchConfig:
     torch_process: str = "auto"
     parts: tuple[str, ...] = ("bandwidth", "train", "compile", "decode")
     linear_layout: str = "in_out"  # kernel storage of the gptjax train rows (the CLI's auto: out_in on CPU)
-    variants: tuple[dict, ...] = ()  # more gptjax train configs timed in the same rounds, e.g. {"scan_layers": False}
+    # more gptjax train configs timed in the same rounds (GPTConfig or Options keys), e.g. {"scan_layers": False}
+    variants: tuple[dict, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
@@ -241,16 +243,29 @@ class BenchConfig:
             raise ValueError(f"weight_dtypes must be float32, bfloat16 or int8, got {bad}")
 
     def model_config(self, **overrides) -> GPTConfig:
+        """The architecture; `overrides` may also hold Options keys (ignored here, see `options`)."""
         kw = dict(context_length=self.context_length, drop_rate=self.drop_rate, qkv_bias=self.qkv_bias,
-                  tie_embeddings=self.tie_embeddings, dtype=self.dtype, matmul_precision=self.matmul_precision,
-                  attn_impl=self.attn_impl,
-                  scan_layers=self.scan_layers, scan_unroll=self.scan_unroll, remat=self.remat,
-                  vocab_multiple=self.vocab_multiple, linear_layout=self.linear_layout)
+                  tie_embeddings=self.tie_embeddings)
         if self.n_layers:
             kw["n_layers"] = self.n_layers
         kw.update(self.model_overrides)
-        kw.update(overrides)
+        kw.update({k: v for k, v in overrides.items() if k not in _OPTION_KEYS})
         return get_config(self.preset, **kw)
+
+    def options(self, **overrides) -> Options:
+        """How the gptjax rows run (Options.for_backend: CPU's defaults on CPU); `overrides` may also
+        hold GPTConfig keys (ignored here, see `model_config`)."""
+        kw = dict(dtype=self.dtype, matmul_precision=self.matmul_precision, attn_impl=self.attn_impl,
+                  scan_layers=self.scan_layers, scan_unroll=self.scan_unroll, remat=self.remat,
+                  vocab_multiple=self.vocab_multiple, linear_layout=self.linear_layout)
+        kw.update({k: v for k, v in overrides.items() if k in _OPTION_KEYS})
+        return Options.for_backend(**kw)
+
+    def setup(self, **overrides) -> tuple[GPTConfig, Options]:
+        return self.model_config(**overrides), self.options(**overrides)
+
+
+_OPTION_KEYS = {f.name for f in dataclasses.fields(Options)}
 
 
 def _batch(cfg: GPTConfig, B: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
@@ -273,12 +288,13 @@ def _device_peak_bytes() -> int | None:
 
 
 class JaxTrain:
-    """One jitted train step of gptjax (the pretraining task's engine steps) on `cfg`, compiled ahead of time."""
+    """One jitted train step of gptjax (the pretraining task's engine steps) on `cfg` under `opts`, compiled
+    ahead of time."""
 
-    def __init__(self, cfg: GPTConfig, bc: BenchConfig):
-        self.cfg = cfg
-        self.steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
-        self.state = init_state(self.steps, cfg, bc.seed)
+    def __init__(self, cfg: GPTConfig, opts: Options, bc: BenchConfig):
+        self.cfg, self.opts = cfg, opts
+        self.steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=opts)
+        self.state = init_state(self.steps, cfg, bc.seed, opts=opts)
         self.n_params = count_params(self.state.params)
         self.batch = _batch(cfg, bc.batch_size, bc.seed)
         t0 = time.perf_counter()
@@ -302,7 +318,7 @@ class TorchTrain:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(bc.seed)
-        if cfg.matmul_precision == "bfloat16":  # float32 matmuls may run in bfloat16 (oneDNN on a CPU)
+        if bc.matmul_precision == "bfloat16":  # float32 matmuls may run in bfloat16 (oneDNN on a CPU)
             torch.set_float32_matmul_precision("medium")
         elif device == "cuda":  # as the book's fastest setup: TF32 for what autocast leaves in float32
             torch.set_float32_matmul_precision("high")
@@ -324,8 +340,8 @@ class TorchTrain:
         x_BT, y_BT = _batch(cfg, bc.batch_size, bc.seed)
         self.x = torch.tensor(np.asarray(x_BT), dtype=torch.long, device=device)
         self.y = torch.tensor(np.asarray(y_BT), dtype=torch.long, device=device)
-        self.autocast = cfg.dtype != "float32"
-        self.amp_dtype = getattr(torch, cfg.dtype)
+        self.autocast = bc.dtype != "float32"
+        self.amp_dtype = getattr(torch, bc.dtype)
         t0 = time.perf_counter()
         self()  # eager warm-up, or torch.compile's compilation
         self.first_step_s = time.perf_counter() - t0
@@ -405,13 +421,13 @@ def _torch_train_apart(cfg: GPTConfig, bc: BenchConfig, log: Callable[[str], Non
 
 def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Train-step rows: gptjax (as configured) and, when torch is installed, HF eager / torch.compile."""
-    cfg = bc.model_config()
+    cfg, opts = bc.setup()
     device_kind = device_info()["device_kind"]
     runners: dict[str, Any] = {}
-    cfgs = {"gptjax": cfg, **{f"gptjax #{i + 1}": bc.model_config(**v) for i, v in enumerate(bc.variants)}}
-    for name, c in cfgs.items():
-        log(f"compiling gptjax train step ({_describe(c)}) ...")
-        runners[name] = JaxTrain(c, bc)
+    cfgs = {"gptjax": (cfg, opts), **{f"gptjax #{i + 1}": bc.setup(**v) for i, v in enumerate(bc.variants)}}
+    for name, (c, o) in cfgs.items():
+        log(f"compiling gptjax train step ({_describe(c, o)}) ...")
+        runners[name] = JaxTrain(c, o, bc)
     torch_errors: dict = {}
     apart = bc.torch and torch_apart(bc)
     if bc.torch and not apart:
@@ -430,17 +446,17 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
         times.update(more_times)
     rows = []
     for name, r in runners.items():
-        c = cfgs.get(name, cfg)  # a variant's own shape and dtype; PyTorch runs the base config
+        c, o = cfgs.get(name, (cfg, opts))  # a variant's own shape and dtype; PyTorch runs the base config
         tokens, fpt, peak = bc.batch_size * c.context_length, flops_per_token(c, c.context_length), \
-            peak_flops(device_kind, c.dtype)
+            peak_flops(device_kind, o.dtype)
         med = statistics.median(times[name])
         achieved = fpt * tokens / med
         row = {"part": "train", "framework": name.split()[0],
-               "variant": _describe(c, cfg) if name in cfgs else
-               name.split()[1] + " sdpa fusedAdamW" + (" matmuls medium" if cfg.matmul_precision != "float32" else "")
+               "variant": _describe(c, o, (cfg, opts)) if name in cfgs else
+               name.split()[1] + " sdpa fusedAdamW" + (" matmuls medium" if opts.matmul_precision != "float32" else "")
                + (" own-process" if isinstance(r, _Timed) else ""),
                "model": bc.preset, "params": r.n_params, "batch": bc.batch_size, "T": c.context_length,
-               "dtype": c.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
+               "dtype": o.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
                "steps": len(times[name]), "tokens_per_s": round(tokens / med, 1),
                "flops_per_token": fpt, "achieved_GFLOPs": round(achieved / 1e9, 1),
                "mfu": None if peak is None else round(achieved / peak, 4)}
@@ -456,14 +472,16 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
     for name, err in torch_errors.items():
         rows.append({"part": "train", "framework": name.split()[0], "variant": name, "error": err})
     rows.append({"part": "train", "framework": "gptjax", "variant": "compilations in a run",
-                 **count_compilations(cfg, bc, runners["gptjax"])})
+                 **count_compilations(cfg, bc, runners["gptjax"], opts=opts)})
     return rows
 
 
-def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None = None, steps: int = 6) -> dict:
+def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None = None, steps: int = 6,
+                       opts: Options | None = None) -> dict:
     """Programs a training run compiles: the jitted train/eval steps over a few batches of one shape."""
-    engine_steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay))
-    state = runner.state if runner is not None else init_state(engine_steps, cfg, bc.seed)
+    opts = opts or bc.options()
+    engine_steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=opts)
+    state = runner.state if runner is not None else init_state(engine_steps, cfg, bc.seed, opts=opts)
     events: list[str] = []
     compiled = lambda name, *a, **k: events.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
     loaded = lambda name, *a, **k: events.append(name) if name.endswith("cache_hits") else None  # noqa: E731
@@ -494,25 +512,26 @@ def _unregister(duration_listener, event_listener) -> None:
 
 
 _DESCRIBED = ("attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple", "linear_layout",
-              "matmul_precision", "dtype", "context_length")  # the last two have their own table columns
+              "matmul_precision", "grad_barrier", "dtype", "context_length")  # the last two have table columns
 
 
-def _describe(cfg: GPTConfig, base: GPTConfig | None = None) -> str:
+def _describe(cfg: GPTConfig, opts: Options, base: tuple[GPTConfig, Options] | None = None) -> str:
     """A train config in a few words; with `base`, also every other field a variant changes."""
-    bits = [f"attn={cfg.attn_impl}"]
-    if cfg.scan_layers:
-        bits.append(f"scan(unroll={cfg.scan_unroll})")
-    if cfg.remat != "none":
-        bits.append(f"remat={cfg.remat}")
-    if cfg.vocab_multiple > 1:
-        bits.append(f"vocab->{cfg.padded_vocab_size}")
-    if cfg.linear_layout != "in_out":
-        bits.append(f"kernels {cfg.linear_layout}")
-    if cfg.matmul_precision != "float32":
-        bits.append(f"matmuls {cfg.matmul_precision}")
+    bits = [f"attn={opts.attn_impl}"]
+    if opts.scan_layers:
+        bits.append(f"scan(unroll={opts.scan_unroll})")
+    if opts.remat != "none":
+        bits.append(f"remat={opts.remat}")
+    if opts.vocab_multiple > 1:
+        bits.append(f"vocab->{opts.padded_vocab_size(cfg.vocab_size)}")
+    if opts.linear_layout != "in_out":
+        bits.append(f"kernels {opts.linear_layout}")
+    if opts.matmul_precision != "float32":
+        bits.append(f"matmuls {opts.matmul_precision}")
     if base is not None:
-        bits += [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                 if f.name not in _DESCRIBED and getattr(cfg, f.name) != getattr(base, f.name)]
+        bits += [f"{f.name}={getattr(new, f.name)}" for new, old in zip((cfg, opts), base)
+                 for f in dataclasses.fields(new)
+                 if f.name not in _DESCRIBED and getattr(new, f.name) != getattr(old, f.name)]
     return " ".join(bits)
 
 
@@ -540,8 +559,8 @@ def _compile_probe(spec: dict) -> dict:
     from gptjax.runtime import enable_compilation_cache
     if spec.get("cache_dir"):
         enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
-    cfg = GPTConfig.from_dict(spec["cfg"])
-    steps = make_steps(cfg, OptimConfig())
+    cfg, opts = GPTConfig.from_dict(spec["cfg"]), Options.from_dict(spec["opts"])
+    steps = make_steps(cfg, OptimConfig(), opts=opts)
     x = jax.ShapeDtypeStruct((spec["batch"], cfg.context_length), jnp.int32)
     t0 = time.perf_counter()
     lowered = steps.lower(steps.abstract, (x, x))
@@ -555,15 +574,15 @@ def bench_compile(bc: BenchConfig, log: Callable[[str], None] = print) -> list[d
     """Train-step compile time per layer layout, cold and then from the persistent cache (fresh processes)."""
     rows = []
     for scan in (False, True):
-        cfg = bc.model_config(scan_layers=scan)
+        cfg, opts = bc.setup(scan_layers=scan)
         with tempfile.TemporaryDirectory(prefix="gptjax-cc-") as cache_dir:
             for attempt in ("cold", "persistent cache"):
                 log(f"compile probe: scan_layers={scan}, {attempt} ...")
-                spec = {"cfg": cfg.to_dict(), "batch": bc.batch_size, "cache_dir": cache_dir}
+                spec = {"cfg": cfg.to_dict(), "opts": opts.to_dict(), "batch": bc.batch_size, "cache_dir": cache_dir}
                 out = subprocess.run([sys.executable, "-m", "gptjax.bench", "--compile-probe", json.dumps(spec)],
                                      capture_output=True, text=True)
-                row = {"part": "compile", "framework": "gptjax", "variant": _describe(cfg), "model": bc.preset,
-                       "batch": bc.batch_size, "T": cfg.context_length, "dtype": cfg.dtype, "cache": attempt}
+                row = {"part": "compile", "framework": "gptjax", "variant": _describe(cfg, opts), "model": bc.preset,
+                       "batch": bc.batch_size, "T": cfg.context_length, "dtype": opts.dtype, "cache": attempt}
                 if out.returncode:
                     row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1][:300]
                 else:
@@ -584,10 +603,10 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
     """New tokens/s of greedy decoding at each batch size: KV cache, no cache, and transformers' generate."""
     from gptjax.generate import decoding_model, decoding_weights, generate
 
-    cfg = bc.model_config(drop_rate=0.0, scan_layers=False, remat="none")
-    params = init_params(cfg, jax.random.key(bc.seed))
+    cfg, opts = bc.setup(drop_rate=0.0, scan_layers=False, remat="none")
+    params = init_params(cfg, jax.random.key(bc.seed), opts)
     # laid out for decoding once, as a caller decoding repeatedly would (on CPU: (out, in) kernels)
-    params, cfg = decoding_model(params, cfg)
+    params, opts = decoding_model(params, cfg, opts)
     rng = np.random.default_rng(bc.seed)
     rows = []
     hf = None
@@ -597,23 +616,25 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
         except ImportError:
             hf = None
     # as `gptjax generate --weight-dtype`: weight-only bfloat16 where the CPU kernel reads it, int8
-    weights = {wd: (params, cfg) if wd == "float32" else decoding_weights(params, cfg, wd) for wd in bc.weight_dtypes}
+    weights = {wd: (params, opts) if wd == "float32" else decoding_weights(params, cfg, opts, wd)
+               for wd in bc.weight_dtypes}
     for B in bc.decode_batches:
         prompt_BT = rng.integers(0, cfg.vocab_size, (B, bc.decode_prompt), dtype=np.int32)
         fns, meta = {}, {}
-        for wd, (p, c) in weights.items():
+        for wd, (p, o) in weights.items():
             name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights") + \
-                (f" {c.dtype}-compute" if c.dtype != wd and wd != "float32" else "")
-            fns[name] = lambda p=p, c=c, x=prompt_BT: generate(p, c, x, bc.decode_tokens)
+                (f" {o.dtype}-compute" if o.dtype != wd and wd != "float32" else "")
+            fns[name] = lambda p=p, o=o, x=prompt_BT: generate(p, cfg, x, bc.decode_tokens, opts=o)
             meta[name] = dict(tokens=bc.decode_tokens, weight_bytes=jnp.dtype(wd).itemsize,
-                              cache_bytes=jnp.dtype(c.dtype).itemsize)
-        if cfg.matvec == "kernel":  # the kernel's effect: the same decode on XLA's dot
-            c = cfg.replace(matvec="xla")
-            fns["gptjax kv-cache xla-matvec"] = lambda c=c, x=prompt_BT: generate(params, c, x, bc.decode_tokens)
+                              cache_bytes=jnp.dtype(o.dtype).itemsize)
+        if opts.matvec == "kernel":  # the kernel's effect: the same decode on XLA's dot
+            o = opts.replace(matvec="xla")
+            fns["gptjax kv-cache xla-matvec"] = lambda o=o, x=prompt_BT: generate(params, cfg, x, bc.decode_tokens,
+                                                                                  opts=o)
             meta["gptjax kv-cache xla-matvec"] = dict(tokens=bc.decode_tokens, weight_bytes=4)
         # same work budget per batch size: the window loop costs B x window per token
         nocache = max(4, bc.nocache_tokens // B)
-        fns["gptjax no-cache"] = lambda x=prompt_BT, n=nocache: generate(params, cfg, x, n, use_cache=False)
+        fns["gptjax no-cache"] = lambda x=prompt_BT, n=nocache: generate(params, cfg, x, n, use_cache=False, opts=opts)
         meta["gptjax no-cache"] = dict(tokens=nocache, weight_bytes=4)
         if hf is not None:
             fns["pytorch generate kv-cache"] = lambda x=prompt_BT: hf(x, bc.decode_tokens, True)

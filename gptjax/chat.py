@@ -14,6 +14,7 @@ import jax
 
 from gptjax.config import GPTConfig
 from gptjax.generate import decoding_model, stream_generate
+from gptjax.options import Options
 from gptjax.tasks.instruct_data import PAD_TOKEN_ID, encode, format_input, response_prefix
 
 QUIT = ("/quit", "/exit", "/bye")
@@ -27,10 +28,13 @@ def _token_bytes(tokenizer: Any, t: int) -> bytes:
 
 def chat(params: dict, cfg: GPTConfig, tokenizer: Any, *, style: str = "alpaca", max_new_tokens: int = 256,
          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 123,
-         eos_id: int | None = PAD_TOKEN_ID, input_fn: Callable[[str], str] = input, out: TextIO | None = None) -> int:
-    """Read messages until EOF or /quit; answer each one, streamed. Returns the number of answered messages."""
+         eos_id: int | None = PAD_TOKEN_ID, input_fn: Callable[[str], str] = input, out: TextIO | None = None,
+         opts: Options | None = None) -> int:
+    """Read messages until EOF or /quit; answer each one, streamed. Returns the number of answered messages.
+
+    `params` are laid out by `opts` (default: canonical); they are laid out for decoding once here."""
     out = out or sys.stdout
-    params, cfg = decoding_model(params, cfg)  # once for the session, not per answer
+    params, opts = decoding_model(params, cfg, opts)  # once for the session, not per answer
     key = jax.random.key(seed)
     turns = 0
     print(f"Chatting with a {cfg.n_layers}-layer GPT ({style} prompts, up to {max_new_tokens} tokens per answer"
@@ -56,7 +60,7 @@ def chat(params: dict, cfg: GPTConfig, tokenizer: Any, *, style: str = "alpaca",
         print("Model: ", end="", file=out, flush=True)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for t in stream_generate(params, cfg, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, eos_id=eos_id, key=jax.random.fold_in(key, turns)):
+                                 top_p=top_p, eos_id=eos_id, key=jax.random.fold_in(key, turns), opts=opts):
             print(decoder.decode(_token_bytes(tokenizer, t)), end="", file=out, flush=True)
         print(decoder.decode(b"", final=True), file=out, flush=True)
         turns += 1

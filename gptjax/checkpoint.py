@@ -29,14 +29,15 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from gptjax.config import GPTConfig
-from gptjax.model import abstract_params, set_linear_layout
+from gptjax.model import abstract_params, to_canonical
+from gptjax.options import LEGACY_KEYS, Options
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 _TRASH = "trash"  # Orbax moves dropped steps here first, so a kill mid-delete never leaves half a step
 _ITEMS = ("params", "train_state", "meta")
-# GPTConfig keys that decide what the params are; dtype / attn_impl / drop_rate only change compute
+# GPTConfig keys that decide what the params are (drop_rate and init do not)
 SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings",
               "n_classes")
 
@@ -356,7 +357,11 @@ def write_json_atomic(path: Path, obj: Any, indent: int = 1) -> None:
 
 
 def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | None = None) -> Path:
-    """Write `run_dir/params` (Orbax) and `run_dir/config.json` (model config + `extra`)."""
+    """Write `run_dir/params` (Orbax) and `run_dir/config.json` (model config + `extra`).
+
+    `params` in the canonical layout (`model.to_canonical` converts from the layout Options built):
+    what `load_run` hands back under any options. The Options a run trained with go in `extra` under
+    "options", for information only."""
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
@@ -364,6 +369,13 @@ def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | Non
     ckptr.wait_until_finished()
     write_json_atomic(run_dir / CONFIG_FILE, {"model": cfg.to_dict(), **(extra or {})})
     return run_dir
+
+
+def _saved_layout(meta: dict) -> Options:
+    """The layout params were saved in: canonical, except in runs of gptjax versions whose GPTConfig
+    held the execution keys (their params kept the training layout, e.g. linear_layout "out_in")."""
+    model = meta.get("model") or {}
+    return Options(**{k: model[k] for k in LEGACY_KEYS if k in model})
 
 
 def load_run_config(run_dir: str | Path) -> tuple[GPTConfig, dict]:
@@ -382,15 +394,17 @@ def load_run_config(run_dir: str | Path) -> tuple[GPTConfig, dict]:
 def load_run(run_dir: str | Path, dtype: str | None = None, step: int | str | None = None) -> tuple[Any, GPTConfig]:
     """Params for inference from a run directory; `dtype` casts them (e.g. "bfloat16").
 
-    Kernels come in the "in_out" layout (OpenAI's), whatever `linear_layout` the run trained with.
+    Params come in the canonical layout (OpenAI's: per-layer, kernels (in, out), vocab unpadded), also
+    from runs of older gptjax versions that saved them in their training layout.
 
     Reads the final `params/`, or a training checkpoint (`step`: an int, "latest" or "best"; an
     interrupted run without `params/` falls back to its latest checkpoint).
     """
-    cfg, _ = load_run_config(run_dir)
+    cfg, meta = load_run_config(run_dir)
     run_dir = Path(run_dir).absolute()
     params_dir = run_dir / PARAMS_DIR
-    target = abstract_params(cfg)
+    saved_as = _saved_layout(meta)
+    target = abstract_params(cfg, saved_as)
     if step is None and params_dir.is_dir():
         try:
             params = ocp.StandardCheckpointer().restore(params_dir, target)
@@ -398,13 +412,11 @@ def load_run(run_dir: str | Path, dtype: str | None = None, step: int | str | No
             raise CheckpointCorruptError(f"{params_dir} is damaged or was written for another model "
                                          f"({_short(e)}); its {CONFIG_FILE} says {cfg}") from None
     elif (run_dir / CHECKPOINTS_DIR).is_dir():
-        params = restore_params(run_dir / CHECKPOINTS_DIR, cfg, step=step)
+        return restore_params(run_dir / CHECKPOINTS_DIR, cfg, step=step, dtype=dtype), cfg
     else:
         raise FileNotFoundError(f"run directory {str(run_dir)!r} has neither {PARAMS_DIR}/ nor {CHECKPOINTS_DIR}/ "
                                 f"(the run stopped before its first checkpoint?)")
-    if cfg.linear_layout != "in_out":  # trained with (out, in) kernels: hand them out in the usual layout
-        params = set_linear_layout(params, cfg.linear_layout, "in_out")
-        cfg = cfg.replace(linear_layout="in_out")
+    params = to_canonical(params, cfg, saved_as)
     if dtype is not None:
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
     return params, cfg
@@ -412,13 +424,15 @@ def load_run(run_dir: str | Path, dtype: str | None = None, step: int | str | No
 
 def restore_params(checkpoint_dir: str | Path, cfg: GPTConfig, step: int | str | None = None,
                    dtype: str | None = None) -> Any:
-    """Params of a training checkpoint for `cfg` (any compute dtype); a checkpoint of another model is an error."""
+    """Canonical params of a training checkpoint for `cfg`; a checkpoint of another model is an error."""
     ckpts = TrainCheckpoints(checkpoint_dir, read_only=True)
     try:
-        params, _, _ = ckpts.restore(abstract_params(cfg), step=step,
+        saved_as = _saved_layout(ckpts.meta(step))
+        params, _, _ = ckpts.restore(abstract_params(cfg, saved_as), step=step,
                                      expect={"model": {k: cfg.to_dict()[k] for k in SHAPE_KEYS}})
     finally:
         ckpts.close()
+    params = to_canonical(params, cfg, saved_as)
     if dtype is not None:
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
     return params

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gptjax.config import MATMUL_PRECISIONS, WEIGHT_DTYPES
+from gptjax.options import MATMUL_PRECISIONS, WEIGHT_DTYPES
 
 PRESET_KEYS = ("emb_dim", "n_layers", "n_heads", "drop_rate", "context_length")
 
@@ -43,7 +43,7 @@ def _add_finetune_layout_arg(g) -> None:
 
 
 def _linear_layout(choice: str) -> str:
-    from gptjax.model import fastest_linear_layout
+    from gptjax.cpu import fastest_linear_layout
 
     return fastest_linear_layout() if choice == "auto" else choice
 
@@ -52,10 +52,16 @@ def _model_config(args):
     from gptjax.config import get_config
 
     overrides = {k: getattr(args, k) for k in PRESET_KEYS if getattr(args, k) is not None}
-    overrides.update(init=args.init, qkv_bias=args.qkv_bias, tie_embeddings=args.tie_embeddings, dtype=args.dtype,
-                     matmul_precision=args.matmul_precision, attn_impl=args.attn_impl,
-                     linear_layout=_linear_layout(args.linear_layout))
+    overrides.update(init=args.init, qkv_bias=args.qkv_bias, tie_embeddings=args.tie_embeddings)
     return get_config(args.preset, **overrides)
+
+
+def _options(args, linear_layout: str = "in_out"):
+    """The Options of the precision flags (--dtype, --matmul-precision, --attn-impl), for this backend."""
+    from gptjax.options import Options
+
+    return Options.for_backend(dtype=args.dtype, matmul_precision=args.matmul_precision, attn_impl=args.attn_impl,
+                               linear_layout=linear_layout)
 
 
 def cmd_pretrain(args) -> int:
@@ -67,12 +73,13 @@ def cmd_pretrain(args) -> int:
 
         initialize_distributed()  # no-op for one process; joins a multi-host run from the environment
     if args.resume:
-        out, cfg, tcfg, optim_for = args.resume, None, None, None
-        run_cfg, run_tcfg, data = run_settings(out)
-        _check_resume_flags(args, out, {**data, **run_cfg.to_dict(), **run_tcfg.to_dict(),
+        out, cfg, tcfg, optim_for, opts = args.resume, None, None, None, None
+        run_cfg, run_tcfg, data, run_opts = run_settings(out)
+        _check_resume_flags(args, out, {**data, **run_opts.to_dict(), **run_cfg.to_dict(), **run_tcfg.to_dict(),
                                         **run_tcfg.to_dict()["optim"]})
     else:
         out, cfg = args.out, _model_config(args)
+        opts = _options(args, _linear_layout(args.linear_layout))
         # settings are checked before the corpus is read; the schedule needs the batch count, so optim comes later
         tcfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                               eval_iter=args.eval_iter, seed=args.seed, start_context=args.start_context,
@@ -86,7 +93,7 @@ def cmd_pretrain(args) -> int:
         result = pretrain_corpus(args.corpus, out, cfg, tcfg, optim_for=optim_for, stride=args.stride,
                                  train_ratio=args.train_ratio, bpe_dir=args.bpe_dir, resume=bool(args.resume),
                                  progress=not args.quiet, overwrite=args.overwrite, sharding=args.sharding,
-                                 fsdp=args.fsdp)
+                                 fsdp=args.fsdp, opts=opts)
     except TrainingInterrupted as e:
         print(f"gptjax pretrain: {e}", file=sys.stderr)
         return e.exit_code
@@ -130,15 +137,16 @@ def _check_resume_flags(args, run: str, run_values: dict) -> None:
 
 
 def _load_for_decoding(model: str, weight_dtype: str | None):
-    """`load_model`, laid out for decoding (on CPU: (out, in) kernels and the C++ matvec kernel), with
-    the weights in `weight_dtype` (see generate.decoding_weights)."""
+    """(params, cfg, opts): `load_model`, laid out for decoding (on CPU: (out, in) kernels and the C++
+    matvec kernel), with the weights in `weight_dtype` (see generate.decoding_weights)."""
     from gptjax.checkpoint import load_model
     from gptjax.generate import decoding_model, decoding_weights
 
     # bfloat16 is cast as it loads (half the memory); int8 is quantized from float32
     params, cfg = load_model(model, dtype=None if weight_dtype == "int8" else weight_dtype)
-    params, cfg = decoding_model(params, cfg)
-    return decoding_weights(params, cfg, weight_dtype)
+    params, opts = decoding_model(params, cfg)
+    params, opts = decoding_weights(params, cfg, opts, weight_dtype)
+    return params, cfg, opts
 
 
 def cmd_generate(args) -> int:
@@ -147,14 +155,14 @@ def cmd_generate(args) -> int:
     from gptjax.generate import generate, stream_text, trim_at_eos
     from gptjax.tokenizer import get_gpt2_tokenizer
 
-    params, cfg = _load_for_decoding(args.model, args.weight_dtype)
+    params, cfg, opts = _load_for_decoding(args.model, args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
     ids = tok.encode(args.prompt, allowed_special={"<|endoftext|>"})
     if not ids:
         raise ValueError("the prompt is empty after tokenization; give --prompt some text")
     eos = None if args.no_eos else tok.eot_token
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
-                    key=jax.random.key(args.seed))
+                    key=jax.random.key(args.seed), opts=opts)
     if args.stream:
         print(args.prompt, end="", flush=True)
         for piece in stream_text(params, cfg, tok, args.prompt, args.max_new_tokens, **sampling):
@@ -185,17 +193,20 @@ def cmd_export(args) -> int:
 
 
 def _parse_variant(text: str) -> dict:
-    """"scan_layers=false,remat=dots" -> {"scan_layers": False, "remat": "dots"} (values typed as GPTConfig's)."""
+    """"scan_layers=false,remat=dots" -> {"scan_layers": False, "remat": "dots"} (values typed as GPTConfig's
+    and Options')."""
     import dataclasses
 
     from gptjax.config import GPTConfig
+    from gptjax.options import Options
 
-    types = {f.name: type(getattr(GPTConfig(), f.name)) for f in dataclasses.fields(GPTConfig)}
+    types = {f.name: type(getattr(c(), f.name)) for c in (GPTConfig, Options) for f in dataclasses.fields(c)}
     out = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in types:
-            raise ValueError(f"--variant {text!r}: expected KEY=VALUE pairs with GPTConfig keys ({sorted(types)})")
+            raise ValueError(f"--variant {text!r}: expected KEY=VALUE pairs with GPTConfig keys or Options keys "
+                             f"({sorted(types)})")
         try:
             out[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
         except ValueError:
@@ -269,13 +280,12 @@ def cmd_finetune_classifier(args) -> int:
         print(f"data: {len(data):,} examples {data.counts()}")
         tok = get_gpt2_tokenizer(args.bpe_dir)
         params, cfg = load_base_model(args.model, random_cfg=random_cfg, seed=args.seed)
-        cfg = cfg.replace(dtype=args.dtype, matmul_precision=args.matmul_precision, attn_impl=args.attn_impl)
-        params, cfg = _train_layout(params, cfg, args.linear_layout, lora=lora is not None)
+        params, opts = _train_layout(params, cfg, _options(args), args.linear_layout, lora=lora is not None)
         result = finetune_classifier(params, cfg, data, tok, args.out, train=args.train, lora=lora, tcfg=tcfg,
                                      max_length=args.max_length, balance=not args.no_balance,
                                      train_frac=args.train_frac, val_frac=args.val_frac, drop_rate=args.drop_rate,
                                      base_model=args.model, progress=not args.quiet, resume=args.resume,
-                                     overwrite=args.overwrite)
+                                     overwrite=args.overwrite, opts=opts)
     except TrainingInterrupted as e:
         print(f"gptjax {args.command}: {e}", file=sys.stderr)
         return e.exit_code
@@ -304,7 +314,8 @@ def cmd_classify(args) -> int:
 # --- instruction fine-tuning, evaluation, DPO and chat (the book's chapter 7) ----------------------
 
 def _ch7_model(args):
-    """(params, cfg) of --model: a GPT-2 size, local weights, a run directory, or 'random' of the size flags."""
+    """(params, cfg, opts) of --model: a GPT-2 size, local weights, a run directory, or 'random' of the size
+    flags, laid out as `opts` (the precision and layout flags) train it."""
     from gptjax.config import get_config
     from gptjax.checkpoint import load_base_model
 
@@ -315,16 +326,16 @@ def _ch7_model(args):
         random_cfg = get_config(args.preset, **overrides, qkv_bias=args.qkv_bias, tie_embeddings=args.tie_embeddings,
                                 init=args.init)
     params, cfg = load_base_model(args.model, random_cfg=random_cfg, seed=args.seed, language_model=True)
-    cfg = cfg.replace(drop_rate=args.drop_rate, dtype=args.dtype, matmul_precision=args.matmul_precision,
-                      attn_impl=args.attn_impl)
-    return _train_layout(params, cfg, args.linear_layout, lora=args.lora_rank is not None)
+    cfg = cfg.replace(drop_rate=args.drop_rate)
+    params, opts = _train_layout(params, cfg, _options(args), args.linear_layout, lora=args.lora_rank is not None)
+    return params, cfg, opts
 
 
-def _train_layout(params, cfg, choice: str, lora: bool):
-    """Params and config with the kernels stored as fine-tuning trains them: --linear-layout (auto: (out, in)
-    on CPU: a chapter-7 step 3-5 % faster, experiments/cpu_finetune_layout.py), (in, out) with LoRA (its
-    adapters are (in, out))."""
-    from gptjax.model import set_linear_layout
+def _train_layout(params, cfg, opts, choice: str, lora: bool):
+    """Canonical params -> (params, opts) with the kernels stored as fine-tuning trains them: --linear-layout
+    (auto: (out, in) on CPU: a chapter-7 step 3-5 % faster, experiments/cpu_finetune_layout.py), (in, out)
+    with LoRA (its adapters are (in, out))."""
+    from gptjax.model import to_layout
 
     if lora:
         if choice == "out_in":
@@ -332,7 +343,8 @@ def _train_layout(params, cfg, choice: str, lora: bool):
         target = "in_out"
     else:
         target = _linear_layout(choice)
-    return set_linear_layout(params, cfg.linear_layout, target), cfg.replace(linear_layout=target)
+    opts = opts.replace(linear_layout=target)
+    return to_layout(params, cfg, opts), opts
 
 
 def _ch7_lora(args):
@@ -383,7 +395,7 @@ def cmd_finetune_instruct(args) -> int:
     def go() -> int:
         splits = _ch7_splits(load_instruction_data(args.data), args.limit)
         tok = get_gpt2_tokenizer(args.bpe_dir)
-        params, cfg = _ch7_model(args)
+        params, cfg, opts = _ch7_model(args)
         tcfg = InstructTrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                                    eval_iter=args.eval_iter, seed=args.seed, save_every=args.save_every,
                                    optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay))
@@ -391,7 +403,7 @@ def cmd_finetune_instruct(args) -> int:
                               lora=_ch7_lora(args), mask=args.mask, pad_multiple=args.pad_multiple,
                               allowed_max_length=args.allowed_max_length, respond=not args.no_respond,
                               max_new_tokens=args.max_new_tokens, base_model=args.model, data_source=args.data,
-                              resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+                              resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, opts=opts)
         f = r["final"]
         print(f"done: train loss {f.get('train_loss', float('nan')):.3f}, "
               f"val loss {f.get('val_loss', float('nan')):.3f} after {r['steps']} steps ({r['wall_s']:.0f} s); run saved in {args.out}"
@@ -418,18 +430,18 @@ def cmd_respond(args) -> int:
             source = next((meta[t].get("data") for t in ("instruct", "dpo") if isinstance(meta.get(t), dict)), None)
         records = _ch7_splits(load_instruction_data(source), None)["test"]
     records = records[:args.limit] if args.limit else records
-    params, cfg = _load_for_decoding(args.run, args.weight_dtype)
+    params, cfg, opts = _load_for_decoding(args.run, args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
     out = Path(args.out) if args.out else (Path(args.run) / "responses.json" if Path(args.run).is_dir()
                                            else Path("responses.json"))
     responses = generate_responses(params, cfg, records, tok, style=style, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
-                                   top_p=args.top_p, seed=args.seed, progress=not args.quiet)
+                                   top_p=args.top_p, seed=args.seed, progress=not args.quiet, opts=opts)
     save_responses(records, responses, out)
     print(f"{len(records)} responses ({style} prompts) saved to {out}")
     if all("output" in r for r in records):
         print(format_table([offline_report(records, responses, params=params, cfg=cfg, tokenizer=tok, style=style,
-                                           name=str(args.run))]))
+                                           name=str(args.run), opts=opts)]))
     return 0
 
 
@@ -480,7 +492,7 @@ def cmd_dpo(args) -> int:
     def go() -> int:
         splits = _ch7_splits(load_preference_data(args.data), args.limit)
         tok = get_gpt2_tokenizer(args.bpe_dir)
-        params, cfg = _ch7_model(args)
+        params, cfg, opts = _ch7_model(args)
         tcfg = DPOTrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                               eval_iter=args.eval_iter, seed=args.seed, beta=args.beta, save_every=args.save_every,
                               optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay))
@@ -488,7 +500,7 @@ def cmd_dpo(args) -> int:
                          mask_prompt_tokens=not args.no_mask_prompt, pad_multiple=args.pad_multiple,
                          allowed_max_length=args.allowed_max_length, base_model=args.model, data_source=args.data,
                          respond=not args.no_respond, max_new_tokens=args.max_new_tokens, resume=args.resume,
-                         overwrite=args.overwrite, progress=not args.quiet)
+                         overwrite=args.overwrite, progress=not args.quiet, opts=opts)
         f = r["final"]
         print(f"done: val loss {f.get('val_loss', float('nan')):.4f}, val reward margin "
               f"{f.get('val_reward_margin', float('nan')):.4f} after {r['steps']} steps ({r['wall_s']:.0f} s); "
@@ -503,14 +515,14 @@ def cmd_chat(args) -> int:
     from gptjax.tokenizer import get_gpt2_tokenizer
 
     try:
-        params, cfg = _load_for_decoding(args.model, args.weight_dtype)
+        params, cfg, opts = _load_for_decoding(args.model, args.weight_dtype)
     except ConnectionError as e:
         print(f"gptjax chat: error: {e}", file=sys.stderr)
         return 2
     if cfg.n_classes:
         raise ValueError(f"{args.model!r} is a classifier; chat needs a language model (a finetune-instruct run)")
     chat(params, cfg, get_gpt2_tokenizer(args.bpe_dir), style=_ch7_style(args), max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, opts=opts)
     return 0
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from gptjax import runs, sharding
 from gptjax.checkpoint import (CHECKPOINTS_DIR, CheckpointSaveError, GracefulStop, TrainCheckpoints,
                                TrainingInterrupted)
+from gptjax.model import map_param_trees
 
 IGNORE_INDEX = -100
 
@@ -191,12 +192,15 @@ class Steps:
     `params` is what trains (arrays or their shapes). `frozen` (weights the loss reads but does not
     train) is an argument of the compiled programs, never a constant baked into them, and is not
     donated. With a `mesh`, params, optimizer state and frozen weights are laid out by `strategy`
-    ("dp" or "fsdp", see gptjax.sharding) and batches split over the batch axes.
+    ("dp" or "fsdp", see gptjax.sharding) and batches split over the batch axes. `layout`
+    (`(to_saved, from_saved)`, e.g. model.layout_fns) converts what trains, and the optimizer state
+    shaped like it, to and from the layout checkpoints hold.
     """
 
     def __init__(self, loss_fn: LossFn, optim: OptimConfig, params: Any, *, frozen: Any = None, mask: Any = None,
-                 mesh: jax.sharding.Mesh | None = None, strategy: str = "dp"):
-        self.optim, self.mesh = optim, mesh
+                 mesh: jax.sharding.Mesh | None = None, strategy: str = "dp",
+                 layout: tuple[Callable, Callable] | None = None):
+        self.optim, self.mesh, self.layout = optim, mesh, layout
         self.tx = make_optimizer(optim, mask)
         key = jax.ShapeDtypeStruct((2,), jnp.uint32)
         self.abstract = jax.eval_shape(lambda p, k: new_state(p, self.tx, k), params, key)
@@ -241,6 +245,27 @@ class Steps:
         if self.shardings is None:
             return self.abstract
         return sharding.with_shardings(self.abstract, self.shardings)
+
+    def saved(self, state: TrainState) -> tuple[Any, dict]:
+        """(params, rest of the state) as a checkpoint holds them: in the saved layout."""
+        rest = {"step": state.step, "opt_state": state.opt_state, "key": state.key}
+        if self.layout is None:
+            return state.params, rest
+        to = self.layout[0]
+        return to(state.params), {**rest, "opt_state": map_param_trees(to, state.opt_state, state.params)}
+
+    def saved_target(self) -> tuple[Any, dict]:
+        """Shapes of `saved(state)`: what a checkpoint restores into."""
+        target = self.restore_target()
+        return jax.eval_shape(self.saved, target) if self.layout is not None else self.saved(target)
+
+    def restored(self, params: Any, rest: dict) -> TrainState:
+        """The state from what `saved` gave, laid out (and placed on the mesh) for these steps."""
+        if self.layout is None:
+            return TrainState(params=params, **rest)
+        fro = self.layout[1]
+        state = TrainState(params=fro(params), **{**rest, "opt_state": map_param_trees(fro, rest["opt_state"], params)})
+        return state if self.shardings is None else jax.device_put(state, self.shardings)
 
     def lower(self, state: TrainState, batch):
         """The train step lowered for `state` and `batch` (arrays or shapes): for AOT compiles and cost analysis."""
@@ -399,9 +424,8 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
     try:
         saved = None
         if resume:
-            params, rest, saved = ckpts.restore(state.params, {"step": state.step, "opt_state": state.opt_state,
-                                                               "key": state.key}, expect=expect)
-            state = TrainState(params=params, **rest)
+            params, rest, saved = ckpts.restore(*steps.saved_target(), expect=expect)
+            state = steps.restored(params, rest)
             print(f"resuming from {ckpts.describe(int(state.step))}")
         elif ckpts.latest_step() is not None:
             ckpts.delete_all()
@@ -461,8 +485,7 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
                                     "tokens_seen": tokens_seen, "val_loss": val, "history": log.history,
                                     "epoch_history": log.epoch_history, "samples": log.samples, "wall_s": round(wall_before + time.time() - t0, 2)}
                         try:
-                            path = ckpts.save(done, state.params, {"step": state.step, "opt_state": state.opt_state,
-                                                                   "key": state.key}, meta_now, val)
+                            path = ckpts.save(done, *steps.saved(state), meta_now, val)
                             if stopping:
                                 ckpts.wait()
                         except CheckpointSaveError as e:

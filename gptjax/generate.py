@@ -10,6 +10,8 @@ Two decoders give the same tokens:
   jitted `lax.while_loop` over a fixed-size token buffer.
 A KV cache cannot crop from the left (every position would shift), so tokens past the context
 length always come from the windowed loop, which is exactly the book's semantics.
+The decoders take `opts` (gptjax.options.Options): how the model runs and how `params` are laid out
+(default: the canonical layout a checkpoint holds); `decoding_model` picks the fastest for decoding.
 
 Letters: B batch, T prompt time, S cache slots, N new tokens, V vocab.
 """
@@ -23,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import cpu_matvec
-from gptjax.config import WEIGHT_DTYPES, GPTConfig
-from gptjax.model import (GPT, fastest_linear_layout, init_cache, quantize_weights, set_linear_layout,
-                          unstack_layers)
+from gptjax import cpu
+from gptjax.config import GPTConfig
+from gptjax.model import GPT, init_cache, to_canonical, to_layout, unstack_layers
+from gptjax.options import WEIGHT_DTYPES, Options
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array | None, *, temperature: float = 0.0,
@@ -72,57 +74,60 @@ def _sampling_key(temperature: float, key: jax.Array | None) -> jax.Array:
     return jax.random.key(0) if key is None else key
 
 
-def _per_layer(params: Any, cfg: GPTConfig) -> tuple[Any, GPTConfig]:
+def _per_layer(params: Any, opts: Options) -> tuple[Any, Options]:
     """What every decoding call needs: per-layer params (the KV cache walks the layers one by one), no
     remat. The kernel layout stays as given (see `decoding_model`)."""
-    if cfg.scan_layers or cfg.remat != "none":
-        params, cfg = unstack_layers(params), cfg.replace(scan_layers=False, remat="none")
-    return params, cfg
+    if opts.scan_layers or opts.remat != "none":
+        params, opts = unstack_layers(params), opts.replace(scan_layers=False, remat="none")
+    return params, opts
 
 
-def decoding_model(params: Any, cfg: GPTConfig, linear_layout: str | None = None,
-                   matvec: str | None = None) -> tuple[Any, GPTConfig]:
-    """Params and config laid out for repeated decoding: per-layer params, no remat, and on CPU
-    kernels stored (out, in) with gptjax's C++ matrix-vector kernel for the decode steps' products
-    (`cpu_matvec`: where it builds). gpt2-small, batch 1: (out, in) gave 8% more tokens/s than (in,
-    out) with XLA's dot (experiments/decode_layout_cpu.py), and the kernel reads the weights at 0.95
-    of the bandwidth roofline against XLA's 0.82 (experiments/cpu_matvec_chain.py).
-    `linear_layout` ("in_out"|"out_in") and `matvec` ("xla"|"kernel") override the choice. The
-    conversion copies the weights, so the decoding functions do not do it per call: convert once
-    before decoding (as `gptjax generate`, `chat` and `generate_responses` do)."""
-    params, cfg = _per_layer(params, cfg)
-    on_cpu = fastest_linear_layout() == "out_in"
-    target = linear_layout or ("out_in" if on_cpu else cfg.linear_layout)
-    if target != cfg.linear_layout:
-        params, cfg = set_linear_layout(params, cfg.linear_layout, target), cfg.replace(linear_layout=target)
+def decoding_model(params: Any, cfg: GPTConfig, opts: Options | None = None, linear_layout: str | None = None,
+                   matvec: str | None = None) -> tuple[Any, Options]:
+    """Params (laid out by `opts`, default: canonical) and the Options to decode them with: per-layer
+    params, no remat, and on CPU kernels stored (out, in) with gptjax's C++ matrix-vector kernel for
+    the decode steps' products (`gptjax.cpu.matvec`: where it builds). gpt2-small, batch 1: (out, in)
+    gave 8% more tokens/s than (in, out) with XLA's dot (experiments/decode_layout_cpu.py), and the
+    kernel reads the weights at 0.95 of the bandwidth roofline against XLA's 0.82
+    (experiments/cpu_matvec_chain.py). `linear_layout` ("in_out"|"out_in") and `matvec`
+    ("xla"|"kernel") override the choice. The conversion copies the weights, so the decoding
+    functions do not do it per call: convert once before decoding (as `gptjax generate`, `chat` and
+    `generate_responses` do)."""
+    params, opts = _per_layer(params, opts or Options())
+    on_cpu = cpu.fastest_linear_layout() == "out_in"
+    target = linear_layout or ("out_in" if on_cpu else opts.linear_layout)
+    if target != opts.linear_layout:
+        params = to_layout(to_canonical(params, cfg, opts), cfg, opts.replace(linear_layout=target))
+        opts = opts.replace(linear_layout=target)
     if matvec is None:
-        matvec = "kernel" if on_cpu and cpu_matvec.available() else cfg.matvec
-    return params, cfg.replace(matvec=matvec)
+        matvec = "kernel" if on_cpu and cpu.kernel_available() else opts.matvec
+    return params, opts.replace(matvec=matvec)
 
 
-def decoding_weights(params: Any, cfg: GPTConfig, weight_dtype: str | None) -> tuple[Any, GPTConfig]:
-    """Params and config to decode with from weights stored in `weight_dtype` (None: as they are), for
-    params already laid out by `decoding_model`.
+def decoding_weights(params: Any, cfg: GPTConfig, opts: Options, weight_dtype: str | None) -> tuple[Any, Options]:
+    """Params and Options to decode with from weights stored in `weight_dtype` (None: as they are), for
+    params already laid out by `decoding_model` (with its `opts`).
 
-    - "bfloat16": under the CPU kernel (cfg.matvec == "kernel"), which reads bfloat16 weights itself,
+    - "bfloat16": under the CPU kernel (opts.matvec == "kernel"), which reads bfloat16 weights itself,
       weight-only: the compute is float32 (56.6 vs 43.8 tokens/s with bfloat16 compute for
       gpt2-small, experiments/cpu_decode_bf16.py); elsewhere the compute follows (no per-step up-cast).
-    - "int8": weight-only int8, a scale per out row (`model.quantize_weights`; kernels are put
+    - "int8": weight-only int8, a scale per out row (`gptjax.cpu.quantize_weights`; kernels are put
       (out, in) first if they are not). Under the CPU kernel the compute is float32; elsewhere it
-      stays cfg.dtype (XLA widens each int8 weight to it, then scales the product).
+      stays opts.dtype (XLA widens each int8 weight to it, then scales the product).
     - "float32": the weights and compute in float32.
     """
     if weight_dtype is None:
-        return params, cfg
+        return params, opts
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPES} (or None: as loaded), got {weight_dtype!r}")
     if weight_dtype == "int8":
-        params, cfg = decoding_model(params, cfg, linear_layout="out_in", matvec=cfg.matvec)
+        params, opts = decoding_model(params, cfg, opts, linear_layout="out_in", matvec=opts.matvec)
         params = jax.tree.map(lambda a: a if a.dtype == jnp.int8 else a.astype(jnp.float32), params)
-        return quantize_weights(params, cfg), cfg.replace(dtype="float32") if cfg.matvec == "kernel" else cfg
+        return cpu.quantize_weights(params, cfg, opts), (opts.replace(dtype="float32") if opts.matvec == "kernel"
+                                                         else opts)
     params = jax.tree.map(lambda a: a.astype(jnp.dtype(weight_dtype)), params)
-    weight_only = cfg.matvec == "kernel" and weight_dtype == "bfloat16"
-    return params, cfg.replace(dtype="float32" if weight_only else weight_dtype)
+    weight_only = opts.matvec == "kernel" and weight_dtype == "bfloat16"
+    return params, opts.replace(dtype="float32" if weight_only else weight_dtype)
 
 
 def _bucket(n: int, multiple: int, cap: int) -> int:
@@ -131,10 +136,10 @@ def _bucket(n: int, multiple: int, cap: int) -> int:
 
 # --- no cache: the book's windowed loop -----------------------------------------------------
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
-def _generate_loop(params, idx_BT, key, done_B, *, cfg: GPTConfig, max_new_tokens: int, temperature: float,
-                   top_k: int | None, top_p: float | None, eos_id: int | None):
-    model = GPT(cfg)
+@partial(jax.jit, static_argnames=("cfg", "opts", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
+def _generate_loop(params, idx_BT, key, done_B, *, cfg: GPTConfig, opts: Options, max_new_tokens: int,
+                   temperature: float, top_k: int | None, top_p: float | None, eos_id: int | None):
+    model = GPT(cfg, opts)
     B, T0 = idx_BT.shape
     L = T0 + max_new_tokens
     W = min(L, cfg.context_length)  # the window the model sees each step
@@ -165,55 +170,55 @@ def _generate_loop(params, idx_BT, key, done_B, *, cfg: GPTConfig, max_new_token
 
 # --- KV cache -------------------------------------------------------------------------------
 
-def _prefill(params, cfg: GPTConfig, idx_BT, lens_B, max_len: int):
+def _prefill(params, cfg: GPTConfig, opts: Options, idx_BT, lens_B, max_len: int):
     """Prompt -> (logits at each row's last prompt token (B, V), filled cache of max_len slots).
     lens_B: (B,) prompt lengths, or a scalar when all rows have the same length."""
     B, T = idx_BT.shape
     if max_len < T:
         raise ValueError(f"max_len={max_len} cache slots cannot hold the {T}-token prompt: pass max_len >= {T} "
                          f"(prompt plus the tokens to decode)")
-    cache = init_cache(cfg, B, max_len)
-    logits_B1V, state = GPT(cfg).apply({"params": params, "cache": cache}, idx_BT, pos_B=jnp.int32(0),
+    cache = init_cache(cfg, B, max_len, opts.dtype)
+    logits_B1V, state = GPT(cfg, opts).apply({"params": params, "cache": cache}, idx_BT, pos_B=jnp.int32(0),
                                        last_B=jnp.broadcast_to(lens_B - 1, (B,)), mutable=["cache"])
     return logits_B1V[:, 0], state["cache"]
 
 
-def _decode(params, cfg: GPTConfig, cache, tok_B, pos_B):
+def _decode(params, cfg: GPTConfig, opts: Options, cache, tok_B, pos_B):
     """One token per row at position pos_B ((B,) or one scalar for all rows) -> (logits (B, V), cache)."""
-    logits_B1V, state = GPT(cfg).apply({"params": params, "cache": cache}, tok_B[:, None], pos_B=pos_B,
+    logits_B1V, state = GPT(cfg, opts).apply({"params": params, "cache": cache}, tok_B[:, None], pos_B=pos_B,
                                        mutable=["cache"])
     return logits_B1V[:, 0], state["cache"]
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_len", "temperature", "top_k", "top_p"))
+@partial(jax.jit, static_argnames=("cfg", "opts", "max_len", "temperature", "top_k", "top_p"))
 def prefill(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_len: int, temperature: float = 0.0,
-            top_k: int | None = None, top_p: float | None = None):
+            top_k: int | None = None, top_p: float | None = None, opts: Options = Options()):
     """Jitted prefill + first sample: (B, T) right-padded prompts of lengths lens_B -> (tokens (B,), cache).
 
     lens_B: (B,) lengths, or a scalar when all prompts have one length (then decode with a scalar
     position too: the cache is written in place)."""
-    logits_BV, cache = _prefill(params, cfg, idx_BT, lens_B, max_len)
+    logits_BV, cache = _prefill(params, cfg, opts, idx_BT, lens_B, max_len)
     return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
 
-@partial(jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("cfg", "opts", "temperature", "top_k", "top_p"), donate_argnames=("cache",))
 def decode_step(params, cache, tok_B, pos_B, key, *, cfg: GPTConfig, temperature: float = 0.0,
-                top_k: int | None = None, top_p: float | None = None):
+                top_k: int | None = None, top_p: float | None = None, opts: Options = Options()):
     """Jitted decode step, cache donated: token at pos_B ((B,), or a scalar for all rows) -> (next tokens (B,), cache)."""
-    logits_BV, cache = _decode(params, cfg, cache, tok_B, pos_B)
+    logits_BV, cache = _decode(params, cfg, opts, cache, tok_B, pos_B)
     return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
-def _generate_cached(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_new_tokens: int, temperature: float,
-                     top_k: int | None, top_p: float | None, eos_id: int | None):
+@partial(jax.jit, static_argnames=("cfg", "opts", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
+def _generate_cached(params, idx_BT, lens_B, key, *, cfg: GPTConfig, opts: Options, max_new_tokens: int,
+                     temperature: float, top_k: int | None, top_p: float | None, eos_id: int | None):
     """Prefill + the whole decode loop in one program: new tokens (B, N) and the number of steps run.
     lens_B: (B,) prompt lengths, or a scalar when all rows share it (the faster cache update)."""
     B, T0 = idx_BT.shape
     N = max_new_tokens
     fill = 0 if eos_id is None else eos_id
     sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits_BV, cache = _prefill(params, cfg, idx_BT, lens_B, T0 + N - 1)
+    logits_BV, cache = _prefill(params, cfg, opts, idx_BT, lens_B, T0 + N - 1)
     # step s samples with fold_in(key, T0 + s), the key the windowed loop uses for the same token
     tok_B = sample(logits_BV, jax.random.fold_in(key, T0))
     done_B = jnp.zeros((B,), bool) if eos_id is None else tok_B == eos_id
@@ -226,7 +231,7 @@ def _generate_cached(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_new_tok
     def body(carry):
         s, cache, out_BN, done_B = carry
         prev_B = jax.lax.dynamic_index_in_dim(out_BN, s - 1, axis=1, keepdims=False)
-        logits_BV, cache = _decode(params, cfg, cache, prev_B, lens_B + s - 1)
+        logits_BV, cache = _decode(params, cfg, opts, cache, prev_B, lens_B + s - 1)
         nxt_B = jnp.where(done_B, fill, sample(logits_BV, jax.random.fold_in(key, T0 + s)))
         if eos_id is not None:
             done_B = done_B | (nxt_B == eos_id)
@@ -238,13 +243,13 @@ def _generate_cached(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_new_tok
 
 def generate(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             key: jax.Array | None = None, use_cache: bool = True) -> np.ndarray:
+             key: jax.Array | None = None, use_cache: bool = True, opts: Options = Options()) -> np.ndarray:
     """The book's `generate`, batched: returns prompt + new ids, shape (B, T0 + steps run).
 
     A row that emits `eos_id` stops there; its remaining positions hold `eos_id` (the eos itself is
     written too, so `trim_at_eos` recovers each row). Prompts longer than the context are cropped
     from the left at every step, as in the book. `use_cache=False` runs the book's windowed loop;
-    both give the same tokens.
+    both give the same tokens. `params` are laid out by `opts` (default: canonical).
     """
     idx_BT = np.asarray(idx_BT, dtype=np.int32)
     if idx_BT.ndim == 1:
@@ -253,19 +258,19 @@ def generate(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, *, temperature
     if max_new_tokens == 0:
         return idx_BT
     key = _sampling_key(temperature, key)
-    params, cfg = _per_layer(params, cfg)
+    params, opts = _per_layer(params, opts)
     B, T0 = idx_BT.shape
     sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id)
     n_cached = min(max_new_tokens, cfg.context_length - T0) if use_cache else 0
     done_B = jnp.zeros((B,), bool)
     if n_cached > 0:
         new_BN, s, done_B = _generate_cached(params, jnp.asarray(idx_BT), jnp.int32(T0), key,
-                                             cfg=cfg, max_new_tokens=int(n_cached), **sampling)
+                                             cfg=cfg, opts=opts, max_new_tokens=int(n_cached), **sampling)
         idx_BT = np.concatenate([idx_BT, np.asarray(new_BN)[:, : int(s)]], axis=1)
         if n_cached == max_new_tokens or bool(jnp.all(done_B)):
             return idx_BT
     # past the context (or without a cache): the windowed loop, continuing the same key schedule
-    buf_BL, t = _generate_loop(params, jnp.asarray(idx_BT), key, done_B, cfg=cfg,
+    buf_BL, t = _generate_loop(params, jnp.asarray(idx_BT), key, done_B, cfg=cfg, opts=opts,
                                max_new_tokens=int(max_new_tokens - max(n_cached, 0)), **sampling)
     return np.asarray(buf_BL)[:, : int(t)]
 
@@ -273,7 +278,7 @@ def generate(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, *, temperature
 def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                    eos_id: int | None = None, key: jax.Array | None = None,
-                   pad_multiple: int = 64) -> list[list[int]]:
+                   pad_multiple: int = 64, opts: Options = Options()) -> list[list[int]]:
     """New token ids for prompts of different lengths, decoded together with the KV cache (eos dropped).
 
     Each row equals `generate` on its prompt alone. Prompts are right-padded to a multiple of
@@ -286,7 +291,7 @@ def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max
     key = _sampling_key(temperature, key)
     if max(lens) + max_new_tokens > cfg.context_length:
         return [trim_at_eos(generate(params, cfg, [list(p)], max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, eos_id=eos_id, key=key)[0, n:], eos_id)
+                                     top_p=top_p, eos_id=eos_id, key=key, opts=opts)[0, n:], eos_id)
                 for p, n in zip(prompts, lens)]
     T = _bucket(max(lens), pad_multiple, cfg.context_length - max_new_tokens)
     idx_BT = np.zeros((len(prompts), T), np.int32)
@@ -295,9 +300,9 @@ def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max
     _check(cfg, idx_BT, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    params, cfg = _per_layer(params, cfg)
+    params, opts = _per_layer(params, opts)
     lens_B = jnp.int32(lens[0]) if len(set(lens)) == 1 else jnp.asarray(lens, jnp.int32)
-    new_BN, s, _ = _generate_cached(params, jnp.asarray(idx_BT), lens_B, key, cfg=cfg,
+    new_BN, s, _ = _generate_cached(params, jnp.asarray(idx_BT), lens_B, key, cfg=cfg, opts=opts,
                                     max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                     top_k=top_k, top_p=top_p, eos_id=eos_id)
     return [trim_at_eos(row, eos_id) for row in np.asarray(new_BN)[:, : int(s)]]
@@ -306,7 +311,7 @@ def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max
 def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: int, *,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, key: jax.Array | None = None,
-                    pad_multiple: int = 64) -> Iterator[int]:
+                    pad_multiple: int = 64, opts: Options = Options()) -> Iterator[int]:
     """Yield new token ids one at a time as they are decoded (eos ends the stream and is not yielded).
 
     Same tokens as `generate` for greedy decoding. The prompt is padded to a multiple of
@@ -318,8 +323,8 @@ def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: 
         raise ValueError("the prompt is empty; give at least one token")
     _check(cfg, np.asarray([ids], np.int32), max_new_tokens, temperature, top_k, top_p)
     key = _sampling_key(temperature, key)
-    params, cfg = _per_layer(params, cfg)
-    sampling = dict(cfg=cfg, temperature=float(temperature), top_k=top_k, top_p=top_p)
+    params, opts = _per_layer(params, opts)
+    sampling = dict(cfg=cfg, opts=opts, temperature=float(temperature), top_k=top_k, top_p=top_p)
     C, n = cfg.context_length, len(ids)
     m = min(max_new_tokens, C - n)  # tokens the cache can hold
     if m > 0:
@@ -371,13 +376,14 @@ def stream_text(params, cfg: GPTConfig, tokenizer: Any, prompt: str, max_new_tok
         yield tail
 
 
-def generate_text_simple(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, context_size: int | None = None) -> np.ndarray:
+def generate_text_simple(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, context_size: int | None = None,
+                         opts: Options = Options()) -> np.ndarray:
     """The book's greedy loop (chapter 4)."""
     if context_size is not None and context_size != cfg.context_length:
         cfg = cfg.replace(context_length=min(context_size, cfg.context_length))
-        params, cfg = _per_layer(params, cfg)
+        params, opts = _per_layer(params, opts)
         params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][: cfg.context_length]}}
-    return generate(params, cfg, idx_BT, max_new_tokens)
+    return generate(params, cfg, idx_BT, max_new_tokens, opts=opts)
 
 
 def trim_at_eos(ids: np.ndarray, eos_id: int | None) -> list[int]:

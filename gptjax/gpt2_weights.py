@@ -22,8 +22,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from gptjax.config import ALIASES, DTYPES, PRESETS, GPTConfig
+from gptjax.config import ALIASES, PRESETS, GPTConfig
 from gptjax.model import abstract_params
+from gptjax.options import DTYPES
 from gptjax.tokenizer import is_offline
 
 HUB_REPOS: dict[str, str] = {
@@ -361,7 +362,7 @@ def load_gpt2(source: str | os.PathLike, *, dtype: str = "float32", cache_dir: s
     `source`: a preset ('gpt2-small|medium|large|xl', 'gpt2', '124M'...) downloaded from the hub into
     `cache_dir` (default checkpoints/hf); or a local directory with model.safetensors (+ config.json,
     or a sharded model.safetensors.index.json); or a .safetensors file. OpenAI/HF and book namings are
-    detected. `dtype` is the params' storage dtype and the returned config's compute dtype.
+    detected. `dtype` is the params' storage dtype (compute in it with Options(dtype=...)).
     `n_heads` is only needed for a non-GPT-2 size without a config.json.
     """
     if dtype not in DTYPES:
@@ -376,7 +377,7 @@ def load_gpt2(source: str | os.PathLike, *, dtype: str = "float32", cache_dir: s
     naming = _naming(reader, where)
     kw = _resolve_config(reader, naming, config_path, n_heads, where, file_given=len(files) == 1 and
                          Path(source).expanduser().is_file())
-    cfg = GPTConfig(**kw, drop_rate=drop_rate, dtype=dtype)
+    cfg = GPTConfig(**kw, drop_rate=drop_rate)
     rules = _rules(cfg, naming)
     _check_checkpoint(reader, rules, naming, cfg, where)
 

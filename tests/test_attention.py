@@ -18,6 +18,7 @@ from gptjax.attention import (
 )
 from gptjax.config import GPTConfig
 from gptjax.model import CausalSelfAttention
+from gptjax.options import Options
 
 # "Your journey starts with one step", one 3-d embedding per word (the book's listing 3.3)
 BOOK_INPUTS_TD = np.array(
@@ -144,15 +145,15 @@ def test_wrapper_with_sliced_weights_equals_multi_head_attention(qkv_bias):
 def test_model_attention_equals_book_multi_head_attention(impl):
     """The model's fused c_attn is W_query | W_key | W_value side by side; c_proj is out_proj."""
     cfg = GPTConfig(vocab_size=11, context_length=T, emb_dim=E, n_heads=H, n_layers=1, drop_rate=0.0,
-                    qkv_bias=True, attn_impl=impl)
+                    qkv_bias=True)
     x_BTE = _normal(9, B, T, E)
-    p_model = CausalSelfAttention(cfg).init(jax.random.key(10), x_BTE)["params"]
+    p_model = CausalSelfAttention(cfg, Options(attn_impl=impl)).init(jax.random.key(10), x_BTE)["params"]
     split = lambda a: jnp.split(a, 3, axis=-1)  # noqa: E731
     (wq, wk, wv), (bq, bk, bv) = split(p_model["c_attn"]["kernel"]), split(p_model["c_attn"]["bias"])
     p_book = {"W_query": {"kernel": wq, "bias": bq}, "W_key": {"kernel": wk, "bias": bk},
               "W_value": {"kernel": wv, "bias": bv}, "out_proj": p_model["c_proj"]}
     mha = MultiHeadAttention(d_out=E, context_length=T, drop_rate=0.0, num_heads=H, qkv_bias=True)
-    np.testing.assert_allclose(CausalSelfAttention(cfg).apply({"params": p_model}, x_BTE),
+    np.testing.assert_allclose(CausalSelfAttention(cfg, Options(attn_impl=impl)).apply({"params": p_model}, x_BTE),
                                mha.apply({"params": p_book}, x_BTE), rtol=1e-5, atol=1e-5)
 
 

@@ -13,6 +13,7 @@ from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
 from gptjax.engine import OptimConfig
 from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
+from gptjax.options import Options
 
 
 class CharTok:
@@ -110,9 +111,9 @@ def test_restore_for_inference_in_any_dtype(interrupted_run):
     params, got_cfg = load_run(run, dtype="bfloat16")  # falls back to the latest checkpoint
     assert got_cfg == cfg
     assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {jnp.dtype("bfloat16")}
-    p32 = restore_params(run / "checkpoints", cfg.replace(dtype="bfloat16"), step=4)
+    p32 = restore_params(run / "checkpoints", cfg, step=4)
     assert {a.dtype for a in jax.tree_util.tree_leaves(p32)} == {jnp.dtype("float32")}
-    assert generate(params, cfg.replace(dtype="bfloat16"), [[1, 2]], 3).shape == (1, 5)
+    assert generate(params, cfg, [[1, 2]], 3, opts=Options(dtype="bfloat16")).shape == (1, 5)
 
 
 def test_checkpoint_of_another_model_names_what_differs(interrupted_run):

@@ -229,7 +229,7 @@ def test_cli_finetune_then_classify(tmp_path, tiny_tsv, tiny_lm, tok, capsys):
     out = capsys.readouterr().out
     assert "done in" in out and "test" in out
     meta = json.loads((run / "config.json").read_text())
-    assert meta["model"]["linear_layout"] == "out_in"  # --linear-layout auto on CPU; loads as (in, out)
+    assert meta["options"]["linear_layout"] == "out_in"  # --linear-layout auto on CPU; loads as (in, out)
     task = meta["classify"]
     assert task["label_names"] == ["ham", "spam"] and task["split_sizes"] == {"train": 42, "val": 6, "test": 12}
     train_texts = book_split(load_labeled_texts(tiny_tsv))["train"].texts
@@ -244,7 +244,7 @@ def test_cli_finetune_then_classify(tmp_path, tiny_tsv, tiny_lm, tok, capsys):
     label, prob = clf.classify("WIN a FREE prize now!! call 555")
     assert label == "spam" and 0.5 < prob <= 1.0
     assert classify("see you later, ok?", clf.params, clf.cfg, tok, max_length=clf.max_length)[0] == "ham"
-    assert clf.cfg.linear_layout == "in_out"
+    assert clf.params["h_0"]["mlp"]["c_fc"]["kernel"].shape == (clf.cfg.emb_dim, 4 * clf.cfg.emb_dim)  # (in, out)
     # the same fine-tuning with (in, out) kernels: the same logged losses
     assert main(["finetune-classifier", "--data", str(tiny_tsv), "--model", str(base), "--train", "all",
                  "--epochs", "2", "--lr", "1e-3", "--out", str(tmp_path / "run_io"), "--linear-layout", "in_out",

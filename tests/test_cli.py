@@ -25,8 +25,8 @@ def test_pretrain_then_generate(tmp_path, corpus, capsys):
     assert "done in" in out and "sample:" in out
     assert (run / "loss.png").exists() and (run / "metrics.jsonl").exists()
     # --linear-layout auto trains with (out, in) kernels on CPU (faster there); the run loads as (in, out)
-    assert json.loads((run / "config.json").read_text())["model"]["linear_layout"] == "out_in"
-    assert load_model(run)[1].linear_layout == "in_out"
+    assert json.loads((run / "config.json").read_text())["options"]["linear_layout"] == "out_in"
+    assert load_model(run)[0]["h_0"]["mlp"]["c_fc"]["kernel"].shape == (32, 128)  # (in, out)
     assert main(["generate", "--model", str(run), "--prompt", "It had", "--max-new-tokens", "5", "--top-k", "5",
                  "--temperature", "1.0", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("It had")
@@ -103,13 +103,13 @@ def test_export_a_run_to_hf_and_book_formats(tmp_path, corpus, capsys):
                                       np.asarray(params["h_1"]["mlp"]["c_fc"]["kernel"]))
 
 
-def test_matmul_precision_reaches_the_model_config():
-    from gptjax.cli import _model_config
+def test_matmul_precision_reaches_the_options():
+    from gptjax.cli import _options
 
     parser = build_parser()
-    cfg = _model_config(parser.parse_args(["pretrain", "--matmul-precision", "bfloat16", "--linear-layout", "in_out"]))
-    assert (cfg.matmul_precision, cfg.dtype) == ("bfloat16", "float32")
-    assert _model_config(parser.parse_args(["pretrain"])).matmul_precision == "float32"
+    opts = _options(parser.parse_args(["pretrain", "--matmul-precision", "bfloat16", "--linear-layout", "in_out"]))
+    assert (opts.matmul_precision, opts.dtype) == ("bfloat16", "float32")
+    assert _options(parser.parse_args(["pretrain"])).matmul_precision == "float32"
     for command in ("finetune-instruct", "dpo", "finetune-classifier", "bench"):
         required = ["--model", "random"] if command == "dpo" else []
         args = parser.parse_args([command, *required, "--matmul-precision", "bfloat16"])

@@ -10,7 +10,8 @@ from gptjax import generate as gen
 from gptjax.config import GPTConfig
 from gptjax.generate import (decode_step, generate, generate_batch, generate_text_simple, prefill, sample_logits,
                              stream_generate, stream_text, trim_at_eos)
-from gptjax.model import GPT, convert_params, init_params
+from gptjax.model import GPT, init_params, to_layout
+from gptjax.options import Options
 
 
 @pytest.fixture
@@ -174,9 +175,8 @@ def test_scanned_and_padded_models_decode_the_same(model):
     params, cfg = model
     idx = np.array([[1, 2, 3]])
     ref = generate(params, cfg, idx, 8)
-    for opts in (dict(scan_layers=True, remat="full"), dict(vocab_multiple=64)):
-        c = cfg.replace(**opts)
-        np.testing.assert_array_equal(generate(convert_params(params, c), c, idx, 8), ref)
+    for opts in (Options(scan_layers=True, remat="full"), Options(vocab_multiple=64)):
+        np.testing.assert_array_equal(generate(to_layout(params, cfg, opts), cfg, idx, 8, opts=opts), ref)
 
 
 def test_decoding_compiles_once_per_shape(model):
@@ -219,7 +219,7 @@ def test_cached_decode_loop_keeps_the_cache_in_place(model):
         pytest.skip("checks XLA:CPU's compiled program")
     params, cfg = model
     hlo = gen._generate_cached.lower(params, jnp.asarray([[1, 2, 3]]), jnp.int32(3), jax.random.key(0), cfg=cfg,
-                                     max_new_tokens=7, temperature=0.0, top_k=None, top_p=None,
+                                     opts=Options(), max_new_tokens=7, temperature=0.0, top_k=None, top_p=None,
                                      eos_id=None).compile().as_text()
     cache_size = 4 * 9 * 8  # heads x slots (3 + 7 - 1) x head dim, one row
     body = hlo[hlo.index("body"):]
@@ -233,10 +233,11 @@ def test_cached_decode_loop_keeps_the_cache_in_place(model):
 
 def test_decoding_layout_converts_once(model):
     params, cfg = model
-    dec_params, dec_cfg = gen.decoding_model(params, cfg)
-    assert dec_cfg.linear_layout == "out_in"  # CPU: (out, in) kernels read faster one token at a time
+    dec_params, dec_opts = gen.decoding_model(params, cfg)
+    assert dec_opts.linear_layout == "out_in"  # CPU: (out, in) kernels read faster one token at a time
     assert dec_params["h_0"]["mlp"]["c_fc"]["kernel"].shape == (128, 32)
-    again = gen.decoding_model(dec_params, dec_cfg)
-    assert again[0] is dec_params and again[1] == dec_cfg  # already laid out: no copy
+    again = gen.decoding_model(dec_params, cfg, dec_opts)
+    assert again[0] is dec_params and again[1] == dec_opts  # already laid out: no copy
     idx = np.array([[1, 2, 3]])
-    np.testing.assert_array_equal(generate(dec_params, dec_cfg, idx, 6), generate(params, cfg, idx, 6, use_cache=False))
+    np.testing.assert_array_equal(generate(dec_params, cfg, idx, 6, opts=dec_opts),
+                                  generate(params, cfg, idx, 6, use_cache=False))

@@ -18,13 +18,14 @@ from gptjax.config import GPTConfig
 from gptjax.generate import generate
 from gptjax.gpt2_weights import export_book, export_hf, load_gpt2
 from gptjax.model import GPT, abstract_params
+from gptjax.options import Options
 
 TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=97)
 N_NEW = 20
 
 
-def _logits(params: dict, cfg: GPTConfig, ids_BT: np.ndarray) -> np.ndarray:
-    return np.asarray(GPT(cfg).apply({"params": params}, jnp.asarray(ids_BT)))
+def _logits(params: dict, cfg: GPTConfig, ids_BT: np.ndarray, opts: Options = Options()) -> np.ndarray:
+    return np.asarray(GPT(cfg, opts).apply({"params": params}, jnp.asarray(ids_BT)))
 
 
 def _assert_same_tree(a: dict, b: dict) -> None:
@@ -303,11 +304,11 @@ def test_bfloat16_loading(hf_tiny, tiny_ids):
     _, path = hf_tiny
     params32, cfg32 = load_gpt2(path)
     params16, cfg16 = load_gpt2(path, dtype="bfloat16", drop_rate=0.1)
-    assert cfg16 == cfg32.replace(dtype="bfloat16", drop_rate=0.1)
+    assert cfg16 == cfg32.replace(drop_rate=0.1)
     assert {x.dtype for x in jax.tree_util.tree_leaves(params16)} == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_array_equal(np.asarray(params16["wte"]["embedding"]),
                                   np.asarray(params32["wte"]["embedding"]).astype(jnp.bfloat16))
-    l32, l16 = _logits(params32, cfg32, tiny_ids), _logits(params16, cfg16, tiny_ids)
+    l32, l16 = _logits(params32, cfg32, tiny_ids), _logits(params16, cfg16, tiny_ids, Options(dtype="bfloat16"))
     assert l16.dtype == np.float32 and np.abs(l16 - l32).max() < 0.1 * np.abs(l32).max()
 
 

@@ -10,7 +10,8 @@ import pytest
 from gptjax.attention import causal_attention, default_impl
 from gptjax.config import GPTConfig
 from gptjax.generate import generate
-from gptjax.model import init_params
+from gptjax.model import init_params, to_layout
+from gptjax.options import Options
 from gptjax.engine import OptimConfig, make_optimizer
 from gptjax.tasks.pretrain import create_state, jitted_steps as make_steps
 
@@ -65,10 +66,11 @@ def test_bfloat16_cudnn_training_tracks_float32_xla():
     x[:, 16:] = x[:, :113]
     batch = (jnp.asarray(x[:, :-1]), jnp.asarray(x[:, 1:]))
     losses = {}
-    for name, cfg in {"f32": base.replace(attn_impl="xla"), "bf16": base.replace(dtype="bfloat16", attn_impl="auto")}.items():
+    for name, opts in {"f32": Options.for_backend(attn_impl="xla"),
+                       "bf16": Options.for_backend(dtype="bfloat16", attn_impl="auto")}.items():
         tx = make_optimizer(OptimConfig(lr=1e-3, weight_decay=0.1))
-        state = create_state(cfg, tx, 0)
-        step, _ = make_steps(cfg, tx)
+        state = create_state(base, tx, 0, opts=opts)
+        step, _ = make_steps(base, tx, opts=opts)
         out = []
         for _ in range(30):
             state, m = step(state, batch)
@@ -88,20 +90,19 @@ def test_kv_cache_greedy_equals_no_cache_on_gpu():
 
 
 def test_matvec_kernel_setting_runs_xla_dot_on_gpu():
-    """decoding_model leaves XLA's dot on a GPU, and a config that asks for the CPU kernel still runs there."""
+    """decoding_model leaves XLA's dot on a GPU, and options that ask for the CPU kernel still run there."""
     from gptjax.generate import decoding_model
-    from gptjax.model import set_linear_layout
 
     cfg = GPTConfig(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
                     tie_embeddings=True)
     params = jax.tree.map(lambda a: a * 3.0, init_params(cfg, jax.random.key(0)))
     p, c = decoding_model(params, cfg)
     assert (c.linear_layout, c.matvec) == ("in_out", "xla")
-    out_in = set_linear_layout(params, "in_out", "out_in")
+    kernel = Options(linear_layout="out_in", matvec="kernel")
+    out_in = to_layout(params, cfg, kernel)
     idx = np.array([[1, 2, 3, 4]])
     with jax.default_matmul_precision("highest"):
-        np.testing.assert_array_equal(
-            generate(out_in, cfg.replace(linear_layout="out_in", matvec="kernel"), idx, 16), generate(p, c, idx, 16))
+        np.testing.assert_array_equal(generate(out_in, cfg, idx, 16, opts=kernel), generate(p, cfg, idx, 16, opts=c))
 
 
 def test_int8_weights_decode_on_gpu():
@@ -113,12 +114,14 @@ def test_int8_weights_decode_on_gpu():
     cfg = GPTConfig(vocab_size=300, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
                     tie_embeddings=True)
     params = jax.tree.map(lambda a: a * 3.0, init_params(cfg, jax.random.key(1)))
-    pq, cq = decoding_weights(*decoding_model(params, cfg), "int8")
+    pd, cd = decoding_model(params, cfg)
+    pq, cq = decoding_weights(pd, cfg, cd, "int8")
     assert (cq.linear_layout, cq.matvec, cq.dtype) == ("out_in", "xla", "float32")
     assert pq["wte"]["embedding"].dtype == jnp.int8
     idx = np.array([[1, 2, 3, 4]])
     with jax.default_matmul_precision("highest"):
-        lq = np.asarray(GPT(cq).apply({"params": pq}, idx))
+        lq = np.asarray(GPT(cfg, cq).apply({"params": pq}, idx))
         l32 = np.asarray(GPT(cfg).apply({"params": params}, idx))
         assert np.abs(lq - l32).max() < 0.05 * np.abs(l32).max()  # 2.5 % on CPU
-        np.testing.assert_array_equal(generate(pq, cq.replace(matvec="kernel"), idx, 16), generate(pq, cq, idx, 16))
+        np.testing.assert_array_equal(generate(pq, cfg, idx, 16, opts=cq.replace(matvec="kernel")),
+                                      generate(pq, cfg, idx, 16, opts=cq))

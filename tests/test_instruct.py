@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.checkpoint import RunExistsError, TrainingInterrupted, load_run, load_run_config
+from gptjax.checkpoint import RunExistsError, TrainCheckpoints, TrainingInterrupted, load_run, load_run_config
 from gptjax.config import GPTConfig
 from gptjax.lora import LoRAConfig, load_adapters
-from gptjax.model import GPT, init_params
+from gptjax.model import GPT, abstract_params, init_params, to_layout
+from gptjax.options import Options
 from gptjax.tasks.instruct import InstructTrainConfig, finetune_instruct, format_table, generate_responses, offline_report, response_nll, save_responses
 from gptjax.tasks.instruct_data import IGNORE_INDEX, InstructionBatches, bucket_length, collate, encode_examples, extract_response, format_example, format_input, load_instruction_data, split_data
 from gptjax.engine import OptimConfig, cross_entropy
@@ -200,6 +201,34 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == list(range(8))
 
 
+def test_checkpoints_hold_canonical_params_and_resume_exactly_in_another_layout(tmp_path):
+    """Trained with (out, in) kernels: the checkpoints and params/ hold (in, out) ones, and a resume
+    converts them (and AdamW's moments) back and continues as the uninterrupted run."""
+    tok, cfg = CharTokenizer(), char_cfg()
+    opts = Options.for_backend(linear_layout="out_in")
+    splits = {"train": RECORDS * 2, "val": RECORDS[:2], "test": []}
+    tcfg = InstructTrainConfig(epochs=1, batch_size=2, eval_freq=2, eval_iter=1, save_every=0, sample_tokens=2,
+                               optim=OptimConfig(lr=1e-3))
+    kw = dict(tcfg=tcfg, pad_token_id=EOT, progress=False, respond=False, opts=opts)
+    start = lambda: to_layout(init_params(cfg, jax.random.key(0)), cfg, opts)  # noqa: E731
+    full = finetune_instruct(start(), cfg, splits, tok, tmp_path / "a", **kw)
+    with pytest.raises(TrainingInterrupted):
+        finetune_instruct(start(), cfg, splits, tok, tmp_path / "b", stop_after=3, **kw)
+    ckpts = TrainCheckpoints(tmp_path / "b" / "checkpoints", read_only=True)
+    saved, rest, _ = ckpts.restore({"params": abstract_params(cfg)}, None)
+    ckpts.close()
+    assert saved["params"]["h_0"]["mlp"]["c_fc"]["kernel"].shape == (cfg.emb_dim, 4 * cfg.emb_dim)
+    resumed = finetune_instruct(start(), cfg, splits, tok, tmp_path / "b", resume=True, **kw)
+    assert resumed["steps"] == full["steps"] == 4
+    assert resumed["history"]["val_loss"] == full["history"]["val_loss"]
+    for a, b in zip(jax.tree_util.tree_leaves(resumed["params"]), jax.tree_util.tree_leaves(full["params"])):
+        np.testing.assert_array_equal(a, b)
+    loaded, _ = load_run(tmp_path / "b")
+    np.testing.assert_array_equal(loaded["h_0"]["mlp"]["c_fc"]["kernel"],
+                                  full["params"]["h_0"]["mlp"]["c_fc"]["kernel"])
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["options"] == opts.to_dict()
+
+
 def test_lora_trains_adapters_only(tmp_path):
     tok, cfg = CharTokenizer(), char_cfg(drop_rate=0.1)
     params = init_params(cfg, jax.random.key(0))
@@ -269,8 +298,9 @@ def test_cli_finetune_respond_judge_dpo_chat(tmp_path, capsys, monkeypatch):
     assert len(json.loads((run / "test-responses.json").read_text())) == 2
     # --linear-layout auto trains (out, in) kernels on CPU; the run loads as (in, out) (the two layouts'
     # losses are compared in test_classify's CLI run, through the same option)
-    assert json.loads((run / "config.json").read_text())["model"]["linear_layout"] == "out_in"
-    assert load_run(run)[1].linear_layout == "in_out"
+    assert json.loads((run / "config.json").read_text())["options"]["linear_layout"] == "out_in"
+    params, cfg = load_run(run)
+    assert params["h_0"]["mlp"]["c_fc"]["kernel"].shape == (cfg.emb_dim, 4 * cfg.emb_dim)  # (in, out)
     assert main(["finetune-instruct", *tiny, "--lora-rank", "2", "--linear-layout", "out_in",
                  "--out", str(tmp_path / "x")]) == 2
     assert "LoRA adapters train on (in, out) kernels; drop --linear-layout out_in" in capsys.readouterr().err

@@ -11,8 +11,9 @@ import pytest
 
 from gptjax.config import PRESETS, GPTConfig, get_config
 from gptjax.attention import dropout
-from gptjax.model import (GPT, abstract_params, convert_params, count_params, dropout_rngs, init_cache, init_params, num_params,
-                          pad_vocab, set_linear_layout, stack_layers, unstack_layers)
+from gptjax.model import (GPT, abstract_params, count_params, dropout_rngs, init_cache, init_params,
+                          num_params, stack_layers, to_canonical, to_layout, unstack_layers)
+from gptjax.options import Options
 
 # (untied head, tied head), qkv_bias=False: the book's chapter 4 numbers
 BOOK_PARAM_COUNTS = {
@@ -35,8 +36,8 @@ def _randomize(params: dict, seed: int = 0, scale: float = 0.2) -> dict:
 
 
 def _params(cfg: GPTConfig, seed: int = 0) -> dict:
-    # params depend only on the shapes: share one init (one compile) across dtype/impl/dropout variants
-    return _init(cfg.replace(dtype="float32", attn_impl="auto", drop_rate=0.0), seed)
+    # canonical params depend only on the shapes: share one init (one compile) across options/dropout variants
+    return _init(cfg.replace(drop_rate=0.0), seed)
 
 
 @functools.cache
@@ -45,16 +46,16 @@ def _init(cfg: GPTConfig, seed: int) -> dict:
 
 
 @functools.cache
-def _forward(cfg: GPTConfig, deterministic: bool = True):
+def _forward(cfg: GPTConfig, opts: Options, deterministic: bool = True):
     """Jitted (params, idx, dropout key) -> logits, one compile per config; eager Flax is slow on CPU."""
     def f(params, idx_BT, key):
-        return GPT(cfg).apply({"params": params}, idx_BT, deterministic=deterministic, rngs={"dropout": key})
+        return GPT(cfg, opts).apply({"params": params}, idx_BT, deterministic=deterministic, rngs={"dropout": key})
     return jax.jit(f)
 
 
 def _apply(cfg: GPTConfig, params: dict, idx_BT: jax.Array, deterministic: bool = True,
-           key: jax.Array | None = None) -> jax.Array:
-    return _forward(cfg, deterministic)(params, idx_BT, jax.random.key(0) if key is None else key)
+           key: jax.Array | None = None, opts: Options = Options()) -> jax.Array:
+    return _forward(cfg, opts, deterministic)(params, idx_BT, jax.random.key(0) if key is None else key)
 
 
 # --- parameter counts and names ----------------------------------------------------------
@@ -102,7 +103,7 @@ def test_param_tree_uses_openai_names(tiny_cfg, tie, qkv_bias):
 
 
 def test_params_are_float32_even_for_bfloat16_compute(tiny_cfg):
-    params = abstract_params(tiny_cfg.replace(dtype="bfloat16"))
+    params = abstract_params(tiny_cfg, Options(dtype="bfloat16"))
     assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
 
 
@@ -110,11 +111,11 @@ def test_params_are_float32_even_for_bfloat16_compute(tiny_cfg):
 
 @pytest.mark.parametrize("attn_impl", ["auto", "einsum"])
 def test_model_is_causal(tiny_cfg, attn_impl):
-    cfg = tiny_cfg.replace(attn_impl=attn_impl)
+    cfg, opts = tiny_cfg, Options(attn_impl=attn_impl)
     params = _params(cfg)
     idx_BT, t = _tokens(cfg), 6
     changed_BT = idx_BT.at[:, t + 1:].set((idx_BT[:, t + 1:] + 1) % cfg.vocab_size)
-    logits, logits2 = _apply(cfg, params, idx_BT), _apply(cfg, params, changed_BT)
+    logits, logits2 = _apply(cfg, params, idx_BT, opts=opts), _apply(cfg, params, changed_BT, opts=opts)
     assert logits.shape == (2, cfg.context_length, cfg.vocab_size)
     np.testing.assert_allclose(logits[:, :t + 1], logits2[:, :t + 1], rtol=1e-6, atol=1e-6)
     assert not np.any(np.all(np.isclose(logits[:, t + 1:], logits2[:, t + 1:], atol=1e-5), axis=-1))
@@ -178,10 +179,10 @@ def test_dropout_masks_keep_the_rate_and_are_independent_across_layers_and_steps
 
     monkeypatch.setattr(model, "dropout", recording)
     monkeypatch.setattr(attention, "dropout", recording)
-    cfg = tiny_cfg.replace(drop_rate=rate, n_layers=3, scan_layers=scan)
-    params = convert_params(_params(tiny_cfg.replace(n_layers=3)), cfg)
+    cfg, opts = tiny_cfg.replace(drop_rate=rate, n_layers=3), Options(scan_layers=scan)
+    params = to_layout(_params(tiny_cfg.replace(n_layers=3)), cfg, opts)
     idx_BT = _tokens(cfg, batch=4)
-    run = jax.jit(lambda p, k: GPT(cfg).apply({"params": p}, idx_BT, deterministic=False, rngs=dropout_rngs(k)))
+    run = jax.jit(lambda p, k: GPT(cfg, opts).apply({"params": p}, idx_BT, deterministic=False, rngs=dropout_rngs(k)))
     key = jax.random.PRNGKey(0)
     for step in range(4):
         jax.block_until_ready(run(params, jax.random.fold_in(key, step)))
@@ -209,7 +210,7 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32(tiny_cfg):
     params = _randomize(_params(tiny_cfg), scale=0.05)
     idx_BT = _tokens(tiny_cfg)
     ref = _apply(tiny_cfg, params, idx_BT)
-    bf16 = _apply(tiny_cfg.replace(dtype="bfloat16"), params, idx_BT)
+    bf16 = _apply(tiny_cfg, params, idx_BT, opts=Options(dtype="bfloat16"))
     assert ref.dtype == bf16.dtype == jnp.float32
     err = np.abs(np.asarray(bf16) - np.asarray(ref)).max()
     assert err < 0.05 * np.abs(np.asarray(ref)).max(), err
@@ -238,8 +239,6 @@ def test_head_reads_final_layernorm(tiny_cfg, tie):
     (dict(n_heads=0), "n_heads must be a positive integer"),
     (dict(drop_rate=1.0), "drop_rate must be in"),
     (dict(drop_rate=-0.1), "drop_rate must be in"),
-    (dict(dtype="float64"), "dtype must be one of"),
-    (dict(attn_impl="flash"), "attn_impl must be one of"),
 ])
 def test_bad_config_raises_clear_error(tiny_cfg, overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -253,6 +252,9 @@ def test_unknown_preset_and_key():
         get_config("gpt3")
     with pytest.raises(ValueError, match=r"unknown GPTConfig keys \['n_embd'\]"):
         get_config("gpt2-small", n_embd=768)
+    with pytest.raises(ValueError, match=r"unknown GPTConfig keys \['dtype'\] \(\['dtype'\]: how the model runs, now "
+                                         r"gptjax.options.Options\)"):
+        get_config("gpt2-small", dtype="bfloat16")
     assert get_config("355M") == get_config("gpt2-medium")
 
 
@@ -308,10 +310,10 @@ def _np_gpt(cfg: GPTConfig, params: dict, idx_BT: np.ndarray) -> np.ndarray:
     (False, False, "einsum"),
 ])
 def test_matches_numpy_reference(tiny_cfg, tie, qkv_bias, attn_impl):
-    cfg = tiny_cfg.replace(tie_embeddings=tie, qkv_bias=qkv_bias, attn_impl=attn_impl)
+    cfg = tiny_cfg.replace(tie_embeddings=tie, qkv_bias=qkv_bias)
     params = _randomize(_params(cfg), seed=1)
     idx_BT = _tokens(cfg, seed=2)
-    logits = _apply(cfg, params, idx_BT)
+    logits = _apply(cfg, params, idx_BT, opts=Options(attn_impl=attn_impl))
     ref = _np_gpt(cfg, params, np.asarray(idx_BT))
     assert np.abs(ref).max() > 1.0  # the check is not vacuous
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
@@ -319,9 +321,9 @@ def test_matches_numpy_reference(tiny_cfg, tie, qkv_bias, attn_impl):
 
 # --- speed options keep the math -----------------------------------------------------------
 
-def _loss_and_grads(cfg: GPTConfig, params: dict, idx_BT: jax.Array, key: jax.Array):
+def _loss_and_grads(cfg: GPTConfig, params: dict, idx_BT: jax.Array, key: jax.Array, opts: Options = Options()):
     def loss(p):
-        logits = GPT(cfg).apply({"params": p}, idx_BT[:, :-1], deterministic=cfg.drop_rate == 0.0,
+        logits = GPT(cfg, opts).apply({"params": p}, idx_BT[:, :-1], deterministic=cfg.drop_rate == 0.0,
                                 rngs={"dropout": key})
         logp = jax.nn.log_softmax(logits)
         return -jnp.mean(jnp.take_along_axis(logp, idx_BT[:, 1:, None], axis=-1))
@@ -333,7 +335,7 @@ def test_stack_unstack_round_trip(tiny_cfg):
     stacked = stack_layers(params)
     assert set(stacked) == {"wte", "wpe", "h", "ln_f", "lm_head"}
     assert stacked["h"]["attn"]["c_attn"]["kernel"].shape == (tiny_cfg.n_layers, 32, 96)
-    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, abstract_params(tiny_cfg.replace(scan_layers=True)))
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, abstract_params(tiny_cfg, Options(scan_layers=True)))
     back = unstack_layers(stacked)
     assert jax.tree_util.tree_all(jax.tree.map(lambda a, b: bool((a == b).all()), back, params))
     assert unstack_layers(params) is params and stack_layers(stacked) is stacked
@@ -350,9 +352,9 @@ def test_scan_and_remat_equal_the_unrolled_model(tiny_cfg, opts):
     """Same loss and gradients (forward and backward), params converted between layouts."""
     params = _randomize(_params(tiny_cfg), seed=3, scale=0.05)
     idx_BT = _tokens(tiny_cfg, seed=4)
-    cfg = tiny_cfg.replace(**opts)
+    cfg, opts = tiny_cfg, Options(**opts)
     ref_loss, ref_grads = _loss_and_grads(tiny_cfg, params, idx_BT, jax.random.key(0))
-    loss, grads = _loss_and_grads(cfg, convert_params(params, cfg), idx_BT, jax.random.key(0))
+    loss, grads = _loss_and_grads(cfg, to_layout(params, cfg, opts), idx_BT, jax.random.key(0), opts)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(unstack_layers(grads)),
                             jax.tree_util.tree_leaves(ref_grads)):
@@ -360,40 +362,40 @@ def test_scan_and_remat_equal_the_unrolled_model(tiny_cfg, opts):
 
 
 def test_scan_dropout_differs_per_layer_and_is_reproducible(tiny_cfg):
-    cfg = tiny_cfg.replace(scan_layers=True, drop_rate=0.5)
-    params = convert_params(_params(tiny_cfg), cfg)
+    cfg, opts = tiny_cfg.replace(drop_rate=0.5), Options(scan_layers=True)
+    params = to_layout(_params(tiny_cfg), cfg, opts)
     idx_BT = _tokens(cfg)
-    run = lambda key: _apply(cfg, params, idx_BT, deterministic=False, key=key)  # noqa: E731
+    run = lambda key: _apply(cfg, params, idx_BT, deterministic=False, key=key, opts=opts)  # noqa: E731
     np.testing.assert_array_equal(run(jax.random.key(1)), run(jax.random.key(1)))
     assert not np.allclose(run(jax.random.key(1)), run(jax.random.key(2)))
-    np.testing.assert_allclose(_apply(cfg, params, idx_BT), _apply(tiny_cfg, _params(tiny_cfg), idx_BT),
+    np.testing.assert_allclose(_apply(cfg, params, idx_BT, opts=opts), _apply(tiny_cfg, _params(tiny_cfg), idx_BT),
                                rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_padded_vocab_gives_the_same_logits_and_grads(tiny_cfg, tie):
-    base = tiny_cfg.replace(tie_embeddings=tie)
-    cfg = base.replace(vocab_multiple=64)
-    assert cfg.padded_vocab_size == 128 and get_config("gpt2-small", vocab_multiple=64).padded_vocab_size == 50_304
+    base = cfg = tiny_cfg.replace(tie_embeddings=tie)
+    opts = Options(vocab_multiple=64)
+    assert opts.padded_vocab_size(cfg.vocab_size) == 128 and opts.padded_vocab_size(50257) == 50_304
     params = _randomize(_params(base), seed=5)
-    padded = pad_vocab(params, cfg)
+    padded = to_layout(params, cfg, opts)
     assert padded["wte"]["embedding"].shape == (128, 32)
-    assert jax.tree.map(jnp.shape, padded) == jax.tree.map(jnp.shape, abstract_params(cfg))
+    assert jax.tree.map(jnp.shape, padded) == jax.tree.map(jnp.shape, abstract_params(cfg, opts))
     idx_BT = _tokens(base, seed=6)
-    logits = _apply(cfg, padded, idx_BT)
+    logits = _apply(cfg, padded, idx_BT, opts=opts)
     assert logits.shape == (2, cfg.context_length, cfg.vocab_size)  # padded logits never leave the model
     np.testing.assert_allclose(logits, _apply(base, params, idx_BT), rtol=1e-5, atol=1e-5)
-    loss, grads = _loss_and_grads(cfg, padded, idx_BT, jax.random.key(0))
+    loss, grads = _loss_and_grads(cfg, padded, idx_BT, jax.random.key(0), opts)
     ref_loss, ref_grads = _loss_and_grads(base, params, idx_BT, jax.random.key(0))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     np.testing.assert_allclose(grads["wte"]["embedding"][:97], ref_grads["wte"]["embedding"], rtol=1e-4, atol=1e-7)
     assert not np.asarray(grads["wte"]["embedding"][97:]).any()  # padding rows learn nothing
-    np.testing.assert_array_equal(pad_vocab(padded, base)["wte"]["embedding"], params["wte"]["embedding"])
+    np.testing.assert_array_equal(to_canonical(padded, cfg, opts)["wte"]["embedding"], params["wte"]["embedding"])
 
 
 def test_convert_params_rejects_a_smaller_vocab(tiny_cfg):
     with pytest.raises(ValueError, match="vocab rows"):
-        pad_vocab(_params(tiny_cfg), tiny_cfg.replace(vocab_size=120, vocab_multiple=64))
+        to_layout(_params(tiny_cfg), tiny_cfg.replace(vocab_size=120), Options(vocab_multiple=64))
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -401,10 +403,14 @@ def test_convert_params_rejects_a_smaller_vocab(tiny_cfg):
     (dict(scan_unroll=0), "scan_unroll must be an integer >= 1"),
     (dict(vocab_multiple=0), "vocab_multiple must be an integer >= 1"),
     (dict(matmul_precision="tf32"), "matmul_precision must be one of"),
+    (dict(dtype="float64"), "dtype must be one of"),
+    (dict(attn_impl="flash"), "attn_impl must be one of"),
 ])
-def test_bad_speed_options(tiny_cfg, overrides, match):
+def test_bad_speed_options(overrides, match):
     with pytest.raises(ValueError, match=match):
-        tiny_cfg.replace(**overrides)
+        Options().replace(**overrides)
+    with pytest.raises(ValueError, match=match):
+        Options(**overrides)
 
 
 def test_book_init_uses_pytorch_defaults(tiny_cfg):
@@ -460,9 +466,10 @@ def test_kv_cache_rows_at_different_positions(tiny_cfg):
 
 
 def test_kv_cache_needs_per_layer_params(tiny_cfg):
-    cfg = tiny_cfg.replace(scan_layers=True)
+    cfg, opts = tiny_cfg, Options(scan_layers=True)
     with pytest.raises(ValueError, match="unstack_layers"):
-        GPT(cfg).apply({"params": convert_params(_params(tiny_cfg), cfg), "cache": {}}, jnp.zeros((1, 1), jnp.int32),
+        GPT(cfg, opts).apply({"params": to_layout(_params(tiny_cfg), cfg, opts), "cache": {}},
+                             jnp.zeros((1, 1), jnp.int32),
                        pos_B=jnp.zeros((1,), jnp.int32), mutable=["cache"])
     with pytest.raises(ValueError, match="exceeds context_length"):
         init_cache(tiny_cfg, 1, tiny_cfg.context_length + 1)
@@ -470,25 +477,25 @@ def test_kv_cache_needs_per_layer_params(tiny_cfg):
 
 def test_out_in_kernels_are_the_same_model(tiny_cfg):
     """PyTorch's (out, in) kernel layout: same init values transposed, same logits, both ways convertible."""
-    cfg = tiny_cfg.replace(linear_layout="out_in", qkv_bias=True)
-    base = tiny_cfg.replace(qkv_bias=True)
+    cfg, opts = tiny_cfg.replace(qkv_bias=True), Options(linear_layout="out_in")
+    base = cfg
     ref = init_params(base, jax.random.key(3))
-    params = init_params(cfg, jax.random.key(3))
+    params = init_params(cfg, jax.random.key(3), opts)
     assert params["h_0"]["mlp"]["c_fc"]["kernel"].shape == (128, 32)
-    np.testing.assert_array_equal(set_linear_layout(params, "out_in", "in_out")["h_1"]["attn"]["c_proj"]["kernel"],
+    np.testing.assert_array_equal(to_canonical(params, cfg, opts)["h_1"]["attn"]["c_proj"]["kernel"],
                                   ref["h_1"]["attn"]["c_proj"]["kernel"])
     ref = _randomize(ref, seed=11, scale=0.05)
     idx_BT = _tokens(base, seed=12)
-    np.testing.assert_allclose(_apply(cfg, set_linear_layout(ref, "in_out", "out_in"), idx_BT),
+    np.testing.assert_allclose(_apply(cfg, to_layout(ref, cfg, opts), idx_BT, opts=opts),
                                _apply(base, ref, idx_BT), rtol=1e-5, atol=1e-5)
-    stacked = stack_layers(ref)  # stacked kernels swap their last two axes
-    assert set_linear_layout(stacked, "in_out", "out_in")["h"]["mlp"]["c_fc"]["kernel"].shape == (2, 128, 32)
+    stacked = to_layout(ref, cfg, opts.replace(scan_layers=True))  # stacked kernels swap their last two axes
+    assert stacked["h"]["mlp"]["c_fc"]["kernel"].shape == (2, 128, 32)
     with pytest.raises(ValueError, match="linear_layout must be one of"):
-        tiny_cfg.replace(linear_layout="column")
+        Options(linear_layout="column")
 
 
 def test_grad_barrier_is_the_identity_and_its_gradient_too():
-    from gptjax.model import grad_barrier
+    from gptjax.cpu import grad_barrier
 
     x = jax.random.normal(jax.random.key(0), (2, 3, 4))
     f = lambda x: jnp.sum(jnp.sin(grad_barrier(x * 3.0)) ** 2)  # noqa: E731
@@ -508,7 +515,7 @@ def _bf16(a) -> np.ndarray:
 
 @pytest.mark.parametrize("w_in_axis", [0, 1])
 def test_bf16_product_rounds_operands_to_bfloat16_and_accumulates_in_float32(w_in_axis):
-    from gptjax.model import bf16_product
+    from gptjax.cpu import bf16_product
 
     kx, kw, kg = jax.random.split(jax.random.key(5), 3)
     x_BTI = jax.random.normal(kx, (2, 7, 40))
@@ -534,12 +541,13 @@ def test_bf16_product_rounds_operands_to_bfloat16_and_accumulates_in_float32(w_i
 
 @pytest.mark.parametrize("layout, tie", [("in_out", False), ("out_in", True)])
 def test_bfloat16_matmuls_stay_close_to_float32(tiny_cfg, layout, tie):
-    base = tiny_cfg.replace(tie_embeddings=tie, linear_layout=layout)
-    cfg = base.replace(matmul_precision="bfloat16")
-    params = _randomize(_params(base), seed=3, scale=0.05)
+    base = cfg = tiny_cfg.replace(tie_embeddings=tie)
+    ref_opts = Options(linear_layout=layout)
+    opts = ref_opts.replace(matmul_precision="bfloat16")
+    params = to_layout(_randomize(_params(base), seed=3, scale=0.05), cfg, ref_opts)
     idx_BT = _tokens(base, seed=4, T=base.context_length + 1)
-    loss_ref, grads_ref = _loss_and_grads(base, params, idx_BT, jax.random.key(0))
-    loss, grads = _loss_and_grads(cfg, params, idx_BT, jax.random.key(0))
+    loss_ref, grads_ref = _loss_and_grads(base, params, idx_BT, jax.random.key(0), ref_opts)
+    loss, grads = _loss_and_grads(cfg, params, idx_BT, jax.random.key(0), opts)
     assert loss != loss_ref  # the products did run in bfloat16
     np.testing.assert_allclose(loss, loss_ref, rtol=5e-3)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):

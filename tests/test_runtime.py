@@ -3,6 +3,7 @@ import jax
 import pytest
 
 from gptjax import runtime
+from gptjax.cpu import flags as cpu_flags
 
 
 @pytest.fixture
@@ -12,26 +13,26 @@ def restore_cache_config(tmp_path):
 
 
 def test_cpu_flags_added_once_and_never_over_the_users(monkeypatch):
-    monkeypatch.setattr(runtime, "_backend_started", lambda: False)
+    monkeypatch.setattr(cpu_flags, "_backend_started", lambda: False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     monkeypatch.delenv("GPTJAX_NO_XLA_FLAGS", raising=False)
-    assert runtime.set_cpu_flags() == list(runtime.CPU_XLA_FLAGS)
-    flags = runtime.os.environ["XLA_FLAGS"]
-    assert flags.startswith("--xla_force_host_platform_device_count=2 ") and runtime.CPU_XLA_FLAGS[0] in flags
-    assert runtime.set_cpu_flags() == [] and runtime.os.environ["XLA_FLAGS"] == flags
+    assert cpu_flags.set_cpu_flags() == list(cpu_flags.CPU_XLA_FLAGS)
+    flags = cpu_flags.os.environ["XLA_FLAGS"]
+    assert flags.startswith("--xla_force_host_platform_device_count=2 ") and cpu_flags.CPU_XLA_FLAGS[0] in flags
+    assert cpu_flags.set_cpu_flags() == [] and cpu_flags.os.environ["XLA_FLAGS"] == flags
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")  # the user's choice wins
-    assert runtime.set_cpu_flags() == []
+    assert cpu_flags.set_cpu_flags() == []
     monkeypatch.setenv("GPTJAX_NO_XLA_FLAGS", "1")
     monkeypatch.setenv("XLA_FLAGS", "")
-    assert runtime.set_cpu_flags() == []
+    assert cpu_flags.set_cpu_flags() == []
 
 
 def test_cpu_flags_warn_once_jax_has_started(monkeypatch):
-    monkeypatch.setattr(runtime, "_backend_started", lambda: True)
+    monkeypatch.setattr(cpu_flags, "_backend_started", lambda: True)
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.delenv("GPTJAX_NO_XLA_FLAGS", raising=False)
     with pytest.warns(UserWarning, match="before the first JAX computation"):
-        assert runtime.set_cpu_flags() == []
+        assert cpu_flags.set_cpu_flags() == []
 
 
 def test_compilation_cache_dir(tmp_path, monkeypatch, restore_cache_config):
@@ -60,3 +61,11 @@ def test_compilation_cache_at_gives_the_process_its_settings_back(tmp_path):
         assert jax.config.values["jax_compilation_cache_dir"] == str(path)
         assert jax.config.values["jax_persistent_cache_min_compile_time_secs"] == 0.0
     assert {k: jax.config.values[k] for k in keys} == before
+
+
+def test_setup_sets_the_cpu_flags(monkeypatch):
+    monkeypatch.setattr(cpu_flags, "_backend_started", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("GPTJAX_NO_XLA_FLAGS", raising=False)
+    assert runtime.setup(compilation_cache=False) == {"xla_flags_added": list(cpu_flags.CPU_XLA_FLAGS),
+                                                      "compilation_cache_dir": None}

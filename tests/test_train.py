@@ -7,7 +7,8 @@ import pytest
 from gptjax.checkpoint import load_run
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
-from gptjax.model import GPT, set_linear_layout
+from gptjax.model import GPT, to_canonical, to_layout
+from gptjax.options import Options
 from gptjax.engine import OptimConfig, clip_by_global_norm_after, cross_entropy, make_optimizer, perplexity
 from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, create_state, jitted_steps as make_steps, pretrain as train
 
@@ -172,9 +173,9 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(tiny_cfg):
     # bfloat16 compute, and float32 compute with bfloat16 matmuls ((out, in) kernels, as on CPU)
     for name, kw in {"float32": {}, "bfloat16": dict(dtype="bfloat16"),
                      "matmuls": dict(matmul_precision="bfloat16", linear_layout="out_in")}.items():
-        cfg = tiny_cfg.replace(**kw)
-        train_step, eval_step = make_steps(cfg, tx)
-        state, m = train_step(create_state(cfg, tx, 0), batch)
+        cfg, opts = tiny_cfg, Options.for_backend(**kw)
+        train_step, eval_step = make_steps(cfg, tx, opts=opts)
+        state, m = train_step(create_state(cfg, tx, 0, opts=opts), batch)
         assert m["loss"].dtype == jnp.float32 and m["grad_norm"].dtype == jnp.float32
         assert {a.dtype for a in jax.tree_util.tree_leaves((state.params, state.opt_state))
                 if jnp.issubdtype(a.dtype, jnp.floating)} == {jnp.dtype("float32")}
@@ -230,21 +231,21 @@ class _CharTok:
 def test_out_in_kernels_train_like_in_out(tiny_cfg):
     # the CPU's faster (out, in) storage is the same model under training: the same loss at every
     # step (to float32 rounding), so the same updates
-    base = tiny_cfg.replace(drop_rate=0.1)
-    cfg = base.replace(linear_layout="out_in")
+    base = cfg = tiny_cfg.replace(drop_rate=0.1)
+    opts = Options.for_backend(linear_layout="out_in")
     tx = make_optimizer(OptimConfig(lr=1e-3, clip_norm=1.0))
     ref = create_state(base, tx, 0)
     copied = jax.tree_util.tree_map(jnp.copy, ref.params)  # the steps donate their state
-    state = create_state(cfg, tx, 0, params=set_linear_layout(copied, "in_out", "out_in"))
+    state = create_state(cfg, tx, 0, params=to_layout(copied, cfg, opts), opts=opts)
     ref_losses = _run(make_steps(base, tx)[0], ref, base, 4)
-    losses = _run(make_steps(cfg, tx)[0], state, cfg, 4)
+    losses = _run(make_steps(cfg, tx, opts=opts)[0], state, cfg, 4)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("layout", ["in_out", "out_in"])
 def test_train_loop_writes_a_loadable_run(tmp_path, tiny_cfg, layout):
-    train_cfg = tiny_cfg.replace(linear_layout=layout)
+    train_cfg, opts = tiny_cfg, Options.for_backend(linear_layout=layout)
     tok = _CharTok()
     ids = np.array(tok.encode("the quick brown fox jumps over the lazy dog. " * 12))
     x, y = make_windows(ids, tiny_cfg.context_length, tiny_cfg.context_length)
@@ -253,7 +254,7 @@ def test_train_loop_writes_a_loadable_run(tmp_path, tiny_cfg, layout):
     val_b = Batches(x[n:], y[n:], 4, shuffle=False, drop_last=False)
     tcfg = TrainConfig(epochs=3, batch_size=4, eval_freq=2, eval_iter=2, sample_tokens=5, start_context="the",
                        optim=OptimConfig(lr=3e-3))
-    res = train(train_cfg, tcfg, train_b, val_b, tok, tmp_path / "run", progress=False)
+    res = train(train_cfg, tcfg, train_b, val_b, tok, tmp_path / "run", progress=False, opts=opts)
     h = res["history"]
     assert h["step"][0] == 0 and h["train_loss"][-1] < h["train_loss"][0]
     assert res["tokens_seen"] == 3 * len(train_b) * 4 * tiny_cfg.context_length
@@ -263,11 +264,11 @@ def test_train_loop_writes_a_loadable_run(tmp_path, tiny_cfg, layout):
     assert len(res["samples"]) == 3
     params, cfg = load_run(tmp_path / "run")
     assert cfg == tiny_cfg  # a run trained with (out, in) kernels loads in the usual (in, out) layout
-    trained = set_linear_layout(res["state"].params, layout, "in_out")
+    trained = to_canonical(res["state"].params, cfg, opts)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(trained)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(generate(params, cfg, [[1, 2]], 4),
-                                  generate(res["state"].params, train_cfg, [[1, 2]], 4))
+                                  generate(res["state"].params, train_cfg, [[1, 2]], 4, opts=opts))
 
 
 def test_unwritable_output_directory(tmp_path, tiny_cfg):

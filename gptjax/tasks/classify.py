@@ -31,7 +31,8 @@ from gptjax.tasks.classify_data import (IGNORE_LABEL, PAD_TOKEN_ID, SMS_SPAM_LAB
                                         book_split, encode_texts)
 from gptjax.engine import Hooks, OptimConfig, Steps, TrainConfig, TrainState, cross_entropy
 from gptjax.sharding import mesh_for
-from gptjax.model import GPT, count_params, dropout_rngs
+from gptjax.model import GPT, count_params, dropout_rngs, layout_fns, to_canonical
+from gptjax.options import Options
 from gptjax.tokenizer import get_gpt2_tokenizer
 
 # --- model -----------------------------------------------------------------------------------------
@@ -100,10 +101,11 @@ def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:
     return lora_lib.merge(params, trainable.get("lora"), lora_scale)
 
 
-def last_token_logits(params: dict, cfg: GPTConfig, x_BT: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+def last_token_logits(params: dict, cfg: GPTConfig, x_BT: jax.Array, *, key: jax.Array | None = None,
+                      opts: Options | None = None) -> jax.Array:
     """The book's `model(x)[:, -1, :]`: class logits from the last position (padding included, as the book)."""
     rngs = dropout_rngs(key)
-    logits_BTC = GPT(cfg).apply({"params": params}, x_BT, deterministic=key is None, rngs=rngs)
+    logits_BTC = GPT(cfg, opts or Options()).apply({"params": params}, x_BT, deterministic=key is None, rngs=rngs)
     return logits_BTC[:, -1, :]
 
 
@@ -115,14 +117,14 @@ def _loss_and_correct(logits_BC: jax.Array, y_B: jax.Array) -> tuple[jax.Array, 
 
 
 @lru_cache(maxsize=8)
-def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0) -> engine.LossFn:
+def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Options()) -> engine.LossFn:
     """The book's classifier loss on batches `(x_BT, y_B)`, with the correct count for the accuracy.
 
     `trainable` holds only what trains ({"params": ..., "lora": ...}), so gradients and optimizer
     state exist for nothing else."""
     def loss_fn(trainable, frozen, batch, key):
         x_BT, y_B = batch
-        logits_BC = last_token_logits(full_params(trainable, frozen, lora_scale), cfg, x_BT, key=key)
+        logits_BC = last_token_logits(full_params(trainable, frozen, lora_scale), cfg, x_BT, key=key, opts=opts)
         loss, correct, count = _loss_and_correct(logits_BC, y_B)
         return loss, {"correct": correct, "count": count}
 
@@ -130,8 +132,12 @@ def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0) -> engine.LossFn:
 
 
 def make_classifier_steps(cfg: GPTConfig, optim: OptimConfig, trainable: Any, frozen: Any = None,
-                          lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp") -> Steps:
-    return Steps(make_loss_fn(cfg, lora_scale), optim, trainable, frozen=frozen, mesh=mesh, strategy=strategy)
+                          lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp",
+                          opts: Options | None = None) -> Steps:
+    """The engine's steps for the classifier, weights laid out by `opts` (default Options.for_backend())."""
+    opts = opts or Options.for_backend()
+    return Steps(make_loss_fn(cfg, lora_scale, opts), optim, trainable, frozen=frozen, mesh=mesh, strategy=strategy,
+                 layout=layout_fns(cfg, opts, "params"))
 
 
 def evaluate_split(steps: Steps, trainable: dict, batches: Iterator, num_batches: int | None = None
@@ -202,15 +208,18 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
                         balance: bool = True, train_frac: float = 0.7, val_frac: float = 0.1,
                         drop_rate: float | None = 0.0, base_model: str | None = None,
                         pad_token_id: int = PAD_TOKEN_ID, progress: bool = True, resume: bool = False,
-                        overwrite: bool = False, stop_after: int | None = None, sharding: str = "none", fsdp: int | None = None) -> dict:
+                        overwrite: bool = False, stop_after: int | None = None, sharding: str = "none",
+                        fsdp: int | None = None, opts: Options | None = None) -> dict:
     """Chapter 6 (and appendix E with `lora`) end to end; writes a run directory that `Classifier.from_run` loads.
 
     `params`/`cfg`: the base GPT (an LM or a classifier). `data`: all examples (split as the book) or
     ready {"train", "val", "test"} splits. `train`: which base params train (default 'last-block',
     or 'none' with LoRA, as the book). Writes params/ (merged), config.json, metrics.jsonl,
-    loss.png, accuracy.png and, with LoRA, adapters.safetensors.
+    loss.png, accuracy.png and, with LoRA, adapters.safetensors. `opts`: how it trains (default
+    Options.for_backend()), the layout of `params`; params/ and the returned params are canonical.
     """
     tcfg = tcfg or ClassifierTrainConfig()
+    opts = opts or Options.for_backend()
     out_dir = Path(out_dir)
     train = train or ("none" if lora is not None else "last-block")
     splits = data if isinstance(data, dict) else book_split(data, balance=balance, train_frac=train_frac,
@@ -239,11 +248,11 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     if "val" not in loaders:
         raise ValueError("the validation split is empty; use more data or a larger validation fraction")
 
-    if getattr(cfg, "scan_layers", False):
+    if opts.scan_layers:
         # per-layer params, so 'last-block' and LoRA can address single blocks
         from gptjax.model import unstack_layers
 
-        params, cfg = unstack_layers(params), cfg.replace(scan_layers=False)
+        params, opts = unstack_layers(params), opts.replace(scan_layers=False)
     key = jax.random.PRNGKey(tcfg.seed)
     head_key, lora_key = jax.random.split(key)
     if cfg.n_classes != n_classes or "cls_head" not in params:
@@ -263,14 +272,15 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
           f"max_length {max_length}; batches train {len(loaders['train'])}, val {len(loaders['val'])}"
           + (f", test {len(loaders['test'])}" if "test" in loaders else ""))
 
-    steps = make_classifier_steps(cfg, tcfg.optim, trainable, frozen, lora_scale, mesh=mesh_for(sharding, fsdp, tcfg.batch_size),
-                                  strategy=sharding)
+    steps = make_classifier_steps(cfg, tcfg.optim, trainable, frozen, lora_scale,
+                                  mesh=mesh_for(sharding, fsdp, tcfg.batch_size), strategy=sharding, opts=opts)
     state = steps.init_state(trainable, key)
     # the book's check before fine-tuning: accuracy on 10 batches of each split (about chance)
     initial = {name: evaluate_split(steps, trainable, b.epoch(0), 10)[1] for name, b in loaders.items()}
     print("before fine-tuning: " + "  ".join(f"{k} accuracy {v * 100:.2f}%" for k, v in initial.items()))
     if not resume:
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "status": "running"})
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(),
+                                                       "status": "running"})
     result = train_classifier(steps, state, loaders["train"], loaders["val"], tcfg, out_dir, resume=resume,
                               meta={"task": "classify", "model": cfg.to_dict()}, progress=progress,
                               stop_after=stop_after)
@@ -281,14 +291,14 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
         final[name] = {"loss": loss, "accuracy": acc, "examples": b.num_examples}
     print("  ".join(f"{name} accuracy {m['accuracy'] * 100:.2f}%" for name, m in final.items()))
 
-    merged = full_params(trainable, frozen, lora_scale)
+    merged = to_canonical(full_params(trainable, frozen, lora_scale), cfg, opts)
     task = {"task": "classify", "label_names": list(label_names), "max_length": int(max_length),
             "pad_token_id": pad_token_id, "base_model": base_model, "train_layers": train,
             "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
             "trainable_params": n_train, "split_sizes": {k: len(v) for k, v in splits.items()},
             "initial_accuracy": initial, "results": final, "steps": result["steps"],
             "examples_seen": result["tokens_seen"], "wall_s": round(result["wall_s"], 1)}
-    save_run(out_dir, merged, cfg, extra={"classify": task, "status": "finished"})
+    save_run(out_dir, merged, cfg, extra={"options": opts.to_dict(), "classify": task, "status": "finished"})
     if lora is not None:
         # the adapters alone, plus what the base model lacks (the new head) or what trained beside them
         extra_params = combine({"cls_head": params["cls_head"]}, trainable["params"])

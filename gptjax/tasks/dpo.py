@@ -32,7 +32,8 @@ from gptjax.config import GPTConfig
 from gptjax.engine import OptimConfig, Steps, TrainConfig, mean_metrics
 from gptjax.generate import generate_batch
 from gptjax.sharding import mesh_for
-from gptjax.model import GPT, count_params
+from gptjax.model import GPT, count_params, layout_fns, to_canonical
+from gptjax.options import Options
 from gptjax.tasks.instruct import fit, full_params, respond_and_evaluate, split_trainable
 from gptjax.tasks.instruct_data import (PAD_TOKEN_ID, bucket_length, encode, format_input, load_json_records,
                                         response_prefix, split_data)
@@ -161,23 +162,23 @@ def dpo_loss(policy_chosen_B: jax.Array, policy_rejected_B: jax.Array, ref_chose
     return jnp.sum(losses_B * w_B) / n, jnp.sum(chosen_B * w_B) / n, jnp.sum(rejected_B * w_B) / n
 
 
-def _pair_logprobs(params: dict, cfg: GPTConfig, batch: dict) -> tuple[jax.Array, jax.Array]:
+def _pair_logprobs(params: dict, cfg: GPTConfig, batch: dict, opts: Options = Options()) -> tuple[jax.Array, jax.Array]:
     """(chosen_B, rejected_B) mean answer log-probabilities, one forward over the 2B rows."""
     x_2BT = jnp.concatenate([batch["chosen"], batch["rejected"]])
     m_2BT = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    lp_2B = sequence_logprobs(GPT(cfg).apply({"params": params}, x_2BT, deterministic=True), x_2BT, m_2BT)
+    lp_2B = sequence_logprobs(GPT(cfg, opts).apply({"params": params}, x_2BT, deterministic=True), x_2BT, m_2BT)
     return jnp.split(lp_2B, 2)
 
 
 @lru_cache(maxsize=8)
-def make_loss_fn(cfg: GPTConfig, beta: float = 0.1, lora_scale: float = 1.0) -> engine.LossFn:
+def make_loss_fn(cfg: GPTConfig, beta: float = 0.1, lora_scale: float = 1.0, opts: Options = Options()) -> engine.LossFn:
     """The book's DPO loss over `frozen = (base weights, reference params)`; `ref` None: the frozen base
     params are the reference (LoRA). Dropout is off in both models, as the book (drop_rate 0), so
     step 0's loss is exactly log 2."""
     def loss_fn(trainable, fixed, batch, key):
         frozen, ref = fixed
-        pol_c, pol_r = _pair_logprobs(full_params(trainable, frozen, lora_scale), cfg, batch)
-        ref_c, ref_r = _pair_logprobs(frozen if ref is None else ref, cfg, batch)
+        pol_c, pol_r = _pair_logprobs(full_params(trainable, frozen, lora_scale), cfg, batch, opts)
+        ref_c, ref_r = _pair_logprobs(frozen if ref is None else ref, cfg, batch, opts)
         ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
         loss, chosen, rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, batch.get("valid"))
         return loss, {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected}
@@ -186,9 +187,13 @@ def make_loss_fn(cfg: GPTConfig, beta: float = 0.1, lora_scale: float = 1.0) -> 
 
 
 def make_dpo_steps(cfg: GPTConfig, optim: OptimConfig, trainable: Any, fixed: tuple, beta: float = 0.1,
-                   lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp") -> Steps:
-    """The engine's steps for DPO: `fixed` is (frozen base weights, reference params or None)."""
-    return Steps(make_loss_fn(cfg, beta, lora_scale), optim, trainable, frozen=fixed, mesh=mesh, strategy=strategy)
+                   lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp",
+                   opts: Options | None = None) -> Steps:
+    """The engine's steps for DPO: `fixed` is (frozen base weights, reference params or None), laid out
+    by `opts` (default Options.for_backend()); checkpoints hold canonical weights."""
+    opts = opts or Options.for_backend()
+    return Steps(make_loss_fn(cfg, beta, lora_scale, opts), optim, trainable, frozen=fixed, mesh=mesh,
+                 strategy=strategy, layout=layout_fns(cfg, opts, "params"))
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -215,14 +220,18 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                  allowed_max_length: int = 1024, base_model: str | None = None, data_source: str | None = None,
                  respond: bool = True, max_new_tokens: int = 256, resume: bool = False,
                  overwrite: bool = False, progress: bool = True,
-                 stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none", fsdp: int | None = None) -> dict:
+                 stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none",
+                 fsdp: int | None = None, opts: Options | None = None) -> dict:
     """The book's DPO bonus end to end: the reference is a frozen copy of `params` (an SFT model).
 
     Writes config.json, params/, checkpoints/, metrics.jsonl (train/val loss, chosen/rejected rewards,
     margin every eval_freq steps), steps.jsonl (the same per step, of the step's batch), dpo.png and,
     with `respond`, test-responses.json plus eval.json/eval.md scored against the chosen answers.
+    `opts`: how it trains (default Options.for_backend()), the layout of `params`; params/,
+    checkpoints/ and the returned params are canonical.
     """
     tcfg = tcfg or DPOTrainConfig()
+    opts = opts or Options.for_backend()
     out_dir = Path(out_dir)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax dpo ... --resume`")
@@ -245,8 +254,8 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     ref = None if lora else params  # LoRA: the frozen base is the reference
     scale = lora.scale if lora else 1.0
     fixed = (frozen, ref)
-    steps = make_dpo_steps(cfg, tcfg.optim, trainable, fixed, tcfg.beta, scale, mesh=mesh_for(sharding, fsdp, tcfg.batch_size),
-                           strategy=sharding)
+    steps = make_dpo_steps(cfg, tcfg.optim, trainable, fixed, tcfg.beta, scale,
+                           mesh=mesh_for(sharding, fsdp, tcfg.batch_size), strategy=sharding, opts=opts)
     state = steps.init_state(trainable, key)
     n_train = count_params(trainable)
     print(f"policy: {count_params(params):,} parameters, {n_train:,} trainable"
@@ -258,7 +267,8 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                 "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
                 "split_sizes": {k: len(v) for k, v in splits.items()}, "trainable_params": n_train}
     if not resume:
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "dpo": settings, "status": "running"})
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(), "dpo": settings,
+                                                       "status": "running"})
     initial = {**{f"train_{k}": v for k, v in mean_metrics(steps, trainable, train_b.epoch(0), 5).items()},
                **{f"val_{k}": v for k, v in mean_metrics(steps, trainable, val_b.epoch(0), 5).items()}}
     print(f"initial: training loss {initial['train_loss']:.4f}, validation loss {initial['val_loss']:.4f} "
@@ -268,7 +278,7 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
 
     def sample(tr: dict) -> str:
         new = generate_batch(full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
-                             eos_id=pad_token_id)[0]
+                             eos_id=pad_token_id, opts=opts)[0]
         return tokenizer.decode(sample_ids + new)
 
     loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(b["chosen"][b["valid"]].size),
@@ -288,11 +298,12 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     if lora is not None:
         lora_lib.save_adapters(out_dir / "adapters.safetensors", loop["state"].params["lora"], lora,
                                metadata={"base_model": base_model})
-    save_run(out_dir, merged, cfg, extra={"dpo": result, "status": "finished"})
+    canonical = to_canonical(merged, cfg, opts)
+    save_run(out_dir, canonical, cfg, extra={"options": opts.to_dict(), "dpo": result, "status": "finished"})
     (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
     if respond and splits.get("test"):
         test = [{**e, "output": e["chosen"]} for e in splits["test"]]  # score against the preferred answers
         result["eval"] = respond_and_evaluate(merged, cfg, test, tokenizer, out_dir, style=style,
                                               max_new_tokens=max_new_tokens, batch_size=tcfg.batch_size,
-                                              name="dpo", progress=progress, eos_id=pad_token_id)
-    return {**result, "history": h, "out_dir": str(out_dir), "params": merged, "cfg": cfg}
+                                              name="dpo", progress=progress, eos_id=pad_token_id, opts=opts)
+    return {**result, "history": h, "out_dir": str(out_dir), "params": canonical, "cfg": cfg}

@@ -30,7 +30,8 @@ from gptjax.config import GPTConfig
 from gptjax.engine import IGNORE_INDEX, Hooks, OptimConfig, Steps, TrainConfig, TrainState, mean_metrics
 from gptjax.generate import decoding_model, generate_batch
 from gptjax.sharding import mesh_for
-from gptjax.model import GPT, count_params, dropout_rngs
+from gptjax.model import GPT, count_params, dropout_rngs, layout_fns, to_canonical
+from gptjax.options import Options
 from gptjax.tasks.instruct_data import (PAD_TOKEN_ID, InstructionBatches, check_style, encode, encode_examples,
                                         extract_response, format_input, split_data)
 from gptjax.tasks.judge import text_scores
@@ -59,11 +60,11 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, 
 
 
 @lru_cache(maxsize=8)
-def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0) -> engine.LossFn:
+def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Options()) -> engine.LossFn:
     """The book's SFT loss: mean cross-entropy over targets that are not -100, of batches `(x_BT, y_BT)`.
 
     `trainable` is {"params": every weight} or {"lora": adapters} over the `frozen` weights."""
-    model = GPT(cfg)
+    model = GPT(cfg, opts)
 
     def loss_fn(trainable, frozen, batch, key):
         x_BT, y_BT = batch
@@ -76,9 +77,13 @@ def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0) -> engine.LossFn:
 
 
 def make_sft_steps(cfg: GPTConfig, optim: OptimConfig, trainable: Any, frozen: Any = None,
-                   lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp") -> Steps:
-    """The engine's steps for supervised fine-tuning: only `trainable` has gradients and optimizer state."""
-    return Steps(make_loss_fn(cfg, lora_scale), optim, trainable, frozen=frozen, mesh=mesh, strategy=strategy)
+                   lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp",
+                   opts: Options | None = None) -> Steps:
+    """The engine's steps for supervised fine-tuning: only `trainable` has gradients and optimizer state.
+    `opts` (default Options.for_backend()) is the layout of the weights; checkpoints hold canonical ones."""
+    opts = opts or Options.for_backend()
+    return Steps(make_loss_fn(cfg, lora_scale, opts), optim, trainable, frozen=frozen, mesh=mesh, strategy=strategy,
+                 layout=layout_fns(cfg, opts, "params"))
 
 
 # --- the fine-tuning loop (SFT and DPO) ------------------------------------------------------------
@@ -138,12 +143,13 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
                        style: str = "alpaca", max_new_tokens: int = 256, batch_size: int = 8,
                        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                        seed: int = 123, eos_id: int | None = PAD_TOKEN_ID, progress: bool = False,
-                       return_finished: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+                       return_finished: bool = False, opts: Options | None = None
+                       ) -> list[str] | tuple[list[str], list[bool]]:
     """The book's test-set loop: generate after format_input(entry) (greedy, 256 tokens, stop at
     <|endoftext|>) and keep the text after the prompt without the "### Response:" marker. Prompts of
     different lengths are decoded `batch_size` at a time (KV cache), each as if alone.
     `return_finished` also returns, per answer, whether it ended with `eos_id` before the limit."""
-    params, cfg = decoding_model(params, cfg)  # once for all the batches
+    params, opts = decoding_model(params, cfg, opts)  # once for all the batches
     prompts = [format_input(e, style) for e in entries]
     ids = [encode(tokenizer, p) for p in prompts]
     out, finished = [], []
@@ -154,7 +160,7 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
         if n < batch_size and len(ids) > batch_size:  # same batch size as the others: no new program
             chunk = chunk + [chunk[-1]] * (batch_size - n)
         new = generate_batch(params, cfg, chunk, max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, eos_id=eos_id, key=jax.random.fold_in(key, start))[:n]
+                             top_p=top_p, eos_id=eos_id, key=jax.random.fold_in(key, start), opts=opts)[:n]
         for p, p_ids, n_ids in zip(prompts[start:start + n], chunk, new):
             out.append(extract_response(tokenizer.decode(list(p_ids) + list(n_ids)), p, style))
             finished.append(len(n_ids) < max_new_tokens)  # generate_batch drops the eos it stopped at
@@ -175,7 +181,7 @@ def save_responses(entries: Sequence[dict], responses: Sequence[str], path: str 
 
 def response_nll(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenizer: Any, *, style: str = "alpaca",
                  response_key: str = "output", batch_size: int = 8, pad_multiple: int = 64,
-                 pad_token_id: int = PAD_TOKEN_ID) -> dict[str, float]:
+                 pad_token_id: int = PAD_TOKEN_ID, opts: Options | None = None) -> dict[str, float]:
     """Loss and perplexity of the reference answers given their prompts: mean cross-entropy per token over
     the answer text and its <|endoftext|>, the prompt and the response header excluded."""
     if not entries:
@@ -185,26 +191,27 @@ def response_nll(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenize
                                  allowed_max_length=cfg.context_length, mask="prompt", pad_token_id=pad_token_id)
     total, count = 0.0, 0
     for batch in batches:
-        nll, n = _nll_batch(params, batch, cfg=cfg)
+        nll, n = _nll_batch(params, batch, cfg=cfg, opts=opts or Options())
         total, count = total + float(nll), count + int(n)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
 
 
-@partial(jax.jit, static_argnames="cfg")
-def _nll_batch(params, batch, *, cfg: GPTConfig):
+@partial(jax.jit, static_argnames=("cfg", "opts"))
+def _nll_batch(params, batch, *, cfg: GPTConfig, opts: Options):
     x_BT, y_BT = batch
-    return token_nll(GPT(cfg).apply({"params": params}, x_BT, deterministic=True), y_BT)
+    return token_nll(GPT(cfg, opts).apply({"params": params}, x_BT, deterministic=True), y_BT)
 
 
 def offline_report(entries: Sequence[dict], responses: Sequence[str] | None = None, *, params: dict | None = None,
                    cfg: GPTConfig | None = None, tokenizer: Any = None, style: str = "alpaca",
-                   name: str = "model", pad_token_id: int = PAD_TOKEN_ID) -> dict[str, Any]:
+                   name: str = "model", pad_token_id: int = PAD_TOKEN_ID,
+                   opts: Options | None = None) -> dict[str, Any]:
     """One row of the offline table: reference loss/perplexity (with a model) and exact match / ROUGE-L
     of `responses` against the references (with responses)."""
     row: dict[str, Any] = {"model": name, "n": len(entries)}
     if params is not None:
-        nll = response_nll(params, cfg, entries, tokenizer, style=style, pad_token_id=pad_token_id)
+        nll = response_nll(params, cfg, entries, tokenizer, style=style, pad_token_id=pad_token_id, opts=opts)
         row.update(ref_loss=nll["loss"], ref_perplexity=nll["perplexity"], ref_tokens=nll["tokens"])
     if responses is not None:
         row.update(text_scores(responses, [e["output"] for e in entries]))
@@ -234,15 +241,20 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                       lora: lora_lib.LoRAConfig | None = None, mask: str = "none", pad_multiple: int = 64,
                       allowed_max_length: int = 1024, respond: bool = True, max_new_tokens: int = 256,
                       base_model: str | None = None, data_source: str | None = None, resume: bool = False,
-                      overwrite: bool = False, progress: bool = True, stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none", fsdp: int | None = None) -> dict:
+                      overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
+                      pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none", fsdp: int | None = None,
+                      opts: Options | None = None) -> dict:
     """Chapter 7 end to end; writes a run directory that `load_run`, `gptjax respond/chat/dpo` read.
 
     `data`: all records (split as the book) or ready {"train", "val", "test"} splits. Writes
     config.json, params/ (LoRA merged in), checkpoints/, metrics.jsonl, steps.jsonl, loss.png and, with
     `respond`, test-responses.json (the book's format) and eval.json / eval.md (the offline table).
     `pad_token_id` is the end-of-text token of the tokenizer (GPT-2's 50256), which also pads.
+    `opts`: how it trains (default Options.for_backend()), the layout of `params`; params/,
+    checkpoints/ and the returned params are canonical.
     """
     tcfg = tcfg or InstructTrainConfig()
+    opts = opts or Options.for_backend()
     check_style(style)
     out_dir = Path(out_dir)
     if not resume:
@@ -265,8 +277,8 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     scale = lora.scale if lora else 1.0
-    steps = make_sft_steps(cfg, tcfg.optim, trainable, frozen, scale, mesh=mesh_for(sharding, fsdp, tcfg.batch_size),
-                           strategy=sharding)
+    steps = make_sft_steps(cfg, tcfg.optim, trainable, frozen, scale,
+                           mesh=mesh_for(sharding, fsdp, tcfg.batch_size), strategy=sharding, opts=opts)
     state = steps.init_state(trainable, key)
     longest = max(len(x) for x in enc["train"].ids)
     n_train = count_params(trainable)
@@ -280,8 +292,8 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                 "split_sizes": {k: len(v) for k, v in splits.items()},
                 "trainable_params": n_train}
     if not resume:
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "instruct": settings,
-                                                       "status": "running"})
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(),
+                                                       "instruct": settings, "status": "running"})
     initial = {"train_loss": mean_metrics(steps, trainable, train_b.epoch(0), 5).get("loss"),
                "val_loss": mean_metrics(steps, trainable, val_b.epoch(0), 5).get("loss")}
     print(f"initial losses: training {initial['train_loss']:.3f}, validation {initial['val_loss']:.3f}")
@@ -290,7 +302,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
 
     def sample(tr: dict) -> str:
         new = generate_batch(full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
-                             eos_id=pad_token_id)[0]
+                             eos_id=pad_token_id, opts=opts)[0]
         return tokenizer.decode(sample_ids + new)
 
     loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(np.sum(b[1] != IGNORE_INDEX)),
@@ -311,29 +323,33 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     if lora is not None:
         lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora,
                                metadata={"base_model": base_model})
-    save_run(out_dir, merged, cfg, extra={"instruct": {k: v for k, v in result.items() if k != "samples"},
-                                          "status": "finished"})
+    canonical = to_canonical(merged, cfg, opts)
+    save_run(out_dir, canonical, cfg, extra={"options": opts.to_dict(),
+                                             "instruct": {k: v for k, v in result.items() if k != "samples"},
+                                             "status": "finished"})
     (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
     if respond and splits.get("test"):
         result["eval"] = respond_and_evaluate(merged, cfg, splits["test"], tokenizer, out_dir, style=style,
                                               max_new_tokens=max_new_tokens, batch_size=tcfg.batch_size,
-                                              name=base_model or "model", progress=progress, eos_id=pad_token_id)
-    return {**result, "history": h, "out_dir": str(out_dir), "params": merged, "cfg": cfg}
+                                              name=base_model or "model", progress=progress, eos_id=pad_token_id,
+                                              opts=opts)
+    return {**result, "history": h, "out_dir": str(out_dir), "params": canonical, "cfg": cfg}
 
 
 def respond_and_evaluate(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenizer: Any, out_dir: str | Path,
                          *, style: str = "alpaca", max_new_tokens: int = 256, batch_size: int = 8,
-                         name: str = "model", progress: bool = False, eos_id: int = PAD_TOKEN_ID) -> dict:
+                         name: str = "model", progress: bool = False, eos_id: int = PAD_TOKEN_ID,
+                         opts: Options | None = None) -> dict:
     """Test-set responses (test-responses.json) and the offline table (eval.json, eval.md) into `out_dir`."""
     out_dir = Path(out_dir)
     t0 = time.time()
     responses, finished = generate_responses(params, cfg, entries, tokenizer, style=style,
                                              max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-                                             eos_id=eos_id, return_finished=True)
+                                             eos_id=eos_id, return_finished=True, opts=opts)
     gen_s = time.time() - t0
     save_responses(entries, responses, out_dir / RESPONSES_FILE)
     row = offline_report(entries, responses, params=params, cfg=cfg, tokenizer=tokenizer, style=style, name=name,
-                         pad_token_id=eos_id)
+                         pad_token_id=eos_id, opts=opts)
     row["generate_s"] = round(gen_s, 1)
     row["unfinished"] = finished.count(False)  # answers cut at max_new_tokens, never ending with eos
     (out_dir / "eval.json").write_text(json.dumps(row, indent=1))

@@ -22,7 +22,8 @@ from gptjax.config import GPTConfig
 from gptjax.data import create_dataloaders, load_corpus
 from gptjax.engine import Hooks, OptimConfig, Steps, TrainConfig, TrainState, cross_entropy, mean_metrics, new_state
 from gptjax.generate import generate, trim_at_eos
-from gptjax.model import GPT, count_params, dropout_rngs, init_params
+from gptjax.model import GPT, count_params, dropout_rngs, init_params, layout_fns, to_canonical
+from gptjax.options import LEGACY_KEYS, Options
 from gptjax.sharding import mesh_for
 from gptjax.tokenizer import get_gpt2_tokenizer
 
@@ -34,9 +35,9 @@ class PretrainConfig(TrainConfig):
 
 
 @lru_cache(maxsize=8)
-def make_loss_fn(cfg: GPTConfig) -> engine.LossFn:
+def make_loss_fn(cfg: GPTConfig, opts: Options = Options()) -> engine.LossFn:
     """Next-token cross-entropy of batches `(x_BT, y_BT)`; dropout when a key is given."""
-    model = GPT(cfg)
+    model = GPT(cfg, opts)
 
     def loss_fn(params, frozen, batch, key):
         x_BT, y_BT = batch
@@ -46,37 +47,47 @@ def make_loss_fn(cfg: GPTConfig) -> engine.LossFn:
     return loss_fn
 
 
-def create_state(cfg: GPTConfig, tx: optax.GradientTransformation, seed: int, params: Any = None) -> TrainState:
-    """A fresh pretraining state: params from `seed` (or `params`), the PRNG key for dropout split off it."""
+def create_state(cfg: GPTConfig, tx: optax.GradientTransformation, seed: int, params: Any = None,
+                 opts: Options = Options()) -> TrainState:
+    """A fresh pretraining state: params from `seed` (or `params`) in `opts`' layout, the PRNG key for
+    dropout split off it."""
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-    return new_state(init_params(cfg, init_key) if params is None else params, tx, train_key)
+    return new_state(init_params(cfg, init_key, opts) if params is None else params, tx, train_key)
 
 
-def jitted_steps(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None):
+def jitted_steps(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: optax.Schedule | None = None,
+                 opts: Options | None = None):
     """The engine's pretraining steps as plain jitted functions: `train_step(state, (x, y)) -> (state,
-    metrics)` (state donated) and `eval_step(params, (x, y)) -> loss`, for notebooks and experiments."""
-    train_fn, eval_fn = engine.step_functions(make_loss_fn(cfg), tx, schedule)
+    metrics)` (state donated) and `eval_step(params, (x, y)) -> loss`, for notebooks and experiments.
+    `opts` default: Options.for_backend()."""
+    train_fn, eval_fn = engine.step_functions(make_loss_fn(cfg, opts or Options.for_backend()), tx, schedule)
     return (jax.jit(lambda state, batch: train_fn(state, None, batch), donate_argnums=0),
             jax.jit(lambda params, batch: eval_fn(params, None, batch)["loss"]))
 
 
 def make_steps(cfg: GPTConfig, optim: OptimConfig, mesh: jax.sharding.Mesh | None = None,
-               strategy: str = "dp") -> Steps:
-    """The engine's pretraining steps for `cfg`: on the default device, or over `mesh` ("dp" / "fsdp")."""
-    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    return Steps(make_loss_fn(cfg), optim, abstract, mesh=mesh, strategy=strategy)
+               strategy: str = "dp", opts: Options | None = None) -> Steps:
+    """The engine's pretraining steps for `cfg` under `opts` (default Options.for_backend()): on the default
+    device, or over `mesh` ("dp" / "fsdp"). Checkpoints hold the canonical layout."""
+    opts = opts or Options.for_backend()
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), opts))
+    return Steps(make_loss_fn(cfg, opts), optim, abstract, mesh=mesh, strategy=strategy,
+                 layout=layout_fns(cfg, opts))
 
 
-def init_state(steps: Steps, cfg: GPTConfig, seed: int, params: Any = None) -> TrainState:
-    """`create_state` for `steps`: on a mesh the init runs sharded (no device ever holds the whole model)."""
+def init_state(steps: Steps, cfg: GPTConfig, seed: int, params: Any = None, opts: Options | None = None) -> TrainState:
+    """`create_state` for `steps` (built with the same `opts`): on a mesh the init runs sharded (no device
+    ever holds the whole model)."""
+    opts = opts or Options.for_backend()
     init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-    return steps.init_state(params if params is not None else (lambda: init_params(cfg, init_key)), train_key)
+    return steps.init_state(params if params is not None else (lambda: init_params(cfg, init_key, opts)),
+                            train_key)
 
 
 def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, tokenizer, out_dir: str | Path,
              params: Any = None, progress: bool = True, *, resume: bool = False, overwrite: bool = False,
              run_info: dict | None = None, stop_after: int | None = None, sharding: str = "none",
-             fsdp: int | None = None) -> dict:
+             fsdp: int | None = None, opts: Options | None = None) -> dict:
     """The book's train loop (appendix D's with a warmup/cosine/clip OptimConfig) on the engine.
 
     Writes config.json, checkpoints/, metrics.jsonl, steps.jsonl, then params/, samples.json and
@@ -86,21 +97,25 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
     settings there); `stop_after` stops as if interrupted once that many steps are done. `sharding`
     "dp" / "fsdp" trains over every device (`fsdp` sets that axis's size). Raises
     TrainingInterrupted after SIGINT/SIGTERM (a checkpoint is on disk), FloatingPointError when the
-    loss stops being finite, CheckpointSaveError when a save fails.
+    loss stops being finite, CheckpointSaveError when a save fails. `opts`: how the model runs (default
+    Options.for_backend()); `params` come in its layout; checkpoints and params/ hold the canonical one,
+    so a run resumes under any options.
     """
+    opts = opts or Options.for_backend()
     out_dir = runs.prepare_out_dir(out_dir)
     if resume and params is not None:
         raise ValueError("pass either params (weights to start from) or resume=True (continue a run), not both")
     mesh = mesh_for(sharding, fsdp, tcfg.batch_size)
-    steps = make_steps(cfg, tcfg.optim, mesh, sharding if mesh is not None else "dp")
+    steps = make_steps(cfg, tcfg.optim, mesh, sharding if mesh is not None else "dp", opts)
     if resume:
         state = steps.restore_target()
     else:
         refuse_existing_run(out_dir, overwrite=overwrite,
                             resume_hint=f"`gptjax pretrain --resume {out_dir}` (pretrain(..., resume=True))")
-        state = init_state(steps, cfg, tcfg.seed, params)
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "train": tcfg.to_dict(),
-                                                       **(run_info or {}), "status": "running"})
+        state = init_state(steps, cfg, tcfg.seed, params, opts)
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(),
+                                                       "train": tcfg.to_dict(), **(run_info or {}),
+                                                       "status": "running"})
     n_batches = len(train_batches)
     print(f"model: {count_params(steps.abstract.params):,} parameters; train {n_batches} batches/epoch, "
           f"val {len(val_batches)} batches; {tcfg.epochs * n_batches} steps")
@@ -115,7 +130,7 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
         return mean_metrics(steps, params, val_batches.epoch(0), tcfg.eval_iter).get("loss", float("nan"))
 
     def sample(params) -> str:
-        ids = generate(params, cfg, start_ids, tcfg.sample_tokens)
+        ids = generate(params, cfg, start_ids, tcfg.sample_tokens, opts=opts)
         return tokenizer.decode(trim_at_eos(ids[0], None))
 
     def line(rec: dict) -> str:
@@ -127,9 +142,9 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
                       resume=resume, progress=progress, stop_after=stop_after,
                       resume_hint=f"gptjax pretrain --resume {out_dir} (or pretrain(..., resume=True))")
     state = loop["state"]
-    save_run(out_dir, state.params, cfg, extra={"train": tcfg.to_dict(), **(run_info or {}), "status": "finished",
-                                                "tokens_seen": loop["tokens_seen"], "steps": loop["steps"],
-                                                "wall_s": round(loop["wall_s"], 1)})
+    save_run(out_dir, to_canonical(state.params, cfg, opts), cfg,
+             extra={"options": opts.to_dict(), "train": tcfg.to_dict(), **(run_info or {}), "status": "finished",
+                    "tokens_seen": loop["tokens_seen"], "steps": loop["steps"], "wall_s": round(loop["wall_s"], 1)})
     (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
     if loop["history"].get("step"):
         runs.plot_history(loop["history"], out_dir / "loss.png")
@@ -171,32 +186,38 @@ def launch_check(argv: list[str] | None = None) -> None:
           f"its busiest device", flush=True)
 
 
-def run_settings(out_dir: str | Path) -> tuple[GPTConfig, PretrainConfig, dict]:
-    """(model, train settings, data settings) of a pretraining run directory: what a resume continues with."""
+def run_settings(out_dir: str | Path) -> tuple[GPTConfig, PretrainConfig, dict, Options]:
+    """(model, train settings, data settings, options) of a pretraining run directory: what `gptjax pretrain
+    --resume` continues with. The options are those config.json records (older runs kept them under
+    "model"), with this backend's gradient barrier; a resume from Python may pass any others."""
     cfg, meta = load_run_config(out_dir)
     if "data" not in meta or "train" not in meta:
         raise ValueError(f"{str(out_dir)!r} was not started by `gptjax pretrain` (its config.json has no data "
                          f"settings); resume it from Python with pretrain(..., resume=True)")
-    return cfg, PretrainConfig.from_dict(meta["train"]), meta["data"]
+    saved = meta.get("options") or {k: v for k, v in meta["model"].items() if k in LEGACY_KEYS}
+    opts = Options.for_backend(**{k: v for k, v in saved.items() if k != "grad_barrier"})
+    return cfg, PretrainConfig.from_dict(meta["train"]), meta["data"], opts
 
 
 def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | None = None,
                     tcfg: PretrainConfig | None = None, *, optim_for: Callable[[int], OptimConfig] | None = None,
                     stride: int | None = None, train_ratio: float = 0.9, bpe_dir: str | None = None,
-                    resume: bool = False, **kw) -> dict:
+                    resume: bool = False, opts: Options | None = None, **kw) -> dict:
     """`gptjax pretrain` as one call: corpus -> GPT-2 tokens -> the book's windows -> `pretrain`.
 
     `corpus`: a path, URL, `hf:NAME` or None (the default corpus, see data.load_corpus). `optim_for(n)`
     gives the optimizer settings for a run of n micro-steps (warmup and cosine need the count).
     config.json records the corpus, its sha256 and the windowing. `resume=True` continues the run in
     `out_dir` with the model, train and data settings saved there (`cfg`/`tcfg` must be None) and
-    refuses a corpus whose text changed. `kw` goes to `pretrain` (progress, overwrite, sharding, ...).
+    refuses a corpus whose text changed; it runs under the run's recorded options unless `opts` says
+    otherwise. `kw` goes to `pretrain` (progress, overwrite, sharding, ...).
     """
     if resume:
         if cfg is not None or tcfg is not None:
             raise ValueError("a resume continues with the run's own model and train settings: pass neither cfg "
                              "nor tcfg")
-        cfg, tcfg, data = run_settings(out_dir)
+        cfg, tcfg, data, saved_opts = run_settings(out_dir)
+        opts = opts or saved_opts
     else:
         if cfg is None or tcfg is None:
             raise ValueError("a new run needs a model config (cfg) and train settings (tcfg)")
@@ -215,5 +236,7 @@ def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | No
         if optim_for is not None:
             tcfg = dataclasses.replace(tcfg, optim=optim_for(tcfg.epochs * len(train_b)))
         data["corpus_sha256"] = sha
-    print(f"corpus: {len(text):,} characters; {cfg}")
-    return pretrain(cfg, tcfg, train_b, val_b, tok, out_dir, resume=resume, run_info={"data": data}, **kw)
+    opts = opts or Options.for_backend()
+    print(f"corpus: {len(text):,} characters; {cfg}; {opts}")
+    return pretrain(cfg, tcfg, train_b, val_b, tok, out_dir, resume=resume, run_info={"data": data}, opts=opts,
+                    **kw)

@@ -1,4 +1,4 @@
-"""gptjax.cpu_matvec: the C++ decoding kernel against numpy and XLA, its fallbacks, and decoding with it."""
+"""gptjax.cpu.matvec: the C++ decoding kernel against numpy and XLA, its fallbacks, and decoding with it."""
 import warnings
 
 import jax
@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import cpu_matvec
 from gptjax import generate as gen
 from gptjax.config import GPTConfig
+from gptjax.cpu import matvec as cpu_matvec
 from gptjax.model import GPT, init_params
+from gptjax.options import Options
 
 needs_compiler = pytest.mark.skipif(cpu_matvec.find_compiler() is None, reason="no C++ compiler to build the kernel")
 
@@ -83,16 +84,17 @@ def test_decoding_with_the_kernel_gives_the_same_tokens(tie):
     pk, ck = gen.decoding_model(params, cfg)
     px, cx = gen.decoding_model(params, cfg, matvec="xla")
     assert (ck.matvec, ck.linear_layout, cx.matvec) == ("kernel", "out_in", "xla")
-    step = jax.jit(lambda p, idx: GPT(ck).apply({"params": p}, idx))
+    step = jax.jit(lambda p, idx: GPT(cfg, ck).apply({"params": p}, idx))
     assert cpu_matvec.TARGET in step.lower(pk, jnp.zeros((1, 1), jnp.int32)).as_text()
     assert cpu_matvec.TARGET not in step.lower(pk, jnp.zeros((1, 16), jnp.int32)).as_text()  # 16 rows: GEMM
     prompts = [[5, 7, 11], [1], [2, 3, 4, 5, 6, 7]]  # different lengths: batched decode, left padding
     for B in ((1, 3) if not tie else (3,)):
-        a = gen.generate_batch(pk, ck, prompts[:B], 12)
-        b = gen.generate_batch(px, cx, prompts[:B], 12)
+        a = gen.generate_batch(pk, cfg, prompts[:B], 12, opts=ck)
+        b = gen.generate_batch(px, cfg, prompts[:B], 12, opts=cx)
         assert a == b
     idx = np.array([[9, 8, 7, 6]])
-    np.testing.assert_array_equal(gen.generate(pk, ck, idx, 10), gen.generate(params, cfg, idx, 10, use_cache=False))
+    np.testing.assert_array_equal(gen.generate(pk, cfg, idx, 10, opts=ck),
+                                  gen.generate(params, cfg, idx, 10, use_cache=False))
 
 
 def test_without_a_compiler_decoding_falls_back_to_xla(monkeypatch, tmp_path, fresh_state):
@@ -108,9 +110,10 @@ def test_without_a_compiler_decoding_falls_back_to_xla(monkeypatch, tmp_path, fr
     params = init_params(cfg, jax.random.key(0))
     p, c = gen.decoding_model(params, cfg)
     assert c.matvec == "xla" and c.linear_layout == "out_in"
-    # a config that asks for the kernel still decodes, on XLA's dot
+    # options that ask for the kernel still decode, on XLA's dot
     idx = np.array([[1, 2]])
-    np.testing.assert_array_equal(gen.generate(p, c.replace(matvec="kernel"), idx, 5), gen.generate(p, c, idx, 5))
+    np.testing.assert_array_equal(gen.generate(p, cfg, idx, 5, opts=c.replace(matvec="kernel")),
+                                  gen.generate(p, cfg, idx, 5, opts=c))
 
 
 @needs_compiler
@@ -139,9 +142,9 @@ def test_build_is_cached(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
-def test_config_rejects_an_unknown_matvec():
-    with pytest.raises(ValueError, match=r"GPTConfig.matvec must be one of \('xla', 'kernel'\), got 'fast'"):
-        GPTConfig(matvec="fast")
+def test_options_reject_an_unknown_matvec():
+    with pytest.raises(ValueError, match=r"Options.matvec must be one of \('xla', 'kernel'\), got 'fast'"):
+        Options(matvec="fast")
 
 
 @needs_compiler
@@ -175,19 +178,18 @@ def test_bfloat16_weights_match_float32_math_on_the_same_values(x_dtype):
 @needs_compiler
 def test_bfloat16_decoding_with_the_kernel_follows_xla():
     cfg = GPTConfig(vocab_size=211, context_length=40, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True, dtype="bfloat16")
-    params = jax.tree.map(lambda a: (a * 3.0).astype(jnp.bfloat16), init_params(cfg.replace(dtype="float32"),
-                                                                                 jax.random.key(5)))
-    pk, ck = gen.decoding_model(params, cfg)
+                    qkv_bias=True)
+    params = jax.tree.map(lambda a: (a * 3.0).astype(jnp.bfloat16), init_params(cfg, jax.random.key(5)))
+    pk, ck = gen.decoding_model(params, cfg, Options(dtype="bfloat16"))
     assert ck.matvec == "kernel"
     idx = jnp.asarray([[3, 1, 4, 1, 5]])
     # one token: 1 row, so every product of the kernel config goes through the bfloat16 kernel
-    logits = {m: GPT(ck.replace(matvec=m)).apply({"params": pk}, idx[:, :1]) for m in ("kernel", "xla")}
+    logits = {m: GPT(cfg, ck.replace(matvec=m)).apply({"params": pk}, idx[:, :1]) for m in ("kernel", "xla")}
     lk, lx = (np.asarray(logits[m], np.float32) for m in ("kernel", "xla"))
     assert np.abs(lk - lx).max() < 0.05 * np.abs(lx).max()
     assert (lk.argmax(-1) == lx.argmax(-1)).all()
     # and a whole greedy generation runs on it (tokens may differ from XLA's bfloat16 dot by rounding)
-    out = gen.generate(pk, ck, np.asarray(idx), 8)
+    out = gen.generate(pk, cfg, np.asarray(idx), 8, opts=ck)
     assert out.shape == (1, 13) and (out[:, :5] == np.asarray(idx)).all()
 
 
@@ -197,18 +199,19 @@ def test_bfloat16_weights_with_float32_compute_read_bf16_and_match_xla():
     bfloat16 weights as stored, XLA widens them first; the float32 math is the same."""
     cfg = GPTConfig(vocab_size=211, context_length=40, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0,
                     tie_embeddings=True)
-    params, cfg = gen.decoding_model(init_params(cfg, jax.random.key(8)), cfg)
+    params, opts = gen.decoding_model(init_params(cfg, jax.random.key(8)), cfg)
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     idx = jnp.asarray([[7]])
-    f = {m: jax.jit(lambda p, i, m=m: GPT(cfg.replace(matvec=m)).apply({"params": p}, i)) for m in ("kernel", "xla")}
+    f = {m: jax.jit(lambda p, i, m=m: GPT(cfg, opts.replace(matvec=m)).apply({"params": p}, i))
+         for m in ("kernel", "xla")}
     hlo = f["kernel"].lower(params, idx).as_text()
     assert cpu_matvec.TARGET_BF16 in hlo and cpu_matvec.TARGET not in hlo.replace(cpu_matvec.TARGET_BF16, "")
     lk, lx = (np.asarray(f[m](params, idx)) for m in ("kernel", "xla"))
     assert lk.dtype == np.float32
     np.testing.assert_allclose(lk, lx, rtol=1e-4, atol=1e-4)
     prompt = np.array([[3, 1, 4]])
-    np.testing.assert_array_equal(gen.generate(params, cfg, prompt, 10),
-                                  gen.generate(params, cfg.replace(matvec="xla"), prompt, 10))
+    np.testing.assert_array_equal(gen.generate(params, cfg, prompt, 10, opts=opts),
+                                  gen.generate(params, cfg, prompt, 10, opts=opts.replace(matvec="xla")))
 
 
 # --- weight-only int8 -------------------------------------------------------------------------
@@ -279,47 +282,50 @@ def test_int8_decoding_reads_int8_and_matches_xla(tie):
     """`gptjax generate --weight-dtype int8`: every matmul weight int8 with its row scales, float32 compute;
     the kernel and XLA's dot give the same tokens, and the logits stay close to float32's."""
     cfg = GPTConfig(vocab_size=211, context_length=40, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True, tie_embeddings=tie, dtype="bfloat16")
+                    qkv_bias=True, tie_embeddings=tie)
     params = init_params(cfg, jax.random.key(9))
-    p32, c32 = gen.decoding_model(params, cfg.replace(dtype="float32"))
-    pq, cq = gen.decoding_weights(*gen.decoding_model(params, cfg), "int8")
+    p32, c32 = gen.decoding_model(params, cfg)
+    pb, cb = gen.decoding_model(params, cfg, Options(dtype="bfloat16"))
+    pq, cq = gen.decoding_weights(pb, cfg, cb, "int8")
     assert (cq.dtype, cq.matvec, cq.linear_layout) == ("float32", "kernel", "out_in")
     head = pq["wte"] if tie else pq["lm_head"]
     assert head["embedding" if tie else "kernel"].dtype == jnp.int8
     assert pq["h_0"]["mlp"]["c_fc"]["kernel"].dtype == jnp.int8 and pq["h_0"]["mlp"]["c_fc"]["bias"].dtype == jnp.float32
     assert pq["h_1"]["attn"]["c_attn"]["kernel_scale"].shape == (3 * 48,) and pq["wpe"]["embedding"].dtype == jnp.float32
     idx = jnp.asarray([[7]])
-    f = {m: jax.jit(lambda p, i, m=m: GPT(cq.replace(matvec=m)).apply({"params": p}, i)) for m in ("kernel", "xla")}
+    f = {m: jax.jit(lambda p, i, m=m: GPT(cfg, cq.replace(matvec=m)).apply({"params": p}, i))
+         for m in ("kernel", "xla")}
     hlo = f["kernel"].lower(pq, idx).as_text()
     assert hlo.count(cpu_matvec.TARGET_INT8) >= 4 * 2 + 1 and cpu_matvec.TARGET_BF16 not in hlo
     lk, lx = (np.asarray(f[m](pq, idx)) for m in ("kernel", "xla"))
     np.testing.assert_allclose(lk, lx, rtol=1e-4, atol=1e-5)
-    l32 = np.asarray(GPT(c32).apply({"params": p32}, idx))
+    l32 = np.asarray(GPT(cfg, c32).apply({"params": p32}, idx))
     assert 0 < np.abs(lk - l32).max() < 0.02 * np.abs(l32).max()  # quantized, and close
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
-    assert gen.generate_batch(pq, cq, prompts, 10) == gen.generate_batch(pq, cq.replace(matvec="xla"), prompts, 10)
+    assert gen.generate_batch(pq, cfg, prompts, 10, opts=cq) == \
+        gen.generate_batch(pq, cfg, prompts, 10, opts=cq.replace(matvec="xla"))
 
 
 def test_decoding_weights_layouts_dtypes_and_errors():
-    cfg = GPTConfig(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0,
-                    dtype="bfloat16")
+    cfg = GPTConfig(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
+    opts = Options(dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
     # int8 from (in, out) kernels: put (out, in) first
-    pq, cq = gen.decoding_weights(params, cfg, "int8")
+    pq, cq = gen.decoding_weights(params, cfg, opts, "int8")
     assert cq.linear_layout == "out_in" and pq["h_0"]["attn"]["c_attn"]["kernel"].shape == (48, 16)
     assert cq.dtype == "bfloat16"  # XLA's dot (a GPU): int8 widened to the compute dtype
-    assert gen.decoding_weights(params, cfg.replace(matvec="kernel"), "int8")[1].dtype == "float32"
+    assert gen.decoding_weights(params, cfg, opts.replace(matvec="kernel"), "int8")[1].dtype == "float32"
     x = jnp.asarray([[1, 2, 3]])
-    l8 = jax.jit(lambda p, x: GPT(cq).apply({"params": p}, x))(pq, x)
-    l16 = jax.jit(lambda p, x: GPT(cfg).apply({"params": p}, x))(params, x)
+    l8 = jax.jit(lambda p, x: GPT(cfg, cq).apply({"params": p}, x))(pq, x)
+    l16 = jax.jit(lambda p, x: GPT(cfg, opts).apply({"params": p}, x))(params, x)
     assert l8.dtype == jnp.float32 and np.abs(np.asarray(l8 - l16)).max() < 0.05 * np.abs(np.asarray(l16)).max()
     # bfloat16 under the kernel is weight-only: float32 compute whatever the loaded config said
-    pb, cb = gen.decoding_weights(params, cfg.replace(matvec="kernel", linear_layout="out_in"), "bfloat16")
+    pb, cb = gen.decoding_weights(params, cfg, opts.replace(matvec="kernel", linear_layout="out_in"), "bfloat16")
     assert cb.dtype == "float32" and pb["h_0"]["mlp"]["c_fc"]["kernel"].dtype == jnp.bfloat16
-    assert gen.decoding_weights(params, cfg, "bfloat16")[1].dtype == "bfloat16"  # XLA's dot: compute follows
-    assert gen.decoding_weights(params, cfg, None) == (params, cfg)
+    assert gen.decoding_weights(params, cfg, opts, "bfloat16")[1].dtype == "bfloat16"  # XLA's dot: compute follows
+    assert gen.decoding_weights(params, cfg, opts, None) == (params, opts)
     with pytest.raises(ValueError, match=r"weight_dtype must be one of \('float32', 'bfloat16', 'int8'\).*'int4'"):
-        gen.decoding_weights(params, cfg, "int4")
-    from gptjax.model import quantize_weights
+        gen.decoding_weights(params, cfg, opts, "int4")
+    from gptjax.cpu import quantize_weights
     with pytest.raises(ValueError, match="int8 weights need \\(out, in\\) kernels.*linear_layout='in_out'"):
-        quantize_weights(params, cfg)
+        quantize_weights(params, cfg, opts)

@@ -3,11 +3,11 @@ dot: a C++ XLA FFI kernel.
 
 Decoding one token reads every weight once, so its speed is memory bandwidth. XLA:CPU's dot streams
 gpt2-small's (out, in) kernels at 0.80-0.84 of this machine's bandwidth roofline; this kernel
-(`cpu_matvec.cc`: four weight rows at a time, row blocks shared over XLA's intra-op thread pool)
+(`matvec.cc`: four weight rows at a time, row blocks shared over XLA's intra-op thread pool)
 at 0.95 (experiments/cpu_matvec_chain.py). From bfloat16 weights it streams half the bytes, where
 XLA:CPU's bfloat16 dot is slower than its float32 one; from int8 weights with a float32 scale per
 row (`quantize_int8`) a quarter, which XLA:CPU reads slower still. `matvec` is used by the model for products
-of at most `MAX_ROWS` rows when `GPTConfig.matvec == "kernel"`, which `generate.decoding_model`
+of at most `MAX_ROWS` rows when `Options.matvec == "kernel"`, which `generate.decoding_model`
 sets on CPU.
 
 The kernel is compiled on first use with the system's C++ compiler ($CXX, else c++/g++/clang++;

@@ -1,4 +1,4 @@
-// gptjax's CPU matrix-vector product for decoding, an XLA FFI handler (compiled and called by cpu_matvec.py).
+// gptjax's CPU matrix-vector product for decoding, an XLA FFI handler (compiled and called by matvec.py).
 //
 //   y[r, o] = sum_i x[r, i] * w[o, i]      x, y float32; w float32 or bfloat16, stored (out, in);
 //                                          r < a few rows (batch)

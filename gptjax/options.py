@@ -1,0 +1,107 @@
+"""How a model runs: precision, attention implementation, scan/remat, vocab padding, kernel layout.
+
+`GPTConfig` says what a model is and is saved with a run; `Options` are chosen per command (given
+when steps or decoders are built) and never stored in a checkpoint, so any checkpoint trains, resumes
+and decodes under any options. Params in a checkpoint are in one canonical layout (OpenAI's: per-layer
+`h_0..`, kernels (in, out), vocab unpadded); `model.to_layout` / `model.to_canonical` convert to and
+from the layout an `Options` builds. None of them changes the math (tests check each against the
+plain model), except `dtype` and `matmul_precision`, which set the precision.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLS = ("auto", "xla", "cudnn", "einsum")
+# what the backward pass recomputes instead of storing (jax.checkpoint policies, see model.REMAT_POLICIES)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+LINEAR_LAYOUTS = ("in_out", "out_in")
+MATVECS = ("xla", "kernel")
+# what the model's weight matmuls multiply: float32, or operands rounded to bfloat16 (accumulated in float32)
+MATMUL_PRECISIONS = ("float32", "bfloat16")
+# the weights decoding reads (generate.decoding_weights, --weight-dtype)
+WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+
+
+@dataclass(frozen=True)
+class Options:
+    # compute dtype; params stay float32, softmax, logits and loss float32
+    dtype: str = "float32"
+    # "bfloat16": every weight matmul (not attention's) rounds its operands to bfloat16 and accumulates
+    # and returns float32, also in the backward pass; the rest of the step stays in `dtype`. What
+    # jax.default_matmul_precision("bfloat16") means on a TPU and torch's "medium" float32 matmul
+    # precision, which XLA:CPU does not implement (experiments/cpu_train_matmul_bf16.py)
+    matmul_precision: str = "float32"
+    attn_impl: str = "auto"  # auto: cuDNN flash attention on NVIDIA GPUs in half precision, XLA elsewhere
+    # one nn.scan over the blocks, params stacked under "h"; compiles one block instead of n_layers.
+    # scan_unroll: blocks per scan iteration
+    scan_layers: bool = False
+    scan_unroll: int = 1
+    remat: str = "none"  # recompute activations in the backward pass: none|full|dots|dots_no_batch
+    # > 1 pads wte/lm_head rows to a multiple of this (64: 50257 -> 50304, nanoGPT's trick); the
+    # padded logits are sliced off inside the model, so loss and sampling never see them
+    vocab_multiple: int = 1
+    # how block/LM-head kernels are stored: "in_out" (Flax's and OpenAI's Conv1D) or "out_in" (PyTorch's
+    # Linear), which reads faster on CPU (gptjax.cpu.fastest_linear_layout)
+    linear_layout: str = "in_out"
+    # "kernel": products of at most 8 rows (decoding) with (out, in) kernels and the tied head run
+    # gptjax's C++ matrix-vector kernel on CPU (gptjax.cpu.kernel; XLA's dot elsewhere)
+    matvec: str = "xla"
+    # gptjax.cpu.grad_barrier before every block: stops XLA:CPU fusing the backward pass across blocks.
+    # On for CPU training by `for_backend()`; off elsewhere (on a GPU it would sync with the host)
+    grad_barrier: bool = False
+
+    def __post_init__(self):
+        for name, allowed in (("dtype", DTYPES), ("attn_impl", ATTN_IMPLS), ("linear_layout", LINEAR_LAYOUTS),
+                              ("matvec", MATVECS), ("matmul_precision", MATMUL_PRECISIONS),
+                              ("remat", REMAT_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Options.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("scan_unroll", "vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Options.{name} must be an integer >= 1, got {value!r}")
+        for name in ("scan_layers", "grad_barrier"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Options.{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def for_backend(cls, backend: str | None = None, **overrides: Any) -> "Options":
+        """Options for running on `backend` (default: JAX's default backend, asked now, not at trace
+        time): the gradient barrier on for "cpu" (keeps its train step fast), off elsewhere."""
+        if backend is None:
+            import jax
+
+            backend = jax.default_backend()
+        return cls(**{"grad_barrier": backend == "cpu", **overrides})
+
+    def padded_vocab_size(self, vocab_size: int) -> int:
+        """Rows of wte (and columns of lm_head): vocab_size rounded up to vocab_multiple."""
+        m = self.vocab_multiple
+        return -(-vocab_size // m) * m
+
+    @property
+    def canonical_layout(self) -> bool:
+        """Whether params in this layout are already the canonical ones (nothing to convert)."""
+        return not self.scan_layers and self.vocab_multiple == 1 and self.linear_layout == "in_out"
+
+    def replace(self, **overrides: Any) -> "Options":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown Options keys {sorted(unknown)}; valid keys: "
+                             f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Options":
+        return cls().replace(**d)
+
+
+# The keys GPTConfig carried before Options existed: old run directories' config.json still hold them
+LEGACY_KEYS = ("dtype", "matmul_precision", "attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple",
+               "linear_layout", "matvec")
