@@ -113,6 +113,43 @@ def test_a_sigint_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(task, t
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_run_trained_under_some_options_resumes_and_decodes_under_others(tmp_path):
+    """Scan + full remat + bfloat16 compute for 3 steps; the checkpoint (canonical params and AdamW moments)
+    resumes per-layer in float32 with (out, in) kernels, and the result decodes on the CPU kernel."""
+    from gptjax.checkpoint import TrainingInterrupted, load_run
+    from gptjax.data import Batches, make_windows
+    from gptjax.engine import OptimConfig
+    from gptjax.generate import generate
+    from gptjax.model import to_layout
+    from gptjax.options import Options
+    from gptjax.tasks.pretrain import PretrainConfig, pretrain
+
+    cfg = _cfg(vocab_size=97, context_length=16, drop_rate=0.0)
+    ids = np.random.default_rng(0).integers(1, 97, 400)
+    x, y = make_windows(ids, 16, 16)
+    train_b, val_b = Batches(x[:20], y[:20], 4, shuffle=True, seed=1), Batches(x[20:], y[20:], 4, shuffle=False)
+    tcfg = PretrainConfig(epochs=2, batch_size=4, eval_freq=2, eval_iter=1, sample_tokens=0, save_every=3,
+                          optim=OptimConfig(lr=3e-3))
+    fast = Options(scan_layers=True, remat="full", dtype="bfloat16")
+    with pytest.raises(TrainingInterrupted):
+        pretrain(cfg, tcfg, train_b, val_b, None, tmp_path / "run", progress=False, stop_after=3, opts=fast)
+    plain = Options(linear_layout="out_in")
+    r = pretrain(cfg, tcfg, train_b, val_b, None, tmp_path / "run", progress=False, resume=True, opts=plain)
+    assert r["state"].params["h_0"]["attn"]["c_attn"]["kernel"].shape == (3 * 32, 32)  # per-layer, (out, in)
+    losses = r["steps"]["loss"]
+    assert len(losses) == 10 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # the uninterrupted float32 run from the same start: bfloat16 compute for 3 steps moves it only a little
+    ref = pretrain(cfg, tcfg, train_b, val_b, None, tmp_path / "ref", progress=False, opts=plain)
+    np.testing.assert_allclose(losses[3:], ref["steps"]["loss"][3:], rtol=0.05)
+    params, _ = load_run(tmp_path / "run")  # canonical: per-layer (in, out)
+    assert params["h_0"]["attn"]["c_attn"]["kernel"].shape == (32, 3 * 32)
+    prompt = np.asarray(x[:1, :4], np.int32)
+    xla = generate(params, cfg, prompt, 6)
+    on_kernel = Options(linear_layout="out_in", matvec="kernel")
+    kernel = generate(to_layout(params, cfg, on_kernel), cfg, prompt, 6, opts=on_kernel)
+    np.testing.assert_array_equal(kernel, xla)
+
+
 def test_dp_on_8_devices_gives_one_devices_losses_for_every_task(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}

@@ -119,7 +119,8 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
     n_batches = len(train_batches)
     print(f"model: {count_params(steps.abstract.params):,} parameters; train {n_batches} batches/epoch, "
           f"val {len(val_batches)} batches; {tcfg.epochs * n_batches} steps")
-    start_ids = np.asarray([tokenizer.encode(tcfg.start_context, allowed_special={"<|endoftext|>"})], np.int32)
+    start_ids = (np.asarray([tokenizer.encode(tcfg.start_context, allowed_special={"<|endoftext|>"})], np.int32)
+                 if tcfg.sample_tokens else None)  # no sample, no tokenizer needed
 
     def evaluate(params, step: int) -> dict:
         epoch = step // n_batches
