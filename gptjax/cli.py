@@ -2,10 +2,38 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import sys
 from pathlib import Path
 
-from gptjax.options import MATMUL_PRECISIONS, WEIGHT_DTYPES
+import jax
+
+from gptjax import bench
+from gptjax.chat import chat
+from gptjax.checkpoint import (CheckpointSaveError, load_base_model, load_model, load_run_config, RunExistsError,
+                               TrainingInterrupted)
+from gptjax.config import get_config, GPTConfig
+from gptjax.cpu import fastest_linear_layout
+from gptjax.engine import OptimConfig
+from gptjax.generate import decoding_model, decoding_weights, generate, stream_text, trim_at_eos
+from gptjax.gpt2_weights import download_gpt2, export_book, export_hf
+from gptjax.lora import LoRAConfig
+from gptjax.model import to_layout
+from gptjax.options import MATMUL_PRECISIONS, Options, WEIGHT_DTYPES
+from gptjax.runtime import setup
+from gptjax.sharding import initialize_distributed
+from gptjax.tasks.classify import Classifier, ClassifierTrainConfig, finetune_classifier
+from gptjax.tasks.classify_data import load_labeled_texts
+from gptjax.tasks.dpo import DPOTrainConfig, finetune_dpo, load_preference_data
+from gptjax.tasks.instruct import (finetune_instruct, format_table, generate_responses, InstructTrainConfig,
+                                   offline_report, run_style, save_responses)
+from gptjax.tasks.instruct_data import load_instruction_data, load_json_records, split_data
+from gptjax.tasks.judge import generate_model_scores
+from gptjax.tasks.pretrain import pretrain_corpus, PretrainConfig, run_settings
+from gptjax.tokenizer import get_gpt2_tokenizer
+
 
 PRESET_KEYS = ("emb_dim", "n_layers", "n_heads", "drop_rate", "context_length")
 
@@ -43,14 +71,10 @@ def _add_finetune_layout_arg(g) -> None:
 
 
 def _linear_layout(choice: str) -> str:
-    from gptjax.cpu import fastest_linear_layout
-
     return fastest_linear_layout() if choice == "auto" else choice
 
 
 def _model_config(args):
-    from gptjax.config import get_config
-
     overrides = {k: getattr(args, k) for k in PRESET_KEYS if getattr(args, k) is not None}
     overrides.update(init=args.init, qkv_bias=args.qkv_bias, tie_embeddings=args.tie_embeddings)
     return get_config(args.preset, **overrides)
@@ -58,18 +82,13 @@ def _model_config(args):
 
 def _options(args, linear_layout: str = "in_out"):
     """The Options of the precision flags (--dtype, --matmul-precision, --attn-impl), for this backend."""
-    from gptjax.options import Options
 
     return Options.for_backend(dtype=args.dtype, matmul_precision=args.matmul_precision, attn_impl=args.attn_impl,
                                linear_layout=linear_layout)
 
 
 def cmd_pretrain(args) -> int:
-    from gptjax.checkpoint import CheckpointSaveError, RunExistsError, TrainingInterrupted
-    from gptjax.tasks.pretrain import PretrainConfig, pretrain_corpus, run_settings
-
     if args.sharding != "none":
-        from gptjax.sharding import initialize_distributed
 
         initialize_distributed()  # no-op for one process; joins a multi-host run from the environment
     if args.resume:
@@ -110,7 +129,6 @@ def cmd_pretrain(args) -> int:
 
 def _optim_config(args, updates: int):
     """OptimConfig of the pretrain flags; `updates` optimizer updates in the whole run (for warmup/cosine)."""
-    from gptjax.engine import OptimConfig
 
     common = dict(weight_decay=args.weight_decay, grad_accum=args.grad_accum)
     if args.appendix_d:
@@ -139,8 +157,6 @@ def _check_resume_flags(args, run: str, run_values: dict) -> None:
 def _load_for_decoding(model: str, weight_dtype: str | None):
     """(params, cfg, opts): `load_model`, laid out for decoding (on CPU: (out, in) kernels and the C++
     matvec kernel), with the weights in `weight_dtype` (see generate.decoding_weights)."""
-    from gptjax.checkpoint import load_model
-    from gptjax.generate import decoding_model, decoding_weights
 
     # bfloat16 is cast as it loads (half the memory); int8 is quantized from float32
     params, cfg = load_model(model, dtype=None if weight_dtype == "int8" else weight_dtype)
@@ -150,11 +166,6 @@ def _load_for_decoding(model: str, weight_dtype: str | None):
 
 
 def cmd_generate(args) -> int:
-    import jax
-
-    from gptjax.generate import generate, stream_text, trim_at_eos
-    from gptjax.tokenizer import get_gpt2_tokenizer
-
     params, cfg, opts = _load_for_decoding(args.model, args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
     ids = tok.encode(args.prompt, allowed_special={"<|endoftext|>"})
@@ -175,17 +186,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from gptjax.gpt2_weights import download_gpt2
-
     path = download_gpt2(args.size, cache_dir=args.cache_dir)
     print(f"{args.size}: {path}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from gptjax.checkpoint import load_model
-    from gptjax.gpt2_weights import export_book, export_hf
-
     params, cfg = load_model(args.model)
     out = export_book(params, cfg, args.out) if args.format == "book" else export_hf(params, cfg, args.out)
     print(f"wrote {out}")
@@ -195,10 +201,7 @@ def cmd_export(args) -> int:
 def _parse_variant(text: str) -> dict:
     """"scan_layers=false,remat=dots" -> {"scan_layers": False, "remat": "dots"} (values typed as GPTConfig's
     and Options')."""
-    import dataclasses
 
-    from gptjax.config import GPTConfig
-    from gptjax.options import Options
 
     types = {f.name: type(getattr(c(), f.name)) for c in (GPTConfig, Options) for f in dataclasses.fields(c)}
     out = {}
@@ -215,16 +218,13 @@ def _parse_variant(text: str) -> dict:
 
 
 def cmd_bench(args) -> int:
-    import os
-
     # JAX grabs 75% of a GPU's memory up front; PyTorch, timed in the same process, needs its share
     if not args.no_torch:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    from gptjax.bench import BenchConfig, run
 
     if args.steps < 1 or args.decode_rounds < 1:
         raise ValueError("--steps and --decode-rounds must be >= 1")
-    bc = BenchConfig(preset=args.preset, context_length=args.context_length, batch_size=args.batch_size,
+    bc = bench.BenchConfig(preset=args.preset, context_length=args.context_length, batch_size=args.batch_size,
                      dtype=args.dtype, matmul_precision=args.matmul_precision, drop_rate=args.drop_rate,
                      tie_embeddings=args.tie_embeddings,
                      attn_impl=args.attn_impl, scan_layers=args.scan_layers, scan_unroll=args.scan_unroll,
@@ -240,9 +240,8 @@ def cmd_bench(args) -> int:
                      variants=tuple(_parse_variant(v) for v in args.variant))
     out = args.out
     if out is None:
-        import jax
         out = f"experiments/results/bench_{jax.devices()[0].platform}"
-    run(bc, out)
+    bench.run(bc, out)
     return 0
 
 
@@ -252,14 +251,6 @@ def _col(value: str | None):
 
 
 def cmd_finetune_classifier(args) -> int:
-    from gptjax.config import get_config
-    from gptjax.lora import LoRAConfig
-    from gptjax.checkpoint import CheckpointSaveError, TrainingInterrupted, load_base_model
-    from gptjax.tasks.classify import ClassifierTrainConfig, finetune_classifier
-    from gptjax.tasks.classify_data import load_labeled_texts
-    from gptjax.tokenizer import get_gpt2_tokenizer
-    from gptjax.engine import OptimConfig
-
     try:
         lora = None
         if args.lora_rank is not None:
@@ -299,8 +290,6 @@ def cmd_finetune_classifier(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    from gptjax.tasks.classify import Classifier
-
     clf = Classifier.from_run(args.run, bpe_dir=args.bpe_dir)
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
@@ -316,8 +305,6 @@ def cmd_classify(args) -> int:
 def _ch7_model(args):
     """(params, cfg, opts) of --model: a GPT-2 size, local weights, a run directory, or 'random' of the size
     flags, laid out as `opts` (the precision and layout flags) train it."""
-    from gptjax.config import get_config
-    from gptjax.checkpoint import load_base_model
 
     random_cfg = None
     if args.model == "random":
@@ -335,7 +322,6 @@ def _train_layout(params, cfg, opts, choice: str, lora: bool):
     """Canonical params -> (params, opts) with the kernels stored as fine-tuning trains them: --linear-layout
     (auto: (out, in) on CPU: a chapter-7 step 3-5 % faster, experiments/cpu_finetune_layout.py), (in, out)
     with LoRA (its adapters are (in, out))."""
-    from gptjax.model import to_layout
 
     if lora:
         if choice == "out_in":
@@ -348,8 +334,6 @@ def _train_layout(params, cfg, opts, choice: str, lora: bool):
 
 
 def _ch7_lora(args):
-    from gptjax.lora import LoRAConfig
-
     if args.lora_rank is None:
         return None
     targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else None
@@ -357,15 +341,11 @@ def _ch7_lora(args):
 
 
 def _ch7_splits(records: list, limit: int | None) -> dict:
-    from gptjax.tasks.instruct_data import split_data
-
     splits = split_data(records)
     return {k: v[:limit] for k, v in splits.items()} if limit else splits
 
 
 def _ch7_style(args) -> str:
-    from gptjax.tasks.instruct import run_style
-
     if getattr(args, "style", None):
         return args.style
     spec = getattr(args, "run", None) or getattr(args, "model", None)
@@ -374,7 +354,6 @@ def _ch7_style(args) -> str:
 
 def _ch7_run(args, fn, **kw) -> int:
     """Run a fine-tuning call; a stop request or a missing download ends with a message, not a traceback."""
-    from gptjax.checkpoint import CheckpointSaveError, TrainingInterrupted
 
     try:
         return fn(**kw)
@@ -387,11 +366,6 @@ def _ch7_run(args, fn, **kw) -> int:
 
 
 def cmd_finetune_instruct(args) -> int:
-    from gptjax.tasks.instruct import InstructTrainConfig, finetune_instruct
-    from gptjax.tasks.instruct_data import load_instruction_data
-    from gptjax.tokenizer import get_gpt2_tokenizer
-    from gptjax.engine import OptimConfig
-
     def go() -> int:
         splits = _ch7_splits(load_instruction_data(args.data), args.limit)
         tok = get_gpt2_tokenizer(args.bpe_dir)
@@ -415,11 +389,6 @@ def cmd_finetune_instruct(args) -> int:
 
 
 def cmd_respond(args) -> int:
-    from gptjax.checkpoint import load_run_config
-    from gptjax.tasks.instruct import format_table, generate_responses, offline_report, save_responses
-    from gptjax.tasks.instruct_data import load_instruction_data
-    from gptjax.tokenizer import get_gpt2_tokenizer
-
     style = _ch7_style(args)
     if args.data:
         records = load_instruction_data(args.data)
@@ -446,19 +415,11 @@ def cmd_respond(args) -> int:
 
 
 def cmd_judge(args) -> int:
-    import json
-
-    from gptjax.tasks.instruct import format_table, offline_report
-    from gptjax.tasks.instruct_data import load_json_records
-    from gptjax.tasks.judge import generate_model_scores
-
     records = load_json_records(args.data, keys=("instruction", "output", args.key))
     records = records[:args.limit] if args.limit else records
     style = _ch7_style(args)
     row = {}
     if args.run:
-        from gptjax.checkpoint import load_model
-        from gptjax.tokenizer import get_gpt2_tokenizer
 
         params, cfg = load_model(args.run)
         row = offline_report(records, [r[args.key] for r in records], params=params, cfg=cfg,
@@ -485,10 +446,6 @@ def cmd_judge(args) -> int:
 
 
 def cmd_dpo(args) -> int:
-    from gptjax.tasks.dpo import DPOTrainConfig, finetune_dpo, load_preference_data
-    from gptjax.tokenizer import get_gpt2_tokenizer
-    from gptjax.engine import OptimConfig
-
     def go() -> int:
         splits = _ch7_splits(load_preference_data(args.data), args.limit)
         tok = get_gpt2_tokenizer(args.bpe_dir)
@@ -511,9 +468,6 @@ def cmd_dpo(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from gptjax.chat import chat
-    from gptjax.tokenizer import get_gpt2_tokenizer
-
     try:
         params, cfg, opts = _load_for_decoding(args.model, args.weight_dtype)
     except ConnectionError as e:
@@ -839,7 +793,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from gptjax.runtime import setup
     setup()  # persistent compilation cache (~/.cache/gptjax/jax) and XLA:CPU flags, before any JAX work
     try:
         return args.func(args)
