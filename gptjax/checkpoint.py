@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from gptjax import runs
 from gptjax.config import GPTConfig
 from gptjax.model import abstract_params, to_canonical
 from gptjax.options import LEGACY_KEYS, Options
@@ -349,13 +350,6 @@ def _val_loss(metrics: dict) -> float:
 
 # ------------------------------------------------------------------------------------------- run dirs
 
-def write_json_atomic(path: Path, obj: Any, indent: int = 1) -> None:
-    """Write JSON next to `path` and rename it over: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
-    os.replace(tmp, path)
-
-
 def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | None = None) -> Path:
     """Write `run_dir/params` (Orbax) and `run_dir/config.json` (model config + `extra`).
 
@@ -367,7 +361,7 @@ def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | Non
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(run_dir / PARAMS_DIR, params, force=True)
     ckptr.wait_until_finished()
-    write_json_atomic(run_dir / CONFIG_FILE, {"model": cfg.to_dict(), **(extra or {})})
+    runs.write_json_atomic(run_dir / CONFIG_FILE, {"model": cfg.to_dict(), **(extra or {})})
     return run_dir
 
 

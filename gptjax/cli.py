@@ -89,7 +89,6 @@ def _options(args, linear_layout: str = "in_out"):
 
 def cmd_pretrain(args) -> int:
     if args.sharding != "none":
-
         initialize_distributed()  # no-op for one process; joins a multi-host run from the environment
     if args.resume:
         out, cfg, tcfg, optim_for, opts = args.resume, None, None, None, None
@@ -251,42 +250,28 @@ def _col(value: str | None):
 
 
 def cmd_finetune_classifier(args) -> int:
-    try:
-        lora = None
-        if args.lora_rank is not None:
-            targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else None
-            lora = LoRAConfig(args.lora_rank, args.lora_alpha if args.lora_alpha is not None else args.lora_rank, targets)
+    def go() -> int:
+        lora = _lora(args)
         lr = args.lr if args.lr is not None else (8e-4 if lora else 5e-5)  # the book's ch06 / appendix E values
         tcfg = ClassifierTrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                                      eval_iter=args.eval_iter, seed=args.seed, save_every=args.save_every,
                                      optim=OptimConfig(lr=lr, weight_decay=args.weight_decay))
-        random_cfg = None
-        if args.model == "random":
-            overrides = {k: getattr(args, k) for k in ("emb_dim", "n_layers", "n_heads", "context_length")
-                         if getattr(args, k) is not None}
-            random_cfg = get_config(args.preset, **overrides, qkv_bias=args.qkv_bias)
         labels = tuple(x.strip() for x in args.labels.split(",")) if args.labels else None
         data = load_labeled_texts(args.data, label_names=labels, label_col=_col(args.label_col),
                                   text_col=_col(args.text_col), sep=args.sep)
         print(f"data: {len(data):,} examples {data.counts()}")
         tok = get_gpt2_tokenizer(args.bpe_dir)
-        params, cfg = load_base_model(args.model, random_cfg=random_cfg, seed=args.seed)
-        params, opts = _train_layout(params, cfg, _options(args), args.linear_layout, lora=lora is not None)
-        result = finetune_classifier(params, cfg, data, tok, args.out, train=args.train, lora=lora, tcfg=tcfg,
-                                     max_length=args.max_length, balance=not args.no_balance,
-                                     train_frac=args.train_frac, val_frac=args.val_frac, drop_rate=args.drop_rate,
-                                     base_model=args.model, progress=not args.quiet, resume=args.resume,
-                                     overwrite=args.overwrite, opts=opts)
-    except TrainingInterrupted as e:
-        print(f"gptjax {args.command}: {e}", file=sys.stderr)
-        return e.exit_code
-    except (RuntimeError, ConnectionError, ImportError, CheckpointSaveError) as e:  # no network, a full disk, ...
-        print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    acc = "  ".join(f"{k} {v['accuracy'] * 100:.2f}%" for k, v in result["results"].items())
-    print(f"done in {result['wall_s']:.0f} s: accuracy {acc}; run saved in {args.out} "
-          f"(plots: loss.png, accuracy.png); try: gptjax classify --run {args.out} \"some text\"")
-    return 0
+        params, cfg, opts = _base_model(args, language_model=False)
+        r = finetune_classifier(params, cfg, data, tok, args.out, train=args.train, lora=lora, tcfg=tcfg,
+                                max_length=args.max_length, balance=not args.no_balance, train_frac=args.train_frac,
+                                val_frac=args.val_frac, drop_rate=None, base_model=args.model,
+                                progress=not args.quiet, resume=args.resume, overwrite=args.overwrite, opts=opts)
+        acc = "  ".join(f"{k} {v['accuracy'] * 100:.2f}%" for k, v in r["results"].items())
+        print(f"done in {r['wall_s']:.0f} s: accuracy {acc}; run saved in {args.out} "
+              f"(plots: loss.png, accuracy.png); try: gptjax classify --run {args.out} \"some text\"")
+        return 0
+
+    return _run_training(args, go)
 
 
 def cmd_classify(args) -> int:
@@ -302,17 +287,16 @@ def cmd_classify(args) -> int:
 
 # --- instruction fine-tuning, evaluation, DPO and chat (the book's chapter 7) ----------------------
 
-def _ch7_model(args):
+def _base_model(args, language_model: bool = True):
     """(params, cfg, opts) of --model: a GPT-2 size, local weights, a run directory, or 'random' of the size
-    flags, laid out as `opts` (the precision and layout flags) train it."""
-
+    flags, with --drop-rate, laid out as `opts` (the precision and layout flags) train it."""
     random_cfg = None
     if args.model == "random":
         overrides = {k: getattr(args, k) for k in ("emb_dim", "n_layers", "n_heads", "context_length")
                      if getattr(args, k) is not None}
         random_cfg = get_config(args.preset, **overrides, qkv_bias=args.qkv_bias, tie_embeddings=args.tie_embeddings,
                                 init=args.init)
-    params, cfg = load_base_model(args.model, random_cfg=random_cfg, seed=args.seed, language_model=True)
+    params, cfg = load_base_model(args.model, random_cfg=random_cfg, seed=args.seed, language_model=language_model)
     cfg = cfg.replace(drop_rate=args.drop_rate)
     params, opts = _train_layout(params, cfg, _options(args), args.linear_layout, lora=args.lora_rank is not None)
     return params, cfg, opts
@@ -333,7 +317,7 @@ def _train_layout(params, cfg, opts, choice: str, lora: bool):
     return to_layout(params, cfg, opts), opts
 
 
-def _ch7_lora(args):
+def _lora(args):
     if args.lora_rank is None:
         return None
     targets = tuple(t for t in args.lora_targets.split(",") if t) if args.lora_targets else None
@@ -352,7 +336,7 @@ def _ch7_style(args) -> str:
     return run_style(spec if spec and Path(spec).is_dir() else None)
 
 
-def _ch7_run(args, fn, **kw) -> int:
+def _run_training(args, fn, **kw) -> int:
     """Run a fine-tuning call; a stop request or a missing download ends with a message, not a traceback."""
 
     try:
@@ -369,12 +353,12 @@ def cmd_finetune_instruct(args) -> int:
     def go() -> int:
         splits = _ch7_splits(load_instruction_data(args.data), args.limit)
         tok = get_gpt2_tokenizer(args.bpe_dir)
-        params, cfg, opts = _ch7_model(args)
+        params, cfg, opts = _base_model(args)
         tcfg = InstructTrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                                    eval_iter=args.eval_iter, seed=args.seed, save_every=args.save_every,
                                    optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay))
         r = finetune_instruct(params, cfg, splits, tok, args.out, style=args.style or "alpaca", tcfg=tcfg,
-                              lora=_ch7_lora(args), mask=args.mask, pad_multiple=args.pad_multiple,
+                              lora=_lora(args), mask=args.mask, pad_multiple=args.pad_multiple,
                               allowed_max_length=args.allowed_max_length, respond=not args.no_respond,
                               max_new_tokens=args.max_new_tokens, base_model=args.model, data_source=args.data,
                               resume=args.resume, overwrite=args.overwrite, progress=not args.quiet, opts=opts)
@@ -385,7 +369,7 @@ def cmd_finetune_instruct(args) -> int:
         print(f"try: gptjax chat --model {args.out}")
         return 0
 
-    return _ch7_run(args, go)
+    return _run_training(args, go)
 
 
 def cmd_respond(args) -> int:
@@ -420,7 +404,6 @@ def cmd_judge(args) -> int:
     style = _ch7_style(args)
     row = {}
     if args.run:
-
         params, cfg = load_model(args.run)
         row = offline_report(records, [r[args.key] for r in records], params=params, cfg=cfg,
                              tokenizer=get_gpt2_tokenizer(args.bpe_dir), style=style, name=str(args.run))
@@ -449,11 +432,11 @@ def cmd_dpo(args) -> int:
     def go() -> int:
         splits = _ch7_splits(load_preference_data(args.data), args.limit)
         tok = get_gpt2_tokenizer(args.bpe_dir)
-        params, cfg, opts = _ch7_model(args)
+        params, cfg, opts = _base_model(args)
         tcfg = DPOTrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                               eval_iter=args.eval_iter, seed=args.seed, beta=args.beta, save_every=args.save_every,
                               optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay))
-        r = finetune_dpo(params, cfg, splits, tok, args.out, style=_ch7_style(args), tcfg=tcfg, lora=_ch7_lora(args),
+        r = finetune_dpo(params, cfg, splits, tok, args.out, style=_ch7_style(args), tcfg=tcfg, lora=_lora(args),
                          mask_prompt_tokens=not args.no_mask_prompt, pad_multiple=args.pad_multiple,
                          allowed_max_length=args.allowed_max_length, base_model=args.model, data_source=args.data,
                          respond=not args.no_respond, max_new_tokens=args.max_new_tokens, resume=args.resume,
@@ -464,7 +447,7 @@ def cmd_dpo(args) -> int:
               f"run saved in {args.out} (plots: loss.png, dpo.png)")
         return 0
 
-    return _ch7_run(args, go)
+    return _run_training(args, go)
 
 
 def cmd_chat(args) -> int:
@@ -480,8 +463,8 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _add_ch7_train_args(p: argparse.ArgumentParser, *, model_default: str | None, epochs: int, lr: float,
-                        weight_decay: float, out: str) -> None:
+def _add_base_model_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
+    """The fine-tuning base model (--model, the size flags of --model random), its precision, layout and LoRA."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=model_default, required=model_default is None,
                    help="base model: a GPT-2 size (gpt2-small|medium|large|xl, downloaded), a local HF-format "
@@ -499,10 +482,34 @@ def _add_ch7_train_args(p: argparse.ArgumentParser, *, model_default: str | None
     _add_precision_args(g)
     g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
     g.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank instead of every "
-                   "weight (appendix E: 16)")
+                   "weight (appendix E: 16); base weights stay frozen")
     _add_finetune_layout_arg(g)
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    g.add_argument("--lora-targets", default=None, help="comma-separated globs of Dense layers to adapt (default: all)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank); scale = alpha/rank")
+    g.add_argument("--lora-targets", default=None, help="comma-separated globs of Dense layers to adapt, e.g. "
+                   "'*/attn/*,cls_head' (default: every Dense layer)")
+
+
+def _add_run_args(g, *, epochs: int, lr: float | None, weight_decay: float, eval_freq: int, out: str,
+                  lr_help: str = "AdamW learning rate") -> None:
+    """The training loop's flags, one set for every fine-tuning command."""
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=lr, help=lr_help)
+    g.add_argument("--weight-decay", type=float, default=weight_decay)
+    g.add_argument("--eval-freq", type=int, default=eval_freq, help="evaluate every N steps")
+    g.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
+    g.add_argument("--seed", type=int, default=123)
+    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
+    g.add_argument("--out", default=out, help="run directory")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its latest "
+                   "checkpoint (give the same flags as the first time)")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_ch7_train_args(p: argparse.ArgumentParser, *, model_default: str | None, epochs: int, lr: float,
+                        weight_decay: float, out: str) -> None:
+    _add_base_model_args(p, model_default)
     g = p.add_argument_group("batches")
     g.add_argument("--style", default=None, choices=["alpaca", "phi3"], help="prompt template (default: alpaca, "
                    "or the one the --model run was trained with)")
@@ -513,21 +520,9 @@ def _add_ch7_train_args(p: argparse.ArgumentParser, *, model_default: str | None
     g.add_argument("--limit", type=int, default=None, help="use only the first N records of each split (quick runs)")
     g.add_argument("--bpe-dir", default=None, help="directory with GPT-2's encoder.json + vocab.bpe (offline)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=weight_decay)
-    g.add_argument("--eval-freq", type=int, default=5, help="evaluate every N steps")
-    g.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
-    g.add_argument("--seed", type=int, default=123)
-    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
-    g.add_argument("--out", default=out, help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its latest "
-                   "checkpoint (give the same flags as the first time)")
-    g.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
+    _add_run_args(g, epochs=epochs, lr=lr, weight_decay=weight_decay, eval_freq=5, out=out)
     g.add_argument("--no-respond", action="store_true", help="skip generating and scoring the test-set responses")
     g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per test-set response")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -743,41 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=None, help="pad/truncate to this many tokens (default: the "
                    "longest training example, capped at the context length)")
     g.add_argument("--bpe-dir", default=None, help="directory with GPT-2's encoder.json + vocab.bpe (offline)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="gpt2-small", help="base model: a GPT-2 size (gpt2-small|medium|large|xl, "
-                   "downloaded), a local HF-format directory or .safetensors file, a gptjax run directory, or "
-                   "'random' (a fresh GPT of --preset and the size options below)")
-    g.add_argument("--preset", default="gpt2-small", help="architecture for --model random")
-    g.add_argument("--emb-dim", type=int, help="--model random: override the preset's embedding size")
-    g.add_argument("--n-layers", type=int, help="--model random: override the preset's number of blocks")
-    g.add_argument("--n-heads", type=int, help="--model random: override the preset's number of heads")
-    g.add_argument("--context-length", type=int, help="--model random: context length (default: the preset's 1024)")
-    g.add_argument("--qkv-bias", action="store_true", help="--model random: bias in the q/k/v projections")
-    g.add_argument("--drop-rate", type=float, default=0.0, help="dropout while fine-tuning (the book: 0.0)")
-    _add_precision_args(g)
-    g.add_argument("--attn-impl", default="auto", choices=["auto", "xla", "cudnn", "einsum"])
-    _add_finetune_layout_arg(g)
+    _add_base_model_args(p, "gpt2-small")
     g = p.add_argument_group("training")
     g.add_argument("--train", default=None, help="base parameters to train: last-block (the book: last block, final "
                    "LayerNorm, head), last-N, all, head, or none; default last-block, or none with --lora-rank")
-    g.add_argument("--epochs", type=int, default=5)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-5, or 8e-4 with LoRA)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--eval-freq", type=int, default=50, help="evaluate every N steps")
-    g.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
-    g.add_argument("--seed", type=int, default=123)
-    g.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank (appendix E: 16); "
-                   "base weights stay frozen")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank); scale = alpha/rank")
-    g.add_argument("--lora-targets", default=None, help="comma-separated globs of Dense layers to adapt, e.g. "
-                   "'*/attn/*,cls_head' (default: every Dense layer, the head included)")
-    g.add_argument("--out", default="checkpoints/classifier", help="run directory")
-    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
-    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its latest "
-                   "checkpoint (same command, same flags)")
-    g.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_args(g, epochs=5, lr=None, weight_decay=0.1, eval_freq=50, out="checkpoints/classifier",
+                  lr_help="AdamW learning rate (default 5e-5, or 8e-4 with LoRA)")
     p.set_defaults(func=cmd_finetune_classifier)
 
     p = sub.add_parser("classify", help="classify texts with a fine-tuned classifier run",

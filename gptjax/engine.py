@@ -18,13 +18,13 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -186,6 +186,13 @@ def step_functions(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: 
     return train_step, eval_step
 
 
+@lru_cache(maxsize=16)
+def _single_device_steps(loss_fn: LossFn, optim: OptimConfig):
+    tx = make_optimizer(optim)
+    train_fn, eval_fn = step_functions(loss_fn, tx, optim.logged_schedule())
+    return tx, jax.jit(train_fn, donate_argnums=0), jax.jit(eval_fn)
+
+
 class Steps:
     """Jitted `train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> metrics` of a loss.
 
@@ -197,33 +204,30 @@ class Steps:
     shaped like it, to and from the layout checkpoints hold.
     """
 
-    def __init__(self, loss_fn: LossFn, optim: OptimConfig, params: Any, *, frozen: Any = None, mask: Any = None,
+    def __init__(self, loss_fn: LossFn, optim: OptimConfig, params: Any, *, frozen: Any = None,
                  mesh: jax.sharding.Mesh | None = None, strategy: str = "dp",
                  layout: tuple[Callable, Callable] | None = None):
-        self.optim, self.mesh, self.layout = optim, mesh, layout
-        self.tx = make_optimizer(optim, mask)
+        self.optim, self.mesh, self.layout, self.frozen, self.shardings = optim, mesh, layout, frozen, None
+        if mesh is None:  # one device: the programs are shared by every run of this loss and optimizer
+            self.tx, self.train_jit, self.eval_jit = _single_device_steps(loss_fn, optim)
+        else:
+            self.tx = make_optimizer(optim)
         key = jax.ShapeDtypeStruct((2,), jnp.uint32)
         self.abstract = jax.eval_shape(lambda p, k: new_state(p, self.tx, k), params, key)
-        schedule = optim.logged_schedule()
         if mesh is None:
-            self.shardings = None
-            self.frozen = frozen
-            train_fn, eval_fn = step_functions(loss_fn, self.tx, schedule)
-            self.train_jit = jax.jit(train_fn, donate_argnums=0)
-            self.eval_jit = jax.jit(eval_fn)
             return
         self.shardings = sharding.state_shardings(self.abstract, mesh, strategy)
         frozen_sharding = sharding.tree_shardings(frozen, mesh, strategy)
         self.frozen = jax.device_put(frozen, frozen_sharding)
         params_sharding = self.shardings.params
         # under FSDP the constraint makes the gradient reduction a reduce-scatter into each device's shard
-        train_fn, eval_fn = step_functions(loss_fn, self.tx, schedule,
+        train_fn, eval_fn = step_functions(loss_fn, self.tx, optim.logged_schedule(),
                                            lambda g: jax.lax.with_sharding_constraint(g, params_sharding))
         batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
         self.train_jit = jax.jit(train_fn, in_shardings=(self.shardings, frozen_sharding, batch),
-                              out_shardings=(self.shardings, replicated), donate_argnums=0)
+                                 out_shardings=(self.shardings, replicated), donate_argnums=0)
         self.eval_jit = jax.jit(eval_fn, in_shardings=(params_sharding, frozen_sharding, batch),
-                             out_shardings=replicated)
+                                out_shardings=replicated)
 
     def init_state(self, params: Any, key: jax.Array) -> TrainState:
         """A fresh state with PRNG key `key`. `params`: arrays (copied, since the first step donates the
@@ -516,8 +520,3 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
     return {"state": state, "history": log.history, "epoch_history": log.epoch_history, "samples": log.samples,
             "tokens_seen": tokens_seen,
             "wall_s": wall_before + time.time() - t0, "steps": int(state.step), "checkpoints": ckpts.directory}
-
-
-def host_batch_count(batch, key: int = 1, ignore: int = IGNORE_INDEX) -> int:
-    """Targets that count in a batch `(x, y)`: those that are not `ignore`."""
-    return int(np.sum(np.asarray(batch[key]) != ignore))
