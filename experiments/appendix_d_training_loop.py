@@ -26,7 +26,7 @@ from gptjax.config import get_config
 from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus
 from gptjax.options import Options
 from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.engine import OptimConfig
+from gptjax.optim import OptimConfig
 from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
 
 RESULTS = Path(__file__).parent / "results"

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
 from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus  # noqa: E402
 from gptjax.tokenizer import get_gpt2_tokenizer  # noqa: E402
-from gptjax.engine import OptimConfig  # noqa: E402
+from gptjax.optim import OptimConfig  # noqa: E402
 from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train  # noqa: E402
 from gptjax.options import Options  # noqa: E402
 

@@ -29,7 +29,7 @@ from gptjax.config import GPTConfig
 from gptjax.tasks.classify import ClassifierTrainConfig, book_split, encode_texts, finetune_classifier
 from gptjax.tasks.classify_data import balance_indices, load_labeled_texts, random_split_indices
 from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.engine import OptimConfig
+from gptjax.optim import OptimConfig
 
 RESULTS = Path(__file__).parent / "results"
 BOOK = {"train": 97.21, "val": 97.32, "test": 95.67}

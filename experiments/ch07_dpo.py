@@ -31,7 +31,7 @@ from gptjax.tasks.dpo import DPOTrainConfig, finetune_dpo, load_preference_data
 from gptjax.tasks.instruct import format_table, run_style
 from gptjax.tasks.instruct_data import split_data
 from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.engine import OptimConfig
+from gptjax.optim import OptimConfig
 
 RESULTS = Path(__file__).parent / "results"
 

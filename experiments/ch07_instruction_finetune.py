@@ -32,7 +32,7 @@ from gptjax.config import GPTConfig
 from gptjax.tasks.instruct import InstructTrainConfig, finetune_instruct, format_table, offline_report
 from gptjax.tasks.instruct_data import INSTRUCTION_DATA_URL, InstructionBatches, encode_examples, load_instruction_data, load_json_records, split_data
 from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.engine import OptimConfig
+from gptjax.optim import OptimConfig
 
 RESULTS = Path(__file__).parent / "results"
 BOOK_RESPONSES_URL = INSTRUCTION_DATA_URL.replace("instruction-data.json", "instruction-data-with-response.json")

@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gptjax.config import get_config  # noqa: E402
-from gptjax.engine import OptimConfig, make_optimizer  # noqa: E402
+from gptjax.optim import OptimConfig, make_optimizer  # noqa: E402
 from gptjax.tasks.pretrain import create_state, jitted_steps as make_steps  # noqa: E402
 from gptjax.options import Options  # noqa: E402
 

@@ -85,7 +85,7 @@ def accumulation_check(cfg, devices, batch: int, k: int) -> dict:
     import numpy as np
 
     from gptjax import sharding as sh
-    from gptjax.engine import OptimConfig
+    from gptjax.optim import OptimConfig
     from gptjax.tasks.pretrain import make_steps
 
     sharded = make_steps(cfg, OptimConfig(lr=1e-3, grad_accum=k), sh.make_mesh("dp", devices=devices), "dp")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from gptjax.config import GPTConfig
     from gptjax.model import num_params
-    from gptjax.engine import OptimConfig
+    from gptjax.optim import OptimConfig
 
     if max(counts) > jax.device_count():
         raise SystemExit(f"asked for {max(counts)} devices but jax sees {jax.device_count()}")

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig, get_config
-from gptjax.engine import OptimConfig, mean_metrics
+from gptjax.engine import mean_metrics
+from gptjax.optim import OptimConfig
 from gptjax.model import abstract_params, count_params, init_params
 from gptjax.options import WEIGHT_DTYPES, Options
 from gptjax.tasks.pretrain import init_state, make_steps

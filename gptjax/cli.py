@@ -16,7 +16,7 @@ from gptjax.checkpoint import (CheckpointSaveError, load_base_model, load_model,
                                TrainingInterrupted)
 from gptjax.config import get_config, GPTConfig
 from gptjax.cpu import fastest_linear_layout
-from gptjax.engine import OptimConfig
+from gptjax.optim import OptimConfig
 from gptjax.generate import decoding_model, decoding_weights, generate, stream_text, trim_at_eos
 from gptjax.gpt2_weights import download_gpt2, export_book, export_hf
 from gptjax.lora import LoRAConfig

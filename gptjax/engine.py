@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -32,6 +32,7 @@ from gptjax import runs, sharding
 from gptjax.checkpoint import (CHECKPOINTS_DIR, CheckpointSaveError, GracefulStop, TrainCheckpoints,
                                TrainingInterrupted)
 from gptjax.model import map_param_trees
+from gptjax.optim import OptimConfig, global_norm, make_optimizer
 
 IGNORE_INDEX = -100
 
@@ -48,10 +49,6 @@ def perplexity(loss: float) -> float:
     return float(math.exp(min(loss, 700.0)))
 
 
-def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(tree)))
-
-
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array      # int32 scalar: optimizer updates done
@@ -62,97 +59,6 @@ class TrainState:
 
 def new_state(params: Any, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=key)
-
-
-# ------------------------------------------------------------------------------------------- optimizer
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 4e-4               # the peak learning rate when there is a schedule
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 0          # linear warmup from initial_lr to lr (appendix D)
-    initial_lr: float = 0.0
-    decay_steps: int = 0           # > 0: cosine decay to min_lr over this many steps after warmup
-    min_lr: float = 0.0
-    clip_norm: float | None = None  # global-norm gradient clipping (appendix D uses 1.0)
-    clip_after_warmup: bool = False  # the book clips only once the warmup is over
-    grad_accum: int = 1            # micro-batches per optimizer update (optax.MultiSteps)
-
-    def __post_init__(self):
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum!r}")
-        if self.warmup_steps < 0 or self.decay_steps < 0:
-            raise ValueError(f"warmup_steps and decay_steps must be >= 0, got {self.warmup_steps!r} and "
-                             f"{self.decay_steps!r}")
-        if not 0 <= self.initial_lr <= self.lr or not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"initial_lr and min_lr must lie in [0, lr={self.lr}], got initial_lr={self.initial_lr!r}, "
-                             f"min_lr={self.min_lr!r}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm!r}")
-
-    def schedule(self) -> optax.Schedule:
-        """Learning rate by optimizer update (not micro-batch)."""
-        if self.warmup_steps == 0 and self.decay_steps == 0:
-            return optax.constant_schedule(self.lr)
-        warm = optax.linear_schedule(self.initial_lr, self.lr, max(self.warmup_steps, 1))
-        if self.decay_steps == 0:
-            rest = optax.constant_schedule(self.lr)
-        else:
-            # half-cosine from lr to min_lr, as the book's appendix D
-            rest = optax.cosine_decay_schedule(self.lr, self.decay_steps, alpha=self.min_lr / self.lr)
-        return optax.join_schedules([warm, rest], [self.warmup_steps])
-
-    def logged_schedule(self) -> optax.Schedule:
-        """Learning rate of the update a micro-step feeds (MultiSteps counts updates, the state micro-steps)."""
-        sched = self.schedule()
-        return lambda step: sched(step // self.grad_accum)
-
-    @classmethod
-    def appendix_d(cls, total_steps: int, lr: float = 1e-3, warmup_frac: float = 0.2, initial_lr: float = 1e-5,
-                   min_lr: float = 1e-5, **kw) -> "OptimConfig":
-        """The book's appendix-D recipe over `total_steps` optimizer updates: warmup, cosine, clip 1.0 after warmup."""
-        warmup = int(warmup_frac * total_steps)
-        return cls(lr=lr, warmup_steps=warmup, initial_lr=initial_lr, decay_steps=max(total_steps - warmup, 1),
-                   min_lr=min_lr, clip_norm=1.0, clip_after_warmup=True, **kw)
-
-
-class ClipAfterState(NamedTuple):
-    count: jax.Array  # updates seen
-
-
-def clip_by_global_norm_after(max_norm: float, after: int) -> optax.GradientTransformation:
-    """Global-norm clipping from update `after + 1` on (appendix D: `if global_step > warmup_steps`)."""
-
-    def init(params):
-        return ClipAfterState(jnp.zeros((), jnp.int32))
-
-    def update(updates, state, params=None):
-        g_norm = global_norm(updates)
-        scale = jnp.where((state.count > after) & (g_norm > max_norm), max_norm / g_norm, 1.0)
-        return jax.tree_util.tree_map(lambda g: (g * scale).astype(g.dtype), updates), ClipAfterState(state.count + 1)
-
-    return optax.GradientTransformation(init, update)
-
-
-def make_optimizer(ocfg: OptimConfig, mask: Any = None) -> optax.GradientTransformation:
-    """AdamW as torch.optim.AdamW (decay on every param unless `mask` says otherwise)."""
-    chain = []
-    if ocfg.clip_norm is not None:
-        chain.append(clip_by_global_norm_after(ocfg.clip_norm, ocfg.warmup_steps) if ocfg.clip_after_warmup
-                     else optax.clip_by_global_norm(ocfg.clip_norm))
-    chain.append(optax.adamw(ocfg.schedule(), b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
-                             weight_decay=ocfg.weight_decay, mask=mask))
-    tx = optax.chain(*chain)
-    if ocfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=ocfg.grad_accum)
-    return tx
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -406,6 +312,68 @@ class _Log:
         self.mlog.close()
 
 
+class _Loop:
+    """The run loop's state between steps: counters, logs, checkpoints and what each point of a run does."""
+
+    def __init__(self, steps: Steps, tcfg: TrainConfig, hooks: Hooks, ckpts: TrainCheckpoints, log: _Log,
+                 expect: dict, n_batches: int, saved: dict | None):
+        self.steps, self.tcfg, self.hooks, self.ckpts, self.log = steps, tcfg, hooks, ckpts, log
+        self.expect, self.n_batches = expect, n_batches
+        self.tokens_seen, self.wall_before = (saved or {}).get("tokens_seen", 0), (saved or {}).get("wall_s", 0.0)
+        self.t0, self.last_val = time.time(), (-1, None)
+
+    def elapsed(self) -> float:
+        return round(self.wall_before + time.time() - self.t0, 2)
+
+    def diverged(self, what: str, s: int) -> FloatingPointError:
+        return FloatingPointError(
+            f"training diverged: {what} at step {s} (epoch {s // self.n_batches + 1}); nothing from that step on was "
+            f"saved. The last good checkpoint is {self.ckpts.describe(self.ckpts.latest_step())}. Lower the learning "
+            f"rate (--lr), add gradient clipping (--clip-norm 1.0) or a warmup, and train again")
+
+    def evaluate(self, state: TrainState, step: int, epoch: int, bar) -> None:
+        """An eval point: the task's values, with the step's own batch loss, lr and gradient norm."""
+        self.log.flush(self.diverged)
+        values = self.hooks.evaluate(state.params, step)
+        if not math.isfinite(values["train_loss"]):
+            raise self.diverged(f"the parameters became non-finite (their loss is {values['train_loss']})", step)
+        self.last_val = (step + 1, values.get("val_loss"))
+        rec = {"step": step, "epoch": epoch + 1, self.hooks.count_name: self.tokens_seen, **values,
+               **{("batch_loss" if k == "loss" else k): v for k, v in self.log.last.items()
+                  if k in ("loss", "lr", "grad_norm")}, "elapsed_s": self.elapsed()}
+        self.log.record(rec)
+        bar.set_postfix(train=f"{values['train_loss']:.3f}", val=f"{values.get('val_loss', 0):.3f}")
+        bar.write((self.hooks.line or _default_line)(rec))
+
+    def epoch_end(self, state: TrainState, step: int, epoch: int, bar) -> None:
+        if self.hooks.sample is not None and self.tcfg.sample_tokens:
+            self.log.samples.append({"epoch": epoch + 1, "text": self.hooks.sample(state.params)})
+            bar.write(f"Ep {epoch + 1} sample: {self.log.samples[-1]['text']!r}")
+        if self.hooks.on_epoch_end is not None:
+            self.log.flush(self.diverged)
+            self.log.record({"epoch": epoch + 1, **self.hooks.on_epoch_end(state.params, step),
+                             self.hooks.count_name: self.tokens_seen, "elapsed_s": self.elapsed()},
+                            self.log.epoch_history)
+
+    def checkpoint(self, state: TrainState, step: int, epoch: int, i: int, wait: bool) -> Path:
+        self.log.flush(self.diverged)
+        done = step + 1
+        val = self.last_val[1] if self.last_val[0] == done else self.hooks.validate(state.params)
+        meta = {**self.expect, "epoch": epoch + (i + 1) // self.n_batches, "batch": (i + 1) % self.n_batches,
+                "tokens_seen": self.tokens_seen, "val_loss": val, "history": self.log.history,
+                "epoch_history": self.log.epoch_history, "samples": self.log.samples, "wall_s": self.elapsed()}
+        try:
+            path = self.ckpts.save(done, *self.steps.saved(state), meta, val)
+            if wait:
+                self.ckpts.wait()
+        except CheckpointSaveError as e:
+            e.state = state
+            raise
+        except FloatingPointError:  # the save refused non-finite params or optimizer state
+            raise self.diverged("the parameters or optimizer state became non-finite", step) from None
+        return path
+
+
 def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_dir: str | Path, hooks: Hooks, *,
         meta: dict, resume: bool = False, progress: bool = True, stop_after: int | None = None,
         desc: str = "train", resume_hint: str = "the same command plus --resume") -> dict:
@@ -434,18 +402,9 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
         elif ckpts.latest_step() is not None:
             ckpts.delete_all()
         done = int(state.step)
-        tokens_seen, wall_before = (saved or {}).get("tokens_seen", 0), (saved or {}).get("wall_s", 0.0)
         log = _Log(out_dir, done, resume, saved)
-
-        def diverged(what: str, s: int) -> FloatingPointError:
-            return FloatingPointError(
-                f"training diverged: {what} at step {s} (epoch {s // n_batches + 1}); nothing from that step on was "
-                f"saved. The last good checkpoint is {ckpts.describe(ckpts.latest_step())}. Lower the learning rate "
-                f"(--lr), add gradient clipping (--clip-norm 1.0) or a warmup, and train again")
-
-        line = hooks.line or _default_line
+        loop = _Loop(steps, tcfg, hooks, ckpts, log, expect, n_batches, saved)
         bar = tqdm(total=total, initial=done, disable=not progress, desc=desc, unit="step")
-        t0, last_val = time.time(), (-1, None)
         with GracefulStop() as stop:
             epoch0, i0 = divmod(done, n_batches)
             for epoch in range(epoch0, tcfg.epochs):
@@ -454,49 +413,17 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
                     state, metrics = steps.train_step(state, batch)
                     step = epoch * n_batches + i  # the book's global_step, counted from 0
                     done = step + 1
-                    tokens_seen += hooks.count(batch)
+                    loop.tokens_seen += hooks.count(batch)
                     log.pending.append((step, epoch + 1, metrics))
                     bar.update(1)
                     if step % tcfg.eval_freq == 0:
-                        log.flush(diverged)
-                        values = hooks.evaluate(state.params, step)
-                        if not math.isfinite(values["train_loss"]):
-                            raise diverged(f"the parameters became non-finite (their loss is {values['train_loss']})",
-                                           step)
-                        last_val = (done, values.get("val_loss"))
-                        rec = {"step": step, "epoch": epoch + 1, hooks.count_name: tokens_seen, **values,
-                               **{("batch_loss" if k == "loss" else k): v for k, v in log.last.items()
-                                  if k in ("loss", "lr", "grad_norm")},
-                               "elapsed_s": round(wall_before + time.time() - t0, 2)}
-                        log.record(rec)
-                        bar.set_postfix(train=f"{values['train_loss']:.3f}", val=f"{values.get('val_loss', 0):.3f}")
-                        bar.write(line(rec))
+                        loop.evaluate(state, step, epoch, bar)
                     if i == n_batches - 1:
-                        if hooks.sample is not None and tcfg.sample_tokens:
-                            log.samples.append({"epoch": epoch + 1, "text": hooks.sample(state.params)})
-                            bar.write(f"Ep {epoch + 1} sample: {log.samples[-1]['text']!r}")
-                        if hooks.on_epoch_end is not None:
-                            log.flush(diverged)
-                            log.record({"epoch": epoch + 1, **hooks.on_epoch_end(state.params, step),
-                                        hooks.count_name: tokens_seen,
-                                        "elapsed_s": round(wall_before + time.time() - t0, 2)}, log.epoch_history)
+                        loop.epoch_end(state, step, epoch, bar)
                     stopping = stop.requested or (stop_after is not None and done >= stop_after)
                     if stopping or done == total or (done % tcfg.save_every == 0 if tcfg.save_every
                                                      else i == n_batches - 1):
-                        log.flush(diverged)
-                        val = last_val[1] if last_val[0] == done else hooks.validate(state.params)
-                        meta_now = {**expect, "epoch": epoch + (i + 1) // n_batches, "batch": (i + 1) % n_batches,
-                                    "tokens_seen": tokens_seen, "val_loss": val, "history": log.history,
-                                    "epoch_history": log.epoch_history, "samples": log.samples, "wall_s": round(wall_before + time.time() - t0, 2)}
-                        try:
-                            path = ckpts.save(done, *steps.saved(state), meta_now, val)
-                            if stopping:
-                                ckpts.wait()
-                        except CheckpointSaveError as e:
-                            e.state = state
-                            raise
-                        except FloatingPointError:  # the save refused non-finite params or optimizer state
-                            raise diverged("the parameters or optimizer state became non-finite", step) from None
+                        path = loop.checkpoint(state, step, epoch, i, wait=stopping)
                     if stopping:
                         bar.close()
                         why = f"by {stop.name}" if stop.requested else f"after {stop_after} steps as asked"
@@ -504,7 +431,7 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
                             f"training stopped {why} after step {step} (epoch {epoch + 1}, batch {i + 1} of "
                             f"{n_batches}); checkpoint saved to {path}. Resume with: {resume_hint}",
                             signum=stop.signum, step=done, checkpoint=path, state=state)
-            log.flush(diverged)
+            log.flush(loop.diverged)
             bar.close()
             ckpts.wait()
     except BaseException:
@@ -518,5 +445,5 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
             log.close()
     ckpts.close()
     return {"state": state, "history": log.history, "epoch_history": log.epoch_history, "samples": log.samples,
-            "tokens_seen": tokens_seen,
-            "wall_s": wall_before + time.time() - t0, "steps": int(state.step), "checkpoints": ckpts.directory}
+            "tokens_seen": loop.tokens_seen, "wall_s": loop.elapsed(), "steps": int(state.step),
+            "checkpoints": ckpts.directory}

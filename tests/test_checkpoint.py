@@ -11,7 +11,7 @@ from gptjax.checkpoint import (CheckpointCorruptError, CheckpointMismatchError, 
 from gptjax.config import GPTConfig
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
-from gptjax.engine import OptimConfig
+from gptjax.optim import OptimConfig
 from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
 from gptjax.options import Options
 

@@ -17,7 +17,7 @@ from gptjax.model import count_params, init_params
 from gptjax.tasks.classify import IGNORE_LABEL, PAD_TOKEN_ID, ClassBatches, Classifier, ClassifierTrainConfig, _loss_and_correct, book_split, classifier_from_adapters, classify, combine, encode_texts, evaluate_split, make_classifier_steps, partition, to_classifier, train_classifier, trainable_mask
 from gptjax.tasks.classify_data import balance_indices, load_labeled_texts, random_split_indices, read_labeled_table
 from gptjax.tokenizer import get_gpt2_tokenizer
-from gptjax.engine import OptimConfig, make_optimizer
+from gptjax.optim import OptimConfig, make_optimizer
 
 SHARED = Path(os.environ.get("GPTJAX_SHARED_DATA", "/work/shared/data"))
 SMS = SHARED / "SMSSpamCollection" if (SHARED / "SMSSpamCollection").is_file() else SHARED

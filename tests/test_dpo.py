@@ -10,7 +10,7 @@ from gptjax.checkpoint import load_run_config
 from gptjax.model import init_params
 from gptjax.tasks.dpo import (DPOTrainConfig, PreferenceBatches, collate_preferences, dpo_loss, encode_preferences,
                               finetune_dpo, load_preference_data, sequence_logprobs)
-from gptjax.engine import OptimConfig
+from gptjax.optim import OptimConfig
 from test_instruct import EOT, CharTokenizer, char_cfg
 
 PREFS = [

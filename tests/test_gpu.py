@@ -12,7 +12,7 @@ from gptjax.config import GPTConfig
 from gptjax.generate import generate
 from gptjax.model import init_params, to_layout
 from gptjax.options import Options
-from gptjax.engine import OptimConfig, make_optimizer
+from gptjax.optim import OptimConfig, make_optimizer
 from gptjax.tasks.pretrain import create_state, jitted_steps as make_steps
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (JAX_PLATFORMS=cuda)")

@@ -14,7 +14,8 @@ from gptjax.model import GPT, abstract_params, init_params, to_layout
 from gptjax.options import Options
 from gptjax.tasks.instruct import InstructTrainConfig, finetune_instruct, format_table, generate_responses, offline_report, response_nll, save_responses
 from gptjax.tasks.instruct_data import IGNORE_INDEX, InstructionBatches, bucket_length, collate, encode_examples, extract_response, format_example, format_input, load_instruction_data, split_data
-from gptjax.engine import OptimConfig, cross_entropy
+from gptjax.engine import cross_entropy
+from gptjax.optim import OptimConfig
 
 EOT = 256
 

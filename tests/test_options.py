@@ -14,7 +14,7 @@ from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
 from gptjax.model import GPT, abstract_params, init_params, map_param_trees, to_canonical, to_layout
 from gptjax.options import LEGACY_KEYS, Options
-from gptjax.engine import OptimConfig, make_optimizer
+from gptjax.optim import OptimConfig, make_optimizer
 from gptjax.tasks.pretrain import create_state, jitted_steps as make_steps
 
 EVERYTHING = Options(scan_layers=True, vocab_multiple=64, linear_layout="out_in")

@@ -135,7 +135,7 @@ def test_two_processes_on_loopback_train_fsdp_and_save_a_checkpoint(tmp_path):
     assert (r0["rows"], r1["rows"]) == ([0, 4], [4, 8])  # each process fed only its half of the batch
     # this (single-process, one-device) pytest reads the checkpoint the two processes wrote
     from gptjax.config import GPTConfig
-    from gptjax.engine import OptimConfig
+    from gptjax.optim import OptimConfig
     from gptjax.sharding import make_mesh, restore_state
     from gptjax.tasks.pretrain import make_steps
 
@@ -194,7 +194,7 @@ def worker_mesh(tmp: Path) -> dict:
     from gptjax import sharding as sh
     from gptjax.config import GPTConfig
     from gptjax.model import count_params, init_params
-    from gptjax.engine import OptimConfig, make_optimizer
+    from gptjax.optim import OptimConfig, make_optimizer
     from gptjax.tasks.pretrain import create_state, init_state, jitted_steps as make_steps, make_steps as sharded
 
     cfg = GPTConfig(**TINY, drop_rate=0.1)  # dropout too: its masks must not depend on the sharding
@@ -262,7 +262,7 @@ def worker_process(tmp: Path) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from gptjax.config import GPTConfig
-    from gptjax.engine import OptimConfig, make_optimizer
+    from gptjax.optim import OptimConfig, make_optimizer
     from gptjax.tasks.pretrain import create_state, init_state, jitted_steps as make_steps, make_steps as sharded
 
     mesh = sh.make_mesh("fsdp")

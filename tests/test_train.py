@@ -9,7 +9,8 @@ from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
 from gptjax.model import GPT, to_canonical, to_layout
 from gptjax.options import Options
-from gptjax.engine import OptimConfig, clip_by_global_norm_after, cross_entropy, make_optimizer, perplexity
+from gptjax.engine import cross_entropy, perplexity
+from gptjax.optim import OptimConfig, clip_by_global_norm_after, make_optimizer
 from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, create_state, jitted_steps as make_steps, pretrain as train
 
 

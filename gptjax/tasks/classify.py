@@ -29,7 +29,8 @@ from gptjax.checkpoint import CONFIG_FILE, load_run, load_run_config, refuse_exi
 from gptjax.config import GPTConfig
 from gptjax.tasks.classify_data import (IGNORE_LABEL, PAD_TOKEN_ID, SMS_SPAM_LABELS, ClassBatches, LabeledTexts,
                                         book_split, encode_texts)
-from gptjax.engine import Hooks, OptimConfig, Steps, TrainConfig, TrainState, cross_entropy
+from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy
+from gptjax.optim import OptimConfig
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params, dropout_rngs, layout_fns, to_canonical
 from gptjax.options import Options

@@ -29,7 +29,8 @@ import optax
 from gptjax import engine, lora as lora_lib, runs
 from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
-from gptjax.engine import OptimConfig, Steps, TrainConfig, mean_metrics
+from gptjax.engine import Steps, TrainConfig, mean_metrics
+from gptjax.optim import OptimConfig
 from gptjax.generate import generate_batch
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params, layout_fns, to_canonical

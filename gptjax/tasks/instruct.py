@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from gptjax import engine, lora as lora_lib, runs
 from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
-from gptjax.engine import IGNORE_INDEX, Hooks, OptimConfig, Steps, TrainConfig, TrainState, mean_metrics
+from gptjax.engine import IGNORE_INDEX, Hooks, Steps, TrainConfig, TrainState, mean_metrics
+from gptjax.optim import OptimConfig
 from gptjax.generate import decoding_model, generate_batch
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params, dropout_rngs, layout_fns, to_canonical

@@ -20,7 +20,8 @@ from gptjax import engine, runs, sharding as sh
 from gptjax.checkpoint import CONFIG_FILE, load_run_config, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.data import create_dataloaders, load_corpus
-from gptjax.engine import Hooks, OptimConfig, Steps, TrainConfig, TrainState, cross_entropy, mean_metrics, new_state
+from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy, mean_metrics, new_state
+from gptjax.optim import OptimConfig
 from gptjax.generate import generate, trim_at_eos
 from gptjax.model import GPT, count_params, dropout_rngs, init_params, layout_fns, to_canonical
 from gptjax.options import LEGACY_KEYS, Options
