@@ -15,32 +15,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_dpo import PREFS as RECORDS  # instruction records that also carry a chosen and a rejected answer
+from test_instruct import EOT, CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-EOT = 256
-RECORDS = [
-    {"instruction": "Name the capital of France.", "input": "", "output": "Paris.", "chosen": "It is Paris.",
-     "rejected": "Paris, obviously."},
-    {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4", "chosen": "The sum is 4.",
-     "rejected": "4, duh."},
-    {"instruction": "What color is the sky?", "input": "", "output": "Blue.", "chosen": "The sky is blue.",
-     "rejected": "Blue. Look up."},
-    {"instruction": "Translate to German.", "input": "dog", "output": "Hund", "chosen": "Hund.",
-     "rejected": "Hund, easy."},
-]
 TEXTS = [("spam", "WIN a FREE prize now!! call 555"), ("ham", "see you at lunch today, ok?"),
          ("spam", "CLAIM your FREE cash prize"), ("ham", "running late, be there soon")] * 6
-
-
-class CharTokenizer:
-    """Byte-level ids 0..255 plus end-of-text 256: tiny models, no BPE files."""
-    eot_token = EOT
-
-    def encode(self, text, **kw):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", "replace")
 
 
 def _cfg(**kw):
