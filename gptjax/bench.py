@@ -294,7 +294,8 @@ class JaxTrain:
 
     def __init__(self, cfg: GPTConfig, opts: Options, bc: BenchConfig):
         self.cfg, self.opts = cfg, opts
-        self.steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=opts)
+        # programs of its own: the compile time is measured, not found in another run's programs
+        self.steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=opts, share=False)
         self.state = init_state(self.steps, cfg, bc.seed, opts=opts)
         self.n_params = count_params(self.state.params)
         self.batch = _batch(cfg, bc.batch_size, bc.seed)
@@ -481,7 +482,7 @@ def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None 
                        opts: Options | None = None) -> dict:
     """Programs a training run compiles: the jitted train/eval steps over a few batches of one shape."""
     opts = opts or bc.options()
-    engine_steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=opts)
+    engine_steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=opts, share=False)
     state = runner.state if runner is not None else init_state(engine_steps, cfg, bc.seed, opts=opts)
     events: list[str] = []
     compiled = lambda name, *a, **k: events.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731

@@ -107,15 +107,17 @@ class Steps:
     donated. With a `mesh`, params, optimizer state and frozen weights are laid out by `strategy`
     ("dp" or "fsdp", see gptjax.sharding) and batches split over the batch axes. `layout`
     (`(to_saved, from_saved)`, e.g. model.layout_fns) converts what trains, and the optimizer state
-    shaped like it, to and from the layout checkpoints hold.
+    shaped like it, to and from the layout checkpoints hold. `share=False` compiles programs of its
+    own (a benchmark timing the compile) instead of those every run of the same loss shares.
     """
 
     def __init__(self, loss_fn: LossFn, optim: OptimConfig, params: Any, *, frozen: Any = None,
                  mesh: jax.sharding.Mesh | None = None, strategy: str = "dp",
-                 layout: tuple[Callable, Callable] | None = None):
+                 layout: tuple[Callable, Callable] | None = None, share: bool = True):
         self.optim, self.mesh, self.layout, self.frozen, self.shardings = optim, mesh, layout, frozen, None
         if mesh is None:  # one device: the programs are shared by every run of this loss and optimizer
-            self.tx, self.train_jit, self.eval_jit = _single_device_steps(loss_fn, optim)
+            steps_for = _single_device_steps if share else _single_device_steps.__wrapped__
+            self.tx, self.train_jit, self.eval_jit = steps_for(loss_fn, optim)
         else:
             self.tx = make_optimizer(optim)
         key = jax.ShapeDtypeStruct((2,), jnp.uint32)

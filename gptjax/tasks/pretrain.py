@@ -67,13 +67,13 @@ def jitted_steps(cfg: GPTConfig, tx: optax.GradientTransformation, schedule: opt
 
 
 def make_steps(cfg: GPTConfig, optim: OptimConfig, mesh: jax.sharding.Mesh | None = None,
-               strategy: str = "dp", opts: Options | None = None) -> Steps:
+               strategy: str = "dp", opts: Options | None = None, share: bool = True) -> Steps:
     """The engine's pretraining steps for `cfg` under `opts` (default Options.for_backend()): on the default
     device, or over `mesh` ("dp" / "fsdp"). Checkpoints hold the canonical layout."""
     opts = opts or Options.for_backend()
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), opts))
     return Steps(make_loss_fn(cfg, opts), optim, abstract, mesh=mesh, strategy=strategy,
-                 layout=layout_fns(cfg, opts))
+                 layout=layout_fns(cfg, opts), share=share)
 
 
 def init_state(steps: Steps, cfg: GPTConfig, seed: int, params: Any = None, opts: Options | None = None) -> TrainState:
