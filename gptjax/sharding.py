@@ -236,10 +236,3 @@ def restore_state(path: str | Path, target: Any) -> Any:
     Each device reads only its own shard, so a state written on 8 devices restores onto 1 or 4.
     """
     return ocp.StandardCheckpointer().restore(Path(path).absolute(), target)
-
-
-if __name__ == "__main__":
-    # the launch check trains a small GPT: it lives with the pretraining task, a layer above this module
-    from gptjax.tasks.pretrain import launch_check
-
-    launch_check()
