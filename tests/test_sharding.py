@@ -47,6 +47,14 @@ def test_mesh_and_strategy_errors():
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
 
 
+def test_launch_check_on_one_process(capsys):
+    from gptjax.launch import main
+
+    main(["--strategy", "dp", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "process 0 of 1 (single process)" in out and "all-reduce ok (1)" in out and "dp losses [" in out
+
+
 def test_initialize_distributed_reads_the_environment(monkeypatch):
     from gptjax.sharding import initialize_distributed
 
