@@ -595,10 +595,8 @@ def _add_ch7_commands(sub) -> None:
     p.set_defaults(func=cmd_chat)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptjax", description="GPT pipeline of 'Build a LLM (From Scratch)' in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_pretrain_command(sub) -> None:
+    """The parsers of pretrain (the book's chapter 5 and appendix D)."""
     p = sub.add_parser("pretrain", help="pretrain a GPT on a text corpus (the book's chapter 5)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--corpus", default=None,
@@ -648,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_pretrain)
 
+
+def _add_model_commands(sub) -> None:
+    """The parsers of generate, download, export."""
     p = sub.add_parser("generate", help="generate text from a trained run or GPT-2 weights",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="a run directory of `gptjax pretrain`, a GPT-2 size "
@@ -681,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: model.safetensors + config.json for transformers; book: the book's GPTModel names")
     p.set_defaults(func=cmd_export)
 
+
+def _add_bench_command(sub) -> None:
+    """The parsers of bench."""
     p = sub.add_parser("bench", help="time compile, train steps, MFU, memory and decoding, next to PyTorch",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="gpt2-small", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl")
@@ -721,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write OUT.json/.md/.png (default experiments/results/bench_<platform>)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_ch6_commands(sub) -> None:
+    """The parsers of finetune-classifier and classify (the book's chapter 6)."""
     p = sub.add_parser("finetune-classifier", help="fine-tune a GPT into a text classifier (the book's chapter 6; "
                        "LoRA: appendix E)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
@@ -753,6 +760,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "label<TAB>probability<TAB>text")
     p.add_argument("--bpe-dir", default=None, help="directory with GPT-2's encoder.json + vocab.bpe (offline)")
     p.set_defaults(func=cmd_classify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptjax", description="GPT pipeline of 'Build a LLM (From Scratch)' in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_pretrain_command(sub)
+    _add_model_commands(sub)
+    _add_bench_command(sub)
+    _add_ch6_commands(sub)
     _add_ch7_commands(sub)
     return parser
 
