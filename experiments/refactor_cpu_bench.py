@@ -6,7 +6,7 @@ and whether XLA's optimized programs for both are the same text, source location
 The old code is a checkout of an earlier gptjax (`--old`), copied to a temporary directory as the package
 `gptjax_old` so both import side by side; both decoders must give the same tokens.
 
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/refactor_cpu_bench.py --old /work/before [--reverse]
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/refactor_cpu_bench.py --old OLD_CHECKOUT [--reverse]
 """
 from __future__ import annotations
 
