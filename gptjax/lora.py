@@ -178,3 +178,27 @@ def load_adapters(path: str | os.PathLike) -> tuple[dict, dict, LoRAConfig, dict
     lcfg = LoRAConfig.from_dict(json.loads(meta["lora"]))
     other = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "lora")}
     return traverse_util.unflatten_dict(lora), traverse_util.unflatten_dict(extra) if extra else {}, lcfg, other
+
+
+# --- what trains and what does not ---------------------------------------------------------------
+
+def partition(params: dict, mask: dict) -> tuple[dict, dict]:
+    """(trainable, frozen) sub-dicts of `params` by a bool mask; `combine` puts them back together."""
+    flat_p, flat_m = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
+    train = {k: v for k, v in flat_p.items() if flat_m[k]}
+    frozen = {k: v for k, v in flat_p.items() if not flat_m[k]}
+    return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
+
+
+def combine(*trees: dict) -> dict:
+    flat = {}
+    for t in trees:
+        flat.update(traverse_util.flatten_dict(t))
+    return traverse_util.unflatten_dict(flat)
+
+
+def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:
+    """The model's params from what trains and what does not: `trainable` {"params": weights that train,
+    "lora": adapters} over the `frozen` weights, the adapters merged in (every fine-tuning task)."""
+    params = combine(frozen, trainable.get("params", {}))
+    return merge(params, trainable.get("lora"), lora_scale)

@@ -12,9 +12,9 @@ import pytest
 from gptjax.checkpoint import load_run, save_run
 from gptjax.cli import main
 from gptjax.config import get_config
-from gptjax.lora import LoRAConfig, init_lora
+from gptjax.lora import LoRAConfig, combine, init_lora, partition
 from gptjax.model import count_params, init_params
-from gptjax.tasks.classify import IGNORE_LABEL, PAD_TOKEN_ID, ClassBatches, Classifier, ClassifierTrainConfig, _loss_and_correct, book_split, classifier_from_adapters, classify, combine, encode_texts, evaluate_split, make_classifier_steps, partition, to_classifier, train_classifier, trainable_mask
+from gptjax.tasks.classify import IGNORE_LABEL, PAD_TOKEN_ID, ClassBatches, Classifier, ClassifierTrainConfig, _loss_and_correct, book_split, classifier_from_adapters, classify, encode_texts, evaluate_split, make_classifier_steps, to_classifier, train_classifier, trainable_mask
 from gptjax.tasks.classify_data import balance_indices, load_labeled_texts, random_split_indices, read_labeled_table
 from gptjax.tokenizer import get_gpt2_tokenizer
 from gptjax.optim import OptimConfig, make_optimizer

@@ -22,7 +22,6 @@ import jax
 from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from gptjax import engine, lora as lora_lib, runs
 from gptjax.checkpoint import CONFIG_FILE, load_run, load_run_config, refuse_existing_run, save_run
@@ -81,27 +80,6 @@ def trainable_mask(params: dict, train: str = "last-block") -> dict:
     return {top: jax.tree_util.tree_map(lambda _: chosen(top), sub) for top, sub in params.items()}
 
 
-def partition(params: dict, mask: dict) -> tuple[dict, dict]:
-    """(trainable, frozen) sub-dicts of `params` by a bool mask; `combine` puts them back together."""
-    flat_p, flat_m = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
-    train = {k: v for k, v in flat_p.items() if flat_m[k]}
-    frozen = {k: v for k, v in flat_p.items() if not flat_m[k]}
-    return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
-
-
-def combine(*trees: dict) -> dict:
-    flat = {}
-    for t in trees:
-        flat.update(traverse_util.flatten_dict(t))
-    return traverse_util.unflatten_dict(flat)
-
-
-def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:
-    """Classifier params for the forward: trainable base params over the frozen ones, LoRA merged in."""
-    params = combine(frozen, trainable.get("params", {}))
-    return lora_lib.merge(params, trainable.get("lora"), lora_scale)
-
-
 def last_token_logits(params: dict, cfg: GPTConfig, x_BT: jax.Array, *, key: jax.Array | None = None,
                       opts: Options | None = None) -> jax.Array:
     """The book's `model(x)[:, -1, :]`: class logits from the last position (padding included, as the book)."""
@@ -125,7 +103,7 @@ def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Option
     state exist for nothing else."""
     def loss_fn(trainable, frozen, batch, key):
         x_BT, y_B = batch
-        logits_BC = last_token_logits(full_params(trainable, frozen, lora_scale), cfg, x_BT, key=key, opts=opts)
+        logits_BC = last_token_logits(lora_lib.full_params(trainable, frozen, lora_scale), cfg, x_BT, key=key, opts=opts)
         loss, correct, count = _loss_and_correct(logits_BC, y_B)
         return loss, {"correct": correct, "count": count}
 
@@ -258,7 +236,7 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     head_key, lora_key = jax.random.split(key)
     if cfg.n_classes != n_classes or "cls_head" not in params:
         params, cfg = to_classifier(params, cfg, n_classes, head_key)
-    trainable_base, frozen = partition(params, trainable_mask(params, train))
+    trainable_base, frozen = lora_lib.partition(params, trainable_mask(params, train))
     trainable = {"params": trainable_base}
     lora_scale = 1.0
     if lora is not None:
@@ -292,7 +270,7 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
         final[name] = {"loss": loss, "accuracy": acc, "examples": b.num_examples}
     print("  ".join(f"{name} accuracy {m['accuracy'] * 100:.2f}%" for name, m in final.items()))
 
-    merged = to_canonical(full_params(trainable, frozen, lora_scale), cfg, opts)
+    merged = to_canonical(lora_lib.full_params(trainable, frozen, lora_scale), cfg, opts)
     task = {"task": "classify", "label_names": list(label_names), "max_length": int(max_length),
             "pad_token_id": pad_token_id, "base_model": base_model, "train_layers": train,
             "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
@@ -302,7 +280,7 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     save_run(out_dir, merged, cfg, extra={"options": opts.to_dict(), "classify": task, "status": "finished"})
     if lora is not None:
         # the adapters alone, plus what the base model lacks (the new head) or what trained beside them
-        extra_params = combine({"cls_head": params["cls_head"]}, trainable["params"])
+        extra_params = lora_lib.combine({"cls_head": params["cls_head"]}, trainable["params"])
         lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora, extra_params,
                                metadata={"base_model": base_model, "n_classes": n_classes})
     h, eh = result["history"], result["epoch_history"]
@@ -379,6 +357,6 @@ def classifier_from_adapters(base_params: dict, base_cfg: GPTConfig,
         raise ValueError(f"{str(adapters_path)!r} holds no cls_head; it is not a classifier's adapter file")
     n_classes = int(extra["cls_head"]["kernel"].shape[-1])
     params = {k: v for k, v in base_params.items() if k not in ("lm_head", "cls_head")}
-    params = combine(params, extra)
+    params = lora_lib.combine(params, extra)
     cfg = base_cfg.replace(n_classes=n_classes)
     return lora_lib.merge(params, adapters, lcfg.scale), cfg

@@ -35,7 +35,7 @@ from gptjax.generate import generate_batch
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params, layout_fns, to_canonical
 from gptjax.options import Options
-from gptjax.tasks.instruct import fit, full_params, respond_and_evaluate, split_trainable
+from gptjax.tasks.instruct import fit, respond_and_evaluate, split_trainable
 from gptjax.tasks.instruct_data import (PAD_TOKEN_ID, bucket_length, encode, format_input, load_json_records,
                                         response_prefix, split_data)
 
@@ -178,7 +178,7 @@ def make_loss_fn(cfg: GPTConfig, beta: float = 0.1, lora_scale: float = 1.0, opt
     step 0's loss is exactly log 2."""
     def loss_fn(trainable, fixed, batch, key):
         frozen, ref = fixed
-        pol_c, pol_r = _pair_logprobs(full_params(trainable, frozen, lora_scale), cfg, batch, opts)
+        pol_c, pol_r = _pair_logprobs(lora_lib.full_params(trainable, frozen, lora_scale), cfg, batch, opts)
         ref_c, ref_r = _pair_logprobs(frozen if ref is None else ref, cfg, batch, opts)
         ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
         loss, chosen, rejected = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta, batch.get("valid"))
@@ -278,14 +278,14 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     sample_ids = encode(tokenizer, format_input(splits["val"][0], style))
 
     def sample(tr: dict) -> str:
-        new = generate_batch(full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
+        new = generate_batch(lora_lib.full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
                              eos_id=pad_token_id, opts=opts)[0]
         return tokenizer.decode(sample_ids + new)
 
     loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(b["chosen"][b["valid"]].size),
                sample=sample, meta={"task": "dpo", "model": cfg.to_dict()}, resume=resume, progress=progress,
                stop_after=stop_after, desc="dpo")
-    merged = full_params(loop["state"].params, frozen, scale)
+    merged = lora_lib.full_params(loop["state"].params, frozen, scale)
     h = loop["history"]
     result = {**settings, "initial": initial, "steps": loop["steps"], "tokens_seen": loop["tokens_seen"],
               "wall_s": round(loop["wall_s"], 1),

@@ -39,12 +39,6 @@ from gptjax.tasks.judge import text_scores
 
 # --- model, loss and steps -------------------------------------------------------------------------
 
-def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:
-    """Model params from what trains and what does not: all weights, or frozen weights + LoRA merged in."""
-    params = trainable.get("params") or frozen
-    return lora_lib.merge(params, trainable.get("lora"), lora_scale)
-
-
 def split_trainable(params: dict, lora: lora_lib.LoRAConfig | None, key: jax.Array) -> tuple[dict, dict]:
     """(trainable, frozen): every weight trains, or (LoRA) only fresh adapters do and the weights are frozen."""
     if lora is None:
@@ -69,7 +63,7 @@ def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Option
 
     def loss_fn(trainable, frozen, batch, key):
         x_BT, y_BT = batch
-        logits_BTV = model.apply({"params": full_params(trainable, frozen, lora_scale)}, x_BT,
+        logits_BTV = model.apply({"params": lora_lib.full_params(trainable, frozen, lora_scale)}, x_BT,
                                  deterministic=key is None, rngs=dropout_rngs(key))
         nll, count = token_nll(logits_BTV, y_BT)
         return nll / jnp.maximum(count, 1), {}
@@ -302,7 +296,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     sample_ids = encode(tokenizer, format_input(splits["val"][0], style))
 
     def sample(tr: dict) -> str:
-        new = generate_batch(full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
+        new = generate_batch(lora_lib.full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
                              eos_id=pad_token_id, opts=opts)[0]
         return tokenizer.decode(sample_ids + new)
 
@@ -310,7 +304,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                sample=sample, meta={"task": "instruct", "model": cfg.to_dict()}, resume=resume, progress=progress,
                stop_after=stop_after, desc="finetune-instruct")
     trainable = loop["state"].params
-    merged = full_params(trainable, frozen, scale)
+    merged = lora_lib.full_params(trainable, frozen, scale)
     h = loop["history"]
     result = {**settings, "initial": initial, "steps": loop["steps"], "tokens_seen": loop["tokens_seen"],
               "wall_s": round(loop["wall_s"], 1), "samples": loop["samples"],
