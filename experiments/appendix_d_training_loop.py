@@ -23,7 +23,7 @@ import jax
 
 from gptjax.checkpoint import CHECKPOINTS_DIR, TrainCheckpoints, TrainingInterrupted
 from gptjax.config import get_config
-from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus
+from gptjax.data import create_dataloaders, load_corpus
 from gptjax.options import Options
 from gptjax.tokenizer import get_gpt2_tokenizer
 from gptjax.optim import OptimConfig
@@ -36,7 +36,7 @@ BOOK = {"train_loss": 0.041, "val_loss": 6.915, "step": 130}
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", default=VERDICT_URL, help="the-verdict.txt path or URL (sha256-checked)")
+    ap.add_argument("--corpus", default="default", help="text file or URL (default: the book's the-verdict, shipped with gptjax)")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -47,7 +47,7 @@ def main() -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args()
 
-    text = load_corpus(args.corpus, sha256=VERDICT_SHA256)
+    text = load_corpus(args.corpus)
     sha = hashlib.sha256(text.encode()).hexdigest()  # lets `gptjax pretrain --resume OUT` check the corpus too
     tok = get_gpt2_tokenizer()
     cfg = get_config("gpt2-small", context_length=256, drop_rate=0.1, qkv_bias=False, init="book")

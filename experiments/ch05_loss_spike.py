@@ -41,7 +41,7 @@ import gptjax.model as model  # noqa: E402
 import gptjax.tasks.pretrain as train  # noqa: E402
 from gptjax import engine  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
-from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus  # noqa: E402
+from gptjax.data import create_dataloaders, load_corpus  # noqa: E402
 from gptjax.tokenizer import get_gpt2_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -117,13 +117,13 @@ def rise(losses: list[float]) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", default=VERDICT_URL, help="the-verdict.txt path or URL (sha256-checked)")
+    ap.add_argument("--corpus", default="default", help="text file or URL (default: the book's the-verdict, shipped with gptjax)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[120, 121, 122, 123, 124, 125])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
 
-    text = load_corpus(args.corpus, sha256=VERDICT_SHA256 if args.corpus.startswith("http") else None)
+    text = load_corpus(args.corpus)
     tok = get_gpt2_tokenizer()
     # the chapter-5 loaders; a seed's batch order is the same for every variant
     loaders = {seed: create_dataloaders(text, tok, context_length=256, batch_size=2, train_ratio=0.9, seed=seed)[0]

@@ -21,7 +21,7 @@ setup()  # XLA:CPU flags (bfloat16 matmuls need them to run on AMX) before JAX s
 import jax  # noqa: E402
 
 from gptjax.config import get_config  # noqa: E402
-from gptjax.data import VERDICT_SHA256, VERDICT_URL, create_dataloaders, load_corpus  # noqa: E402
+from gptjax.data import create_dataloaders, load_corpus  # noqa: E402
 from gptjax.tokenizer import get_gpt2_tokenizer  # noqa: E402
 from gptjax.optim import OptimConfig  # noqa: E402
 from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train  # noqa: E402
@@ -32,7 +32,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", default=VERDICT_URL, help="the-verdict.txt path or URL (sha256-checked)")
+    ap.add_argument("--corpus", default="default", help="text file or URL (default: the book's the-verdict, shipped with gptjax)")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--out", default="checkpoints/ch05_verdict", help="run directory (weights are not committed)")
@@ -41,8 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     name = "ch05_pretrain_verdict" + ("_matmul_bf16" if args.matmul_precision == "bfloat16" else "")
 
-    sha = VERDICT_SHA256 if args.corpus.startswith("http") else None
-    text = load_corpus(args.corpus, sha256=sha)
+    text = load_corpus(args.corpus)
     tok = get_gpt2_tokenizer()
     cfg = get_config("gpt2-small", context_length=256, drop_rate=0.1, qkv_bias=False, init="book")
     opts = Options.for_backend(matmul_precision=args.matmul_precision)

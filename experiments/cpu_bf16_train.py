@@ -20,7 +20,8 @@ SETTINGS = {"dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
 
 PROBE = r'''
 import statistics, sys
-from gptjax.bench import BenchConfig, JaxTrain, alternate
+from gptjax.bench import BenchConfig, JaxTrain
+from gptjax.measure import alternate
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, drop_rate=0.1, qkv_bias=False)
 runs = {dtype: JaxTrain(*bc.setup(dtype=dtype), bc) for dtype in ("float32", "bfloat16")}
 runs["matmuls"] = JaxTrain(*bc.setup(matmul_precision="bfloat16"), bc)

@@ -20,7 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gptjax import generate as gen  # noqa: E402
-from gptjax.bench import BenchConfig, alternate  # noqa: E402
+from gptjax.bench import BenchConfig  # noqa: E402
+from gptjax.measure import alternate  # noqa: E402
 from gptjax.model import init_params  # noqa: E402
 
 NEW_TOKENS = 200

@@ -27,8 +27,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gptjax import generate as gen  # noqa: E402
-from gptjax.bench import (BenchConfig, alternate, decode_bytes_per_step, memory_bandwidth,  # noqa: E402
-                          roofline_bandwidth)
+from gptjax.bench import BenchConfig  # noqa: E402
+from gptjax.measure import alternate, decode_bytes_per_step, memory_bandwidth, roofline_bandwidth  # noqa: E402
 from gptjax.model import GPT, init_params  # noqa: E402
 
 NEW_TOKENS = 200
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--model", default=None, help="a trained model for the quality table (run dir or GPT-2 size)")
     ap.add_argument("--text", default="default", help="what `gptjax pretrain --corpus` takes: a file, URL, "
-                    "'offline', or 'default' (the-verdict, else the offline corpus: as the run was trained)")
+                    "or 'default' (the-verdict, shipped with gptjax)")
     ap.add_argument("--train-ratio", type=float, default=0.9, help="the quality table reads the text after this")
     ap.add_argument("--max-windows", type=int, default=64)
     ap.add_argument("--skip-speed", action="store_true")

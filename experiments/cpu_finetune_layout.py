@@ -19,11 +19,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gptjax.bench import alternate  # noqa: E402
+from gptjax.measure import alternate  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
 from gptjax.engine import IGNORE_INDEX  # noqa: E402
 from gptjax.optim import OptimConfig  # noqa: E402
-from gptjax.model import init_params, to_layout  # noqa: E402
+from gptjax.model import init_params  # noqa: E402
+from gptjax.layout import to_layout  # noqa: E402
 from gptjax.options import Options  # noqa: E402
 from gptjax.tasks.instruct import make_sft_steps, split_trainable  # noqa: E402
 

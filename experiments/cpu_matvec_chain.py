@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from gptjax.cpu import matvec as cpu_matvec  # noqa: E402
 from gptjax import generate as gen  # noqa: E402
-from gptjax.bench import alternate, memory_bandwidth, roofline_bandwidth  # noqa: E402
+from gptjax.measure import alternate, memory_bandwidth, roofline_bandwidth  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
 from gptjax.model import init_params  # noqa: E402
 

@@ -10,7 +10,7 @@ import argparse
 import os
 import time
 
-from gptjax.bench import XPROF_OPS_FLAG, by_op_kind, trace_xla_ops  # noqa: E402  (imports jax, starts no backend)
+from gptjax.measure import XPROF_OPS_FLAG, by_op_kind, trace_xla_ops  # noqa: E402  (imports jax, starts no backend)
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XPROF_OPS_FLAG).strip()
 

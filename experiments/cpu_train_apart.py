@@ -16,7 +16,8 @@ GPTJAX = r'''
 import json, statistics
 from gptjax.runtime import setup
 setup(compilation_cache=False)
-from gptjax.bench import BenchConfig, JaxTrain, alternate
+from gptjax.bench import BenchConfig, JaxTrain
+from gptjax.measure import alternate
 from gptjax.cpu import fastest_linear_layout
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
 runs = {f"gptjax {layout}": JaxTrain(*bc.setup(linear_layout=layout), bc)
@@ -26,7 +27,9 @@ print(json.dumps({k: statistics.median(v) for k, v in t.items()}))
 '''
 TORCH = r'''
 import json, statistics
-from gptjax.bench import BenchConfig, TorchTrain, alternate
+from gptjax.bench import BenchConfig
+from gptjax.bench_torch import TorchTrain
+from gptjax.measure import alternate
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
 cfg = bc.model_config()
 t = alternate({"pytorch eager": TorchTrain(cfg, bc, False, "cpu"), "pytorch compile": TorchTrain(cfg, bc, True, "cpu")},

@@ -19,7 +19,8 @@ SETTINGS = {"dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
 
 PROBE = r'''
 import json, statistics, sys
-from gptjax.bench import BenchConfig, JaxTrain, alternate
+from gptjax.bench import BenchConfig, JaxTrain
+from gptjax.measure import alternate
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
 runs = {layout: JaxTrain(*bc.setup(linear_layout=layout), bc) for layout in ("out_in", "in_out")}
 t = alternate(runs, rounds=int(sys.argv[1]), warmup=2)

@@ -23,7 +23,8 @@ GPTJAX = r'''
 import json, statistics, sys
 from gptjax.runtime import setup
 setup(compilation_cache=False)
-from gptjax.bench import BenchConfig, JaxTrain, alternate
+from gptjax.bench import BenchConfig, JaxTrain
+from gptjax.measure import alternate
 rounds = int(sys.argv[1])
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32", linear_layout="out_in")
 runs = {f"gptjax, matmuls {p}": JaxTrain(*bc.setup(matmul_precision=p), bc) for p in ("float32", "bfloat16")}
@@ -33,7 +34,9 @@ print(json.dumps({k: statistics.median(v) for k, v in t.items()}))
 TORCH = r'''
 import dataclasses, json, statistics, sys
 import torch
-from gptjax.bench import BenchConfig, TorchTrain, alternate
+from gptjax.bench import BenchConfig
+from gptjax.bench_torch import TorchTrain
+from gptjax.measure import alternate
 rounds = int(sys.argv[1])
 bc = BenchConfig(preset="gpt2-small", context_length=256, batch_size=2, dtype="float32")
 cfg = bc.model_config()

@@ -14,7 +14,7 @@ import os
 import re
 import time
 
-from gptjax.bench import XPROF_OPS_FLAG, by_op_kind, decode_bytes_per_step, trace_xla_ops  # noqa: E402
+from gptjax.measure import XPROF_OPS_FLAG, by_op_kind, decode_bytes_per_step, trace_xla_ops  # noqa: E402
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + XPROF_OPS_FLAG).strip()
 

@@ -6,18 +6,16 @@ other work slows them alike; each number is a median over rounds after warm-up. 
 train rows run after gptjax's in a process of their own (`BenchConfig.torch_process`): alternated
 in one process, the two frameworks' thread pools slowed each other on the same cores.
 
+The measuring tools (FLOPs, peaks, timing, bandwidth, traces) are in gptjax.measure; PyTorch's
+runners in gptjax.bench_torch.
+
 Letters: B batch, T time, N new tokens.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import glob
-import gzip
 import json
 import os
-import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -31,169 +29,21 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import monitoring as jax_monitoring  # its unregister functions: not public in every version
 
+from gptjax.bench_torch import (Timed, torch_device, torch_generate_model, torch_runners, torch_train_apart,
+                                torch_train_probe, torch_version)
 from gptjax.config import GPTConfig, get_config
 from gptjax.engine import mean_metrics
+from gptjax.measure import (alternate, decode_bytes_per_step, device_info, device_peak_bytes, flops_per_token,
+                            load_average, memory_bandwidth, peak_flops, random_batch, roofline_bandwidth,
+                            xla_memory_bytes)
 from gptjax.optim import OptimConfig
-from gptjax.model import abstract_params, count_params, init_params
+from gptjax.model import count_params, init_params
 from gptjax.options import WEIGHT_DTYPES, Options
+from gptjax.generate import decoding_model, decoding_weights, generate
+from gptjax.runtime import compilation_cache_at, enable_compilation_cache
 from gptjax.tasks.pretrain import init_state, make_steps
-
-# Dense peak FLOP/s per device by device_kind substring (lowercase), from the vendors' data sheets.
-# "fp32" is what XLA runs float32 matmuls on by default: TF32 tensor cores on NVIDIA Ampere and newer.
-PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "h200": {"bfloat16": 989e12, "float32": 495e12},
-    "h100 pcie": {"bfloat16": 756e12, "float32": 378e12},
-    "h100": {"bfloat16": 989e12, "float32": 495e12},  # SXM
-    "a100": {"bfloat16": 312e12, "float32": 156e12},
-    "l4": {"bfloat16": 121e12, "float32": 60e12},
-    "a10": {"bfloat16": 125e12, "float32": 62.5e12},
-    "v100": {"float16": 125e12, "float32": 15.7e12},
-    "t4": {"float16": 65e12, "float32": 8.1e12},
-    "tpu v6 lite": {"bfloat16": 918e12},
-    "tpu v5p": {"bfloat16": 459e12},
-    "tpu v5 lite": {"bfloat16": 197e12},
-    "tpu v5e": {"bfloat16": 197e12},
-    "tpu v4": {"bfloat16": 275e12},
-    "tpu v3": {"bfloat16": 61.5e12},  # per core (a JAX device)
-    "tpu v2": {"bfloat16": 22.5e12},
-}
-
-
-def peak_flops(device_kind: str, dtype: str) -> float | None:
-    """The device's dense peak for `dtype` (float32 falls back to nothing on TPU), or None if unknown."""
-    kind = device_kind.lower()
-    for key, peaks in PEAK_FLOPS.items():  # ordered: specific names before their prefixes
-        if key in kind:
-            return peaks.get(dtype) or (peaks.get("float16") if dtype == "bfloat16" else None)
-    return None
-
-
-def matmul_params(cfg: GPTConfig) -> int:
-    """N for FLOPs: parameters that enter a matmul (blocks + LM head at the real vocab size).
-
-    Embedding lookups do no FLOPs, so wte counts only as the tied head and wpe never; with a tied
-    head this is nanoGPT's N (all params minus wpe).
-    """
-    shapes = abstract_params(cfg)
-    n = count_params(shapes) - count_params(shapes["wpe"])
-    tied_head = cfg.tie_embeddings and not cfg.n_classes
-    return n if tied_head else n - count_params(shapes["wte"])
-
-
-def flops_per_token(cfg: GPTConfig, T: int) -> float:
-    """nanoGPT's training FLOPs per token: 6N + 12 L T D (forward + backward, attention included)."""
-    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * T * cfg.emb_dim
-
-
-def device_info() -> dict:
-    dev = jax.devices()[0]
-    info = {"platform": dev.platform, "device_kind": dev.device_kind, "n_devices": jax.device_count(),
-            "jax": jax.__version__, "python": platform.python_version(), "host_cpus": os.cpu_count(),
-            "cpu": _cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    try:
-        import jaxlib
-        import flax
-        info.update(jaxlib=jaxlib.__version__, flax=flax.__version__)
-    except (ImportError, AttributeError):
-        pass
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-# --- timing ---------------------------------------------------------------------------------
-
-def alternate(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run every fn once per round, round after round; seconds per call (warm-up rounds dropped).
-
-    Each fn must block until its work is done. Alternating spreads a shared machine's noise evenly.
-    """
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(warmup + rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def memory_bandwidth(mb: int = 1024, reps: int = 8) -> dict:
-    """This device's memory bandwidth (GB/s): read (a sum) and copy (read + write, in place, donated).
-
-    1 GiB by default: larger than server CPUs' last-level caches, which would otherwise be measured.
-    """
-    n = mb * 2**20 // 4
-    x = jnp.ones((n,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    bump = jax.jit(lambda a: a + 1.0, donate_argnums=0)  # in place: no fresh pages to fault in
-    total(x).block_until_ready()
-    x = bump(x)
-    x.block_until_ready()
-    read, copy = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        read.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        x = bump(x)
-        x.block_until_ready()
-        copy.append(time.perf_counter() - t0)
-    nbytes = n * 4
-    return {"read_GBps": round(nbytes / statistics.median(read) / 1e9, 2),
-            "copy_GBps": round(2 * nbytes / statistics.median(copy) / 1e9, 2),
-            "read_best_GBps": round(nbytes / min(read) / 1e9, 2),
-            "copy_best_GBps": round(2 * nbytes / min(copy) / 1e9, 2), "array_MB": mb}
-
-
-def roofline_bandwidth(*measurements: dict) -> float:
-    """The read bandwidth decode is held to: the best repetition of any measurement (STREAM's
-    convention: other load only ever slows a repetition down), reads or half a copy's traffic."""
-    return max(max(m["read_best_GBps"], m["copy_best_GBps"] / 2) for m in measurements)
-
-
-# XLA:CPU writes one trace event per op only with this flag, which must be in XLA_FLAGS before JAX starts
-XPROF_OPS_FLAG = "--xla_cpu_enable_xprof_traceme=true"
-
-
-def trace_xla_ops(run: Callable[[], Any]) -> tuple[collections.Counter, collections.Counter]:
-    """One `jax.profiler` trace of `run()` (which must block until its results are ready):
-    milliseconds and number of calls per XLA op name (fusion.12, dot.7, ...)."""
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            run()
-        events = json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))["traceEvents"]
-    ms, calls = collections.Counter(), collections.Counter()
-    for e in events:
-        name = e.get("name", "")
-        if e.get("ph") == "X" and not name.startswith(("$", "Thunk", "np.", "PjitFunction", "Slinky", "end:")):
-            ms[name] += e["dur"] / 1e3
-            calls[name] += 1
-    return ms, calls
-
-
-def by_op_kind(ms: collections.Counter) -> collections.Counter:
-    """Per-op times summed by kind: the op name without its number (all "dot.N" as "dot")."""
-    kinds = collections.Counter()
-    for name, t in ms.items():
-        kinds[re.sub(r"\.\d+$", "", name)] += t
-    return kinds
 
 
 # --- training -------------------------------------------------------------------------------
@@ -269,25 +119,6 @@ class BenchConfig:
 _OPTION_KEYS = {f.name for f in dataclasses.fields(Options)}
 
 
-def _batch(cfg: GPTConfig, B: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
-    rng = np.random.default_rng(seed)
-    x_BT = rng.integers(0, cfg.vocab_size, (B, cfg.context_length + 1), dtype=np.int32)
-    return jnp.asarray(x_BT[:, :-1]), jnp.asarray(x_BT[:, 1:])
-
-
-def _xla_memory(compiled) -> int | None:
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-    except Exception:  # not every backend/version reports it
-        return None
-
-
-def _device_peak_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
-
-
 class JaxTrain:
     """One jitted train step of gptjax (the pretraining task's engine steps) on `cfg` under `opts`, compiled
     ahead of time."""
@@ -298,75 +129,18 @@ class JaxTrain:
         self.steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=opts, share=False)
         self.state = init_state(self.steps, cfg, bc.seed, opts=opts)
         self.n_params = count_params(self.state.params)
-        self.batch = _batch(cfg, bc.batch_size, bc.seed)
+        self.batch = random_batch(cfg, bc.batch_size, bc.seed)
         t0 = time.perf_counter()
         lowered = self.steps.lower(self.state, self.batch)
         t1 = time.perf_counter()
         self.step_fn = lowered.compile()
         t2 = time.perf_counter()
         self.lower_s, self.compile_s = t1 - t0, t2 - t1
-        self.xla_bytes = _xla_memory(self.step_fn)
+        self.xla_bytes = xla_memory_bytes(self.step_fn)
 
     def __call__(self) -> None:
         self.state, metrics = self.step_fn(self.state, None, self.batch)
         metrics["loss"].block_until_ready()
-
-
-class TorchTrain:
-    """transformers' GPT2LMHeadModel, same shape/batch/dtype/optimizer, eager or torch.compile'd."""
-
-    def __init__(self, cfg: GPTConfig, bc: BenchConfig, compiled: bool, device: str):
-        import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(bc.seed)
-        if bc.matmul_precision == "bfloat16":  # float32 matmuls may run in bfloat16 (oneDNN on a CPU)
-            torch.set_float32_matmul_precision("medium")
-        elif device == "cuda":  # as the book's fastest setup: TF32 for what autocast leaves in float32
-            torch.set_float32_matmul_precision("high")
-        hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate,
-                        embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate, layer_norm_epsilon=1e-5,
-                        tie_word_embeddings=cfg.tie_embeddings)
-        hf._attn_implementation = "sdpa"
-        self.torch, self.device = torch, device
-        model = GPT2LMHeadModel(hf).to(device).train()
-        self.n_params = sum(p.numel() for p in model.parameters())
-        # fused AdamW where this torch has it for the device (it does for CPU and CUDA since 2.4)
-        kw = dict(lr=bc.lr, weight_decay=bc.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-        try:
-            self.opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
-        except (RuntimeError, TypeError):
-            self.opt = torch.optim.AdamW(model.parameters(), **kw)
-        self.model = torch.compile(model) if compiled else model
-        x_BT, y_BT = _batch(cfg, bc.batch_size, bc.seed)
-        self.x = torch.tensor(np.asarray(x_BT), dtype=torch.long, device=device)
-        self.y = torch.tensor(np.asarray(y_BT), dtype=torch.long, device=device)
-        self.autocast = bc.dtype != "float32"
-        self.amp_dtype = getattr(torch, bc.dtype)
-        t0 = time.perf_counter()
-        self()  # eager warm-up, or torch.compile's compilation
-        self.first_step_s = time.perf_counter() - t0
-        if device == "cuda":  # hand back what the warm-up cached, for the other runners in this process
-            torch.cuda.empty_cache()
-
-    def __call__(self) -> None:
-        torch = self.torch
-        with torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype, enabled=self.autocast):
-            logits = self.model(input_ids=self.x).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.y.flatten())
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        loss.item()  # blocks until done, as float(metrics["loss"]) does
-
-
-def _torch_device() -> str:
-    import torch
-    platform_ = jax.devices()[0].platform
-    if platform_ == "gpu" and torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
 
 
 def torch_apart(bc: BenchConfig) -> bool:
@@ -374,51 +148,10 @@ def torch_apart(bc: BenchConfig) -> bool:
     return bc.torch_process == "apart" or (bc.torch_process == "auto" and jax.default_backend() == "cpu")
 
 
-@dataclass
-class _Timed:
-    """What the rows need of a PyTorch runner timed in another process."""
-    n_params: int
-    first_step_s: float
-    device: str = "cpu"
-
-
-def _torch_runners(cfg: GPTConfig, bc: BenchConfig, device: str, log: Callable[[str], None]) -> tuple[dict, dict]:
-    """PyTorch eager (and torch.compile) train runners, and the errors of those that could not be built."""
-    runners, errors = {}, {}
-    try:
-        log("building PyTorch eager ...")
-        runners["pytorch eager"] = TorchTrain(cfg, bc, compiled=False, device=device)
-        if bc.torch_compile:
-            log("torch.compile (first step compiles) ...")
-            try:
-                runners["pytorch compile"] = TorchTrain(cfg, bc, compiled=True, device=device)
-            except Exception as e:  # inductor needs a C++ compiler on CPU; report, don't fail
-                errors["pytorch compile"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    except ImportError as e:
-        errors["pytorch"] = f"not installed ({e.name})"
-    return runners, errors
-
-
 def _torch_train_probe(spec: dict) -> dict:
-    """Run in a fresh process: PyTorch's train runners alone, alternated; their step times."""
+    """Run in a fresh process (bench_torch.torch_train_apart's): PyTorch's train runners alone, alternated."""
     bc = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["bc"].items()})
-    cfg = GPTConfig.from_dict(spec["cfg"])
-    runners, errors = _torch_runners(cfg, bc, "cpu", log=lambda m: print(m, file=sys.stderr))
-    times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
-    return {"runners": {k: {"times": times[k], "n_params": r.n_params, "first_step_s": r.first_step_s}
-                        for k, r in runners.items()}, "errors": errors}
-
-
-def _torch_train_apart(cfg: GPTConfig, bc: BenchConfig, log: Callable[[str], None]) -> tuple[dict, dict, dict]:
-    log(f"PyTorch train rows in a process of their own, {bc.steps} steps each (load {_load()}) ...")
-    spec = {"bc": dataclasses.asdict(bc), "cfg": cfg.to_dict()}
-    out = subprocess.run([sys.executable, "-m", "gptjax.bench", "--torch-train-probe", json.dumps(spec)],
-                         capture_output=True, text=True)
-    if out.returncode:
-        return {}, {}, {"pytorch": "its process failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    runners = {k: _Timed(v["n_params"], v["first_step_s"]) for k, v in got["runners"].items()}
-    return runners, {k: v["times"] for k, v in got["runners"].items()}, got["errors"]
+    return torch_train_probe(GPTConfig.from_dict(spec["cfg"]), bc)
 
 
 def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
@@ -434,16 +167,16 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
     apart = bc.torch and torch_apart(bc)
     if bc.torch and not apart:
         try:
-            device = _torch_device()
+            device = torch_device()
         except ImportError as e:
             torch_errors["pytorch"] = f"not installed ({e.name})"
         else:
-            more, torch_errors = _torch_runners(cfg, bc, device, log)
+            more, torch_errors = torch_runners(cfg, bc, device, log)
             runners.update(more)
-    log(f"timing {bc.steps} steps each, alternating {list(runners)} (load {_load()}) ...")
+    log(f"timing {bc.steps} steps each, alternating {list(runners)} (load {load_average()}) ...")
     times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
     if apart:
-        more, more_times, torch_errors = _torch_train_apart(cfg, bc, log)
+        more, more_times, torch_errors = torch_train_apart(cfg, bc, log)
         runners.update(more)
         times.update(more_times)
     rows = []
@@ -456,7 +189,7 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
         row = {"part": "train", "framework": name.split()[0],
                "variant": _describe(c, o, (cfg, opts)) if name in cfgs else
                name.split()[1] + " sdpa fusedAdamW" + (" matmuls medium" if opts.matmul_precision != "float32" else "")
-               + (" own-process" if isinstance(r, _Timed) else ""),
+               + (" own-process" if isinstance(r, Timed) else ""),
                "model": bc.preset, "params": r.n_params, "batch": bc.batch_size, "T": c.context_length,
                "dtype": o.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
                "steps": len(times[name]), "tokens_per_s": round(tokens / med, 1),
@@ -464,11 +197,11 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
                "mfu": None if peak is None else round(achieved / peak, 4)}
         if isinstance(r, JaxTrain):
             row.update(lower_s=round(r.lower_s, 2), compile_s=round(r.compile_s, 2), xla_memory_MB=_mb(r.xla_bytes),
-                       peak_memory_MB=_mb(_device_peak_bytes()))
+                       peak_memory_MB=_mb(device_peak_bytes()))
         else:
             row.update(compile_s=round(r.first_step_s - med, 2) if "compile" in name else None,
                        peak_memory_MB=_mb(r.torch.cuda.max_memory_allocated()) if r.device == "cuda" else None,
-                       process="own" if isinstance(r, _Timed) else "shared")
+                       process="own" if isinstance(r, Timed) else "shared")
         rows.append(row)
     _ratios(rows, "tokens_per_s")
     for name, err in torch_errors.items():
@@ -491,9 +224,9 @@ def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None 
     jax.monitoring.register_event_listener(loaded)
     try:
         for i in range(steps):
-            state, metrics = engine_steps.train_step(state, _batch(cfg, bc.batch_size, seed=i))
+            state, metrics = engine_steps.train_step(state, random_batch(cfg, bc.batch_size, seed=i))
             if i % 3 == 0:
-                mean_metrics(engine_steps, state.params, [_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)])
+                mean_metrics(engine_steps, state.params, [random_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)])
         float(metrics["loss"])
     finally:
         _unregister(compiled, loaded)
@@ -506,9 +239,8 @@ def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None 
 
 def _unregister(duration_listener, event_listener) -> None:
     try:
-        from jax._src import monitoring
-        monitoring.unregister_event_duration_listener(duration_listener)
-        monitoring.unregister_event_listener(event_listener)
+        jax_monitoring.unregister_event_duration_listener(duration_listener)
+        jax_monitoring.unregister_event_listener(event_listener)
     except (ImportError, AttributeError, ValueError, AssertionError):
         pass
 
@@ -558,7 +290,6 @@ def _ratios(rows: list[dict], key: str) -> None:
 
 def _compile_probe(spec: dict) -> dict:
     """Run in a fresh process: AOT lower + compile of the train step from abstract shapes."""
-    from gptjax.runtime import enable_compilation_cache
     if spec.get("cache_dir"):
         enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
     cfg, opts = GPTConfig.from_dict(spec["cfg"]), Options.from_dict(spec["opts"])
@@ -596,15 +327,8 @@ def bench_compile(bc: BenchConfig, log: Callable[[str], None] = print) -> list[d
 
 # --- decoding -------------------------------------------------------------------------------
 
-def decode_bytes_per_step(cfg: GPTConfig, B: int, S: int, weight_bytes: int, cache_bytes: int) -> float:
-    """Bytes one decode step must read: every matmul weight once, plus the whole static KV cache."""
-    return matmul_params(cfg) * weight_bytes + 2 * cfg.n_layers * B * S * cfg.emb_dim * cache_bytes
-
-
 def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[str], None] = print) -> list[dict]:
     """New tokens/s of greedy decoding at each batch size: KV cache, no cache, and transformers' generate."""
-    from gptjax.generate import decoding_model, decoding_weights, generate
-
     cfg, opts = bc.setup(drop_rate=0.0, scan_layers=False, remat="none")
     params = init_params(cfg, jax.random.key(bc.seed), opts)
     # laid out for decoding once, as a caller decoding repeatedly would (on CPU: (out, in) kernels)
@@ -614,7 +338,7 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
     hf = None
     if bc.torch:
         try:
-            hf = _torch_generate_model(cfg)
+            hf = torch_generate_model(cfg)
         except ImportError:
             hf = None
     # as `gptjax generate --weight-dtype`: weight-only bfloat16 where the CPU kernel reads it, int8
@@ -643,7 +367,7 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
             meta["pytorch generate kv-cache"] = dict(tokens=bc.decode_tokens, weight_bytes=4)
             fns["pytorch generate no-cache"] = lambda x=prompt_BT, n=nocache: hf(x, n, False)
             meta["pytorch generate no-cache"] = dict(tokens=nocache, weight_bytes=4)
-        log(f"decode B={B}: warm-up/compile, then {bc.decode_rounds} alternating rounds of {list(fns)} (load {_load()}) ...")
+        log(f"decode B={B}: warm-up/compile, then {bc.decode_rounds} alternating rounds of {list(fns)} (load {load_average()}) ...")
         times = alternate(fns, rounds=bc.decode_rounds, warmup=1)
         batch_rows = []
         for name, ts in times.items():
@@ -671,34 +395,10 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
     return rows
 
 
-def _torch_generate_model(cfg: GPTConfig) -> Callable:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                    n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                    layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_embeddings)
-    hf._attn_implementation = "sdpa"
-    device = _torch_device()
-    model = GPT2LMHeadModel(hf).to(device).eval()
-
-    def run(prompt_BT: np.ndarray, n: int, use_cache: bool) -> None:
-        ids = torch.from_numpy(prompt_BT).long().to(device)
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, use_cache=use_cache, pad_token_id=0)
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    return run
-
-
 # --- the whole benchmark --------------------------------------------------------------------
 
 def run(bc: BenchConfig, out: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
     """Measure the parts in `bc.parts`, print a table, write out.json / out.md / out.png when `out` is given."""
-    from gptjax.runtime import compilation_cache_at
-
     # a fresh persistent cache: compile times below are cold, and recompiling the same program
     # (the compilation count) loads it instead of paying a second cold compile
     with tempfile.TemporaryDirectory(prefix="gptjax-bench-cc-") as cache_dir, compilation_cache_at(cache_dir):
@@ -718,7 +418,7 @@ def run(bc: BenchConfig, out: str | Path | None = None, log: Callable[[str], Non
 def _measure(bc: BenchConfig, log: Callable[[str], None]) -> dict:
     t0 = time.time()
     info = device_info()
-    info.update(torch=_torch_version(), load_at_start=_load(), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+    info.update(torch=torch_version(), load_at_start=load_average(), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
     result: dict[str, Any] = {"device": info, "config": dataclasses.asdict(bc), "rows": []}
     bw = None
     if "bandwidth" in bc.parts:
@@ -735,17 +435,9 @@ def _measure(bc: BenchConfig, log: Callable[[str], None]) -> dict:
             again = result["bandwidth"]["before_decode"] = memory_bandwidth()
             bw = result["bandwidth"]["roofline_GBps"] = roofline_bandwidth(result["bandwidth"], again)
         result["rows"] += bench_decode(bc, bw, log)
-    info.update(load_at_end=_load(), wall_s=round(time.time() - t0, 1),
+    info.update(load_at_end=load_average(), wall_s=round(time.time() - t0, 1),
                 rss_peak_MB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     return result
-
-
-def _torch_version() -> str | None:
-    try:
-        import torch
-        return torch.__version__
-    except ImportError:
-        return None
 
 
 def format_table(result: dict) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from gptjax.gpt2_weights import book_config, export_book
+
 
 def book_gpt_model(c: dict[str, Any]):
     """The book's GPTModel for a GPT_CONFIG dict (`gpt2_weights.book_config`), with its three dropouts."""
@@ -92,9 +94,7 @@ def calc_loss_batch(input_batch, target_batch, model):
 
 def book_from_params(params: dict, cfg, path) -> Any:
     """The book's GPTModel holding gptjax `params` (written to `path` by export_book, loaded strictly)."""
-    from safetensors.torch import load_file
-
-    from gptjax.gpt2_weights import book_config, export_book
+    from safetensors.torch import load_file  # needs torch
 
     model = book_gpt_model(book_config(cfg))
     model.load_state_dict(load_file(str(export_book(params, cfg, path))), strict=True)

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,9 @@ import orbax.checkpoint as ocp
 
 from gptjax import runs
 from gptjax.config import GPTConfig
-from gptjax.model import abstract_params, to_canonical
+from gptjax.gpt2_weights import load_gpt2
+from gptjax.model import abstract_params, init_params
+from gptjax.layout import to_canonical
 from gptjax.options import LEGACY_KEYS, Options
 
 CONFIG_FILE = "config.json"
@@ -350,10 +352,19 @@ def _val_loss(metrics: dict) -> float:
 
 # ------------------------------------------------------------------------------------------- run dirs
 
+def begin_run(out_dir: str | Path, header: dict, *, resume: bool) -> Path:
+    """A starting run's directory: created and checked writable; unless resuming, its config.json
+    (`header` plus "status": "running", which `save_run` turns into "finished")."""
+    out_dir = runs.prepare_out_dir(out_dir)
+    if not resume:
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {**header, "status": "running"})
+    return out_dir
+
+
 def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | None = None) -> Path:
     """Write `run_dir/params` (Orbax) and `run_dir/config.json` (model config + `extra`).
 
-    `params` in the canonical layout (`model.to_canonical` converts from the layout Options built):
+    `params` in the canonical layout (`layout.to_canonical` converts from the layout Options built):
     what `load_run` hands back under any options. The Options a run trained with go in `extra` under
     "options", for information only."""
     run_dir = Path(run_dir).absolute()
@@ -432,14 +443,18 @@ def restore_params(checkpoint_dir: str | Path, cfg: GPTConfig, step: int | str |
     return params
 
 
-def load_model(spec: str | Path, dtype: str | None = None) -> tuple[Any, GPTConfig]:
+class Model(NamedTuple):
+    """Canonical params and the architecture they are for; unpacks as `params, cfg = model`."""
+    params: Any
+    config: GPTConfig
+
+
+def load_model(spec: str | Path, dtype: str | None = None) -> Model:
     """Any model a command accepts: a run directory, a GPT-2 size (downloaded), or a GPT-2 safetensors path."""
     path = Path(spec)
     if path.is_dir() and (path / CONFIG_FILE).is_file() and '"model"' in (path / CONFIG_FILE).read_text():
-        return load_run(path, dtype=dtype)
-    from gptjax.gpt2_weights import load_gpt2
-
-    return load_gpt2(str(spec), dtype=dtype or "float32")
+        return Model(*load_run(path, dtype=dtype))
+    return Model(*load_gpt2(str(spec), dtype=dtype or "float32"))
 
 
 def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int = 123,
@@ -449,10 +464,6 @@ def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int
     `language_model=True` refuses a classifier run (instruction tuning needs the LM head).
     """
     if spec == "random":
-        import jax
-
-        from gptjax.model import init_params
-
         if random_cfg is None:
             raise ValueError("--model random needs a model config (--preset and the size options)")
         cfg = random_cfg.replace(n_classes=0)

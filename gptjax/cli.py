@@ -17,10 +17,10 @@ from gptjax.checkpoint import (CheckpointSaveError, load_base_model, load_model,
 from gptjax.config import get_config, GPTConfig
 from gptjax.cpu import fastest_linear_layout
 from gptjax.optim import OptimConfig
-from gptjax.generate import decoding_model, decoding_weights, generate, stream_text, trim_at_eos
+from gptjax.generate import generate_text, load_for_decoding, stream_text
 from gptjax.gpt2_weights import download_gpt2, export_book, export_hf
 from gptjax.lora import LoRAConfig
-from gptjax.model import to_layout
+from gptjax.layout import to_layout
 from gptjax.options import MATMUL_PRECISIONS, Options, WEIGHT_DTYPES
 from gptjax.runtime import setup
 from gptjax.sharding import initialize_distributed
@@ -153,34 +153,22 @@ def _check_resume_flags(args, run: str, run_values: dict) -> None:
                          f"(or start a new run with another --out)")
 
 
-def _load_for_decoding(model: str, weight_dtype: str | None):
-    """(params, cfg, opts): `load_model`, laid out for decoding (on CPU: (out, in) kernels and the C++
-    matvec kernel), with the weights in `weight_dtype` (see generate.decoding_weights)."""
-
-    # bfloat16 is cast as it loads (half the memory); int8 is quantized from float32
-    params, cfg = load_model(model, dtype=None if weight_dtype == "int8" else weight_dtype)
-    params, opts = decoding_model(params, cfg)
-    params, opts = decoding_weights(params, cfg, opts, weight_dtype)
-    return params, cfg, opts
-
-
 def cmd_generate(args) -> int:
-    params, cfg, opts = _load_for_decoding(args.model, args.weight_dtype)
+    params, cfg, opts = load_for_decoding(args.model, args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
-    ids = tok.encode(args.prompt, allowed_special={"<|endoftext|>"})
-    if not ids:
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, opts=opts, tokenizer=tok,
+                    seed=args.seed, stop_at_eos=not args.no_eos)
+    if not tok.encode(args.prompt, allowed_special={"<|endoftext|>"}):
         raise ValueError("the prompt is empty after tokenization; give --prompt some text")
-    eos = None if args.no_eos else tok.eot_token
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos,
-                    key=jax.random.key(args.seed), opts=opts)
-    if args.stream:
-        print(args.prompt, end="", flush=True)
-        for piece in stream_text(params, cfg, tok, args.prompt, args.max_new_tokens, **sampling):
-            print(piece, end="", flush=True)
-        print()
+    if not args.stream:
+        print(generate_text((params, cfg), args.prompt, args.max_new_tokens, use_cache=not args.no_cache, **sampling))
         return 0
-    out = generate(params, cfg, [ids], args.max_new_tokens, use_cache=not args.no_cache, **sampling)
-    print(tok.decode(trim_at_eos(out[0], eos)))
+    print(args.prompt, end="", flush=True)
+    for piece in stream_text(params, cfg, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, eos_id=None if args.no_eos else tok.eot_token,
+                             key=jax.random.key(args.seed), opts=opts):
+        print(piece, end="", flush=True)
+    print()
     return 0
 
 
@@ -383,7 +371,7 @@ def cmd_respond(args) -> int:
             source = next((meta[t].get("data") for t in ("instruct", "dpo") if isinstance(meta.get(t), dict)), None)
         records = _ch7_splits(load_instruction_data(source), None)["test"]
     records = records[:args.limit] if args.limit else records
-    params, cfg, opts = _load_for_decoding(args.run, args.weight_dtype)
+    params, cfg, opts = load_for_decoding(args.run, args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
     out = Path(args.out) if args.out else (Path(args.run) / "responses.json" if Path(args.run).is_dir()
                                            else Path("responses.json"))
@@ -452,7 +440,7 @@ def cmd_dpo(args) -> int:
 
 def cmd_chat(args) -> int:
     try:
-        params, cfg, opts = _load_for_decoding(args.model, args.weight_dtype)
+        params, cfg, opts = load_for_decoding(args.model, args.weight_dtype)
     except ConnectionError as e:
         print(f"gptjax chat: error: {e}", file=sys.stderr)
         return 2
@@ -600,8 +588,8 @@ def _add_pretrain_command(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a GPT on a text corpus (the book's chapter 5)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--corpus", default=None,
-                   help="text file, http(s) URL, 'hf:NAME[:CONFIG][:SPLIT]', or 'offline'; default: the-verdict "
-                        "downloaded once (falls back to an offline corpus when there is no network)")
+                   help="text file, http(s) URL or 'hf:NAME[:CONFIG][:SPLIT]'; default: the book's the-verdict, "
+                        "shipped with gptjax")
     p.add_argument("--out", default="checkpoints/pretrain", help="run directory")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=2)

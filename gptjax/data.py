@@ -1,4 +1,4 @@
-"""Corpora (file, URL with cache and checksum, HF datasets, an offline default), sliding windows, batches.
+"""Corpora (the book's the-verdict, shipped; a file; a URL with cache and checksum; HF datasets), sliding windows, batches.
 
 Shapes: N windows, B batch, T time (context length).
 """
@@ -9,7 +9,6 @@ import os
 import tempfile
 import urllib.parse
 import urllib.request
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,13 @@ import numpy as np
 from gptjax.runtime import user_cache_dir
 from gptjax.tokenizer import is_offline, text_to_token_ids
 
-VERDICT_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt"
-)
+# The book's corpus: Edith Wharton's short story "The Verdict" (1908, public domain), as the book's
+# repository has it (ch02/01_main-chapter-code/the-verdict.txt), shipped with the package.
+VERDICT_PATH = Path(__file__).parent / "assets" / "the-verdict.txt"
 VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"
 IGNORE_INDEX = -100  # target value the loss skips; fills the padded rows of a last partial batch
 
-_SOURCES_HELP = "a local UTF-8 text file, an http(s) URL, 'hf:NAME[:CONFIG][:SPLIT]', 'default' or 'offline'"
+_SOURCES_HELP = "a local UTF-8 text file, an http(s) URL, 'hf:NAME[:CONFIG][:SPLIT]' or 'default' (the-verdict)"
 
 
 def default_cache_dir() -> Path:
@@ -90,32 +89,6 @@ def cached_download(url: str, *, cache_dir: str | os.PathLike | None = None, sha
     return path
 
 
-def offline_corpus(n_chars: int = 20_000) -> str:
-    """English prose from CPython's bundled docs (pydoc_data.topics): deterministic, no network, ~n_chars long."""
-    if n_chars <= 0:
-        raise ValueError(f"offline_corpus needs n_chars > 0, got {n_chars}")
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:
-        raise RuntimeError(
-            "this Python has no pydoc_data (some minimal installs strip it), so there is no offline corpus; "
-            "pass a local text file instead"
-        ) from e
-    paragraphs = []
-    for key in sorted(topics):
-        # Indented paragraphs are code and grammar listings; keep the prose, closer to the-verdict.
-        paragraphs += [p.strip() for p in topics[key].split("\n\n") if p.strip() and not p[:1].isspace()]
-    out, size = [], 0
-    for p in paragraphs:
-        if size + len(p) > n_chars and out:
-            break
-        out.append(p)
-        size += len(p) + 2
-    while len(out) > 1 and out[-1].endswith("***"):  # don't end on a section heading
-        out.pop()
-    return "\n\n".join(out)
-
-
 def load_hf_text(
     name: str,
     config: str | None = None,
@@ -171,22 +144,9 @@ def load_corpus(
     cache_dir: str | os.PathLike | None = None,
     sha256: str | None = None,
 ) -> str:
-    """Text of None/'default' (the-verdict, offline fallback), 'offline', a path, a URL, 'hf:NAME[:CONFIG][:SPLIT]'."""
+    """Text of None/'default' (the book's the-verdict, shipped with gptjax), a path, a URL, 'hf:NAME[:CONFIG][:SPLIT]'."""
     if source is None or source == "default":
-        try:
-            path = cached_download(VERDICT_URL, cache_dir=cache_dir, sha256=VERDICT_SHA256)
-            return _check_text(_read_text(path, VERDICT_URL), VERDICT_URL)
-        except Exception as e:
-            reason = "GPTJAX_OFFLINE is set" if is_offline() else f"the download failed ({e.__cause__ or e})"
-            message = (
-                f"gptjax: could not get the-verdict from {VERDICT_URL}: {reason}. Using the offline corpus "
-                f"(CPython's pydoc topics, ~20k chars) instead; to train on your own text pass a local file, "
-                f"e.g. load_corpus('path/to/the-verdict.txt') or --corpus path/to/the-verdict.txt"
-            )
-            warnings.warn(message, stacklevel=2)
-            return offline_corpus()
-    if source == "offline":
-        return offline_corpus()
+        source, sha256 = VERDICT_PATH, VERDICT_SHA256
     source_str = os.fspath(source)
     if source_str.startswith("hf:"):
         name, config, split = (source_str[3:].split(":", 2) + [None, None])[:3]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from gptjax import runs, sharding
 from gptjax.checkpoint import (CHECKPOINTS_DIR, CheckpointSaveError, GracefulStop, TrainCheckpoints,
                                TrainingInterrupted)
-from gptjax.model import map_param_trees
+from gptjax.layout import map_param_trees
 from gptjax.optim import OptimConfig, global_norm, make_optimizer
 
 IGNORE_INDEX = -100

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 from functools import partial
+import os
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -26,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import cpu
+from gptjax.checkpoint import load_model
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, init_cache, to_canonical, to_layout, unstack_layers
+from gptjax.model import GPT, init_cache
+from gptjax.layout import to_canonical, to_layout, unstack_layers
 from gptjax.options import WEIGHT_DTYPES, Options
+from gptjax.tokenizer import get_gpt2_tokenizer
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array | None, *, temperature: float = 0.0,
@@ -391,3 +395,36 @@ def trim_at_eos(ids: np.ndarray, eos_id: int | None) -> list[int]:
     if eos_id is not None and eos_id in ids:
         ids = ids[: ids.index(eos_id)]
     return ids
+
+
+def load_for_decoding(spec: str | os.PathLike, weight_dtype: str | None = None) -> tuple[Any, GPTConfig, Options]:
+    """(params, cfg, opts): `checkpoint.load_model(spec)` laid out for decoding (`decoding_model`: on CPU
+    (out, in) kernels and the C++ matvec kernel), the weights in `weight_dtype` (`decoding_weights`)."""
+    # bfloat16 is cast as it loads (half the memory); int8 is quantized from float32
+    params, cfg = load_model(spec, dtype=None if weight_dtype == "int8" else weight_dtype)
+    params, opts = decoding_model(params, cfg)
+    params, opts = decoding_weights(params, cfg, opts, weight_dtype)
+    return params, cfg, opts
+
+
+def generate_text(model: Any, prompt: str, max_new_tokens: int = 50, *, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 123, stop_at_eos: bool = True,
+                  use_cache: bool = True, tokenizer: Any = None, opts: Options | None = None) -> str:
+    """The book's text_to_token_ids -> generate -> token_ids_to_text in one call: the prompt and its continuation.
+
+    `model`: what `load_model` returns ((params, cfg), canonical params unless `opts` says how they are
+    laid out), or anything it accepts (a run directory, a GPT-2 size, a safetensors path), then laid out
+    for decoding. Greedy by default; `temperature`/`top_k`/`top_p` sample with `seed`. `tokenizer`:
+    default GPT-2's. Generation stops at <|endoftext|> unless `stop_at_eos=False`."""
+    if isinstance(model, (str, os.PathLike)):
+        params, cfg, opts = load_for_decoding(model)
+    else:
+        (params, cfg), opts = model, opts or Options()
+    tok = tokenizer or get_gpt2_tokenizer()
+    ids = tok.encode(prompt, allowed_special={"<|endoftext|>"}) if hasattr(tok, "eot_token") else tok.encode(prompt)
+    if not ids:
+        raise ValueError(f"the prompt {prompt!r} is empty after tokenization; give it some text")
+    eos = getattr(tok, "eot_token", None) if stop_at_eos else None
+    out = generate(params, cfg, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos,
+                   key=jax.random.key(seed), use_cache=use_cache, opts=opts)
+    return tok.decode(trim_at_eos(out[0], eos))

@@ -3,7 +3,7 @@
 `GPTConfig` says what a model is and is saved with a run; `Options` are chosen per command (given
 when steps or decoders are built) and never stored in a checkpoint, so any checkpoint trains, resumes
 and decodes under any options. Params in a checkpoint are in one canonical layout (OpenAI's: per-layer
-`h_0..`, kernels (in, out), vocab unpadded); `model.to_layout` / `model.to_canonical` convert to and
+`h_0..`, kernels (in, out), vocab unpadded); `layout.to_layout` / `layout.to_canonical` convert to and
 from the layout an `Options` builds. None of them changes the math (tests check each against the
 plain model), except `dtype` and `matmul_precision`, which set the precision.
 """

@@ -6,9 +6,9 @@ import jax
 import pytest
 
 from gptjax import bench
-from gptjax.bench import (BenchConfig, alternate, decode_bytes_per_step, flops_per_token, format_table, matmul_params,
-                          peak_flops)
+from gptjax.bench import BenchConfig, format_table
 from gptjax.config import GPTConfig, get_config
+from gptjax.measure import alternate, decode_bytes_per_step, flops_per_token, matmul_params, peak_flops
 from gptjax.model import num_params
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None

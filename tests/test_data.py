@@ -1,7 +1,6 @@
 import hashlib
 import http.server
 import os
-import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -18,7 +17,6 @@ from gptjax.data import (
     load_corpus,
     load_hf_text,
     make_windows,
-    offline_corpus,
     split_text,
 )
 from gptjax.tokenizer import get_gpt2_tokenizer
@@ -157,37 +155,22 @@ def test_offline_url_not_in_cache(cache):
         cached_download("https://example.com/corpus.txt")
 
 
-def test_offline_corpus_deterministic_and_book_sized():
-    text = offline_corpus()
-    assert text == offline_corpus() == load_corpus("offline")
-    assert 15_000 < len(text) <= 20_000
-    assert "assert" in text and not text.endswith("\n")
-    assert len(offline_corpus(3_000)) <= 3_000
-    with pytest.raises(ValueError, match="n_chars > 0"):
-        offline_corpus(0)
-
-
-def test_default_falls_back_to_offline_corpus(cache):
-    with pytest.warns(UserWarning, match=r"GPTJAX_OFFLINE is set.*offline corpus.*pass a local file"):
-        text = load_corpus()
-    assert text == offline_corpus()
-
-
-def test_default_download_failure_falls_back(server, cache, monkeypatch):
-    monkeypatch.delenv("GPTJAX_OFFLINE")
-    monkeypatch.setattr(data, "VERDICT_URL", server.url + "/the-verdict.txt")  # 404 from the local server
-    with pytest.warns(UserWarning, match=r"download failed.*offline corpus.*pass a local file"):
-        assert load_corpus("default") == offline_corpus()
-
-
-@needs_verdict
-def test_default_uses_cached_verdict_offline(cache):
-    cache.mkdir()
-    shutil.copyfile(VERDICT, data._cache_path(data.VERDICT_URL, cache))
+def test_default_corpus_is_the_shipped_verdict_with_no_network(cache):
+    # GPTJAX_OFFLINE is set (conftest) and the cache is empty: the default reads the package's copy
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         text = load_corpus()
+    assert text == load_corpus("default")
     assert len(text) == 20479 and text.startswith("I HAD always thought Jack Gisburn")
+    assert data.file_sha256(data.VERDICT_PATH) == data.VERDICT_SHA256
+    assert not cache.exists() or list(cache.iterdir()) == []  # nothing downloaded, nothing cached
+    if VERDICT is not None:  # the book repository's copy, byte for byte
+        assert data.VERDICT_PATH.read_bytes() == VERDICT.read_bytes()
+
+
+def test_the_offline_corpus_name_is_gone():
+    with pytest.raises(FileNotFoundError, match=r"'offline' is not an existing file.*'default' \(the-verdict\)"):
+        load_corpus("offline")
 
 
 def test_hf_text_builder_with_local_files(tmp_path):
@@ -325,7 +308,7 @@ def test_batches_errors():
 
 def test_create_dataloaders_small():
     tok = get_gpt2_tokenizer()
-    text = offline_corpus(4_000)
+    text = load_corpus()[:4_000]
     train, val = create_dataloaders(text, tok, context_length=16, batch_size=4, stride=8, seed=3)
     assert train.shuffle and train.drop_last and not val.shuffle and not val.drop_last
     x_BT, y_BT = next(iter(train.epoch(0)))

@@ -100,7 +100,7 @@ def test_a_run_trained_under_some_options_resumes_and_decodes_under_others(tmp_p
     from gptjax.data import Batches, make_windows
     from gptjax.engine import OptimConfig
     from gptjax.generate import generate
-    from gptjax.model import to_layout
+    from gptjax.layout import to_layout
     from gptjax.options import Options
     from gptjax.tasks.pretrain import PretrainConfig, pretrain
 

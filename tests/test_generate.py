@@ -10,7 +10,8 @@ from gptjax import generate as gen
 from gptjax.config import GPTConfig
 from gptjax.generate import (decode_step, generate, generate_batch, generate_text_simple, prefill, sample_logits,
                              stream_generate, stream_text, trim_at_eos)
-from gptjax.model import GPT, init_params, to_layout
+from gptjax.model import GPT, init_params
+from gptjax.layout import to_layout
 from gptjax.options import Options
 
 

@@ -10,7 +10,8 @@ import pytest
 from gptjax.attention import causal_attention, default_impl
 from gptjax.config import GPTConfig
 from gptjax.generate import generate
-from gptjax.model import init_params, to_layout
+from gptjax.model import init_params
+from gptjax.layout import to_layout
 from gptjax.options import Options
 from gptjax.optim import OptimConfig, make_optimizer
 from gptjax.tasks.pretrain import create_state, jitted_steps as make_steps

@@ -10,7 +10,8 @@ import pytest
 from gptjax.checkpoint import RunExistsError, TrainCheckpoints, TrainingInterrupted, load_run, load_run_config
 from gptjax.config import GPTConfig
 from gptjax.lora import LoRAConfig, load_adapters
-from gptjax.model import GPT, abstract_params, init_params, to_layout
+from gptjax.model import GPT, abstract_params, init_params
+from gptjax.layout import to_layout
 from gptjax.options import Options
 from gptjax.tasks.instruct import InstructTrainConfig, finetune_instruct, format_table, generate_responses, offline_report, response_nll, save_responses
 from gptjax.tasks.instruct_data import IGNORE_INDEX, InstructionBatches, bucket_length, collate, encode_examples, extract_response, format_example, format_input, load_instruction_data, split_data

@@ -11,8 +11,8 @@ import pytest
 
 from gptjax.config import PRESETS, GPTConfig, get_config
 from gptjax.attention import dropout
-from gptjax.model import (GPT, abstract_params, count_params, dropout_rngs, init_cache, init_params,
-                          num_params, stack_layers, to_canonical, to_layout, unstack_layers)
+from gptjax.model import GPT, abstract_params, count_params, dropout_rngs, init_cache, init_params, num_params
+from gptjax.layout import stack_layers, to_canonical, to_layout, unstack_layers
 from gptjax.options import Options
 
 # (untied head, tied head), qkv_bias=False: the book's chapter 4 numbers

@@ -12,7 +12,8 @@ from gptjax.checkpoint import load_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
-from gptjax.model import GPT, abstract_params, init_params, map_param_trees, to_canonical, to_layout
+from gptjax.model import GPT, abstract_params, init_params
+from gptjax.layout import map_param_trees, to_canonical, to_layout
 from gptjax.options import LEGACY_KEYS, Options
 from gptjax.optim import OptimConfig, make_optimizer
 from gptjax.tasks.pretrain import create_state, jitted_steps as make_steps

@@ -7,7 +7,8 @@ import pytest
 from gptjax.checkpoint import load_run
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
-from gptjax.model import GPT, to_canonical, to_layout
+from gptjax.model import GPT
+from gptjax.layout import to_canonical, to_layout
 from gptjax.options import Options
 from gptjax.engine import cross_entropy, perplexity
 from gptjax.optim import OptimConfig, clip_by_global_norm_after, make_optimizer

@@ -148,7 +148,7 @@ def quantize_weights(params: dict, cfg: Any, opts: Any) -> dict:
     """
     if opts.linear_layout != "out_in":
         raise ValueError(f"int8 weights need (out, in) kernels, the options have linear_layout={opts.linear_layout!r}: "
-                         f"convert first with model.to_layout(model.to_canonical(params, cfg, opts), cfg, "
+                         f"convert first with layout.to_layout(layout.to_canonical(params, cfg, opts), cfg, "
                          f"opts.replace(linear_layout='out_in')) (generate.decoding_weights does this)")
 
     def walk(tree: dict, path: tuple) -> dict:

@@ -24,14 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.checkpoint import CONFIG_FILE, load_run, load_run_config, refuse_existing_run, save_run
+from gptjax.checkpoint import begin_run, load_run, load_run_config, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.tasks.classify_data import (IGNORE_LABEL, PAD_TOKEN_ID, SMS_SPAM_LABELS, ClassBatches, LabeledTexts,
-                                        book_split, encode_texts)
+                                        book_split, encode_texts, split_batches)
 from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy
 from gptjax.optim import OptimConfig
 from gptjax.sharding import mesh_for
-from gptjax.model import GPT, count_params, dropout_rngs, layout_fns, to_canonical
+from gptjax.model import GPT, count_params, dropout_rngs
+from gptjax.layout import layout_fns, to_canonical, unstack_layers
 from gptjax.options import Options
 from gptjax.tokenizer import get_gpt2_tokenizer
 
@@ -181,6 +182,33 @@ def train_classifier(steps: Steps, state: TrainState, train_b: ClassBatches, val
 
 # --- the whole fine-tuning run -------------------------------------------------------------------
 
+def classifier_trainable(params: dict, cfg: GPTConfig, n_classes: int, train: str,
+                         lora: lora_lib.LoRAConfig | None, key: jax.Array, opts: Options) -> tuple:
+    """(params, cfg, opts, trainable, frozen) of a classifier run: a fresh `n_classes` head where the
+    model has none of that size, `train`'s weights (and LoRA adapters) trainable, the rest frozen.
+    With scan_layers the params are unstacked first, so 'last-block' and LoRA can address single blocks."""
+    if opts.scan_layers:
+        params, opts = unstack_layers(params), opts.replace(scan_layers=False)
+    head_key, lora_key = jax.random.split(key)
+    if cfg.n_classes != n_classes or "cls_head" not in params:
+        params, cfg = to_classifier(params, cfg, n_classes, head_key)
+    trainable_base, frozen = lora_lib.partition(params, trainable_mask(params, train))
+    trainable = {"params": trainable_base}
+    if lora is not None:
+        trainable["lora"] = lora_lib.init_lora(params, lora, lora_key)
+    return params, cfg, opts, trainable, frozen
+
+
+def plot_run(h: dict, eh: dict, out_dir: Path) -> None:
+    """loss.png (per evaluation) and accuracy.png (per epoch), against epochs and examples seen."""
+    if h.get("step"):
+        runs.plot_curves(h["epoch_frac"], {"Training loss": h["train_loss"], "Validation loss": h["val_loss"]},
+                         out_dir / "loss.png", xlabel="Epochs", twin=(h["examples_seen"], "Examples seen"))
+    runs.plot_curves(eh["epoch"], {"Training accuracy": eh["train_acc"], "Validation accuracy": eh["val_acc"]},
+                     out_dir / "accuracy.png", xlabel="Epochs", ylabel="Accuracy",
+                     twin=(eh["examples_seen"], "Examples seen"))
+
+
 def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[str, LabeledTexts], tokenizer: Any,
                         out_dir: str | Path, *, train: str | None = None, lora: lora_lib.LoRAConfig | None = None,
                         tcfg: ClassifierTrainConfig | None = None, max_length: int | None = None,
@@ -210,41 +238,16 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     if cfg.vocab_size < PAD_TOKEN_ID + 1 and pad_token_id == PAD_TOKEN_ID:
         raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold GPT-2 token ids (pad {PAD_TOKEN_ID}); "
                          f"use a model with vocab_size 50257")
-    # encode: pad to the longest training example, reuse that length for val/test (the book's SpamDataset)
-    train_ids, max_length = encode_texts(splits["train"].texts, tokenizer, max_length=max_length,
-                                         context_length=cfg.context_length, pad_token_id=pad_token_id)
-    enc = {"train": train_ids}
-    for name in ("val", "test"):
-        if len(splits.get(name, ())):
-            enc[name] = encode_texts(splits[name].texts, tokenizer, max_length=max_length,
-                                     context_length=cfg.context_length, pad_token_id=pad_token_id)[0]
-    bs = tcfg.batch_size
-    loaders = {"train": ClassBatches(enc["train"], splits["train"].labels_N, bs, shuffle=True, drop_last=True,
-                                     seed=tcfg.seed, name="training")}
-    for name in ("val", "test"):
-        if name in enc:
-            loaders[name] = ClassBatches(enc[name], splits[name].labels_N, bs, shuffle=False, drop_last=False)
-    if "val" not in loaders:
-        raise ValueError("the validation split is empty; use more data or a larger validation fraction")
+    loaders, max_length = split_batches(splits, tokenizer, tcfg.batch_size, seed=tcfg.seed, max_length=max_length,
+                                        context_length=cfg.context_length, pad_token_id=pad_token_id)
 
-    if opts.scan_layers:
-        # per-layer params, so 'last-block' and LoRA can address single blocks
-        from gptjax.model import unstack_layers
-
-        params, opts = unstack_layers(params), opts.replace(scan_layers=False)
     key = jax.random.PRNGKey(tcfg.seed)
-    head_key, lora_key = jax.random.split(key)
-    if cfg.n_classes != n_classes or "cls_head" not in params:
-        params, cfg = to_classifier(params, cfg, n_classes, head_key)
-    trainable_base, frozen = lora_lib.partition(params, trainable_mask(params, train))
-    trainable = {"params": trainable_base}
-    lora_scale = 1.0
-    if lora is not None:
-        trainable["lora"] = lora_lib.init_lora(params, lora, lora_key)
-        lora_scale = lora.scale
+    params, cfg, opts, trainable, frozen = classifier_trainable(params, cfg, n_classes, train, lora, key, opts)
+    lora_scale = lora.scale if lora else 1.0
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax finetune-classifier ... --resume`")
-    runs.prepare_out_dir(out_dir)  # only once every input checked out: a bad option leaves no directory behind
+    # only once every input checked out: a bad option leaves no directory behind
+    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict()}, resume=resume)
     n_train, n_total = count_params(trainable), count_params(params)
     with_lora = f", LoRA r={lora.rank} alpha={lora.alpha:g}" if lora else ""
     print(f"model: {n_total:,} parameters, {n_train:,} trainable ({train}{with_lora}); "
@@ -257,9 +260,6 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     # the book's check before fine-tuning: accuracy on 10 batches of each split (about chance)
     initial = {name: evaluate_split(steps, trainable, b.epoch(0), 10)[1] for name, b in loaders.items()}
     print("before fine-tuning: " + "  ".join(f"{k} accuracy {v * 100:.2f}%" for k, v in initial.items()))
-    if not resume:
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(),
-                                                       "status": "running"})
     result = train_classifier(steps, state, loaders["train"], loaders["val"], tcfg, out_dir, resume=resume,
                               meta={"task": "classify", "model": cfg.to_dict()}, progress=progress,
                               stop_after=stop_after)
@@ -284,12 +284,7 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
         lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora, extra_params,
                                metadata={"base_model": base_model, "n_classes": n_classes})
     h, eh = result["history"], result["epoch_history"]
-    if h.get("step"):
-        runs.plot_curves(h["epoch_frac"], {"Training loss": h["train_loss"], "Validation loss": h["val_loss"]},
-                         out_dir / "loss.png", xlabel="Epochs", twin=(h["examples_seen"], "Examples seen"))
-    runs.plot_curves(eh["epoch"], {"Training accuracy": eh["train_acc"], "Validation accuracy": eh["val_acc"]},
-                     out_dir / "accuracy.png", xlabel="Epochs", ylabel="Accuracy",
-                     twin=(eh["examples_seen"], "Examples seen"))
+    plot_run(h, eh, out_dir)
     return {**task, "history": {**h, **eh}, "out_dir": str(out_dir), "params": merged, "cfg": cfg}
 
 

@@ -303,3 +303,22 @@ class ClassBatches:
         return self.epoch(0)
 
 
+
+
+def split_batches(splits: dict[str, LabeledTexts], tokenizer: Any, batch_size: int, *, seed: int,
+                  max_length: int | None, context_length: int,
+                  pad_token_id: int = PAD_TOKEN_ID) -> tuple[dict[str, ClassBatches], int]:
+    """({"train", "val"[, "test"]} batches, max_length): every split padded to the longest training example
+    (or `max_length`), as the book's SpamDataset; training batches shuffled, the last partial one dropped."""
+    train_ids, max_length = encode_texts(splits["train"].texts, tokenizer, max_length=max_length,
+                                         context_length=context_length, pad_token_id=pad_token_id)
+    loaders = {"train": ClassBatches(train_ids, splits["train"].labels_N, batch_size, shuffle=True, drop_last=True,
+                                     seed=seed, name="training")}
+    for name in ("val", "test"):
+        if len(splits.get(name, ())):
+            ids = encode_texts(splits[name].texts, tokenizer, max_length=max_length, context_length=context_length,
+                               pad_token_id=pad_token_id)[0]
+            loaders[name] = ClassBatches(ids, splits[name].labels_N, batch_size, shuffle=False, drop_last=False)
+    if "val" not in loaders:
+        raise ValueError("the validation split is empty; use more data or a larger validation fraction")
+    return loaders, max_length

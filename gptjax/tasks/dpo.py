@@ -13,7 +13,6 @@ Letters: B batch (records), T time, V vocab.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,15 +26,16 @@ import numpy as np
 import optax
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run
+from gptjax.checkpoint import begin_run, refuse_existing_run
 from gptjax.config import GPTConfig
 from gptjax.engine import Steps, TrainConfig, mean_metrics
 from gptjax.optim import OptimConfig
-from gptjax.generate import generate_batch
 from gptjax.sharding import mesh_for
-from gptjax.model import GPT, count_params, layout_fns, to_canonical
+from gptjax.model import GPT
+from gptjax.layout import layout_fns
 from gptjax.options import Options
-from gptjax.tasks.instruct import fit, respond_and_evaluate, split_trainable
+from gptjax.tasks.instruct import (check_pad_token, describe, fit, greedy_sampler, respond_and_evaluate,
+                                   run_settings, save_finished, split_trainable)
 from gptjax.tasks.instruct_data import (PAD_TOKEN_ID, bucket_length, encode, format_input, load_json_records,
                                         response_prefix, split_data)
 
@@ -233,13 +233,10 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     """
     tcfg = tcfg or DPOTrainConfig()
     opts = opts or Options.for_backend()
-    out_dir = Path(out_dir)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax dpo ... --resume`")
     splits = data if isinstance(data, dict) else split_data(data)
-    if cfg.vocab_size <= pad_token_id:
-        raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold the end-of-text token {pad_token_id} "
-                         f"(GPT-2's <|endoftext|>); use a model with vocab_size 50257")
+    check_pad_token(cfg, pad_token_id)
     cfg = cfg.replace(drop_rate=0.0)
     max_len = min(allowed_max_length, cfg.context_length)
     enc = {k: encode_preferences(v, tokenizer, style) for k, v in splits.items() if v}
@@ -248,60 +245,36 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     train_b = PreferenceBatches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed,
                                 name="training", **common)
     val_b = PreferenceBatches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation", **common)
-    runs.prepare_out_dir(out_dir)
-
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     ref = None if lora else params  # LoRA: the frozen base is the reference
     scale = lora.scale if lora else 1.0
-    fixed = (frozen, ref)
-    steps = make_dpo_steps(cfg, tcfg.optim, trainable, fixed, tcfg.beta, scale,
+    steps = make_dpo_steps(cfg, tcfg.optim, trainable, (frozen, ref), tcfg.beta, scale,
                            mesh=mesh_for(sharding, fsdp, tcfg.batch_size), strategy=sharding, opts=opts)
     state = steps.init_state(trainable, key)
-    n_train = count_params(trainable)
-    print(f"policy: {count_params(params):,} parameters, {n_train:,} trainable"
-          f"{f' (LoRA r={lora.rank} alpha={lora.alpha:g})' if lora else ''}; reference frozen; splits "
-          + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; batches/epoch {len(train_b)}")
-    settings = {"task": "dpo", "style": style, "data": data_source, "base_model": base_model, "beta": tcfg.beta,
-                "mask_prompt_tokens": mask_prompt_tokens, "pad_token_id": pad_token_id, "pad_multiple": pad_multiple,
-                "allowed_max_length": max_len,
-                "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
-                "split_sizes": {k: len(v) for k, v in splits.items()}, "trainable_params": n_train}
-    if not resume:
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(), "dpo": settings,
-                                                       "status": "running"})
+    settings = run_settings("dpo", style, data_source, base_model, pad_multiple, max_len, lora, pad_token_id, tcfg,
+                            splits, trainable, beta=tcfg.beta, mask_prompt_tokens=mask_prompt_tokens)
+    print(describe(params, settings, lora, who="policy") + f"; reference frozen; batches/epoch {len(train_b)}")
+    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "dpo": settings}, resume=resume)
     initial = {**{f"train_{k}": v for k, v in mean_metrics(steps, trainable, train_b.epoch(0), 5).items()},
                **{f"val_{k}": v for k, v in mean_metrics(steps, trainable, val_b.epoch(0), 5).items()}}
     print(f"initial: training loss {initial['train_loss']:.4f}, validation loss {initial['val_loss']:.4f} "
           f"(log 2 = {math.log(2):.4f}), reward margins {initial['train_reward_margin']:.3f} / "
           f"{initial['val_reward_margin']:.3f}")
-    sample_ids = encode(tokenizer, format_input(splits["val"][0], style))
-
-    def sample(tr: dict) -> str:
-        new = generate_batch(lora_lib.full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
-                             eos_id=pad_token_id, opts=opts)[0]
-        return tokenizer.decode(sample_ids + new)
-
     loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(b["chosen"][b["valid"]].size),
-               sample=sample, meta={"task": "dpo", "model": cfg.to_dict()}, resume=resume, progress=progress,
+               sample=greedy_sampler(cfg, frozen, scale, tokenizer, splits["val"][0], style, tcfg.sample_tokens,
+                                     pad_token_id, opts),
+               meta={"task": "dpo", "model": cfg.to_dict()}, resume=resume, progress=progress,
                stop_after=stop_after, desc="dpo")
-    merged = lora_lib.full_params(loop["state"].params, frozen, scale)
     h = loop["history"]
-    result = {**settings, "initial": initial, "steps": loop["steps"], "tokens_seen": loop["tokens_seen"],
-              "wall_s": round(loop["wall_s"], 1),
-              "final": {k: v[-1] for k, v in h.items() if k.startswith(("train_", "val_"))} if h else {},
-              "compiled_shapes": {k: [list(map(list, s)) for s in v] for k, v in loop["compiled_shapes"].items()}}
+    result = {**settings, "initial": initial, **loop["summary"],
+              "final": {k: v[-1] for k, v in h.items() if k.startswith(("train_", "val_"))} if h else {}}
     if h:
         runs.plot_history(h, out_dir / "loss.png")
         runs.plot_history(h, out_dir / "dpo.png", keys=(("train_reward_margin", "Training reward margin"),
-                                                   ("val_reward_margin", "Validation reward margin")),
-                     ylabel="Reward margin")
-    if lora is not None:
-        lora_lib.save_adapters(out_dir / "adapters.safetensors", loop["state"].params["lora"], lora,
-                               metadata={"base_model": base_model})
-    canonical = to_canonical(merged, cfg, opts)
-    save_run(out_dir, canonical, cfg, extra={"options": opts.to_dict(), "dpo": result, "status": "finished"})
-    (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
+                                                        ("val_reward_margin", "Validation reward margin")),
+                          ylabel="Reward margin")
+    merged, canonical = save_finished(out_dir, loop, frozen, scale, lora, cfg, opts, base_model, {"dpo": result})
     if respond and splits.get("test"):
         test = [{**e, "output": e["chosen"]} for e in splits["test"]]  # score against the preferred answers
         result["eval"] = respond_and_evaluate(merged, cfg, test, tokenizer, out_dir, style=style,

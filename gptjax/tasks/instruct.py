@@ -25,13 +25,14 @@ import optax
 from tqdm.auto import tqdm
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.checkpoint import CONFIG_FILE, refuse_existing_run, save_run
+from gptjax.checkpoint import begin_run, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.engine import IGNORE_INDEX, Hooks, Steps, TrainConfig, TrainState, mean_metrics
 from gptjax.optim import OptimConfig
 from gptjax.generate import decoding_model, generate_batch
 from gptjax.sharding import mesh_for
-from gptjax.model import GPT, count_params, dropout_rngs, layout_fns, to_canonical
+from gptjax.model import GPT, count_params, dropout_rngs
+from gptjax.layout import layout_fns, to_canonical
 from gptjax.options import Options
 from gptjax.tasks.instruct_data import (PAD_TOKEN_ID, InstructionBatches, check_style, encode, encode_examples,
                                         extract_response, format_input, split_data)
@@ -125,7 +126,10 @@ def fit(steps: Steps, state: TrainState, tcfg: TrainConfig, train_b, val_b, out_
     hooks = Hooks(evaluate=evaluate, validate=validate, count=count, sample=sample)
     loop = engine.run(steps, state, tcfg, Batches(), out_dir, hooks, meta=meta, resume=resume, progress=progress,
                       stop_after=stop_after, desc=desc)
-    return {**loop, "compiled_shapes": {k: sorted(v) for k, v in shapes.items()}}
+    compiled = {k: sorted(v) for k, v in shapes.items()}
+    summary = {"steps": loop["steps"], "tokens_seen": loop["tokens_seen"], "wall_s": round(loop["wall_s"], 1),
+               "compiled_shapes": {k: [list(map(list, s)) for s in v] for k, v in compiled.items()}}
+    return {**loop, "compiled_shapes": compiled, "summary": summary}
 
 
 def _shape(batch) -> tuple:
@@ -251,13 +255,10 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     tcfg = tcfg or InstructTrainConfig()
     opts = opts or Options.for_backend()
     check_style(style)
-    out_dir = Path(out_dir)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax finetune-instruct ... --resume`")
     splits = data if isinstance(data, dict) else split_data(data)
-    if cfg.vocab_size <= pad_token_id:
-        raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold the end-of-text token {pad_token_id} "
-                         f"(GPT-2's <|endoftext|>); use a model with vocab_size 50257")
+    check_pad_token(cfg, pad_token_id)
     max_len = min(allowed_max_length, cfg.context_length)
     enc = {k: encode_examples(v, tokenizer, style) for k, v in splits.items() if v}
     common = dict(pad_multiple=pad_multiple, allowed_max_length=max_len, mask=mask, pad_token_id=pad_token_id)
@@ -267,8 +268,6 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
         raise ValueError("the validation split is empty; use more data")
     val_b = InstructionBatches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation",
                                **common)
-    runs.prepare_out_dir(out_dir)
-
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     scale = lora.scale if lora else 1.0
@@ -276,59 +275,87 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                            mesh=mesh_for(sharding, fsdp, tcfg.batch_size), strategy=sharding, opts=opts)
     state = steps.init_state(trainable, key)
     longest = max(len(x) for x in enc["train"].ids)
-    n_train = count_params(trainable)
-    print(f"model: {count_params(params):,} parameters, {n_train:,} trainable"
-          f"{f' (LoRA r={lora.rank} alpha={lora.alpha:g})' if lora else ''}; splits "
-          + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f"; longest training example {longest} tokens"
+    settings = run_settings("instruct", style, data_source, base_model, pad_multiple, max_len, lora, pad_token_id,
+                            tcfg, splits, trainable, mask=mask)
+    print(describe(params, settings, lora) + f"; longest training example {longest} tokens"
           + (f" (> {max_len}: cut)" if longest > max_len else "") + f"; batches/epoch {len(train_b)}")
-    settings = {"task": "instruct", "style": style, "data": data_source, "base_model": base_model, "mask": mask,
-                "pad_multiple": pad_multiple, "allowed_max_length": max_len, "lora": lora.to_dict() if lora else None,
-                "pad_token_id": pad_token_id, "train": tcfg.to_dict(),
-                "split_sizes": {k: len(v) for k, v in splits.items()},
-                "trainable_params": n_train}
-    if not resume:
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(),
-                                                       "instruct": settings, "status": "running"})
+    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "instruct": settings},
+                        resume=resume)
     initial = {"train_loss": mean_metrics(steps, trainable, train_b.epoch(0), 5).get("loss"),
                "val_loss": mean_metrics(steps, trainable, val_b.epoch(0), 5).get("loss")}
     print(f"initial losses: training {initial['train_loss']:.3f}, validation {initial['val_loss']:.3f}")
-
-    sample_ids = encode(tokenizer, format_input(splits["val"][0], style))
-
-    def sample(tr: dict) -> str:
-        new = generate_batch(lora_lib.full_params(tr, frozen, scale), cfg, [sample_ids], tcfg.sample_tokens,
-                             eos_id=pad_token_id, opts=opts)[0]
-        return tokenizer.decode(sample_ids + new)
-
     loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(np.sum(b[1] != IGNORE_INDEX)),
-               sample=sample, meta={"task": "instruct", "model": cfg.to_dict()}, resume=resume, progress=progress,
+               sample=greedy_sampler(cfg, frozen, scale, tokenizer, splits["val"][0], style, tcfg.sample_tokens,
+                                     pad_token_id, opts),
+               meta={"task": "instruct", "model": cfg.to_dict()}, resume=resume, progress=progress,
                stop_after=stop_after, desc="finetune-instruct")
-    trainable = loop["state"].params
-    merged = lora_lib.full_params(trainable, frozen, scale)
     h = loop["history"]
-    result = {**settings, "initial": initial, "steps": loop["steps"], "tokens_seen": loop["tokens_seen"],
-              "wall_s": round(loop["wall_s"], 1), "samples": loop["samples"],
-              "final": {"train_loss": h["train_loss"][-1], "val_loss": h["val_loss"][-1]} if h else {},
-              "compiled_shapes": {k: [list(map(list, s)) for s in v] for k, v in loop["compiled_shapes"].items()}}
+    result = {**settings, "initial": initial, **loop["summary"], "samples": loop["samples"],
+              "final": {"train_loss": h["train_loss"][-1], "val_loss": h["val_loss"][-1]} if h else {}}
     shapes = loop["compiled_shapes"]
     print(f"trained {loop['steps']} steps in {loop['wall_s']:.0f} s; train step compiled for "
           f"{len(shapes['train'])} batch shape(s), eval step for {len(shapes['eval'])}")
     if h:
         runs.plot_history(h, out_dir / "loss.png")
-    if lora is not None:
-        lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora,
-                               metadata={"base_model": base_model})
-    canonical = to_canonical(merged, cfg, opts)
-    save_run(out_dir, canonical, cfg, extra={"options": opts.to_dict(),
-                                             "instruct": {k: v for k, v in result.items() if k != "samples"},
-                                             "status": "finished"})
-    (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
+    merged, canonical = save_finished(out_dir, loop, frozen, scale, lora, cfg, opts, base_model,
+                                      {"instruct": {k: v for k, v in result.items() if k != "samples"}})
     if respond and splits.get("test"):
         result["eval"] = respond_and_evaluate(merged, cfg, splits["test"], tokenizer, out_dir, style=style,
                                               max_new_tokens=max_new_tokens, batch_size=tcfg.batch_size,
                                               name=base_model or "model", progress=progress, eos_id=pad_token_id,
                                               opts=opts)
     return {**result, "history": h, "out_dir": str(out_dir), "params": canonical, "cfg": cfg}
+
+
+def check_pad_token(cfg: GPTConfig, pad_token_id: int) -> None:
+    if cfg.vocab_size <= pad_token_id:
+        raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold the end-of-text token {pad_token_id} "
+                         f"(GPT-2's <|endoftext|>); use a model with vocab_size 50257")
+
+
+def run_settings(task: str, style: str, data_source: str | None, base_model: str | None, pad_multiple: int,
+                 max_len: int, lora: lora_lib.LoRAConfig | None, pad_token_id: int, tcfg: TrainConfig,
+                 splits: dict, trainable: Any, **extra) -> dict:
+    """What a chapter-7 run (SFT or DPO) records of its settings in config.json and its result."""
+    return {"task": task, "style": style, "data": data_source, "base_model": base_model, **extra,
+            "pad_multiple": pad_multiple, "allowed_max_length": max_len, "lora": lora.to_dict() if lora else None,
+            "pad_token_id": pad_token_id, "train": tcfg.to_dict(), "split_sizes": {k: len(v) for k, v in splits.items()},
+            "trainable_params": count_params(trainable)}
+
+
+def describe(params: dict, settings: dict, lora: lora_lib.LoRAConfig | None, who: str = "model") -> str:
+    """The first line a chapter-7 run prints: parameters, what trains, the splits."""
+    return (f"{who}: {count_params(params):,} parameters, {settings['trainable_params']:,} trainable"
+            f"{f' (LoRA r={lora.rank} alpha={lora.alpha:g})' if lora else ''}; splits "
+            + ", ".join(f"{k} {n}" for k, n in settings["split_sizes"].items()))
+
+
+def greedy_sampler(cfg: GPTConfig, frozen: Any, scale: float, tokenizer: Any, entry: dict, style: str,
+                   n_tokens: int, eos_id: int, opts: Options) -> Callable[[Any], str]:
+    """The engine's sample hook: `n_tokens` greedy tokens after the prompt of `entry`, decoded with its prompt."""
+    ids = encode(tokenizer, format_input(entry, style))
+
+    def sample(trainable) -> str:
+        new = generate_batch(lora_lib.full_params(trainable, frozen, scale), cfg, [ids], n_tokens, eos_id=eos_id,
+                             opts=opts)[0]
+        return tokenizer.decode(ids + new)
+    return sample
+
+
+def save_finished(out_dir: Path, loop: dict, frozen: Any, scale: float, lora: lora_lib.LoRAConfig | None,
+                  cfg: GPTConfig, opts: Options, base_model: str | None, header: dict) -> tuple[dict, dict]:
+    """A finished chapter-7 run's files: params/ (LoRA merged in, canonical), config.json ("finished"),
+    samples.json and, with LoRA, adapters.safetensors. Returns the merged params (as `opts` lays them
+    out) and their canonical copy."""
+    trainable = loop["state"].params
+    merged = lora_lib.full_params(trainable, frozen, scale)
+    if lora is not None:
+        lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora,
+                               metadata={"base_model": base_model})
+    canonical = to_canonical(merged, cfg, opts)
+    save_run(out_dir, canonical, cfg, extra={"options": opts.to_dict(), **header, "status": "finished"})
+    (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
+    return merged, canonical
 
 
 def respond_and_evaluate(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenizer: Any, out_dir: str | Path,

@@ -21,7 +21,8 @@ from gptjax.data import create_dataloaders, load_corpus
 from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy, mean_metrics, new_state
 from gptjax.optim import OptimConfig
 from gptjax.generate import generate, trim_at_eos
-from gptjax.model import GPT, count_params, dropout_rngs, init_params, layout_fns, to_canonical
+from gptjax.model import GPT, count_params, dropout_rngs, init_params
+from gptjax.layout import layout_fns, to_canonical
 from gptjax.options import LEGACY_KEYS, Options
 from gptjax.sharding import mesh_for
 from gptjax.tokenizer import get_gpt2_tokenizer

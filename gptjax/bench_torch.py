@@ -1,0 +1,160 @@
+"""The benchmark's PyTorch side: transformers' GPT2LMHeadModel train steps (eager or torch.compile'd)
+and greedy generation, shaped as gptjax's rows. torch and transformers are optional: each function
+imports them itself, and a missing one raises ImportError there.
+
+`bc` below is a `gptjax.bench.BenchConfig` (its seed, batch_size, dtype, matmul_precision, lr,
+weight_decay and torch_compile are read).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from gptjax.config import GPTConfig
+from gptjax.measure import alternate, load_average, random_batch
+
+
+class TorchTrain:
+    """transformers' GPT2LMHeadModel, same shape/batch/dtype/optimizer, eager or torch.compile'd."""
+
+    def __init__(self, cfg: GPTConfig, bc: Any, compiled: bool, device: str):
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(bc.seed)
+        if bc.matmul_precision == "bfloat16":  # float32 matmuls may run in bfloat16 (oneDNN on a CPU)
+            torch.set_float32_matmul_precision("medium")
+        elif device == "cuda":  # as the book's fastest setup: TF32 for what autocast leaves in float32
+            torch.set_float32_matmul_precision("high")
+        hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate,
+                        embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate, layer_norm_epsilon=1e-5,
+                        tie_word_embeddings=cfg.tie_embeddings)
+        hf._attn_implementation = "sdpa"
+        self.torch, self.device = torch, device
+        model = GPT2LMHeadModel(hf).to(device).train()
+        self.n_params = sum(p.numel() for p in model.parameters())
+        # fused AdamW where this torch has it for the device (it does for CPU and CUDA since 2.4)
+        kw = dict(lr=bc.lr, weight_decay=bc.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        try:
+            self.opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
+        except (RuntimeError, TypeError):
+            self.opt = torch.optim.AdamW(model.parameters(), **kw)
+        self.model = torch.compile(model) if compiled else model
+        x_BT, y_BT = random_batch(cfg, bc.batch_size, bc.seed)
+        self.x = torch.tensor(np.asarray(x_BT), dtype=torch.long, device=device)
+        self.y = torch.tensor(np.asarray(y_BT), dtype=torch.long, device=device)
+        self.autocast = bc.dtype != "float32"
+        self.amp_dtype = getattr(torch, bc.dtype)
+        t0 = time.perf_counter()
+        self()  # eager warm-up, or torch.compile's compilation
+        self.first_step_s = time.perf_counter() - t0
+        if device == "cuda":  # hand back what the warm-up cached, for the other runners in this process
+            torch.cuda.empty_cache()
+
+    def __call__(self) -> None:
+        torch = self.torch
+        with torch.autocast(self.device.split(":")[0], dtype=self.amp_dtype, enabled=self.autocast):
+            logits = self.model(input_ids=self.x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), self.y.flatten())
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss.item()  # blocks until done, as float(metrics["loss"]) does
+
+
+def torch_device() -> str:
+    """Where PyTorch runs: CUDA when JAX runs on a GPU and torch sees one, else the CPU."""
+    import torch
+    platform_ = jax.devices()[0].platform
+    if platform_ == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+@dataclass
+class Timed:
+    """What the rows need of a PyTorch runner timed in another process."""
+    n_params: int
+    first_step_s: float
+    device: str = "cpu"
+
+
+def torch_runners(cfg: GPTConfig, bc: Any, device: str, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """PyTorch eager (and torch.compile) train runners, and the errors of those that could not be built."""
+    runners, errors = {}, {}
+    try:
+        log("building PyTorch eager ...")
+        runners["pytorch eager"] = TorchTrain(cfg, bc, compiled=False, device=device)
+        if bc.torch_compile:
+            log("torch.compile (first step compiles) ...")
+            try:
+                runners["pytorch compile"] = TorchTrain(cfg, bc, compiled=True, device=device)
+            except Exception as e:  # inductor needs a C++ compiler on CPU; report, don't fail
+                errors["pytorch compile"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    except ImportError as e:
+        errors["pytorch"] = f"not installed ({e.name})"
+    return runners, errors
+
+
+def torch_train_probe(cfg: GPTConfig, bc: Any) -> dict:
+    """In the probe's fresh process: PyTorch's train runners alone, alternated; their step times."""
+    runners, errors = torch_runners(cfg, bc, "cpu", log=lambda m: print(m, file=sys.stderr))
+    times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
+    return {"runners": {k: {"times": times[k], "n_params": r.n_params, "first_step_s": r.first_step_s}
+                        for k, r in runners.items()}, "errors": errors}
+
+
+def torch_train_apart(cfg: GPTConfig, bc: Any, log: Callable[[str], None]) -> tuple[dict, dict, dict]:
+    """PyTorch's train runners timed in a process of their own (`python -m gptjax.bench --torch-train-probe`,
+    which calls `torch_train_probe`): Timed records, their step times, and the errors."""
+    log(f"PyTorch train rows in a process of their own, {bc.steps} steps each (load {load_average()}) ...")
+    spec = {"bc": dataclasses.asdict(bc), "cfg": cfg.to_dict()}
+    out = subprocess.run([sys.executable, "-m", "gptjax.bench", "--torch-train-probe", json.dumps(spec)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        return {}, {}, {"pytorch": "its process failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    runners = {k: Timed(v["n_params"], v["first_step_s"]) for k, v in got["runners"].items()}
+    return runners, {k: v["times"] for k, v in got["runners"].items()}, got["errors"]
+
+
+def torch_generate_model(cfg: GPTConfig) -> Callable:
+    """transformers' GPT2LMHeadModel of `cfg`'s shape, for eval: run(prompt_BT, n, use_cache) generates n
+    new tokens greedily and blocks until done."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                    n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                    layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_embeddings)
+    hf._attn_implementation = "sdpa"
+    device = torch_device()
+    model = GPT2LMHeadModel(hf).to(device).eval()
+
+    def run(prompt_BT: np.ndarray, n: int, use_cache: bool) -> None:
+        ids = torch.from_numpy(prompt_BT).long().to(device)
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, use_cache=use_cache, pad_token_id=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def torch_version() -> str | None:
+    """The installed torch's version, or None."""
+    try:
+        import torch
+        return torch.__version__
+    except ImportError:
+        return None
