@@ -12,6 +12,7 @@ Every piece here works on any pytree, so a fine-tuning loop with its own step fu
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -26,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from gptjax import runs
@@ -97,8 +99,29 @@ def _all_finite(tree) -> jax.Array:
 
 
 def all_finite(tree) -> bool:
-    """True when no floating leaf of `tree` holds a NaN or an infinity (one host sync)."""
-    return bool(_all_finite(tree))
+    """True when no floating leaf of `tree` holds a NaN or an infinity (one host sync). Arrays in host
+    memory (numpy, or jax on one CPU device) are checked where they are: their float64 sum is finite
+    exactly when every value is (float32 values cannot overflow it), with no array-sized temporary."""
+    on_host, on_device = [], []
+    for x in jax.tree_util.tree_leaves(tree):
+        if isinstance(x, jax.Array) and not (len(x.devices()) == 1 and next(iter(x.devices())).platform == "cpu"):
+            on_device.append(x)
+        elif np.issubdtype(x.dtype, np.inexact):
+            on_host.append(np.asarray(x))  # a view of a CPU buffer, no copy
+    return bool(_all_finite(on_device)) and all(math.isfinite(np.sum(x, dtype=np.float64)) for x in on_host)
+
+
+@contextlib.contextmanager
+def _numpy_written_in_place():
+    """Orbax deep-copies the numpy arrays it saves, as they could change during a background save; a
+    synchronous save (of views of the training state, `engine.Steps.saved(host=True)`) needs no copy."""
+    handlers = ocp.type_handlers
+    before = handlers.get_type_handler(np.ndarray)
+    handlers.register_type_handler(np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
+    try:
+        yield
+    finally:
+        handlers.register_type_handler(np.ndarray, before, override=True)
 
 
 class GracefulStop:
@@ -187,7 +210,7 @@ class TrainCheckpoints:
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoints at {str(self.directory)!r} (no such directory); pass the --out "
                                     f"directory of a `gptjax pretrain` run")
-        self.keep_best = keep_best
+        self.keep_best, self.async_save = keep_best, async_save
         pp = ocp.checkpoint_managers
         policies = [pp.LatestN(n=keep)]
         if keep_best:
@@ -231,9 +254,10 @@ class TrainCheckpoints:
             return self.step_dir(step)
         try:
             self._pending = step
-            self._mgr.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
-                meta=ocp.args.JsonSave(meta)))
+            with contextlib.nullcontext() if self.async_save else _numpy_written_in_place():
+                self._mgr.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
+                    meta=ocp.args.JsonSave(meta)))
         except Exception as e:
             raise self._save_error(e, step) from e
         return self.step_dir(step)
@@ -370,8 +394,9 @@ def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | Non
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(run_dir / PARAMS_DIR, params, force=True)
-    ckptr.wait_until_finished()
+    with _numpy_written_in_place():  # numpy views (of a training state) are written as they are: no copy
+        ckptr.save(run_dir / PARAMS_DIR, params, force=True)
+        ckptr.wait_until_finished()
     runs.write_json_atomic(run_dir / CONFIG_FILE, {"model": cfg.to_dict(), **(extra or {})})
     return run_dir
 

@@ -101,8 +101,8 @@ def cmd_pretrain(args) -> int:
         # settings are checked before the corpus is read; the schedule needs the batch count, so optim comes later
         tcfg = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                               eval_iter=args.eval_iter, seed=args.seed, start_context=args.start_context,
-                              save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-                              async_checkpoint=not args.sync_checkpoints)
+                              save_every=args.save_every, save_minutes=args.save_minutes,
+                              keep_checkpoints=args.keep_checkpoints, async_checkpoint=args.async_checkpoints)
         _optim_config(args, updates=1)
 
         def optim_for(steps: int):
@@ -243,7 +243,7 @@ def cmd_finetune_classifier(args) -> int:
         lr = args.lr if args.lr is not None else (8e-4 if lora else 5e-5)  # the book's ch06 / appendix E values
         tcfg = ClassifierTrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                                      eval_iter=args.eval_iter, seed=args.seed, save_every=args.save_every,
-                                     optim=OptimConfig(lr=lr, weight_decay=args.weight_decay))
+                                     save_minutes=args.save_minutes, optim=OptimConfig(lr=lr, weight_decay=args.weight_decay))
         labels = tuple(x.strip() for x in args.labels.split(",")) if args.labels else None
         data = load_labeled_texts(args.data, label_names=labels, label_col=_col(args.label_col),
                                   text_col=_col(args.text_col), sep=args.sep)
@@ -344,7 +344,7 @@ def cmd_finetune_instruct(args) -> int:
         params, cfg, opts = _base_model(args)
         tcfg = InstructTrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                                    eval_iter=args.eval_iter, seed=args.seed, save_every=args.save_every,
-                                   optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay))
+                                   save_minutes=args.save_minutes, optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay))
         r = finetune_instruct(params, cfg, splits, tok, args.out, style=args.style or "alpaca", tcfg=tcfg,
                               lora=_lora(args), mask=args.mask, pad_multiple=args.pad_multiple,
                               allowed_max_length=args.allowed_max_length, respond=not args.no_respond,
@@ -423,7 +423,7 @@ def cmd_dpo(args) -> int:
         params, cfg, opts = _base_model(args)
         tcfg = DPOTrainConfig(epochs=args.epochs, batch_size=args.batch_size, eval_freq=args.eval_freq,
                               eval_iter=args.eval_iter, seed=args.seed, beta=args.beta, save_every=args.save_every,
-                              optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay))
+                              save_minutes=args.save_minutes, optim=OptimConfig(lr=args.lr, weight_decay=args.weight_decay))
         r = finetune_dpo(params, cfg, splits, tok, args.out, style=_ch7_style(args), tcfg=tcfg, lora=_lora(args),
                          mask_prompt_tokens=not args.no_mask_prompt, pad_multiple=args.pad_multiple,
                          allowed_max_length=args.allowed_max_length, base_model=args.model, data_source=args.data,
@@ -487,7 +487,10 @@ def _add_run_args(g, *, epochs: int, lr: float | None, weight_decay: float, eval
     g.add_argument("--eval-freq", type=int, default=eval_freq, help="evaluate every N steps")
     g.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
     g.add_argument("--seed", type=int, default=123)
-    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
+    g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (0: every epoch); "
+                   "default: every --save-minutes. A run also saves at its end and when stopped (Ctrl-C, SIGTERM)")
+    g.add_argument("--save-minutes", type=float, default=30.0, help="with no --save-every: minutes of training "
+                   "between checkpoints (0: only at the end and when stopped)")
     g.add_argument("--out", default=out, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its latest "
                    "checkpoint (give the same flags as the first time)")
@@ -620,10 +623,15 @@ def _add_pretrain_command(sub) -> None:
     g.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue an interrupted run from its latest checkpoint, with the settings saved in "
                         "RUN_DIR/config.json (only --corpus, --bpe-dir and --quiet may be given with it)")
-    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
+    g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (0: every epoch); "
+                   "default: every --save-minutes. A run also saves at its end and when stopped (Ctrl-C, SIGTERM)")
+    g.add_argument("--save-minutes", type=float, default=30.0, help="with no --save-every: minutes of training "
+                   "between checkpoints (0: only at the end and when stopped)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the last K checkpoints (plus the best "
                    "by validation loss)")
-    g.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints in the foreground")
+    g.add_argument("--async-checkpoints", action="store_true", help="write checkpoints in the background while "
+                   "training goes on (holds a copy of the state in memory meanwhile)")
+    g.add_argument("--sync-checkpoints", action="store_true", help="write checkpoints in the foreground (the default)")
     g.add_argument("--overwrite", action="store_true", help="start over in an --out directory that holds a run")
     g = p.add_argument_group("devices (gptjax.sharding; multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
                              "JAX_PROCESS_ID, or run under SLURM / on a TPU pod)")

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -158,13 +159,18 @@ class Steps:
             return self.abstract
         return sharding.with_shardings(self.abstract, self.shardings)
 
-    def saved(self, state: TrainState) -> tuple[Any, dict]:
-        """(params, rest of the state) as a checkpoint holds them: in the saved layout."""
+    def saved(self, state: TrainState, host: bool = False) -> tuple[Any, dict]:
+        """(params, rest of the state) as a checkpoint holds them: in the saved layout. `host` (one device):
+        as numpy views of the state's buffers, laid out by views too, so on CPU the conversion copies
+        nothing; only for a save that is done before the next step reuses those buffers."""
         rest = {"step": state.step, "opt_state": state.opt_state, "key": state.key}
         if self.layout is None:
             return state.params, rest
+        params, opt_state = state.params, state.opt_state
+        if host and self.mesh is None:
+            params, opt_state = jax.tree_util.tree_map(np.asarray, (params, opt_state))
         to = self.layout[0]
-        return to(state.params), {**rest, "opt_state": map_param_trees(to, state.opt_state, state.params)}
+        return to(params), {**rest, "opt_state": map_param_trees(to, opt_state, params)}
 
     def saved_target(self) -> tuple[Any, dict]:
         """Shapes of `saved(state)`: what a checkpoint restores into."""
@@ -216,9 +222,12 @@ class TrainConfig:
     eval_iter: int = 5
     seed: int = 123
     optim: OptimConfig = field(default_factory=OptimConfig)
-    save_every: int = 0            # steps between checkpoints; 0 = at the end of every epoch
+    # checkpoints: always at the end of the run and when it is stopped (SIGINT/SIGTERM); in between every
+    # `save_every` steps (0: at the end of every epoch), or with save_every None every `save_minutes`
+    save_every: int | None = None
+    save_minutes: float = 30.0     # with save_every None: minutes of training between checkpoints (0: none)
     keep_checkpoints: int = 2      # the last K checkpoints, plus the best by validation loss
-    async_checkpoint: bool = True  # write checkpoints in the background while training goes on
+    async_checkpoint: bool = False  # write in the background (costs a copy of the state in memory)
     sample_tokens: int = 50        # tokens of the greedy sample after each epoch (0: none)
 
     def __post_init__(self):
@@ -226,8 +235,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.save_every < 0:
-            raise ValueError(f"save_every must be >= 0 (0 = every epoch), got {self.save_every!r}")
+        if self.save_every is not None and (not isinstance(self.save_every, int) or self.save_every < 0):
+            raise ValueError(f"save_every must be None or an integer >= 0 (0 = every epoch), got {self.save_every!r}")
+        if not (isinstance(self.save_minutes, (int, float)) and self.save_minutes >= 0):
+            raise ValueError(f"save_minutes must be >= 0 (0 = no timed checkpoints), got {self.save_minutes!r}")
         if self.sample_tokens < 0:
             raise ValueError(f"sample_tokens must be >= 0 (0 = no sample), got {self.sample_tokens!r}")
 
@@ -245,7 +256,7 @@ class TrainConfig:
 
 
 # settings that only say how checkpoints are written; a resume may change them
-CHECKPOINT_KEYS = ("save_every", "keep_checkpoints", "async_checkpoint")
+CHECKPOINT_KEYS = ("save_every", "save_minutes", "keep_checkpoints", "async_checkpoint")
 
 
 @dataclass
@@ -323,6 +334,14 @@ class _Loop:
         self.expect, self.n_batches = expect, n_batches
         self.tokens_seen, self.wall_before = (saved or {}).get("tokens_seen", 0), (saved or {}).get("wall_s", 0.0)
         self.t0, self.last_val = time.time(), (-1, None)
+        self.last_save = self.t0
+
+    def save_due(self, done: int, i: int) -> bool:
+        """Whether the cadence asks for a checkpoint after `done` steps (batch `i` of its epoch)."""
+        every, minutes = self.tcfg.save_every, self.tcfg.save_minutes
+        if every is None:
+            return bool(minutes) and time.time() - self.last_save >= 60 * minutes
+        return done % every == 0 if every else i == self.n_batches - 1
 
     def elapsed(self) -> float:
         return round(self.wall_before + time.time() - self.t0, 2)
@@ -365,7 +384,8 @@ class _Loop:
                 "tokens_seen": self.tokens_seen, "val_loss": val, "history": self.log.history,
                 "epoch_history": self.log.epoch_history, "samples": self.log.samples, "wall_s": self.elapsed()}
         try:
-            path = self.ckpts.save(done, *self.steps.saved(state), meta, val)
+            synchronous = wait or not self.ckpts.async_save  # done before the next step: views, no copy
+            path = self.ckpts.save(done, *self.steps.saved(state, host=synchronous), meta, val)
             if wait:
                 self.ckpts.wait()
         except CheckpointSaveError as e:
@@ -373,6 +393,7 @@ class _Loop:
             raise
         except FloatingPointError:  # the save refused non-finite params or optimizer state
             raise self.diverged("the parameters or optimizer state became non-finite", step) from None
+        self.last_save = time.time()
         return path
 
 
@@ -382,8 +403,9 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
     """The book's train_model_simple over `steps`, checkpointed, resumable and signal-safe.
 
     Every `eval_freq` steps it logs `hooks.evaluate` to metrics.jsonl (with the step's own batch
-    loss, lr and gradient norm); every step's metrics go to steps.jsonl. Checkpoints every `save_every`
-    steps (0: each epoch end) into out_dir/checkpoints, the params and the rest of `state` apart.
+    loss, lr and gradient norm); every step's metrics go to steps.jsonl. Checkpoints (into
+    out_dir/checkpoints, the params and the rest of `state` apart) at the end, when stopped, and on
+    the cadence of TrainConfig.save_every / save_minutes.
     `resume` continues from the latest checkpoint exactly: `meta` (the task, the model, the train
     settings) must match. SIGINT/SIGTERM (or `stop_after` steps) save and raise TrainingInterrupted;
     a non-finite loss raises FloatingPointError (nothing non-finite is saved).
@@ -423,8 +445,7 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
                     if i == n_batches - 1:
                         loop.epoch_end(state, step, epoch, bar)
                     stopping = stop.requested or (stop_after is not None and done >= stop_after)
-                    if stopping or done == total or (done % tcfg.save_every == 0 if tcfg.save_every
-                                                     else i == n_batches - 1):
+                    if stopping or done == total or loop.save_due(done, i):
                         path = loop.checkpoint(state, step, epoch, i, wait=stopping)
                     if stopping:
                         bar.close()

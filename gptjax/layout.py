@@ -1,6 +1,7 @@
 """Param layouts: the canonical one (OpenAI's: per-layer h_0.., kernels (in, out), vocab unpadded), which
 checkpoints hold, and the one an `Options` builds (layers stacked for scan_layers, kernels (out, in)
-for linear_layout="out_in", vocab rows padded for vocab_multiple). Pure functions over param trees."""
+for linear_layout="out_in", vocab rows padded for vocab_multiple). Pure functions over param trees;
+towards the canonical layout they also take numpy arrays, and then give views (no copy)."""
 from __future__ import annotations
 
 import re
@@ -43,7 +44,9 @@ def _fit_vocab(params: dict, vocab_size: int, rows: int) -> dict:
             raise ValueError(f"params hold {n} vocab rows but cfg.vocab_size is {vocab_size}")
         if n < rows:
             return jnp.pad(a, [(0, rows - n) if ax == axis % a.ndim else (0, 0) for ax in range(a.ndim)])
-        return jax.lax.slice_in_dim(a, 0, rows, axis=axis) if n > rows else a
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(0, rows)
+        return a[tuple(index)] if n > rows else a
 
     out = dict(params)
     if "wte" in out:
@@ -58,7 +61,7 @@ def _swap_kernels(params: dict) -> dict:
     classifier head stays (in, out)."""
     def swap(path, v):
         names = [getattr(k, "key", None) for k in path]
-        return jnp.swapaxes(v, -1, -2) if names[-1] == "kernel" and "cls_head" not in names else v
+        return v.swapaxes(-1, -2) if names[-1] == "kernel" and "cls_head" not in names else v
 
     return jax.tree_util.tree_map_with_path(swap, params)
 

@@ -177,3 +177,28 @@ def test_a_second_run_in_the_same_directory_is_refused(interrupted_run, tmp_path
     res = train(cfg, tcfg_(epochs=1), train_b, val_b, tok, copy, progress=False, overwrite=True)
     assert TrainCheckpoints(copy / "checkpoints", read_only=True).steps() == [len(train_b)]
     assert res["state"].step == len(train_b)
+
+
+@pytest.mark.parametrize("opts", [Options(), Options(linear_layout="out_in", scan_layers=True)],
+                         ids=["canonical", "out_in+scan"])
+def test_default_cadence_saves_at_the_end_only_and_a_synchronous_save_copies_nothing(tmp_path, tiny_cfg, opts):
+    cfg = tiny_cfg
+    train_b, val_b, tok = loaders(cfg)
+    r = train(cfg, tcfg_(), train_b, val_b, tok, tmp_path / "run", progress=False, opts=opts)
+    n = 2 * len(train_b)
+    assert TrainCheckpoints(tmp_path / "run" / "checkpoints", read_only=True).steps() == [n]  # not one per epoch
+    # a checkpoint every step on the clock, the same losses
+    timed = train(cfg, tcfg_(save_minutes=1e-9, keep_checkpoints=n), train_b, val_b, tok, tmp_path / "timed",
+                  progress=False, opts=opts)
+    assert TrainCheckpoints(tmp_path / "timed" / "checkpoints", read_only=True).steps() == list(range(1, n + 1))
+    assert timed["steps"] == r["steps"]
+    # what a synchronous save writes: views of the state's own buffers, in the canonical layout
+    from gptjax.tasks.pretrain import make_steps
+    steps = make_steps(cfg, OptimConfig(), opts=opts)
+    state = r["state"]
+    params, rest = steps.saved(state, host=True)
+    buffers = [np.asarray(x) for x in jax.tree_util.tree_leaves((state.params, state.opt_state))]
+    for leaf in jax.tree_util.tree_leaves((params, rest["opt_state"])):
+        if isinstance(leaf, np.ndarray) and leaf.size > 1:
+            assert any(np.shares_memory(leaf, b) for b in buffers)
+    assert leaves_equal(params, steps.saved(state)[0]) and leaves_equal(rest, steps.saved(state)[1])

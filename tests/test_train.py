@@ -215,8 +215,10 @@ def test_bad_train_settings():
         TrainConfig(batch_size=-2)
     with pytest.raises(ValueError, match="keep_checkpoints must be a positive integer, got 0"):
         TrainConfig(keep_checkpoints=0)
-    with pytest.raises(ValueError, match=r"save_every must be >= 0 \(0 = every epoch\), got -5"):
+    with pytest.raises(ValueError, match=r"save_every must be None or an integer >= 0 \(0 = every epoch\), got -5"):
         TrainConfig(save_every=-5)
+    with pytest.raises(ValueError, match=r"save_minutes must be >= 0 \(0 = no timed checkpoints\), got -1"):
+        TrainConfig(save_minutes=-1)
 
 
 class _CharTok:

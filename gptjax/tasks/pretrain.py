@@ -22,7 +22,7 @@ from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy, 
 from gptjax.optim import OptimConfig
 from gptjax.generate import generate, trim_at_eos
 from gptjax.model import GPT, count_params, dropout_rngs, init_params
-from gptjax.layout import layout_fns, to_canonical
+from gptjax.layout import layout_fns
 from gptjax.options import LEGACY_KEYS, Options
 from gptjax.sharding import mesh_for
 from gptjax.tokenizer import get_gpt2_tokenizer
@@ -143,7 +143,7 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
                       resume=resume, progress=progress, stop_after=stop_after,
                       resume_hint=f"gptjax pretrain --resume {out_dir} (or pretrain(..., resume=True))")
     state = loop["state"]
-    save_run(out_dir, to_canonical(state.params, cfg, opts), cfg,
+    save_run(out_dir, steps.saved(state, host=True)[0], cfg,
              extra={"options": opts.to_dict(), "train": tcfg.to_dict(), **(run_info or {}), "status": "finished",
                     "tokens_seen": loop["tokens_seen"], "steps": loop["steps"], "wall_s": round(loop["wall_s"], 1)})
     (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
