@@ -1,4 +1,4 @@
-"""Where the memory of the chapter-5 run goes: resident set size through `gptjax pretrain`, by phase.
+"""Where the memory and time of the chapter-5 run go: RSS and seconds through `gptjax pretrain`, by phase.
 
 Runs the book's setting (124M, context 256, batch 2, float32) in this process for --epochs epochs, with a
 thread that reads /proc/self/statm every 10 ms, and wraps the run's parts (the train step, evaluations,
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--extra", default="", help="more `gptjax pretrain` flags")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--timing", action="store_true", help="wait for each train step to finish inside its phase, "
+                    "so the seconds column charges the step's compute to the step (not to the next sync point)")
     args = ap.parse_args()
 
     sampler = Sampler()
@@ -82,6 +84,16 @@ def main() -> None:
                 p["after"] = max(p["after"], rss())
         setattr(owner, name, inner)
 
+    if args.timing:
+        import jax
+
+        step = engine.Steps.train_step
+
+        def blocking_step(self, state, batch):
+            out = step(self, state, batch)
+            jax.block_until_ready(out[1])
+            return out
+        engine.Steps.train_step = blocking_step
     wrap(engine.Steps, "train_step", "train step")
     wrap(engine._Loop, "evaluate", "evaluation")
     wrap(engine._Loop, "epoch_end", "sample (epoch end)")

@@ -33,11 +33,11 @@ RESULTS = ROOT / "experiments" / "results"
 
 def book_child(corpus: str, out: str, epochs: int) -> None:
     """gpt_train.py's main(): seed 123, the book's loaders, train_model_simple, plot, model.pth."""
-    import tiktoken
     import torch
     from torch.utils.data import DataLoader, Dataset
 
     from gptjax.book_torch import book_gpt_model
+    from gptjax.tokenizer import get_gpt2_tokenizer
 
     cfg = {"vocab_size": 50257, "context_length": 256, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
            "drop_rate": 0.1, "qkv_bias": False}
@@ -48,7 +48,7 @@ def book_child(corpus: str, out: str, epochs: int) -> None:
     model = book_gpt_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"],
                                   weight_decay=settings["weight_decay"])
-    tokenizer = tiktoken.get_encoding("gpt2")
+    tokenizer = get_gpt2_tokenizer()  # tiktoken's "gpt2" encoding (the book's), also from a local copy offline
 
     class GPTDatasetV1(Dataset):  # the book's chapter-2 dataset: windows of max_length, targets shifted by one
         def __init__(self, txt, max_length, stride):

@@ -22,6 +22,8 @@ _EXPORTS = {
     "GPTConfig": "gptjax.config", "get_config": "gptjax.config",
     "Options": "gptjax.options", "OptimConfig": "gptjax.optim",
     "get_gpt2_tokenizer": "gptjax.tokenizer", "load_corpus": "gptjax.data",
+    "load_labeled_texts": "gptjax.tasks.classify_data", "load_instruction_data": "gptjax.tasks.instruct_data",
+    "load_preference_data": "gptjax.tasks.dpo",
     "PretrainConfig": "gptjax.tasks.pretrain", "pretrain_corpus": "gptjax.tasks.pretrain",
     "ClassifierTrainConfig": "gptjax.tasks.classify", "finetune_classifier": "gptjax.tasks.classify",
     "Classifier": "gptjax.tasks.classify",
