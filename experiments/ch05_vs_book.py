@@ -8,8 +8,9 @@ the loss plot and model.pth at the end; the model is gptjax.book_torch's GPTMode
 RSS (`os.wait4`), and reads steps/s and the final losses from what the child wrote.
 
     python experiments/ch05_vs_book.py                 # both sides, float32
-    python experiments/ch05_vs_book.py --bf16-row      # plus gptjax with bfloat16 matmuls, labelled
-    python experiments/ch05_vs_book.py --epochs 1 --only gptjax   # a quick look
+    python experiments/ch05_vs_book.py --rows book gptjax bf16 default   # plus bfloat16 matmuls (labelled)
+                                                       # and plain `gptjax pretrain` (its own defaults)
+    python experiments/ch05_vs_book.py --epochs 1 --rows gptjax   # a quick look
 
 Writes experiments/results/ch05_vs_book.md (and .json); --tag appends to the file name.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
+BOOK_FLAGS = ["--lr", "5e-4", "--eval-iter", "1"]  # gpt_train.py's settings that differ from gptjax's defaults
 
 
 # --- the book's side (runs in the child) ------------------------------------------------------------
@@ -144,8 +146,8 @@ def run_child(cmd: list[str], log: Path, env: dict | None = None) -> dict:
 
 def gptjax_side(corpus: str, work: Path, epochs: int, name: str, extra: list[str]) -> dict:
     out = work / name
-    cmd = [sys.executable, "-m", "gptjax.cli", "pretrain", "--corpus", corpus, "--out", str(out), "--lr", "5e-4",
-           "--eval-iter", "1", "--epochs", str(epochs), "--quiet", *extra]
+    cmd = [sys.executable, "-m", "gptjax.cli", "pretrain", "--corpus", corpus, "--out", str(out), "--epochs",
+           str(epochs), "--quiet", *extra]
     r = run_child(cmd, work / f"{name}.log")
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -185,8 +187,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default=None, help="the-verdict.txt (default: the copy shipped with gptjax)")
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--only", choices=["book", "gptjax"], default=None)
-    ap.add_argument("--bf16-row", action="store_true", help="also gptjax with --matmul-precision bfloat16")
+    ap.add_argument("--rows", nargs="+", choices=["book", "gptjax", "bf16", "default"], default=["book", "gptjax"],
+                    help="book: the book's loop; gptjax: `gptjax pretrain` with the book script's settings; bf16: "
+                    "the same with bfloat16 matmuls; default: plain `gptjax pretrain` (lr 4e-4, eval on 5 batches)")
+    ap.add_argument("--bf16-row", action="store_true", help="same as adding bf16 to --rows")
     ap.add_argument("--extra", default="", help="more gptjax pretrain flags for the float32 row")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args()
@@ -196,17 +200,21 @@ def main() -> None:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="ch05-vs-book-") as tmp:
         work = Path(tmp)
-        if args.only != "gptjax":
+        wanted = set(args.rows) | ({"bf16"} if args.bf16_row else set())
+        if "book" in wanted:
             print("the book's loop (PyTorch) ...", flush=True)
             rows["book (PyTorch, float32)"] = book_side(corpus, work, args.epochs)
-            print(rows["book (PyTorch, float32)"], flush=True)
-        if args.only != "book":
+        if "gptjax" in wanted:
             print("gptjax pretrain ...", flush=True)
-            rows["gptjax pretrain (float32)"] = gptjax_side(corpus, work, args.epochs, "gptjax", args.extra.split())
-            print(rows["gptjax pretrain (float32)"], flush=True)
-            if args.bf16_row:
-                rows["gptjax pretrain (bfloat16 matmuls)"] = gptjax_side(
-                    corpus, work, args.epochs, "gptjax-bf16", ["--matmul-precision", "bfloat16"])
+            rows["gptjax pretrain (float32)"] = gptjax_side(corpus, work, args.epochs, "gptjax",
+                                                            [*BOOK_FLAGS, *args.extra.split()])
+        if "bf16" in wanted:
+            rows["gptjax pretrain (bfloat16 matmuls)"] = gptjax_side(
+                corpus, work, args.epochs, "gptjax-bf16", [*BOOK_FLAGS, "--matmul-precision", "bfloat16"])
+        if "default" in wanted:
+            rows["`gptjax pretrain` (its defaults, float32)"] = gptjax_side(corpus, work, args.epochs, "default", [])
+        for name, r in rows.items():
+            print(name, r, flush=True)
     book = "book (PyTorch, float32)" if "book (PyTorch, float32)" in rows else None
     import jax
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, jax {jax.__version__}"

@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -250,6 +250,7 @@ class TrainCheckpoints:
                                      f"NaN/inf; the last good checkpoint is {self.describe(self.latest_step())}")
         metrics = {"val_loss": float(val_loss) if val_loss is not None and math.isfinite(val_loss) else 1e30}
         self.check()  # a failed background save surfaces here, before the next one starts
+        self._empty_trash()  # the steps the last save retired: retention holds during the run, not only at its end
         if step in self._mgr.all_steps():
             return self.step_dir(step)
         try:
@@ -260,6 +261,8 @@ class TrainCheckpoints:
                     meta=ocp.args.JsonSave(meta)))
         except Exception as e:
             raise self._save_error(e, step) from e
+        if not self.async_save:
+            self._empty_trash()
         return self.step_dir(step)
 
     def check(self) -> None:
@@ -310,6 +313,14 @@ class TrainCheckpoints:
             for child in trash.iterdir():
                 shutil.rmtree(child, ignore_errors=True)
 
+    def delete_after(self, step: int) -> None:
+        """Drop the checkpoints of steps after `step` (a resume from `step` writes its own)."""
+        for s in self.steps():
+            if s > step:
+                print(f"deleting checkpoint {self.step_dir(s)}: the run continues from step {step}")
+                self._mgr.delete(s)
+        self._empty_trash()
+
     def delete_all(self) -> None:
         self.wait()
         for step in self.steps():
@@ -337,10 +348,10 @@ class TrainCheckpoints:
             return self._mgr.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
             others = [s for s in self.steps() if s != step]
-            fallback = f"; or pass an older step ({others})" if others else ""
+            fallback = f", or resume from an older one with --step N ({others})" if others else ""
             raise CheckpointCorruptError(
                 f"checkpoint {self.step_dir(step)} is damaged or incomplete and cannot be read ({_short(e)}). "
-                f"Delete that folder to resume from the previous checkpoint{fallback}") from None
+                f"Delete that folder{fallback}") from None
 
     def meta(self, step: int | str | None = None) -> dict:
         step = self._resolve(step)
@@ -368,6 +379,21 @@ class TrainCheckpoints:
             args["train_state"] = ocp.args.StandardRestore(train_state_target)
         out = self._restore(step, **args)
         return out["params"], out.get("train_state"), meta
+
+
+    def restore_newest_intact(self, params_target: Any, train_state_target: Any, expect: dict,
+                              log: Callable[[str], None] = print) -> tuple[Any, Any, dict]:
+        """`restore` of the newest checkpoint that reads back: a damaged newer one is passed over, and said so."""
+        damaged = []
+        for step in sorted(self.steps(), reverse=True):
+            try:
+                return self.restore(params_target, train_state_target, step=step, expect=expect)
+            except CheckpointCorruptError as e:
+                log(f"{e}; trying the checkpoint before it")
+                damaged.append(step)
+        self._resolve(None)  # no checkpoint at all: its own message
+        raise CheckpointCorruptError(f"every checkpoint in {str(self.directory)!r} is damaged ({damaged}); start the "
+                                     f"run again without --resume")
 
 
 def _val_loss(metrics: dict) -> float:
@@ -503,6 +529,7 @@ def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int
 def refuse_existing_run(out_dir: str | Path, *, overwrite: bool, resume_hint: str) -> None:
     """Before a fresh run writes anything: an `out_dir` holding another run's checkpoints is continued
     (`resume_hint` says how) or replaced (--overwrite), never silently wiped."""
+    runs.check_not_running(out_dir)  # a live run's directory is neither continued nor replaced
     ckpt_dir = Path(out_dir) / CHECKPOINTS_DIR
     if overwrite or not ckpt_dir.is_dir():
         return

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
 
 import jax
 
-from gptjax import bench
+from gptjax import bench, runs
 from gptjax.chat import chat
 from gptjax.checkpoint import (CheckpointSaveError, load_base_model, load_model, load_run_config, RunExistsError,
                                TrainingInterrupted)
@@ -70,6 +69,17 @@ def _add_finetune_layout_arg(g) -> None:
                    "trains, else in_out. The saved model loads as in_out either way")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of records, a batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _linear_layout(choice: str) -> str:
     return fastest_linear_layout() if choice == "auto" else choice
 
@@ -88,6 +98,8 @@ def _options(args, linear_layout: str = "in_out"):
 
 
 def cmd_pretrain(args) -> int:
+    if args.step and not args.resume:
+        raise ValueError(f"--step {args.step} picks the checkpoint a resume starts from; give it with --resume RUN_DIR")
     if args.sharding != "none":
         initialize_distributed()  # no-op for one process; joins a multi-host run from the environment
     if args.resume:
@@ -109,7 +121,8 @@ def cmd_pretrain(args) -> int:
             return _optim_config(args, updates=steps // max(args.grad_accum, 1))
     try:
         result = pretrain_corpus(args.corpus, out, cfg, tcfg, optim_for=optim_for, stride=args.stride,
-                                 train_ratio=args.train_ratio, bpe_dir=args.bpe_dir, resume=bool(args.resume),
+                                 train_ratio=args.train_ratio, bpe_dir=args.bpe_dir,
+                                 resume=args.step if args.resume and args.step else bool(args.resume),
                                  progress=not args.quiet, overwrite=args.overwrite, sharding=args.sharding,
                                  fsdp=args.fsdp, opts=opts)
     except TrainingInterrupted as e:
@@ -140,7 +153,7 @@ def _optim_config(args, updates: int):
 
 
 # flags a --resume may still take: they do not change what is trained
-_RESUME_FLAGS = {"sharding", "fsdp", "resume", "quiet", "corpus", "bpe_dir", "func", "command"}
+_RESUME_FLAGS = {"sharding", "fsdp", "resume", "step", "quiet", "corpus", "bpe_dir", "func", "command"}
 
 
 def _check_resume_flags(args, run: str, run_values: dict) -> None:
@@ -179,6 +192,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_export(args) -> int:
+    runs.check_output(args.out, [args.model], directory=args.format == "hf")
     params, cfg = load_model(args.model)
     out = export_book(params, cfg, args.out) if args.format == "book" else export_hf(params, cfg, args.out)
     print(f"wrote {out}")
@@ -362,6 +376,9 @@ def cmd_finetune_instruct(args) -> int:
 
 def cmd_respond(args) -> int:
     style = _ch7_style(args)
+    out = Path(args.out) if args.out else (Path(args.run) / "responses.json" if Path(args.run).is_dir()
+                                           else Path("responses.json"))
+    runs.check_output(out, [args.data, args.run])
     if args.data:
         records = load_instruction_data(args.data)
     else:  # the test split of the data the run was trained on (the book's, by default)
@@ -373,8 +390,6 @@ def cmd_respond(args) -> int:
     records = records[:args.limit] if args.limit else records
     params, cfg, opts = load_for_decoding(args.run, args.weight_dtype)
     tok = get_gpt2_tokenizer(args.bpe_dir)
-    out = Path(args.out) if args.out else (Path(args.run) / "responses.json" if Path(args.run).is_dir()
-                                           else Path("responses.json"))
     responses = generate_responses(params, cfg, records, tok, style=style, max_new_tokens=args.max_new_tokens,
                                    batch_size=args.batch_size, temperature=args.temperature, top_k=args.top_k,
                                    top_p=args.top_p, seed=args.seed, progress=not args.quiet, opts=opts)
@@ -387,6 +402,8 @@ def cmd_respond(args) -> int:
 
 
 def cmd_judge(args) -> int:
+    out = Path(args.out) if args.out else Path(args.data).with_name(Path(args.data).stem + "-scores.json")
+    runs.check_output(out, [args.data, args.run])
     records = load_json_records(args.data, keys=("instruction", "output", args.key))
     records = records[:args.limit] if args.limit else records
     style = _ch7_style(args)
@@ -401,17 +418,17 @@ def cmd_judge(args) -> int:
     if not args.offline:
         try:
             scores = generate_model_scores(records, args.key, args.model, args.url, style=style,
-                                           progress=not args.quiet)
+                                           progress=not args.quiet, timeout=args.timeout)
         except ConnectionError as e:
             print(f"gptjax judge: error: {e} (or pass --offline for the scores that need no judge)", file=sys.stderr)
             return 2
         row["judge_score"] = scores["mean"]
         result["judge"] = scores
         print(f"Number of scores: {scores['n_scored']} of {len(records)} ({scores['n_unparsable']} replies were "
-              f"not an integer and were skipped)\nAverage score: {scores['mean']:.2f}")
+              f"not an integer and {scores['n_out_of_range']} outside 0-100; both left out)\n"
+              f"Average score: {scores['mean']:.2f}")
     print(format_table([row]))
-    out = Path(args.out) if args.out else Path(args.data).with_name(Path(args.data).stem + "-scores.json")
-    out.write_text(json.dumps(result, indent=1))
+    runs.write_json_atomic(out, result, indent=1)
     print(f"scores saved to {out}")
     return 0
 
@@ -504,11 +521,11 @@ def _add_ch7_train_args(p: argparse.ArgumentParser, *, model_default: str | None
     g = p.add_argument_group("batches")
     g.add_argument("--style", default=None, choices=["alpaca", "phi3"], help="prompt template (default: alpaca, "
                    "or the one the --model run was trained with)")
-    g.add_argument("--pad-multiple", type=int, default=64, help="pad batches to a multiple of this many tokens, so "
+    g.add_argument("--pad-multiple", type=_positive_int, default=64, help="pad batches to a multiple of this many tokens, so "
                    "the step compiles once per bucket (1: the book's per-batch longest length)")
-    g.add_argument("--allowed-max-length", type=int, default=1024, help="cut examples to this many tokens "
+    g.add_argument("--allowed-max-length", type=_positive_int, default=1024, help="cut examples to this many tokens "
                    "(and to the model's context)")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N records of each split (quick runs)")
+    g.add_argument("--limit", type=_positive_int, default=None, help="use only the first N records of each split (quick runs)")
     g.add_argument("--bpe-dir", default=None, help="directory with GPT-2's encoder.json + vocab.bpe (offline)")
     g = p.add_argument_group("training")
     _add_run_args(g, epochs=epochs, lr=lr, weight_decay=weight_decay, eval_freq=5, out=out)
@@ -545,8 +562,8 @@ def _add_ch7_commands(sub) -> None:
                    "the test split of the run's data)")
     p.add_argument("--out", default=None, help="output JSON (default: RUN/responses.json)")
     p.add_argument("--style", default=None, choices=["alpaca", "phi3"], help="prompt template (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts decoded together")
+    p.add_argument("--limit", type=_positive_int, default=None, help="answer only the first N records")
     p.add_argument("--quiet", action="store_true")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_respond)
@@ -562,7 +579,8 @@ def _add_ch7_commands(sub) -> None:
     p.add_argument("--run", default=None, help="also report the loss/perplexity of the reference answers under "
                    "this model")
     p.add_argument("--style", default=None, choices=["alpaca", "phi3"], help="prompt template for the judge's input")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N records")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each judge reply")
     p.add_argument("--out", default=None, help="scores JSON (default: DATA-scores.json)")
     p.add_argument("--bpe-dir", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -622,7 +640,10 @@ def _add_pretrain_command(sub) -> None:
     g = p.add_argument_group("checkpoints and resuming")
     g.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue an interrupted run from its latest checkpoint, with the settings saved in "
-                        "RUN_DIR/config.json (only --corpus, --bpe-dir and --quiet may be given with it)")
+                        "RUN_DIR/config.json (only --corpus, --bpe-dir and --quiet may be given with it); a "
+                        "damaged newest checkpoint is passed over for the newest intact one")
+    g.add_argument("--step", type=_positive_int, default=None, help="with --resume: continue from the checkpoint "
+                   "of this step instead (the newer ones are deleted)")
     g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (0: every epoch); "
                    "default: every --save-minutes. A run also saves at its end and when stopped (Ctrl-C, SIGTERM)")
     g.add_argument("--save-minutes", type=float, default=30.0, help="with no --save-every: minutes of training "

@@ -239,6 +239,8 @@ class TrainConfig:
             raise ValueError(f"save_every must be None or an integer >= 0 (0 = every epoch), got {self.save_every!r}")
         if not (isinstance(self.save_minutes, (int, float)) and self.save_minutes >= 0):
             raise ValueError(f"save_minutes must be >= 0 (0 = no timed checkpoints), got {self.save_minutes!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.sample_tokens < 0:
             raise ValueError(f"sample_tokens must be >= 0 (0 = no sample), got {self.sample_tokens!r}")
 
@@ -398,7 +400,7 @@ class _Loop:
 
 
 def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_dir: str | Path, hooks: Hooks, *,
-        meta: dict, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+        meta: dict, resume: bool | int = False, progress: bool = True, stop_after: int | None = None,
         desc: str = "train", resume_hint: str = "the same command plus --resume") -> dict:
     """The book's train_model_simple over `steps`, checkpointed, resumable and signal-safe.
 
@@ -406,13 +408,18 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
     loss, lr and gradient norm); every step's metrics go to steps.jsonl. Checkpoints (into
     out_dir/checkpoints, the params and the rest of `state` apart) at the end, when stopped, and on
     the cadence of TrainConfig.save_every / save_minutes.
-    `resume` continues from the latest checkpoint exactly: `meta` (the task, the model, the train
-    settings) must match. SIGINT/SIGTERM (or `stop_after` steps) save and raise TrainingInterrupted;
+    `resume` continues exactly from the newest checkpoint that reads back (or, an int, from that
+    step; the newer ones are deleted): `meta` (the task, the model, the train settings) must match. SIGINT/SIGTERM (or `stop_after` steps) save and raise TrainingInterrupted;
     a non-finite loss raises FloatingPointError (nothing non-finite is saved).
     """
     out_dir = Path(out_dir)
     n_batches = len(train_batches)
     total = tcfg.epochs * n_batches
+    updates = total // tcfg.optim.grad_accum
+    if tcfg.optim.warmup_steps > updates:
+        raise ValueError(f"warmup_steps={tcfg.optim.warmup_steps} is longer than the whole run ({updates} optimizer "
+                         f"updates: {tcfg.epochs} epochs of {n_batches} batches, grad_accum {tcfg.optim.grad_accum}); "
+                         f"use a shorter --warmup-steps / --warmup-frac or more --epochs")
     expect = {**meta, "train": {k: v for k, v in tcfg.to_dict().items() if k not in CHECKPOINT_KEYS},
               "steps_per_epoch": n_batches}
     ckpts = TrainCheckpoints(out_dir / CHECKPOINTS_DIR, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
@@ -420,8 +427,12 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
     try:
         saved = None
         if resume:
-            params, rest, saved = ckpts.restore(*steps.saved_target(), expect=expect)
+            if isinstance(resume, bool):  # the newest checkpoint that reads back
+                params, rest, saved = ckpts.restore_newest_intact(*steps.saved_target(), expect=expect)
+            else:  # a step number: that checkpoint
+                params, rest, saved = ckpts.restore(*steps.saved_target(), step=resume, expect=expect)
             state = steps.restored(params, rest)
+            ckpts.delete_after(int(state.step))  # newer ones (damaged, or of the timeline left) would be kept
             print(f"resuming from {ckpts.describe(int(state.step))}")
         elif ckpts.latest_step() is not None:
             ckpts.delete_all()

@@ -18,6 +18,7 @@ Letters: B batch, T prompt time, S cache slots, N new tokens, V vocab.
 from __future__ import annotations
 
 import codecs
+import math
 from functools import partial
 import os
 from typing import Any, Iterator, Sequence
@@ -58,12 +59,16 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array | None, *, temperature: f
 
 def _check(cfg: GPTConfig, idx_BT: np.ndarray, max_new_tokens: int, temperature: float,
            top_k: int | None, top_p: float | None) -> None:
+    if cfg.n_classes:
+        raise ValueError(f"this model is a classifier (n_classes={cfg.n_classes}) with no language-model head to "
+                         f"generate with; classify with `gptjax classify --run RUN` (Classifier.from_run), or "
+                         f"generate with a language model")
     if idx_BT.ndim != 2 or idx_BT.shape[1] == 0:
         raise ValueError(f"prompt ids must have shape (batch, T>=1), got {idx_BT.shape}; encode a non-empty prompt")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

@@ -2,18 +2,130 @@
 
 A run directory (`--out RUN`) holds config.json (what the run is: model, task and train settings),
 checkpoints/ (gptjax.checkpoint), params/ (the final model), metrics.jsonl (one record per
-evaluation), steps.jsonl (one per step), samples.json and the plots.
+evaluation), steps.jsonl (one per step), samples.json and the plots. A live run holds an advisory
+lock on its directory (`.lock`, which the kernel drops when the process ends, however it ends), and
+config.json's "status" says how it ended: running, finished, interrupted, diverged or failed.
 """
 from __future__ import annotations
 
+import fcntl
+import functools
+import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+LOCK_FILE = ".lock"
+_held: dict[Path, int] = {}  # run directories this process holds: their lock files' descriptors
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+def _locked_by(out_dir: Path) -> str | None:
+    """The process id another live process wrote in out_dir's lock file, if it holds the lock."""
+    path = out_dir / LOCK_FILE
+    if out_dir.resolve() in _held or not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+    return None
+
+
+def check_not_running(out_dir: str | Path) -> None:
+    """Raise RunLockedError when a live process runs in `out_dir` (read-only: takes nothing)."""
+    if (pid := _locked_by(Path(out_dir))) is not None:
+        raise RunLockedError(f"{str(out_dir)!r} is in use by a live run (process {pid}); wait for it to finish or "
+                             f"stop it (kill -INT {pid} saves a checkpoint), or choose another --out")
+
+
+def lock_run_dir(out_dir: str | Path) -> None:
+    """Hold `out_dir` for this process until `release_run_dir` (or the process's end, however it ends)."""
+    key = Path(out_dir).resolve()
+    if key in _held:
+        return
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        check_not_running(out_dir)  # names the holder's process id
+        raise RunLockedError(f"{str(out_dir)!r} is in use by another run; choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held[key] = fd
+
+
+def release_run_dir(out_dir: str | Path) -> None:
+    fd = _held.pop(Path(out_dir).resolve(), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def check_output(out: str | Path, inputs: Sequence[str | Path | None], *, directory: bool = False) -> Path:
+    """`out` unless it is one of the command's `inputs` (or, for a `directory` output that replaces what
+    it holds, one inside the other): then one clear error, before anything is written."""
+    target = Path(out).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        s = Path(source).resolve()
+        if target == s or (directory and (s in target.parents or target in s.parents)):
+            raise ValueError(f"--out {str(out)!r} would overwrite the input {str(source)!r}; choose another --out")
+    return Path(out)
+
+
+def ended_status(e: BaseException) -> str:
+    """config.json's status for a run that raised `e`."""
+    if isinstance(e, KeyboardInterrupt):  # gptjax.checkpoint.TrainingInterrupted is one
+        return "interrupted"
+    return "diverged" if isinstance(e, FloatingPointError) else "failed"
+
+
+def run_task(fn: Callable) -> Callable:
+    """A task's entry point (its `out_dir` argument is the run directory): the directory's lock, taken when
+    the task creates it (`prepare_out_dir`), is released when the task returns or raises, and a run that
+    raises leaves its config.json saying how it ended."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def task(*args, **kwargs):
+        out_dir = Path(signature.bind(*args, **kwargs).arguments["out_dir"])
+        held_before = out_dir.resolve() in _held
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            if out_dir.resolve() in _held:  # this run wrote the directory: say how it ended
+                set_status(out_dir, ended_status(e))
+            raise
+        finally:
+            if not held_before:
+                release_run_dir(out_dir)
+    return task
+
+
+def set_status(out_dir: str | Path, status: str) -> None:
+    """Record `status` in a running run's config.json (a finished one keeps "finished")."""
+    path = Path(out_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and config.get("status") == "running":
+        write_json_atomic(path, {**config, "status": status})
 
 
 def prepare_out_dir(out_dir: str | Path) -> Path:
-    """Create `out_dir` (and parents) and check that it is writable: one clear error naming --out."""
+    """Create `out_dir` (and parents), check that it is writable (one clear error naming --out) and take
+    its lock for this run (RunLockedError when another live process holds it)."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -23,6 +135,7 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     except OSError as e:
         raise PermissionError(f"cannot write to output directory {str(out_dir)!r} ({e.strerror}); "
                               f"choose another --out directory") from None
+    lock_run_dir(out_dir)
     return out_dir
 
 

@@ -161,9 +161,31 @@ def test_corrupted_checkpoint_is_one_clear_error(interrupted_run, tmp_path, dama
     else:
         shutil.rmtree(step_dir / "meta")
     with pytest.raises(CheckpointCorruptError, match=r"checkpoint .*/checkpoints/5 is damaged or incomplete and "
-                                                     r"cannot be read \(.*\)\. Delete that folder to resume from the "
-                                                     r"previous checkpoint; or pass an older step \(\[4\]\)"):
+                                                     r"cannot be read \(.*\)\. Delete that folder, or resume from an "
+                                                     r"older one with --step N \(\[4\]\)"):
         load_run(copy)
+
+
+def test_a_resume_passes_over_a_damaged_newest_checkpoint_or_starts_from_the_step_asked(tmp_path, capsys):
+    cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)
+    train_b, val_b, tok = loaders(cfg)
+    tcfg = tcfg_(save_every=2, keep_checkpoints=5)
+    full = train(cfg, tcfg, train_b, val_b, tok, tmp_path / "full", progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, tcfg, train_b, val_b, tok, tmp_path / "cut", progress=False, stop_after=6)
+    for f in (tmp_path / "cut" / "checkpoints" / "6" / "params").rglob("d/*"):
+        f.write_bytes(b"\0" * 64)  # the newest is damaged: the resume starts from step 4, and says so
+    capsys.readouterr()
+    res = train(cfg, tcfg, train_b, val_b, tok, tmp_path / "cut", progress=False, resume=True)
+    out = capsys.readouterr().out
+    assert "checkpoints/6 is damaged or incomplete" in out and "trying the checkpoint before it" in out
+    assert "resuming from" in out and "(after 4 steps)" in out
+    assert res["steps"] == full["steps"] and leaves_equal(res["state"], full["state"])
+    # an older step on purpose: the newer checkpoints go, the run is recomputed from there to the same end
+    older = TrainCheckpoints(tmp_path / "full" / "checkpoints", read_only=True).steps()[0]
+    again = train(cfg, tcfg, train_b, val_b, tok, tmp_path / "full", progress=False, resume=older)
+    assert f"(after {older} steps)" in capsys.readouterr().out
+    assert again["steps"] == full["steps"] and leaves_equal(again["state"], full["state"])
 
 
 def test_a_second_run_in_the_same_directory_is_refused(interrupted_run, tmp_path):
@@ -202,3 +224,23 @@ def test_default_cadence_saves_at_the_end_only_and_a_synchronous_save_copies_not
         if isinstance(leaf, np.ndarray) and leaf.size > 1:
             assert any(np.shares_memory(leaf, b) for b in buffers)
     assert leaves_equal(params, steps.saved(state)[0]) and leaves_equal(rest, steps.saved(state)[1])
+
+
+def test_retention_holds_during_the_run(tmp_path, tiny_cfg, monkeypatch):
+    """--keep-checkpoints 2 with a save every step: at every save, at most the kept steps, the best one and the
+    one being written are on disk, and nothing waits in the trash."""
+    train_b, val_b, tok = loaders(tiny_cfg)
+    seen = []
+    save = TrainCheckpoints.save
+
+    def watched(self, step, *a, **k):
+        path = save(self, step, *a, **k)
+        steps = [p for p in self.directory.iterdir() if p.name.isdigit()]
+        trash = list((self.directory / "trash").iterdir()) if (self.directory / "trash").is_dir() else []
+        seen.append((len(steps), len(trash)))
+        return path
+
+    monkeypatch.setattr(TrainCheckpoints, "save", watched)
+    train(tiny_cfg, tcfg_(save_every=1, keep_checkpoints=2), train_b, val_b, tok, tmp_path / "run", progress=False)
+    assert len(seen) == 2 * len(train_b)
+    assert max(n for n, _ in seen) <= 3 and max(t for _, t in seen) == 0, seen

@@ -116,3 +116,38 @@ def test_matmul_precision_reaches_the_options():
         assert args.matmul_precision == "bfloat16", command
     with pytest.raises(SystemExit):
         parser.parse_args(["pretrain", "--matmul-precision", "tf32"])
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_stays_byte_for_byte(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--corpus", str(corpus), "--epochs", "1", "--out", str(run), *TINY]) == 0
+    data = tmp_path / "answers.json"
+    data.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "Hi.", "model_response": "Hi."}]))
+
+    def snapshot():
+        return {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    capsys.readouterr()
+    for argv, named in [(["export", "--model", str(run), "--out", str(run)], run),
+                        (["export", "--model", str(run), "--out", str(run / "hf")], run),
+                        (["export", "--model", str(run), "--out", str(tmp_path)], run),
+                        (["judge", "--data", str(data), "--out", str(data), "--offline"], data),
+                        (["respond", "--run", str(run), "--data", str(data), "--out", str(data)], data)]:
+        assert main(argv) == 2, argv
+        assert f"would overwrite the input {str(named)!r}; choose another --out" in capsys.readouterr().err
+    assert snapshot() == before
+    assert main(["judge", "--data", str(data), "--offline"]) == 0  # the default output sits beside the input
+    assert (tmp_path / "answers-scores.json").is_file() and data.read_bytes() == before[data]
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["judge", "--data", "x.json", "--offline", "--limit", "-3"], "--limit", "-3"),
+    (["respond", "--run", "r", "--batch-size", "0"], "--batch-size", "0"),
+    (["finetune-instruct", "--model", "random", "--allowed-max-length", "0"], "--allowed-max-length", "0"),
+])
+def test_counts_that_must_be_positive_are_refused_where_they_enter(argv, flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert f"argument {flag}: must be a positive integer, got {value!r}" in capsys.readouterr().err

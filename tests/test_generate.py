@@ -91,7 +91,8 @@ def test_top_k_and_top_p_restrict_the_support():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(idx=[[]]), "non-empty prompt"),
     (dict(idx=[[1, 500]]), r"token ids must lie in \[0, 97\)"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=-1.0), r"temperature must be a number >= 0 \(0 = greedy\), got -1.0"),
+    (dict(temperature=float("nan")), r"temperature must be a number >= 0 \(0 = greedy\), got nan"),
     (dict(temperature=0.8), "needs a PRNG key"),
     (dict(top_p=1.5), "top_p must be in"),
     (dict(max_new_tokens=-2), "max_new_tokens must be >= 0"),
@@ -242,3 +243,10 @@ def test_decoding_layout_converts_once(model):
     idx = np.array([[1, 2, 3]])
     np.testing.assert_array_equal(generate(dec_params, cfg, idx, 6, opts=dec_opts),
                                   generate(params, cfg, idx, 6, use_cache=False))
+
+
+def test_a_classifier_is_refused_before_anything_runs(model):
+    params, cfg = model
+    with pytest.raises(ValueError, match=r"this model is a classifier \(n_classes=2\) with no language-model head.*"
+                                         r"gptjax classify --run RUN"):
+        generate(params, cfg.replace(n_classes=2), np.array([[1, 2]]), 3)

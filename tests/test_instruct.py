@@ -80,6 +80,10 @@ def test_load_instruction_data(tmp_path):
     path.write_text(json.dumps([{"instruction": "a"}]))
     with pytest.raises(ValueError, match=r"record 0 lacks \['output'\]"):
         load_instruction_data(path)
+    path.write_text(json.dumps([{"instruction": "a", "output": 7, "input": ["x"]}]))
+    with pytest.raises(ValueError, match=r"record 0 has non-text fields \{'output': 'int', 'input': 'list'\}; every "
+                                         r"field the prompts use must be a string"):
+        load_instruction_data(path)
     with pytest.raises(FileNotFoundError, match="missing.json"):
         load_instruction_data(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError, match="GPTJAX_OFFLINE is set.*pass a local copy"):

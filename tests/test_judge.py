@@ -31,7 +31,8 @@ class FakeOllama(BaseHTTPRequestHandler):
             self.wfile.write(json.dumps({"error": f"model '{body['model']}' not found"}).encode())
             return
         prompt = body["messages"][0]["content"]
-        reply = "85" if "bullet" in prompt else "100" if "`Rome.`" in prompt else "I cannot score this."
+        reply = "85" if "bullet" in prompt else "100" if "`Rome.`" in prompt else \
+            "150" if "`Too high.`" in prompt else "-20" if "`Too low.`" in prompt else "I cannot score this."
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.end_headers()
@@ -88,6 +89,14 @@ def test_scores_from_a_local_ollama(server):
         query_model("x", model="llama9", url=server)
 
 
+def test_a_score_outside_0_to_100_is_counted_and_left_out(server):
+    entries = ENTRIES[:2] + [{**ENTRIES[2], "model_response": "Too high."}, {**ENTRIES[2], "model_response": "Too low."}]
+    out = generate_model_scores(entries, url=server, progress=False, timeout=5)
+    assert out["scores"] == [85, 100] and out["mean"] == 92.5 and out["n_unparsable"] == 0
+    assert out["n_out_of_range"] == 2 and out["out_of_range"] == [{"index": 2, "reply": "150"},
+                                                                  {"index": 3, "reply": "-20"}]
+
+
 def test_no_judge_is_one_clear_error():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -103,7 +112,8 @@ def test_cli_judge(tmp_path, server, capsys):
     data.write_text(json.dumps(ENTRIES))
     assert main(["judge", "--data", str(data), "--url", server, "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "Number of scores: 2 of 3 (1 replies were not an integer" in out and "Average score: 92.50" in out
+    assert "Number of scores: 2 of 3 (1 replies were not an integer and 0 outside 0-100" in out
+    assert "Average score: 92.50" in out
     saved = json.loads((tmp_path / "responses-scores.json").read_text())
     assert saved["judge"]["scores"] == [85, 100] and saved["offline"]["exact_match"] == pytest.approx(1 / 3)
     assert main(["judge", "--data", str(data), "--offline", "--out", str(tmp_path / "o.json")]) == 0

@@ -1,4 +1,5 @@
 import json
+import re
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,7 +201,8 @@ def test_train_config_round_trips_through_json():
     (dict(clip_norm=0.0), "clip_norm must be > 0 or None, got 0.0"),
     (dict(warmup_steps=-1), "warmup_steps and decay_steps must be >= 0, got -1 and 0"),
     (dict(lr=float("nan")), "learning rate must be a positive"),
-    (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+    (dict(weight_decay=-1.0), "weight_decay must be a number >= 0, got -1.0"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a number >= 0, got nan"),
     (dict(grad_accum=0), "grad_accum must be >= 1"),
 ])
 def test_bad_optimizer_settings(kwargs, match):
@@ -219,6 +221,9 @@ def test_bad_train_settings():
         TrainConfig(save_every=-5)
     with pytest.raises(ValueError, match=r"save_minutes must be >= 0 \(0 = no timed checkpoints\), got -1"):
         TrainConfig(save_minutes=-1)
+    for seed in (2**64, -1, 1.5):
+        with pytest.raises(ValueError, match=re.escape(f"seed must be an integer in [0, 2**63), got {seed!r}")):
+            TrainConfig(seed=seed)
 
 
 class _CharTok:
@@ -282,6 +287,30 @@ def test_unwritable_output_directory(tmp_path, tiny_cfg):
         train(tiny_cfg, TrainConfig(), None, None, None, blocker / "run")
 
 
+def test_a_warmup_longer_than_the_run_is_refused_before_training(tmp_path, tiny_cfg):
+    x = np.zeros((4, tiny_cfg.context_length), np.int32)
+    train_b, val_b = Batches(x, x, 2, shuffle=False), Batches(x, x, 2, shuffle=False, drop_last=False)
+    tcfg = TrainConfig(epochs=3, sample_tokens=0, optim=OptimConfig(warmup_steps=7))  # 3 epochs x 2 batches: 6 updates
+    with pytest.raises(ValueError, match=re.escape("warmup_steps=7 is longer than the whole run (6 optimizer updates: "
+                                                   "3 epochs of 2 batches, grad_accum 1)")):
+        train(tiny_cfg, tcfg, train_b, val_b, None, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "steps.jsonl").exists()  # not one step ran
+
+
 def test_missing_run_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a gptjax run directory"):
         load_run(tmp_path / "nope")
+
+
+def test_an_empty_sample_prompt_is_refused_before_training(tmp_path, tiny_cfg):
+    x = np.zeros((4, tiny_cfg.context_length), np.int32)
+    train_b, val_b = Batches(x, x, 2, shuffle=False), Batches(x, x, 2, shuffle=False, drop_last=False)
+
+    class Tok:
+        def encode(self, text, allowed_special=()):
+            return [1 for ch in text if ch.isalpha()]
+
+    with pytest.raises(ValueError, match=r"the sample prompt '  ' is empty after tokenization; give --start-context"):
+        train(tiny_cfg, TrainConfig(epochs=1, start_context="  "), train_b, val_b, Tok(), tmp_path / "run",
+              progress=False)
+    assert not (tmp_path / "run" / "steps.jsonl").exists()

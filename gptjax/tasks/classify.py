@@ -209,6 +209,7 @@ def plot_run(h: dict, eh: dict, out_dir: Path) -> None:
                      twin=(eh["examples_seen"], "Examples seen"))
 
 
+@runs.run_task
 def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[str, LabeledTexts], tokenizer: Any,
                         out_dir: str | Path, *, train: str | None = None, lora: lora_lib.LoRAConfig | None = None,
                         tcfg: ClassifierTrainConfig | None = None, max_length: int | None = None,

@@ -215,6 +215,7 @@ class DPOTrainConfig(TrainConfig):
             raise ValueError(f"beta must be a positive number (the book: 0.1), got {self.beta!r}")
 
 
+@runs.run_task
 def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, list[dict]], tokenizer: Any,
                  out_dir: str | Path, *, style: str = "alpaca", tcfg: DPOTrainConfig | None = None,
                  lora: lora_lib.LoRAConfig | None = None, mask_prompt_tokens: bool = True, pad_multiple: int = 64,

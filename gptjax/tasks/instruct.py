@@ -235,6 +235,7 @@ def format_table(rows: Sequence[dict]) -> str:
 RESPONSES_FILE = "test-responses.json"
 
 
+@runs.run_task
 def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, list[dict]], tokenizer: Any,
                       out_dir: str | Path, *, style: str = "alpaca", tcfg: InstructTrainConfig | None = None,
                       lora: lora_lib.LoRAConfig | None = None, mask: str = "none", pad_multiple: int = 64,

@@ -82,6 +82,10 @@ def _check_entries(data: Any, where: str, keys: Sequence[str] = ("instruction", 
         if missing:
             raise ValueError(f"{where}: record {i} lacks {missing} (it has {sorted(e)}); every record needs "
                              f"{list(keys)}")
+        wrong = {k: type(e[k]).__name__ for k in (*keys, "input") if e.get(k) is not None and not isinstance(e[k], str)}
+        if wrong:
+            raise ValueError(f"{where}: record {i} has non-text fields {wrong}; every field the prompts use must be "
+                             f"a string")
         out.append({**e, "input": e.get("input") or ""})
     return out
 

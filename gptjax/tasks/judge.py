@@ -27,7 +27,7 @@ def chat_url(url: str) -> str:
 
 
 def query_model(prompt: str, model: str = DEFAULT_JUDGE, url: str = DEFAULT_URL, *, seed: int = 123,
-                temperature: float = 0.0, num_ctx: int = 2048, timeout: float = 600.0) -> str:
+                temperature: float = 0.0, num_ctx: int = 2048, timeout: float = 60.0) -> str:
     """The book's query_model: POST one user message to Ollama's /api/chat and join the streamed replies."""
     endpoint = chat_url(url)
     payload = {"model": model, "messages": [{"role": "user", "content": prompt}],
@@ -80,22 +80,29 @@ def generate_model_scores(entries: Sequence[dict], json_key: str = "model_respon
                           url: str = DEFAULT_URL, *, style: str = "alpaca", progress: bool = True,
                           **query_kw: Any) -> dict[str, Any]:
     """The book's generate_model_scores: one judge score per record, `int(reply)`; replies that are not an
-    integer are counted and skipped. Returns scores, their mean, and the unparsable replies."""
+    integer, or an integer outside 0-100, are counted and left out of the mean. Returns scores, their mean,
+    and the replies left out."""
 
     missing = [i for i, e in enumerate(entries) if json_key not in e or "output" not in e]
     if missing:
         raise ValueError(f"records {missing[:5]} lack '{json_key}' or 'output'; pass the responses JSON written by "
                          f"`gptjax respond` (or --key with the field holding the responses)")
-    scores, unparsable = [], []
+    scores, unparsable, out_of_range = [], [], []
     for i, entry in enumerate(tqdm(entries, desc="Scoring entries", disable=not progress)):
         reply = query_model(judge_prompt(entry, json_key, style), model, url, **query_kw)
         try:
-            scores.append(int(reply))
+            score = int(reply)
         except ValueError:
             unparsable.append({"index": i, "reply": reply})
+            continue
+        if 0 <= score <= 100:
+            scores.append(score)
+        else:
+            out_of_range.append({"index": i, "reply": reply})
     mean = sum(scores) / len(scores) if scores else float("nan")
     return {"scores": scores, "mean": mean, "n_scored": len(scores), "n_unparsable": len(unparsable),
-            "unparsable": unparsable, "judge": model, "url": chat_url(url)}
+            "unparsable": unparsable, "n_out_of_range": len(out_of_range), "out_of_range": out_of_range,
+            "judge": model, "url": chat_url(url)}
 
 
 # --- offline overlap scores ------------------------------------------------------------------------

@@ -84,15 +84,17 @@ def init_state(steps: Steps, cfg: GPTConfig, seed: int, params: Any = None, opts
                             train_key)
 
 
+@runs.run_task
 def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, tokenizer, out_dir: str | Path,
-             params: Any = None, progress: bool = True, *, resume: bool = False, overwrite: bool = False,
+             params: Any = None, progress: bool = True, *, resume: bool | int = False, overwrite: bool = False,
              run_info: dict | None = None, stop_after: int | None = None, sharding: str = "none",
              fsdp: int | None = None, opts: Options | None = None) -> dict:
     """The book's train loop (appendix D's with a warmup/cosine/clip OptimConfig) on the engine.
 
     Writes config.json, checkpoints/, metrics.jsonl, steps.jsonl, then params/, samples.json and
     loss.png at the end. `params` starts from given weights (else a fresh init from the seed);
-    `resume` continues the run in `out_dir` from its latest checkpoint exactly; `overwrite` drops an
+    `resume` continues the run in `out_dir` exactly from its newest intact checkpoint (an int: from that
+    step); `overwrite` drops an
     earlier run's checkpoints there; `run_info` is stored in config.json (the CLI keeps its data
     settings there); `stop_after` stops as if interrupted once that many steps are done. `sharding`
     "dp" / "fsdp" trains over every device (`fsdp` sets that axis's size). Raises
@@ -121,6 +123,9 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
           f"val {len(val_batches)} batches; {tcfg.epochs * n_batches} steps")
     start_ids = (np.asarray([tokenizer.encode(tcfg.start_context, allowed_special={"<|endoftext|>"})], np.int32)
                  if tcfg.sample_tokens else None)  # no sample, no tokenizer needed
+    if start_ids is not None and start_ids.size == 0:
+        raise ValueError(f"the sample prompt {tcfg.start_context!r} is empty after tokenization; give "
+                         f"--start-context some text (or sample_tokens=0 for no samples)")
 
     def evaluate(params, step: int) -> dict:
         epoch = step // n_batches
@@ -174,7 +179,7 @@ def run_settings(out_dir: str | Path) -> tuple[GPTConfig, PretrainConfig, dict, 
 def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | None = None,
                     tcfg: PretrainConfig | None = None, *, optim_for: Callable[[int], OptimConfig] | None = None,
                     stride: int | None = None, train_ratio: float = 0.9, bpe_dir: str | None = None,
-                    resume: bool = False, opts: Options | None = None, **kw) -> dict:
+                    resume: bool | int = False, opts: Options | None = None, **kw) -> dict:
     """`gptjax pretrain` as one call: corpus -> GPT-2 tokens -> the book's windows -> `pretrain`.
 
     `corpus`: a path, URL, `hf:NAME` or None (the default corpus, see data.load_corpus). `optim_for(n)`
