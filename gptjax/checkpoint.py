@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptjax import runs
+from gptjax.runtime import release_free_memory
 from gptjax.config import GPTConfig
 from gptjax.gpt2_weights import load_gpt2
 from gptjax.model import abstract_params, init_params
@@ -253,6 +254,8 @@ class TrainCheckpoints:
         self._empty_trash()  # the steps the last save retired: retention holds during the run, not only at its end
         if step in self._mgr.all_steps():
             return self.step_dir(step)
+        if not self.async_save:
+            release_free_memory()  # the last step's temporaries (finished: the check above waited for it)
         try:
             self._pending = step
             with contextlib.nullcontext() if self.async_save else _numpy_written_in_place():
@@ -263,6 +266,7 @@ class TrainCheckpoints:
             raise self._save_error(e, step) from e
         if not self.async_save:
             self._empty_trash()
+            release_free_memory()  # what the write's buffers held goes back before training goes on
         return self.step_dir(step)
 
     def check(self) -> None:

@@ -34,6 +34,7 @@ from gptjax.checkpoint import (CHECKPOINTS_DIR, CheckpointSaveError, GracefulSto
                                TrainingInterrupted)
 from gptjax.layout import map_param_trees
 from gptjax.optim import OptimConfig, global_norm, make_optimizer
+from gptjax.runtime import release_free_memory
 
 IGNORE_INDEX = -100
 
@@ -468,6 +469,7 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
             log.flush(loop.diverged)
             bar.close()
             ckpts.wait()
+            release_free_memory()  # the step's temporaries, before the task's final saves
     except BaseException:
         try:
             ckpts.close()  # a pending save still completes, so "the last good checkpoint" is really on disk

@@ -6,6 +6,9 @@ before their first JAX computation (XLA reads its flags once, when the backend s
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -83,3 +86,19 @@ def setup(compilation_cache: bool = True, cpu_flags: bool = True) -> dict:
     added = set_cpu_flags() if cpu_flags else []
     cache = enable_compilation_cache() if compilation_cache else None
     return {"xla_flags_added": added, "compilation_cache_dir": None if cache is None else str(cache)}
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the memory the allocator holds free back to the OS (glibc's malloc_trim; elsewhere nothing):
+    after a phase that freed large buffers, so the next one does not stack its peak on top of them."""
+    if (libc := _libc()) is not None:
+        libc.malloc_trim(0)
