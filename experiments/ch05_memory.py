@@ -116,7 +116,7 @@ def main() -> None:
         sys.exit(code)
 
     gb = 1e9
-    lines = [f"# Peak RSS of `gptjax {' '.join(argv[3:])}` by phase{args.tag and ' (' + args.tag + ')'}", "",
+    lines = [f"# Peak RSS and seconds of `gptjax pretrain {' '.join(argv[3:])}` by phase{args.tag and ' (' + args.tag + ')'}", "",
              f"Whole run {wall:.1f} s; peak RSS {sampler.overall / gb:.2f} GB.", "",
              "| phase | calls | seconds | RSS at entry (GB) | peak inside (GB) | RSS after (GB) |",
              "|---|---:|---:|---:|---:|---:|"]

@@ -220,7 +220,8 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, jax {jax.__version__}"
     md = "\n".join([f"# Chapter 5 on a laptop: the book's PyTorch script vs `gptjax pretrain`{args.tag and ' (' + args.tag + ')'}",
                     "", f"{args.epochs} epochs on the-verdict, 124M, context 256, batch 2, lr 5e-4, eval every 5 "
-                    f"steps on 1 batch; one child process per row, one after the other; {machine}; "
+                    f"steps on 1 batch (the defaults row: `gptjax pretrain`'s own, lr 4e-4, eval on 5 batches); "
+                    f"one child process per row, one after the other; {machine}; "
                     f"{time.strftime('%Y-%m-%d %H:%M')}.", "", table(rows, book), "",
                     "Wall: the child's whole life (start-up, compile, steps, evaluations, samples, checkpoints, "
                     "plot). Peak RSS: the child's own maximum resident set (`os.wait4`). Disk left: what the "

@@ -224,6 +224,10 @@ class TrainCheckpoints:
             # best_fn also makes Orbax write the metrics, so best survives a restart
             best_fn=_val_loss if keep_best else None, best_mode="min")
         self._pending: int | None = None
+        if not read_only and self.directory.is_dir():  # what a kill left half-written, gone before this returns
+            for child in self.directory.iterdir():
+                if ".orbax-checkpoint-tmp" in child.name:
+                    shutil.rmtree(child, ignore_errors=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
         self._empty_trash()
 

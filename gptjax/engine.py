@@ -400,6 +400,24 @@ class _Loop:
         return path
 
 
+def _starting_state(steps: Steps, state: TrainState, ckpts: TrainCheckpoints, resume: bool | int,
+                    expect: dict) -> tuple[TrainState, dict | None]:
+    """(state, the checkpoint's meta) a run starts from: `state` for a fresh run (an earlier run's checkpoints
+    dropped), else the newest checkpoint that reads back, or the one of step `resume` (an int)."""
+    if not resume:
+        if ckpts.latest_step() is not None:
+            ckpts.delete_all()
+        return state, None
+    if isinstance(resume, bool):
+        params, rest, saved = ckpts.restore_newest_intact(*steps.saved_target(), expect=expect)
+    else:
+        params, rest, saved = ckpts.restore(*steps.saved_target(), step=resume, expect=expect)
+    state = steps.restored(params, rest)
+    ckpts.delete_after(int(state.step))  # newer ones (damaged, or of the timeline left) would be kept
+    print(f"resuming from {ckpts.describe(int(state.step))}")
+    return state, saved
+
+
 def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_dir: str | Path, hooks: Hooks, *,
         meta: dict, resume: bool | int = False, progress: bool = True, stop_after: int | None = None,
         desc: str = "train", resume_hint: str = "the same command plus --resume") -> dict:
@@ -426,17 +444,7 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
     ckpts = TrainCheckpoints(out_dir / CHECKPOINTS_DIR, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
     log = None
     try:
-        saved = None
-        if resume:
-            if isinstance(resume, bool):  # the newest checkpoint that reads back
-                params, rest, saved = ckpts.restore_newest_intact(*steps.saved_target(), expect=expect)
-            else:  # a step number: that checkpoint
-                params, rest, saved = ckpts.restore(*steps.saved_target(), step=resume, expect=expect)
-            state = steps.restored(params, rest)
-            ckpts.delete_after(int(state.step))  # newer ones (damaged, or of the timeline left) would be kept
-            print(f"resuming from {ckpts.describe(int(state.step))}")
-        elif ckpts.latest_step() is not None:
-            ckpts.delete_all()
+        state, saved = _starting_state(steps, state, ckpts, resume, expect)
         done = int(state.step)
         log = _Log(out_dir, done, resume, saved)
         loop = _Loop(steps, tcfg, hooks, ckpts, log, expect, n_batches, saved)
