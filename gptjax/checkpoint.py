@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -116,13 +117,15 @@ def all_finite(tree) -> bool:
 def _numpy_written_in_place():
     """Orbax deep-copies the numpy arrays it saves, as they could change during a background save; a
     synchronous save (of views of the training state, `engine.Steps.saved(host=True)`) needs no copy."""
-    handlers = ocp.type_handlers
-    before = handlers.get_type_handler(np.ndarray)
-    handlers.register_type_handler(np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
+    handlers, absl_log = ocp.type_handlers, logging.getLogger("absl")
+    before, level = handlers.get_type_handler(np.ndarray), absl_log.level
+    absl_log.setLevel(logging.ERROR)  # Orbax warns at every override of a handler
     try:
+        handlers.register_type_handler(np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
         yield
     finally:
         handlers.register_type_handler(np.ndarray, before, override=True)
+        absl_log.setLevel(level)
 
 
 class GracefulStop:
