@@ -428,7 +428,8 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
     out_dir/checkpoints, the params and the rest of `state` apart) at the end, when stopped, and on
     the cadence of TrainConfig.save_every / save_minutes.
     `resume` continues exactly from the newest checkpoint that reads back (or, an int, from that
-    step; the newer ones are deleted): `meta` (the task, the model, the train settings) must match. SIGINT/SIGTERM (or `stop_after` steps) save and raise TrainingInterrupted;
+    step; the newer ones are deleted): `meta` (the task, the model, the train settings) must match.
+    SIGINT/SIGTERM (or `stop_after` steps) save and raise TrainingInterrupted;
     a non-finite loss raises FloatingPointError (nothing non-finite is saved).
     """
     out_dir = Path(out_dir)
