@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import monitoring as jax_monitoring  # its unregister functions: not public in every version
 
+from gptjax import runs
 from gptjax.bench_torch import (Timed, torch_device, torch_generate_model, torch_runners, torch_train_apart,
                                 torch_train_probe, torch_version)
 from gptjax.config import GPTConfig, get_config
@@ -408,8 +409,8 @@ def run(bc: BenchConfig, out: str | Path | None = None, log: Callable[[str], Non
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-        out.with_suffix(".md").write_text(table + "\n")
+        runs.write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=1, default=str))
+        runs.write_text_atomic(out.with_suffix(".md"), table + "\n")
         plot(result, out.with_suffix(".png"))
         log(f"wrote {out.with_suffix('.json')}, .md and .png")
     return result
@@ -512,7 +513,7 @@ def plot(result: dict, path: str | Path) -> None:
         ax.set_xlabel("tokens/s")
         ax.set_title(f"{part} ({result['device']['device_kind']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    runs.write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:], dpi=110))
     plt.close(fig)
 
 

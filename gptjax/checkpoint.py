@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import math
 import os
@@ -413,9 +412,12 @@ def _val_loss(metrics: dict) -> float:
 
 # ------------------------------------------------------------------------------------------- run dirs
 
-def begin_run(out_dir: str | Path, header: dict, *, resume: bool) -> Path:
+def begin_run(out_dir: str | Path, header: dict, *, resume: bool | int) -> Path:
     """A starting run's directory: created and checked writable; unless resuming, its config.json
-    (`header` plus "status": "running", which `save_run` turns into "finished")."""
+    (`header` plus "status": "running", which `save_run` turns into "finished"). A resume first checks
+    that the data and base model `header` records are those the run started with."""
+    if resume:
+        runs.check_resume_inputs(out_dir, header)
     out_dir = runs.prepare_out_dir(out_dir)
     if not resume:
         runs.write_json_atomic(out_dir / CONFIG_FILE, {**header, "status": "running"})
@@ -450,10 +452,10 @@ def load_run_config(run_dir: str | Path) -> tuple[GPTConfig, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a gptjax run directory (no {CONFIG_FILE}); "
                                 f"pass the --out directory of a `gptjax pretrain` run")
+    meta = runs.read_json_object(path, 'it should hold the run\'s settings, the model\'s under "model"')
     try:
-        meta = json.loads(path.read_text())
         return GPTConfig.from_dict(meta["model"]), meta
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise CheckpointCorruptError(f"{path} is damaged ({_short(e)}); it should hold the run's model settings "
                                      f"under \"model\"") from None
 
@@ -514,7 +516,9 @@ class Model(NamedTuple):
 def load_model(spec: str | Path, dtype: str | None = None) -> Model:
     """Any model a command accepts: a run directory, a GPT-2 size (downloaded), or a GPT-2 safetensors path."""
     path = Path(spec)
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and '"model"' in (path / CONFIG_FILE).read_text():
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and "model" in runs.read_json_object(
+            path / CONFIG_FILE, "a gptjax run's config.json holds its settings: restore it; in a Hugging Face "
+                                "GPT-2 directory it may be deleted (sizes are then read from model.safetensors)"):
         return Model(*load_run(path, dtype=dtype))
     return Model(*load_gpt2(str(spec), dtype=dtype or "float32"))
 

@@ -402,12 +402,15 @@ def trim_at_eos(ids: np.ndarray, eos_id: int | None) -> list[int]:
     return ids
 
 
-def load_for_decoding(spec: str | os.PathLike, weight_dtype: str | None = None) -> tuple[Any, GPTConfig, Options]:
+def load_for_decoding(spec: str | os.PathLike, weight_dtype: str | None = None, *, attn_impl: str = "auto",
+                      linear_layout: str | None = None, matvec: str | None = None) -> tuple[Any, GPTConfig, Options]:
     """(params, cfg, opts): `checkpoint.load_model(spec)` laid out for decoding (`decoding_model`: on CPU
-    (out, in) kernels and the C++ matvec kernel), the weights in `weight_dtype` (`decoding_weights`)."""
+    (out, in) kernels and the C++ matvec kernel, unless `linear_layout` / `matvec` say otherwise), the weights
+    in `weight_dtype` (`decoding_weights`)."""
     # bfloat16 is cast as it loads (half the memory); int8 is quantized from float32
     params, cfg = load_model(spec, dtype=None if weight_dtype == "int8" else weight_dtype)
-    params, opts = decoding_model(params, cfg)
+    params, opts = decoding_model(params, cfg, Options(attn_impl=attn_impl), linear_layout=linear_layout,
+                                  matvec=matvec)
     params, opts = decoding_weights(params, cfg, opts, weight_dtype)
     return params, cfg, opts
 

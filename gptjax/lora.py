@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from gptjax import runs
+
 # Dense layers whose kernel is fused from several of the book's Linear layers: split count per name.
 _SPLITS = {"c_attn": 3}
 
@@ -152,11 +154,7 @@ def save_adapters(path: str | os.PathLike, lora: Any, lcfg: LoRAConfig, extra_pa
             **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return runs.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), mode=0o644)
 
 
 def load_adapters(path: str | os.PathLike) -> tuple[dict, dict, LoRAConfig, dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -70,9 +71,11 @@ def release_run_dir(out_dir: str | Path) -> None:
         os.close(fd)
 
 
-def check_output(out: str | Path, inputs: Sequence[str | Path | None], *, directory: bool = False) -> Path:
+def check_output(out: str | Path, inputs: Sequence[str | Path | None], *, directory: bool = False,
+                 overwrite: bool = False) -> Path:
     """`out` unless it is one of the command's `inputs` (or, for a `directory` output that replaces what
-    it holds, one inside the other): then one clear error, before anything is written."""
+    it holds, one inside the other), or an existing file (a file output) and not `overwrite`: then one clear
+    error, before anything is written."""
     target = Path(out).resolve()
     for source in inputs:
         if source is None:
@@ -80,6 +83,9 @@ def check_output(out: str | Path, inputs: Sequence[str | Path | None], *, direct
         s = Path(source).resolve()
         if target == s or (directory and (s in target.parents or target in s.parents)):
             raise ValueError(f"--out {str(out)!r} would overwrite the input {str(source)!r}; choose another --out")
+    if target.is_file() and not (overwrite or directory):
+        raise FileExistsError(f"--out {str(out)!r} already exists; pass --overwrite to replace it, or choose "
+                              f"another --out")
     return Path(out)
 
 
@@ -139,30 +145,86 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write next to `path` and rename it over: a crash never leaves a half-written file."""
+def write_atomic(path: str | Path, write: Callable[[Path], Any], mode: int | None = None) -> Path:
+    """`write(tmp)` next to `path`, then rename it over: a kill never leaves `path` half-written, and a
+    failing write leaves nothing behind. `mode`: the file's permissions (safetensors writes 0o600)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json_atomic(path: str | Path, obj: Any, indent: int = 1) -> None:
     write_text_atomic(path, json.dumps(obj, indent=indent))
 
 
+def read_json_object(path: str | Path, fix: str) -> dict:
+    """The JSON object in `path`; an empty, non-JSON or non-object file is one error naming it and `fix`."""
+    text = Path(path).read_text(errors="replace")
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        obj = e
+    if not isinstance(obj, dict):
+        why = ("it is empty" if not text.strip() else f"not JSON: {obj}" if isinstance(obj, ValueError)
+               else f"a JSON {type(obj).__name__}, not an object")
+        raise ValueError(f"{path} is damaged ({why}); {fix}")
+    return obj
+
+
+def data_sha256(data: Any) -> str:
+    """sha256 of `data` (records, texts, labels) as canonical JSON: what a resume checks it trains on again."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_resume_inputs(out_dir: str | Path, header: dict[str, Any]) -> None:
+    """A resume trains on what the run started with: the data_sha256 and base_model that the sections of `header`
+    (the config.json a new run would write) hold must be those the run's config.json recorded."""
+    path = Path(out_dir) / "config.json"
+    if not path.is_file():  # no run there: the resume's own error says so
+        return
+    saved, changed = read_json_object(path, "it should hold the run's settings"), []
+    for section, now in header.items():
+        was = saved.get(section)
+        if not (isinstance(now, dict) and isinstance(was, dict)):
+            continue
+        a, b = now.get("data_sha256"), was.get("data_sha256")
+        if a and b and a != b:
+            changed.append(f"the data differs from what it was trained on (sha256 {a[:12]}... vs {b[:12]}...)")
+        a, b = now.get("base_model"), was.get("base_model")
+        if a and b and a != b and not (Path(a).exists() and Path(a).resolve() == Path(b).resolve()):
+            changed.append(f"the base model is {a!r} but it was trained from {b!r}")
+    if changed:
+        raise ValueError(f"cannot resume {str(out_dir)!r}: {'; '.join(changed)}. Resume with the original data and "
+                         f"base model (--data, --model), or start a new run with another --out (or --overwrite)")
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file; a last line that a kill cut short is left out."""
     path = Path(path)
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    try:
+        return [json.loads(ln) for ln in lines]
+    except ValueError:
+        return [json.loads(ln) for ln in lines[:-1]]  # damage elsewhere is no kill's: it raises
 
 
 def truncate_jsonl(path: str | Path, steps_done: int) -> None:
     """Drop the records of steps after a checkpoint (a resume writes them again), atomically."""
     path = Path(path)
     if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", -1) < steps_done]
-        write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+        keep = [r for r in read_jsonl(path) if r.get("step", -1) < steps_done]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def plot_curves(x: Sequence[float], curves: dict[str, Sequence[float]], path: str | Path, *, xlabel: str = "Steps",
@@ -186,7 +248,7 @@ def plot_curves(x: Sequence[float], curves: dict[str, Sequence[float]], path: st
     if title:
         ax1.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:], dpi=100))
     plt.close(fig)
 
 

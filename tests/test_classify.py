@@ -291,3 +291,26 @@ def test_cli_offline_default_data_says_what_to_do(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "sms+spam+collection.zip" in err and "--data PATH" in err
     assert main(["classify", "--run", str(tmp_path / "nope"), "hi"]) == 2
+
+
+def test_a_resume_refuses_other_data_and_can_start_from_an_older_step(tmp_path, tiny_tsv, tiny_lm, tok, capsys):
+    from gptjax.checkpoint import load_run_config
+    from gptjax.tasks.classify import finetune_classifier
+    from gptjax.tasks.classify_data import LabeledTexts
+
+    data = load_labeled_texts(tiny_tsv)
+    tcfg = ClassifierTrainConfig(epochs=1, batch_size=8, eval_freq=2, eval_iter=1, save_every=2, keep_checkpoints=3,
+                                 optim=OptimConfig(lr=1e-3))
+    kw = dict(tcfg=tcfg, progress=False, base_model="pretrained")
+    run = tmp_path / "run"
+    full = finetune_classifier(*tiny_lm, data, tok, run, **kw)
+    assert load_run_config(run)[1]["classify"]["base_model"] == "pretrained"
+    relabeled = LabeledTexts(data.texts, 1 - data.labels_N, data.label_names)  # the same texts, labels swapped
+    with pytest.raises(ValueError, match=r"cannot resume .*: the data differs from what it was trained on"):
+        finetune_classifier(*tiny_lm, relabeled, tok, run, resume=True, **kw)
+    capsys.readouterr()
+    again = finetune_classifier(*tiny_lm, data, tok, run, resume=2, **kw)
+    assert "(after 2 steps)" in capsys.readouterr().out
+    assert again["steps"] == full["steps"] == 5 and again["results"] == full["results"]
+    assert again["history"]["val_loss"] == full["history"]["val_loss"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again["params"], full["params"])

@@ -30,6 +30,12 @@ def test_pretrain_then_generate(tmp_path, corpus, capsys):
     assert main(["generate", "--model", str(run), "--prompt", "It had", "--max-new-tokens", "5", "--top-k", "5",
                  "--temperature", "1.0", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("It had")
+    # the decoding execution options change how it runs, not what it says
+    greedy = ["generate", "--model", str(run), "--prompt", "It had", "--max-new-tokens", "6", "--no-eos"]
+    assert main(greedy) == 0
+    default = capsys.readouterr().out
+    assert main([*greedy, "--linear-layout", "in_out", "--matvec", "xla", "--attn-impl", "einsum"]) == 0
+    assert capsys.readouterr().out == default
     # bfloat16 weights (on CPU: read by the matvec kernel, float32 compute)
     assert main(["generate", "--model", str(run), "--prompt", "It had", "--max-new-tokens", "8", "--weight-dtype",
                  "bfloat16", "--no-eos"]) == 0
@@ -151,3 +157,67 @@ def test_counts_that_must_be_positive_are_refused_where_they_enter(argv, flag, v
         main(argv)
     assert info.value.code == 2
     assert f"argument {flag}: must be a positive integer, got {value!r}" in capsys.readouterr().err
+
+
+def test_every_flag_has_help_and_there_is_a_version(capsys):
+    import argparse
+
+    from gptjax import __version__
+    from gptjax.parsers import PARSERS
+
+    build_parser()
+    for command, parser in PARSERS.items():
+        for action in parser._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (command, action.option_strings)
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"gptjax {__version__} (jax ")
+
+
+def test_one_vocabulary_across_commands():
+    from gptjax import cli
+    from gptjax.options import Options
+
+    parser = build_parser()
+    # --model picks the model wherever a command reads one; the older names still work
+    for command in ("classify", "respond"):
+        assert parser.parse_args([command, "--run", "r"]).model == parser.parse_args([command, "--model", "r"]).model
+    assert parser.parse_args(["judge", "--data", "d", "--run", "r"]).model == "r"
+    old = parser.parse_args(["pretrain", "--corpus", "c.txt", "--train-ratio", "0.8", "--async-checkpoints"])
+    new = parser.parse_args(["pretrain", "--data", "c.txt", "--train-frac", "0.8", "--async-checkpoint"])
+    assert vars(old) == vars(new)
+    # every training command takes the same execution options, optimizer, run and device flags
+    common = ["--scan-layers", "--remat", "dots", "--vocab-multiple", "64", "--linear-layout", "in_out",
+              "--warmup-steps", "3", "--grad-accum", "2", "--clip-norm", "1.0", "--keep-checkpoints", "3",
+              "--resume", "R", "--step", "4", "--sharding", "dp"]
+    for command in ("pretrain", "finetune-classifier", "finetune-instruct", "dpo"):
+        args = parser.parse_args([command, "--model", "random"][:1 if command == "pretrain" else 3] + common)
+        assert cli._options(args).replace(grad_barrier=False) == Options(scan_layers=True, remat="dots",
+                                                                          vocab_multiple=64), command
+        assert (args.warmup_steps, args.grad_accum, args.clip_norm, args.keep_checkpoints) == (3, 2, 1.0, 3)
+        assert cli._resume(args) == ("R", 4) and args.sharding == "dp"
+    assert cli._resume(parser.parse_args(["dpo", "--model", "m", "--resume", "--out", "o"])) == ("o", True)
+
+
+def test_config_file_replays_a_run_and_the_command_line_wins(tmp_path, corpus, capsys):
+    first = tmp_path / "first"
+    assert main(["pretrain", "--data", str(corpus), "--epochs", "1", "--out", str(first), *TINY]) == 0
+    saved = (first / "command.toml").read_text()
+    assert 'command = "pretrain"' in saved and "emb_dim = 32" in saved and "resume" not in saved
+    again = tmp_path / "again"
+    assert main(["pretrain", "--config", str(first / "command.toml"), "--out", str(again)]) == 0
+    losses = [[r["loss"] for r in map(json.loads, (run / "steps.jsonl").read_text().splitlines())]
+              for run in (first, again)]
+    assert losses[0] == losses[1] and len(losses[0]) > 2  # bitwise: the same run
+    capsys.readouterr()
+    bad = tmp_path / "bad.toml"
+    for text, message in [("epochz = 3", "'epochz' is not a flag of this command"),
+                          ('command = "dpo"', "holds the flags of `gptjax dpo`, not of `gptjax pretrain`"),
+                          ("epochs = [", "is not a TOML file")]:
+        bad.write_text(text)
+        assert main(["pretrain", "--config", str(bad)]) == 2
+        assert message in capsys.readouterr().err
+    bad.write_text('epochs = "many"')
+    with pytest.raises(SystemExit):  # argparse checks a file's values as it checks typed ones
+        main(["pretrain", "--config", str(bad)])
+    assert "--epochs: invalid int value: 'many'" in capsys.readouterr().err

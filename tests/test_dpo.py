@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptjax import runs
 from gptjax.checkpoint import load_run_config
 from gptjax.model import init_params
 from gptjax.tasks.dpo import (DPOTrainConfig, PreferenceBatches, collate_preferences, dpo_loss, encode_preferences,
@@ -107,3 +108,24 @@ def test_preference_batches_fill_and_data_errors(tmp_path):
         load_preference_data(str(path))
     with pytest.raises(ValueError, match="beta must be a positive number"):
         DPOTrainConfig(beta=0.0)
+
+
+def test_a_resume_refuses_other_data_and_can_start_from_an_older_step(tmp_path, capsys):
+    tok, cfg = CharTokenizer(), char_cfg()
+    params = init_params(cfg, jax.random.key(0))
+    splits = {"train": PREFS * 2, "val": PREFS[:2], "test": []}
+    tcfg = DPOTrainConfig(epochs=2, batch_size=4, eval_freq=2, eval_iter=1, save_every=1, keep_checkpoints=4,
+                          sample_tokens=0, optim=OptimConfig(lr=3e-3, weight_decay=0.01))  # the test above's steps
+    kw = dict(tcfg=tcfg, pad_token_id=EOT, progress=False, respond=False, base_model="sft-run")
+    run = tmp_path / "dpo"
+    full = finetune_dpo(params, cfg, splits, tok, run, **kw)
+    assert load_run_config(run)[1]["dpo"]["data_sha256"] == runs.data_sha256(splits)
+    swapped = {**splits, "train": [{**e, "chosen": e["rejected"], "rejected": e["chosen"]} for e in PREFS * 2]}
+    with pytest.raises(ValueError, match=r"cannot resume .*: the data differs from what it was trained on"):
+        finetune_dpo(params, cfg, swapped, tok, run, resume=True, **kw)
+    capsys.readouterr()
+    again = finetune_dpo(params, cfg, splits, tok, run, resume=1, **kw)
+    assert "(after 1 steps)" in capsys.readouterr().out
+    assert again["steps"] == full["steps"] == 4 and again["history"] == full["history"]
+    for a, b in zip(jax.tree_util.tree_leaves(again["params"]), jax.tree_util.tree_leaves(full["params"])):
+        np.testing.assert_array_equal(a, b)

@@ -225,3 +225,26 @@ def test_resume_bad_input(tmp_path, corpus, capsys):
     blocker.write_text("")
     assert main(["pretrain", "--corpus", str(corpus), "--out", str(blocker / "run"), "--epochs", "1", *TINY]) == 2
     assert "cannot write to output directory" in capsys.readouterr().err
+
+
+def test_after_a_sigkill_and_a_resume_only_the_kept_checkpoints_remain(tmp_path, corpus):
+    """A run that saves every step, killed with SIGKILL (nothing can clean up) after several checkpoints, then
+    resumed: at most --keep-checkpoints 2 plus the best are left, and nothing waits in the trash or half-written."""
+    run, ck = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    args = ["--corpus", str(corpus), "--epochs", "1", "--save-every", "1", "--keep-checkpoints", "2", *TINY]
+    p = subprocess.Popen([sys.executable, "-m", "gptjax.cli", "pretrain", "--out", str(run), *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    t0 = time.time()
+    try:
+        while not (ck.is_dir() and any(d.name.isdigit() and int(d.name) >= 4 for d in ck.iterdir())):
+            assert p.poll() is None, p.stderr.read()
+            assert time.time() - t0 < 300, "no fourth checkpoint in 5 minutes"
+            time.sleep(0.01)
+    finally:
+        p.kill()  # SIGKILL
+        p.wait()
+    assert main(["pretrain", "--resume", str(run), "--quiet"]) == 0
+    steps = TrainCheckpoints(ck, read_only=True).steps()
+    assert steps[-1] == 12 and len(steps) <= 3, steps
+    assert sorted(d.name for d in ck.iterdir() if not d.name.isdigit()) in ([], ["trash"]), list(ck.iterdir())
+    assert not (ck / "trash").is_dir() or not any((ck / "trash").iterdir())

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptjax import runs
 from gptjax.checkpoint import RunExistsError, TrainCheckpoints, TrainingInterrupted, load_run, load_run_config
 from gptjax.config import GPTConfig
 from gptjax.lora import LoRAConfig, load_adapters
@@ -207,6 +208,35 @@ def test_resume_continues_exactly(tmp_path):
     assert steps == list(range(8))
 
 
+def test_a_resume_checks_its_data_and_base_model_and_can_start_from_an_older_step(tmp_path, capsys):
+    tok, cfg = CharTokenizer(), char_cfg()
+    splits = {"train": RECORDS * 2, "val": RECORDS[:2], "test": []}
+    tcfg = InstructTrainConfig(epochs=1, batch_size=2, eval_freq=2, eval_iter=1, save_every=2, keep_checkpoints=2,
+                               sample_tokens=0, optim=OptimConfig(lr=1e-3))
+    kw = dict(tcfg=tcfg, pad_token_id=EOT, progress=False, respond=False, base_model="random")
+    params = init_params(cfg, jax.random.key(0))
+    run = tmp_path / "run"
+    full = finetune_instruct(params, cfg, splits, tok, run, **kw)
+    recorded = load_run_config(run)[1]["instruct"]
+    assert recorded["data_sha256"] == runs.data_sha256(splits) and recorded["base_model"] == "random"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    edited = {**splits, "train": [{**RECORDS[0], "output": "Lyon."}] + RECORDS[1:] + RECORDS}
+    with pytest.raises(ValueError, match=rf"^cannot resume '{run}': the data differs from what it was trained on "
+                                         r"\(sha256 [0-9a-f]{12}\.\.\. vs [0-9a-f]{12}\.\.\.\)\. Resume with the "
+                                         r"original data and base model \(--data, --model\), or start a new run"):
+        finetune_instruct(params, cfg, edited, tok, run, resume=True, **kw)
+    with pytest.raises(ValueError, match="the base model is 'gpt2-small' but it was trained from 'random'"):
+        finetune_instruct(params, cfg, splits, tok, run, resume=True, **{**kw, "base_model": "gpt2-small"})
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # refused before touching it
+    capsys.readouterr()
+    again = finetune_instruct(params, cfg, splits, tok, run, resume=2, **kw)  # an older step of the finished run
+    assert f"resuming from {run / 'checkpoints' / '2'} (after 2 steps)" in capsys.readouterr().out
+    assert again["steps"] == full["steps"] == 4 and again["history"]["val_loss"] == full["history"]["val_loss"]
+    for a, b in zip(jax.tree_util.tree_leaves(again["params"]), jax.tree_util.tree_leaves(full["params"])):
+        np.testing.assert_array_equal(a, b)
+    assert [json.loads(ln)["step"] for ln in (run / "steps.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+
+
 def test_checkpoints_hold_canonical_params_and_resume_exactly_in_another_layout(tmp_path):
     """Trained with (out, in) kernels: the checkpoints and params/ hold (in, out) ones, and a resume
     converts them (and AdamW's moments) back and continues as the uninterrupted run."""
@@ -307,6 +337,14 @@ def test_cli_finetune_respond_judge_dpo_chat(tmp_path, capsys, monkeypatch):
     assert json.loads((run / "config.json").read_text())["options"]["linear_layout"] == "out_in"
     params, cfg = load_run(run)
     assert params["h_0"]["mlp"]["c_fc"]["kernel"].shape == (cfg.emb_dim, 4 * cfg.emb_dim)  # (in, out)
+    # a resume takes the base model, its architecture and the data the run recorded; other data is refused
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads(data.read_text())[::-1]))
+    assert main(["finetune-instruct", "--resume", str(run), "--data", str(other), "--quiet"]) == 2
+    assert "the data differs from what it was trained on" in capsys.readouterr().err
+    assert main(["finetune-instruct", "--resume", str(run), "--step", "4", "--no-respond"]) == 0  # RUN/command.toml
+    assert load_run(run)[1] == cfg
+    capsys.readouterr()
     assert main(["finetune-instruct", *tiny, "--lora-rank", "2", "--linear-layout", "out_in",
                  "--out", str(tmp_path / "x")]) == 2
     assert "LoRA adapters train on (in, out) kernels; drop --linear-layout out_in" in capsys.readouterr().err

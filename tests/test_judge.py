@@ -25,7 +25,7 @@ class FakeOllama(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeOllama.requests.append((self.path, body))
-        if self.path != "/api/chat" or body["model"] != "llama3":
+        if self.path not in ("/api/chat", "/v1/chat/completions") or body["model"] != "llama3":
             self.send_response(404)
             self.end_headers()
             self.wfile.write(json.dumps({"error": f"model '{body['model']}' not found"}).encode())
@@ -33,6 +33,14 @@ class FakeOllama(BaseHTTPRequestHandler):
         prompt = body["messages"][0]["content"]
         reply = "85" if "bullet" in prompt else "100" if "`Rome.`" in prompt else \
             "150" if "`Too high.`" in prompt else "-20" if "`Too low.`" in prompt else "I cannot score this."
+        if self.path == "/v1/chat/completions":  # an OpenAI-compatible server (vLLM, llama.cpp, Ollama): one object
+            answer = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
+                                                                                          "content": reply}}]}
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(answer).encode())
+            return
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.end_headers()
@@ -121,5 +129,15 @@ def test_cli_judge(tmp_path, server, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["judge", "--data", str(data), "--url", f"http://127.0.0.1:{port}", "--quiet"]) == 2
+    assert main(["judge", "--data", str(data), "--url", f"http://127.0.0.1:{port}", "--quiet", "--overwrite"]) == 2
     assert "no judge answers" in capsys.readouterr().err
+
+
+def test_the_judge_speaks_the_openai_protocol_too(server):
+    assert chat_url("http://h:8000/v1") == "http://h:8000/v1/chat/completions" == chat_url("http://h:8000/v1/chat/completions")
+    scores = generate_model_scores(ENTRIES, url=server + "/v1", progress=False)
+    assert scores["scores"] == [85, 100] and scores["n_unparsable"] == 1
+    path, body = FakeOllama.requests[-1]
+    assert path == "/v1/chat/completions" and body["stream"] is False and body["temperature"] == 0.0
+    with pytest.raises(JudgeUnavailableError, match=r"answered HTTP 404: model 'llama9' not found; check the model"):
+        query_model("x", model="llama9", url=server + "/v1")

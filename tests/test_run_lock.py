@@ -47,7 +47,7 @@ def wait_for_lock(run, proc, timeout=120.0):
 @pytest.mark.slow
 def test_a_second_run_is_refused_while_the_first_lives_and_can_start_once_it_is_killed(tmp_path, corpus, capsys):
     first = tmp_path / "run"
-    proc = start(first, corpus, "--epochs", "6", "--eval-freq", "1")
+    proc = start(first, corpus, "--epochs", "3", "--eval-freq", "4")
     wait_for_lock(first, proc)
     before = files(first)
     for argv in (["pretrain", "--out", str(first), "--corpus", str(corpus), *TINY],
@@ -62,14 +62,14 @@ def test_a_second_run_is_refused_while_the_first_lives_and_can_start_once_it_is_
     assert proc.wait(timeout=600) == 0, proc.stdout.read()
     # the first run finished unharmed: the same losses as a run that was alone
     solo = tmp_path / "solo"
-    assert main(["pretrain", "--out", str(solo), "--corpus", str(corpus), "--epochs", "6", "--eval-freq", "1",
+    assert main(["pretrain", "--out", str(solo), "--corpus", str(corpus), "--epochs", "3", "--eval-freq", "4",
                  *TINY]) == 0
     assert losses(first) == losses(solo)
     assert json.loads((first / "config.json").read_text())["status"] == "finished"
 
     # SIGKILL: the kernel drops the lock, so the directory can be resumed at once
     killed = tmp_path / "killed"
-    proc = start(killed, corpus, "--epochs", "6", "--eval-freq", "1", "--save-every", "1")
+    proc = start(killed, corpus, "--epochs", "1", "--eval-freq", "4", "--save-every", "1")
     wait_for_lock(killed, proc)
     while not (killed / "checkpoints" / "2").is_dir():
         assert proc.poll() is None

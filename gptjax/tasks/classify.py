@@ -149,7 +149,7 @@ class ClassifierTrainConfig(TrainConfig):
 
 
 def train_classifier(steps: Steps, state: TrainState, train_b: ClassBatches, val_b: ClassBatches,
-                     tcfg: ClassifierTrainConfig, out_dir: str | Path, *, meta: dict, resume: bool = False,
+                     tcfg: ClassifierTrainConfig, out_dir: str | Path, *, meta: dict, resume: bool | int = False,
                      progress: bool = True, stop_after: int | None = None) -> dict:
     """The book's train_classifier_simple on the engine: losses every `eval_freq` steps, accuracies after
     each epoch (on `eval_iter` batches of a fresh training shuffle and of the validation set)."""
@@ -214,8 +214,8 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
                         out_dir: str | Path, *, train: str | None = None, lora: lora_lib.LoRAConfig | None = None,
                         tcfg: ClassifierTrainConfig | None = None, max_length: int | None = None,
                         balance: bool = True, train_frac: float = 0.7, val_frac: float = 0.1,
-                        drop_rate: float | None = 0.0, base_model: str | None = None,
-                        pad_token_id: int = PAD_TOKEN_ID, progress: bool = True, resume: bool = False,
+                        drop_rate: float | None = 0.0, base_model: str | None = None, data_source: str | None = None,
+                        pad_token_id: int = PAD_TOKEN_ID, progress: bool = True, resume: bool | int = False,
                         overwrite: bool = False, stop_after: int | None = None, sharding: str = "none",
                         fsdp: int | None = None, opts: Options | None = None) -> dict:
     """Chapter 6 (and appendix E with `lora`) end to end; writes a run directory that `Classifier.from_run` loads.
@@ -223,7 +223,9 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     `params`/`cfg`: the base GPT (an LM or a classifier). `data`: all examples (split as the book) or
     ready {"train", "val", "test"} splits. `train`: which base params train (default 'last-block',
     or 'none' with LoRA, as the book). Writes params/ (merged), config.json, metrics.jsonl,
-    loss.png, accuracy.png and, with LoRA, adapters.safetensors. `opts`: how it trains (default
+    loss.png, accuracy.png and, with LoRA, adapters.safetensors. `resume` continues the run in `out_dir` from
+    its newest intact checkpoint (an int: from that step's) on the same data and `base_model` (config.json
+    records their sha256 and spec). `opts`: how it trains (default
     Options.for_backend()), the layout of `params`; params/ and the returned params are canonical.
     """
     tcfg = tcfg or ClassifierTrainConfig()
@@ -247,8 +249,11 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     lora_scale = lora.scale if lora else 1.0
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax finetune-classifier ... --resume`")
+    inputs = {"base_model": base_model, "data": data_source, "data_sha256": runs.data_sha256(
+        {k: [v.texts, v.labels_N.tolist(), list(v.label_names)] for k, v in splits.items()})}
     # only once every input checked out: a bad option leaves no directory behind
-    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict()}, resume=resume)
+    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "classify": inputs},
+                        resume=resume)
     n_train, n_total = count_params(trainable), count_params(params)
     with_lora = f", LoRA r={lora.rank} alpha={lora.alpha:g}" if lora else ""
     print(f"model: {n_total:,} parameters, {n_train:,} trainable ({train}{with_lora}); "
@@ -273,7 +278,7 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
 
     merged = to_canonical(lora_lib.full_params(trainable, frozen, lora_scale), cfg, opts)
     task = {"task": "classify", "label_names": list(label_names), "max_length": int(max_length),
-            "pad_token_id": pad_token_id, "base_model": base_model, "train_layers": train,
+            "pad_token_id": pad_token_id, **inputs, "train_layers": train,
             "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
             "trainable_params": n_train, "split_sizes": {k: len(v) for k, v in splits.items()},
             "initial_accuracy": initial, "results": final, "steps": result["steps"],
@@ -309,10 +314,10 @@ class Classifier:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, tokenizer: Any = None, bpe_dir: str | None = None) -> "Classifier":
         _, meta = load_run_config(run_dir)
-        task = meta.get("classify")
-        if not task:
-            raise ValueError(f"{str(run_dir)!r} is not a classifier run (no 'classify' entry in config.json); "
-                             f"pass the --out directory of `gptjax finetune-classifier`")
+        task = meta.get("classify") or {}
+        if "label_names" not in task:  # an unfinished run records only its inputs
+            raise ValueError(f"{str(run_dir)!r} is not a finished classifier run (no 'classify' results in "
+                             f"config.json); pass the --out directory of `gptjax finetune-classifier`")
         params, cfg = load_run(run_dir)
         return cls(params, cfg, tokenizer or get_gpt2_tokenizer(bpe_dir), task["label_names"], task["max_length"],
                    task.get("pad_token_id", PAD_TOKEN_ID))

@@ -220,7 +220,7 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                  out_dir: str | Path, *, style: str = "alpaca", tcfg: DPOTrainConfig | None = None,
                  lora: lora_lib.LoRAConfig | None = None, mask_prompt_tokens: bool = True, pad_multiple: int = 64,
                  allowed_max_length: int = 1024, base_model: str | None = None, data_source: str | None = None,
-                 respond: bool = True, max_new_tokens: int = 256, resume: bool = False,
+                 respond: bool = True, max_new_tokens: int = 256, resume: bool | int = False,
                  overwrite: bool = False, progress: bool = True,
                  stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none",
                  fsdp: int | None = None, opts: Options | None = None) -> dict:
@@ -229,6 +229,7 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     Writes config.json, params/, checkpoints/, metrics.jsonl (train/val loss, chosen/rejected rewards,
     margin every eval_freq steps), steps.jsonl (the same per step, of the step's batch), dpo.png and,
     with `respond`, test-responses.json plus eval.json/eval.md scored against the chosen answers.
+    `resume` as finetune_instruct's (an int: from that step's checkpoint; the same data and base model).
     `opts`: how it trains (default Options.for_backend()), the layout of `params`; params/,
     checkpoints/ and the returned params are canonical.
     """

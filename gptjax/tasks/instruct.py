@@ -95,8 +95,8 @@ class InstructTrainConfig(TrainConfig):
 
 
 def fit(steps: Steps, state: TrainState, tcfg: TrainConfig, train_b, val_b, out_dir: Path, *,
-        count: Callable[[Any], int], sample: Callable[[Any], str] | None, meta: dict, resume: bool, progress: bool,
-        stop_after: int | None, desc: str) -> dict:
+        count: Callable[[Any], int], sample: Callable[[Any], str] | None, meta: dict, resume: bool | int,
+        progress: bool, stop_after: int | None, desc: str) -> dict:
     """The engine's run with chapter 7's evaluation (every metric of the eval step, on `eval_iter` batches
     of a fresh training shuffle and of the validation set) and the batch shapes the steps compiled for."""
     shapes: dict[str, set] = {"train": set(), "eval": set()}
@@ -240,7 +240,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                       out_dir: str | Path, *, style: str = "alpaca", tcfg: InstructTrainConfig | None = None,
                       lora: lora_lib.LoRAConfig | None = None, mask: str = "none", pad_multiple: int = 64,
                       allowed_max_length: int = 1024, respond: bool = True, max_new_tokens: int = 256,
-                      base_model: str | None = None, data_source: str | None = None, resume: bool = False,
+                      base_model: str | None = None, data_source: str | None = None, resume: bool | int = False,
                       overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
                       pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none", fsdp: int | None = None,
                       opts: Options | None = None) -> dict:
@@ -250,8 +250,9 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     config.json, params/ (LoRA merged in), checkpoints/, metrics.jsonl, steps.jsonl, loss.png and, with
     `respond`, test-responses.json (the book's format) and eval.json / eval.md (the offline table).
     `pad_token_id` is the end-of-text token of the tokenizer (GPT-2's 50256), which also pads.
-    `opts`: how it trains (default Options.for_backend()), the layout of `params`; params/,
-    checkpoints/ and the returned params are canonical.
+    `resume` continues the run in `out_dir` from its newest intact checkpoint (an int: from that step's) on the
+    same data and `base_model` (config.json records their sha256 and spec). `opts`: how it trains (default
+    Options.for_backend()), the layout of `params`; params/, checkpoints/ and the returned params are canonical.
     """
     tcfg = tcfg or InstructTrainConfig()
     opts = opts or Options.for_backend()
@@ -318,7 +319,8 @@ def run_settings(task: str, style: str, data_source: str | None, base_model: str
                  max_len: int, lora: lora_lib.LoRAConfig | None, pad_token_id: int, tcfg: TrainConfig,
                  splits: dict, trainable: Any, **extra) -> dict:
     """What a chapter-7 run (SFT or DPO) records of its settings in config.json and its result."""
-    return {"task": task, "style": style, "data": data_source, "base_model": base_model, **extra,
+    return {"task": task, "style": style, "data": data_source, "data_sha256": runs.data_sha256(splits),
+            "base_model": base_model, **extra,
             "pad_multiple": pad_multiple, "allowed_max_length": max_len, "lora": lora.to_dict() if lora else None,
             "pad_token_id": pad_token_id, "train": tcfg.to_dict(), "split_sizes": {k: len(v) for k, v in splits.items()},
             "trainable_params": count_params(trainable)}
@@ -355,7 +357,7 @@ def save_finished(out_dir: Path, loop: dict, frozen: Any, scale: float, lora: lo
                                metadata={"base_model": base_model})
     canonical = to_canonical(merged, cfg, opts)
     save_run(out_dir, canonical, cfg, extra={"options": opts.to_dict(), **header, "status": "finished"})
-    (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
+    runs.write_json_atomic(out_dir / "samples.json", loop["samples"])
     return merged, canonical
 
 
@@ -375,8 +377,8 @@ def respond_and_evaluate(params: dict, cfg: GPTConfig, entries: Sequence[dict], 
                          pad_token_id=eos_id, opts=opts)
     row["generate_s"] = round(gen_s, 1)
     row["unfinished"] = finished.count(False)  # answers cut at max_new_tokens, never ending with eos
-    (out_dir / "eval.json").write_text(json.dumps(row, indent=1))
-    (out_dir / "eval.md").write_text(format_table([row]) + "\n")
+    runs.write_json_atomic(out_dir / "eval.json", row)
+    runs.write_text_atomic(out_dir / "eval.md", format_table([row]) + "\n")
     print(f"test responses saved to {out_dir / RESPONSES_FILE} ({gen_s:.0f} s)\n" + format_table([row]))
     return row
 

@@ -1,8 +1,9 @@
-"""Response evaluation: the book's LLM-as-judge (an Ollama-compatible /api/chat endpoint) and offline overlap
+"""Response evaluation: the book's LLM-as-judge (Ollama's /api/chat, or any OpenAI-compatible server) and offline overlap
 scores (exact match, ROUGE-L) that need no judge."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.error
 import urllib.request
@@ -17,53 +18,82 @@ DEFAULT_JUDGE = "llama3"  # the book's judge: Llama 3 8B Instruct served by Olla
 
 
 class JudgeUnavailableError(ConnectionError):
-    """Nothing (or something that is not an Ollama chat endpoint) answers at the judge URL."""
+    """Nothing (or something that is not a chat endpoint) answers at the judge URL."""
 
 
 def chat_url(url: str) -> str:
-    """'http://host:11434' or '.../api/chat' -> the /api/chat endpoint."""
+    """The chat endpoint of a judge URL: an OpenAI-compatible server ('.../v1' or '.../v1/chat/completions':
+    vLLM, llama.cpp's server, Ollama) or Ollama's own API ('http://host:11434' or '.../api/chat')."""
     url = url.rstrip("/")
-    return url if url.endswith("/api/chat") else url + "/api/chat"
+    if url.endswith("/v1"):
+        return url + "/chat/completions"
+    if url.endswith(("/api/chat", "/v1/chat/completions")):
+        return url
+    return url + "/api/chat"
 
 
-def query_model(prompt: str, model: str = DEFAULT_JUDGE, url: str = DEFAULT_URL, *, seed: int = 123,
-                temperature: float = 0.0, num_ctx: int = 2048, timeout: float = 60.0) -> str:
-    """The book's query_model: POST one user message to Ollama's /api/chat and join the streamed replies."""
-    endpoint = chat_url(url)
-    payload = {"model": model, "messages": [{"role": "user", "content": prompt}],
-               "options": {"seed": seed, "temperature": temperature, "num_ctx": num_ctx}}
+def _post(endpoint: str, payload: dict, model: str, timeout: float):
+    """POST `payload`; every way a judge can fail to answer becomes one JudgeUnavailableError."""
+    headers = {"Content-Type": "application/json"}
+    if endpoint.endswith("/v1/chat/completions") and os.environ.get("OPENAI_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
     request = urllib.request.Request(endpoint, data=json.dumps(payload).encode("utf-8"), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    hint = (f"start one (`ollama serve`, then `ollama pull {model}`) or pass the URL of an Ollama-compatible "
-            f"server (CLI: --url)")
+                                     headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         body = e.read().decode("utf-8", "replace")[:300]
         try:
-            body = json.loads(body).get("error", body)
+            error = json.loads(body).get("error", body)
+            body = error.get("message", error) if isinstance(error, dict) else error
         except (json.JSONDecodeError, AttributeError):
             pass
         raise JudgeUnavailableError(f"the judge at {endpoint} answered HTTP {e.code}: {body}; check the model name "
-                                    f"({model!r}: `ollama pull {model}`) and the URL") from None
+                                    f"({model!r}, CLI: --judge-model) and the URL") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise JudgeUnavailableError(f"no judge answers at {endpoint} ({reason}); {hint}") from None
-    text = []
+        raise JudgeUnavailableError(f"no judge answers at {endpoint} ({reason}); start one (`ollama serve`, then "
+                                    f"`ollama pull {model}`; or vLLM / llama.cpp's server) or pass the URL of a "
+                                    f"running one (CLI: --url; '.../v1' for an OpenAI-compatible server)") from None
+
+
+def _lines(response, endpoint: str):
+    """The JSON objects of Ollama's streamed answer, one per line."""
     with response:
-        for raw in response:  # Ollama streams one JSON object per line
+        for raw in response:
             line = raw.decode("utf-8").strip()
             if not line:
                 continue
             try:
                 msg = json.loads(line)
             except json.JSONDecodeError:
-                raise JudgeUnavailableError(f"{endpoint} did not answer with Ollama's JSON lines (got "
-                                            f"{line[:100]!r}); is it an Ollama /api/chat endpoint?") from None
-            if "error" in msg:
+                raise JudgeUnavailableError(f"{endpoint} did not answer with Ollama's JSON lines (got {line[:100]!r});"
+                                            f" is it an Ollama /api/chat endpoint? (an OpenAI-compatible server: "
+                                            f"--url .../v1)") from None
+            if isinstance(msg, dict) and "error" in msg:
                 raise JudgeUnavailableError(f"the judge at {endpoint} reported: {msg['error']}")
-            text.append(msg.get("message", {}).get("content", ""))
-    return "".join(text)
+            yield msg
+
+
+def query_model(prompt: str, model: str = DEFAULT_JUDGE, url: str = DEFAULT_URL, *, seed: int = 123,
+                temperature: float = 0.0, num_ctx: int = 2048, timeout: float = 60.0) -> str:
+    """The book's query_model: one user message to the judge, its whole reply back. Speaks Ollama's /api/chat
+    (streamed JSON lines, as the book) or an OpenAI-compatible /v1/chat/completions, by the URL."""
+    endpoint = chat_url(url)
+    messages = [{"role": "user", "content": prompt}]
+    if endpoint.endswith("/v1/chat/completions"):
+        payload = {"model": model, "messages": messages, "seed": seed, "temperature": temperature, "stream": False}
+        with _post(endpoint, payload, model, timeout) as response:
+            body = response.read().decode("utf-8", "replace")
+        try:
+            return json.loads(body)["choices"][0]["message"]["content"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            raise JudgeUnavailableError(f"{endpoint} did not answer as an OpenAI chat completion (got "
+                                        f"{body[:100]!r})") from None
+    payload = {"model": model, "messages": messages,
+               "options": {"seed": seed, "temperature": temperature, "num_ctx": num_ctx}}
+    return "".join(m.get("message", {}).get("content", "")
+                   for m in _lines(_post(endpoint, payload, model, timeout), endpoint))
 
 
 def judge_prompt(entry: dict, json_key: str = "model_response", style: str = "alpaca") -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -151,7 +150,7 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
     save_run(out_dir, steps.saved(state, host=True)[0], cfg,
              extra={"options": opts.to_dict(), "train": tcfg.to_dict(), **(run_info or {}), "status": "finished",
                     "tokens_seen": loop["tokens_seen"], "steps": loop["steps"], "wall_s": round(loop["wall_s"], 1)})
-    (out_dir / "samples.json").write_text(json.dumps(loop["samples"], indent=1))
+    runs.write_json_atomic(out_dir / "samples.json", loop["samples"])
     if loop["history"].get("step"):
         runs.plot_history(loop["history"], out_dir / "loss.png")
     return {**loop, "steps": step_log(out_dir)}

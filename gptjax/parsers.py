@@ -1,0 +1,246 @@
+"""The parsers of the `gptjax` commands, their flags generated from the config dataclasses (gptjax.flags)."""
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+from gptjax import __version__, flags
+from gptjax.bench import BenchConfig
+from gptjax.config import GPTConfig
+from gptjax.flags import add, add_fields, add_run_flags, positive_int
+from gptjax.optim import OptimConfig
+from gptjax.options import MATVECS, Options
+from gptjax.tasks.classify import ClassifierTrainConfig
+from gptjax.tasks.dpo import DPOTrainConfig
+from gptjax.tasks.instruct import InstructTrainConfig
+from gptjax.tasks.pretrain import PretrainConfig
+
+# the execution options every training command takes (Options' fields; the gradient barrier follows the backend)
+OPTION_FLAGS = ("dtype", "matmul_precision", "attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple",
+                "linear_layout")
+PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+def _parser(sub, name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=flags.HelpFormatter)
+    if config:
+        p.add_argument("--config", metavar="FILE.toml", default=None, help=flags.HELP["config"])
+    PARSERS[name] = p
+    return p
+
+
+def _model_flags(p, *, context_length: int | None, drop_rate: float, init: str, model: str | None = None,
+                 lora: bool = False) -> None:
+    """The model: --model (fine-tuning's base) or the architecture flags, the execution options, LoRA."""
+    g = p.add_argument_group("model")
+    if model is not None:
+        add(g, "model", model or None, required=not model, help="base model: a GPT-2 size (gpt2-small|medium|large|"
+            "xl, downloaded), a local HF-format directory or .safetensors file, a gptjax run directory, or 'random' "
+            "(a fresh GPT of the flags below)")
+    add(g, "preset", "gpt2-small")
+    add_fields(g, GPTConfig, only=("context_length", "emb_dim", "n_layers", "n_heads"), context_length=context_length,
+               emb_dim=None, n_layers=None, n_heads=None)
+    add_fields(g, GPTConfig, only=("drop_rate", "qkv_bias", "tie_embeddings", "init"), drop_rate=drop_rate, init=init)
+    add_fields(p.add_argument_group("execution options (gptjax.options: how the model runs, never saved with it)"),
+               Options, only=OPTION_FLAGS, linear_layout="auto")
+    if lora:
+        g = p.add_argument_group("LoRA (the book's appendix E)")
+        add(g, "lora_rank", type=int)
+        add(g, "lora_alpha", type=float)
+        add(g, "lora_targets", type=str)
+
+
+def _training_flags(p, tcfg_cls, out: str, skip_optim: tuple = ("decay_steps", "min_lr", "clip_after_warmup"),
+                    **defaults) -> None:
+    add_fields(p.add_argument_group("training"), tcfg_cls, skip=("optim",), **defaults)
+    base = tcfg_cls().optim
+    add_fields(p.add_argument_group("optimizer"), OptimConfig, skip=skip_optim, lr=defaults.pop("lr", base.lr))
+    add_run_flags(p.add_argument_group("run directory, checkpoints, devices"), out)
+
+
+def _sampling_flags(p, max_new_tokens: int = 256) -> None:
+    """Sampling, and the execution options of decoding (auto: the fastest for this backend)."""
+    g = p.add_argument_group("execution options (gptjax.options: how the model runs, never saved with it)")
+    add(g, "attn_impl", "auto")
+    add(g, "linear_layout", "auto")
+    add(g, "matvec", "auto", choices=("auto",) + MATVECS)
+    g = p.add_argument_group("sampling")
+    add(g, "max_new_tokens", max_new_tokens)
+    add(g, "temperature", 0.0)
+    add(g, "top_k", type=int)
+    add(g, "top_p", type=float)
+    add(g, "seed", 123)
+    add(g, "weight_dtype", type=str)
+    add(g, "bpe_dir", type=str)
+
+
+def _add_pretrain(sub) -> None:
+    p = _parser(sub, "pretrain", "pretrain a GPT on a text corpus (the book's chapter 5)")
+    g = p.add_argument_group("data")
+    add(g, "data", None, aliases=["--corpus"], help="text file, http(s) URL or 'hf:NAME[:CONFIG][:SPLIT]'; default: "
+        "the book's the-verdict, shipped with gptjax")
+    add(g, "stride", type=int)
+    add(g, "train_frac", 0.9)
+    add(g, "bpe_dir", type=str)
+    _training_flags(p, PretrainConfig, "checkpoints/pretrain", skip_optim=("decay_steps",))
+    g = p.add_argument_group("schedule (the book's appendix D)")
+    add(g, "appendix_d", False, help="the book's appendix-D recipe: peak lr 1e-3 (or --lr), linear warmup over 20%% "
+        "of the updates from 1e-5, cosine decay to 1e-5, gradient clipping at 1.0 after the warmup")
+    add(g, "warmup_frac", type=float, help="warmup as a fraction of all updates (overrides --warmup-steps; the book: "
+        "0.2)")
+    add(g, "cosine", False, help="cosine decay from --lr to --min-lr after the warmup")
+    g.add_argument("--sync-checkpoints", action="store_false", dest="async_checkpoint", default=False,
+                   help="write checkpoints in the foreground (the default)")
+    _model_flags(p, context_length=256, drop_rate=0.1, init="book")
+
+
+def _add_model_commands(sub) -> None:
+    p = _parser(sub, "generate", "generate text from a trained run or GPT-2 weights")
+    add(p, "model", required=True, help="a gptjax run directory, a GPT-2 size (gpt2-small|medium|large|xl, "
+        "downloaded) or a local GPT-2 safetensors file/directory")
+    add(p, "prompt", required=True, help="the text to continue")
+    add(p, "no_eos", False, help="keep generating past <|endoftext|>")
+    add(p, "stream", False, help="print tokens as they are decoded")
+    add(p, "no_cache", False, help="decode without the KV cache (the book's loop; slower)")
+    _sampling_flags(p, max_new_tokens=50)
+
+    p = _parser(sub, "download", "download OpenAI's GPT-2 weights (safetensors) from the Hugging Face "
+                "hub", config=False)
+    p.add_argument("size", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (or 124M|355M|774M|1558M)")
+    add(p, "cache_dir", type=str, help="where to put them (default: checkpoints/hf)")
+
+    p = _parser(sub, "export", "export a model to a Hugging Face GPT-2 directory or the book's "
+                "safetensors", config=False)
+    add(p, "model", required=True, help="a run directory, a GPT-2 size or a GPT-2 safetensors path")
+    add(p, "out", required=True, help="output directory (hf) or .safetensors file (book)")
+    add(p, "format", "hf", choices=["hf", "book"], help="hf: model.safetensors + config.json for transformers; "
+        "book: the book's GPTModel names")
+    add(p, "overwrite", False)
+
+
+def _add_bench(sub) -> None:
+    p = _parser(sub, "bench", "time compile, train steps, MFU, memory and decoding, next to PyTorch")
+    skip = ("model_overrides", "variants", "qkv_bias", "lr", "weight_decay", "seed", "torch_process", "parts",
+            "decode_batches", "weight_dtypes", "linear_layout")
+    add_fields(p, BenchConfig, skip=skip)
+    add(p, "linear_layout", "auto")
+    add(p, "emb_dim", type=int)
+    add(p, "n_heads", type=int)
+    add(p, "decode_batches", [1, 8], type=int, nargs="+", aliases=["--decode-batch"],
+        help="batch sizes of the decode rows")
+    add(p, "weight_dtypes", list(BenchConfig.weight_dtypes), nargs="+", choices=flags.WEIGHT_DTYPES,
+        aliases=["--weight-dtype"], help="weight dtypes of the KV-cache decode rows")
+    add(p, "parts", list(BenchConfig.parts), nargs="+", choices=list(BenchConfig.parts),
+        help="what to measure")
+    add(p, "torch_process", "auto", choices=["auto", "same", "apart"], help="PyTorch's train rows alternated with "
+        "gptjax's in this process (same), or after them in their own process (apart); auto: apart on CPU")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VAL[,KEY=VAL]",
+                   help="another gptjax train config timed alongside, e.g. scan_layers=false (repeatable)")
+    add(p, "out", type=str, help="write OUT.json/.md/.png (default checkpoints/bench/bench_<platform>)")
+
+
+def _add_ch6(sub) -> None:
+    p = _parser(sub, "finetune-classifier", "fine-tune a GPT into a text classifier (the "
+                "book's chapter 6; LoRA: appendix E)")
+    g = p.add_argument_group("data")
+    add(g, "data", "sms-spam", help="'sms-spam' (the UCI SMS Spam Collection, downloaded once), a CSV/TSV file, or "
+        "'hf:NAME[:CONFIG][:SPLIT]'")
+    add(g, "labels", type=str, help="comma-separated label names in class order (default: ham,spam for sms-spam, "
+        "else the sorted label values)")
+    add(g, "label_col", type=str, help="label column: 0-based index or header name (default 0; 'label' for hf:)")
+    add(g, "text_col", type=str, help="text column: 0-based index or header name (default 1; 'text' for hf:)")
+    add(g, "sep", type=str, help="field separator (default: tab if the first line has one, else comma)")
+    add(g, "no_balance", False, help="keep all examples instead of undersampling to the smallest class")
+    add(g, "train_frac", 0.7)
+    add(g, "val_frac", 0.1)
+    add(g, "max_length", type=int, help="pad/truncate to this many tokens (default: the longest training example, "
+        "capped at the context length)")
+    add(g, "bpe_dir", type=str)
+    add(g, "train", type=str, help="base parameters to train: last-block (the book: last block, final LayerNorm, "
+        "head), last-N, all, head, or none; default last-block, or none with --lora-rank")
+    _model_flags(p, context_length=None, drop_rate=0.0, init="gpt2", model="gpt2-small", lora=True)
+    _training_flags(p, ClassifierTrainConfig, "checkpoints/classifier", lr=None)
+
+    p = _parser(sub, "classify", "classify texts with a fine-tuned classifier run")
+    add(p, "model", required=True, aliases=["--run"], help="run directory of `gptjax finetune-classifier`")
+    p.add_argument("text", nargs="*", help="texts to classify (default: one per line on stdin); prints "
+                   "label<TAB>probability<TAB>text")
+    add(p, "bpe_dir", type=str)
+
+
+def _ch7_training(p, tcfg_cls, *, model: str, out: str) -> None:
+    g = p.add_argument_group("batches")
+    add(g, "style", type=str)
+    add(g, "pad_multiple", 64, type=positive_int)
+    add(g, "allowed_max_length", 1024, type=positive_int)
+    add(g, "limit", type=positive_int)
+    add(g, "bpe_dir", type=str)
+    add(g, "no_respond", False)
+    add(g, "max_new_tokens", 256, help="tokens per test-set response")
+    _model_flags(p, context_length=None, drop_rate=0.0, init="gpt2", model=model, lora=True)
+    _training_flags(p, tcfg_cls, out)
+
+
+def _add_ch7(sub) -> None:
+    p = _parser(sub, "finetune-instruct", "instruction fine-tuning (the book's chapter 7): "
+                "train, then answer and score the test set")
+    add(p, "data", "default", help="'default' (the book's instruction-data.json, downloaded once), a JSON file or "
+        "URL of {instruction, input, output} records, or 'hf:NAME[:CONFIG][:SPLIT]'")
+    add(p, "mask", "none", choices=["none", "instruction", "prompt"], help="leave prompt tokens out of the loss: "
+        "'instruction' (exercise 7.2) or 'prompt' (the response header too)")
+    _ch7_training(p, InstructTrainConfig, model="gpt2-medium", out="checkpoints/instruct")
+
+    p = _parser(sub, "dpo", "preference tuning with DPO (the book's chapter-7 bonus), from an "
+                "instruction-tuned model")
+    add(p, "data", "default", help="'default' (the book's instruction-data-with-preference.json), or a JSON "
+        "file/URL of {instruction, input, chosen, rejected} records, or 'hf:NAME'")
+    add(p, "no_mask_prompt", False, help="score the prompt tokens too (the book masks them)")
+    _ch7_training(p, DPOTrainConfig, model="", out="checkpoints/dpo")
+
+    p = _parser(sub, "respond", "answer instructions with a model, saved as the book's "
+                "instruction-data-with-response.json")
+    add(p, "model", required=True, aliases=["--run"], help="a finetune-instruct/dpo run directory (or any --model "
+        "of generate)")
+    add(p, "data", type=str, help="JSON of {instruction, input[, output]} records to answer (default: the test "
+        "split of the run's data)")
+    add(p, "out", type=str, help="output JSON (default: MODEL/responses.json)")
+    add(p, "overwrite", False)
+    add(p, "style", type=str)
+    add(p, "batch_size", 8, type=positive_int, help="prompts decoded together")
+    add(p, "limit", type=positive_int)
+    add(p, "quiet", False)
+    _sampling_flags(p)
+
+    p = _parser(sub, "judge", "score responses 0-100 with an LLM judge (the book's prompt; Ollama or "
+                "an OpenAI-compatible server), plus exact match and ROUGE-L")
+    add(p, "data", required=True, help="responses JSON (gptjax respond / the book's format)")
+    add(p, "key", "model_response", help="field holding the responses")
+    add(p, "judge_model", "llama3", help="judge model name on the server")
+    add(p, "url", "http://localhost:11434", help="the judge: an Ollama server (the book's; or its /api/chat URL), "
+        "or an OpenAI-compatible server's .../v1 URL (vLLM, llama.cpp's server; sends $OPENAI_API_KEY when set)")
+    add(p, "offline", False, help="no judge: only exact match and ROUGE-L (and, with --model, the reference loss)")
+    add(p, "model", type=str, aliases=["--run"], help="also report the loss/perplexity of the reference answers "
+        "under this gptjax model")
+    add(p, "style", type=str)
+    add(p, "limit", type=positive_int)
+    add(p, "timeout", 60.0, help="seconds to wait for each judge reply")
+    add(p, "out", type=str, help="scores JSON (default: DATA-scores.json)")
+    add(p, "overwrite", False)
+    add(p, "bpe_dir", type=str)
+    add(p, "quiet", False)
+
+    p = _parser(sub, "chat", "talk to an instruction-tuned model; answers stream token by token")
+    add(p, "model", required=True, help="a finetune-instruct/dpo run directory, a GPT-2 size or local weights")
+    add(p, "style", type=str)
+    _sampling_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptjax", description="The GPT pipeline of 'Build a Large Language Model "
+                                     "(From Scratch)' in JAX.")
+    parser.add_argument("--version", action="version", version=f"gptjax {__version__} (jax {jax.__version__})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_commands in (_add_pretrain, _add_model_commands, _add_bench, _add_ch6, _add_ch7):
+        add_commands(sub)
+    return parser
