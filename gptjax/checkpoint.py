@@ -38,6 +38,24 @@ from gptjax.model import abstract_params, init_params
 from gptjax.layout import to_canonical
 from gptjax.options import LEGACY_KEYS, Options
 
+
+
+class _NotPrintedYet(logging.Filter):
+    """Passes a record only when no logger between its own and the root has a handler of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        logger = logging.getLogger(record.name)
+        while logger.parent is not None and not logger.handlers:
+            logger = logger.parent
+        return logger.parent is None
+
+
+# Orbax logs through absl while it is imported, and absl's first log call runs logging.basicConfig(): a
+# root handler that printed every warning a second time after the library's own handler (huggingface_hub's).
+for _handler in logging.root.handlers:
+    if type(_handler) is logging.StreamHandler and getattr(_handler.formatter, "_fmt", None) == logging.BASIC_FORMAT:
+        _handler.addFilter(_NotPrintedYet())
+
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
@@ -421,6 +439,8 @@ def begin_run(out_dir: str | Path, header: dict, *, resume: bool | int) -> Path:
     out_dir = runs.prepare_out_dir(out_dir)
     if not resume:
         runs.write_json_atomic(out_dir / CONFIG_FILE, {**header, "status": "running"})
+    else:
+        runs.set_status(out_dir, "running", resumed=True)
     return out_dir
 
 

@@ -83,7 +83,7 @@ def check_output(out: str | Path, inputs: Sequence[str | Path | None], *, direct
         s = Path(source).resolve()
         if target == s or (directory and (s in target.parents or target in s.parents)):
             raise ValueError(f"--out {str(out)!r} would overwrite the input {str(source)!r}; choose another --out")
-    if target.is_file() and not (overwrite or directory):
+    if not overwrite and (target.is_file() or (directory and target.is_dir() and any(target.iterdir()))):
         raise FileExistsError(f"--out {str(out)!r} already exists; pass --overwrite to replace it, or choose "
                               f"another --out")
     return Path(out)
@@ -118,14 +118,15 @@ def run_task(fn: Callable) -> Callable:
     return task
 
 
-def set_status(out_dir: str | Path, status: str) -> None:
-    """Record `status` in a running run's config.json (a finished one keeps "finished")."""
+def set_status(out_dir: str | Path, status: str, *, resumed: bool = False) -> None:
+    """Record `status` in a running run's config.json (a finished one keeps "finished"); `resumed`: a run that
+    ended before and runs again (its status whatever it was)."""
     path = Path(out_dir) / "config.json"
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    if isinstance(config, dict) and config.get("status") == "running":
+    if isinstance(config, dict) and (resumed or config.get("status") == "running"):
         write_json_atomic(path, {**config, "status": status})
 
 

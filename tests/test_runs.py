@@ -39,7 +39,24 @@ def test_an_existing_output_file_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(ValueError, match="would overwrite the input"):  # an input stays refused, overwrite or not
         runs.check_output(data, [data], overwrite=True)
     (tmp_path / "hf").mkdir()
-    assert runs.check_output(tmp_path / "hf", [data], directory=True) == tmp_path / "hf"  # a directory output
+    assert runs.check_output(tmp_path / "hf", [data], directory=True) == tmp_path / "hf"  # an empty directory
+    (tmp_path / "hf" / "config.json").write_text("{}")  # a directory output that holds something: the same rule
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite to replace it"):
+        runs.check_output(tmp_path / "hf", [data], directory=True)
+    assert runs.check_output(tmp_path / "hf", [data], directory=True, overwrite=True) == tmp_path / "hf"
+
+
+def test_a_resumed_run_says_running_again(tmp_path):
+    from gptjax.checkpoint import begin_run
+
+    run = tmp_path / "run"
+    begin_run(run, {"model": {}, "instruct": {"data_sha256": "ab"}}, resume=False)
+    runs.set_status(run, "interrupted")
+    runs.release_run_dir(run)
+    begin_run(run, {"model": {}, "instruct": {"data_sha256": "ab"}}, resume=True)
+    assert json.loads((run / "config.json").read_text()) == {"model": {}, "instruct": {"data_sha256": "ab"},
+                                                             "status": "running"}
+    runs.release_run_dir(run)
 
 
 @pytest.mark.parametrize("text, why", [("", "it is empty"), ('{"model": ', "not JSON: Expecting value"),

@@ -110,6 +110,7 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
     steps = make_steps(cfg, tcfg.optim, mesh, sharding if mesh is not None else "dp", opts)
     if resume:
         state = steps.restore_target()
+        runs.set_status(out_dir, "running", resumed=True)
     else:
         refuse_existing_run(out_dir, overwrite=overwrite,
                             resume_hint=f"`gptjax pretrain --resume {out_dir}` (pretrain(..., resume=True))")
