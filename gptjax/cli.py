@@ -6,11 +6,12 @@ import argparse
 import dataclasses
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
 
-from gptjax import bench, flags, runs
+from gptjax import bench, flags, runs, shards
 from gptjax.chat import chat
 from gptjax.checkpoint import (CONFIG_FILE, CheckpointSaveError, load_base_model, load_model, load_run_config,
                                RunExistsError, TrainingInterrupted)
@@ -18,7 +19,7 @@ from gptjax.config import get_config, GPTConfig
 from gptjax.cpu import fastest_linear_layout
 from gptjax.flags import from_args
 from gptjax.generate import generate_text, load_for_decoding, stream_text
-from gptjax.gpt2_weights import download_gpt2, export_book, export_hf
+from gptjax.gpt2_weights import DOWNLOAD_HINT, download_gpt2, export_book, export_hf
 from gptjax.layout import to_layout
 from gptjax.lora import LoRAConfig
 from gptjax.optim import OptimConfig
@@ -32,7 +33,7 @@ from gptjax.tasks.dpo import DPOTrainConfig, finetune_dpo, load_preference_data
 from gptjax.tasks.evaluate import judge_file, respond_file
 from gptjax.tasks.instruct import finetune_instruct, InstructTrainConfig, run_style
 from gptjax.tasks.instruct_data import load_instruction_data, split_data
-from gptjax.tasks.pretrain import pretrain_corpus, PretrainConfig, run_settings
+from gptjax.tasks.pretrain import evaluate_corpus, pretrain_corpus, pretrain_shards, PretrainConfig, run_settings
 from gptjax.tokenizer import get_gpt2_tokenizer
 
 SIZE_KEYS = ("emb_dim", "n_layers", "n_heads", "context_length")
@@ -110,6 +111,7 @@ def _check_resume_flags(args, run: str, run_values: dict) -> None:
 def cmd_pretrain(args) -> int:
     out, resume = _resume(args)
     cfg = tcfg = optim_for = opts = None
+    data: dict = {}
     if resume:
         run_cfg, run_tcfg, data, run_opts = run_settings(out)
         _check_resume_flags(args, out, {**data, **run_opts.to_dict(), **run_cfg.to_dict(), **run_tcfg.to_dict(),
@@ -122,14 +124,25 @@ def cmd_pretrain(args) -> int:
         def optim_for(steps: int):
             return _pretrain_optim(args, updates=steps // max(args.grad_accum, 1))
 
+    common = dict(bpe_dir=args.bpe_dir, resume=resume, progress=not args.quiet, overwrite=args.overwrite,
+                  sharding=args.sharding, fsdp=args.fsdp, opts=opts, init_from=args.init_from, optim_for=optim_for)
+    shard_dir = data["shards"] if resume and "shards" in data else args.data
+    on_shards = shard_dir is not None and (Path(shard_dir) / shards.META).is_file()
+    if not on_shards and (args.max_steps or args.tokens or args.batch_tokens):
+        raise ValueError("--max-steps, --tokens and --batch-tokens budget a run on token shards: give --data the "
+                         "directory of `gptjax prepare`")
+
     def go():
-        r = pretrain_corpus(args.data, out, cfg, tcfg, optim_for=optim_for, stride=args.stride,
-                            train_ratio=args.train_frac, bpe_dir=args.bpe_dir, resume=resume, progress=not args.quiet,
-                            overwrite=args.overwrite, sharding=args.sharding, fsdp=args.fsdp, opts=opts)
+        if on_shards:
+            r = pretrain_shards(args.data or shard_dir, out, cfg, tcfg, max_steps=args.max_steps, tokens=args.tokens,
+                                batch_tokens=args.batch_tokens, mode=args.sampling, **{
+                                    **common, "optim_for": None if resume else partial(_pretrain_optim, args)})
+        else:
+            r = pretrain_corpus(args.data, out, cfg, tcfg, stride=args.stride, train_ratio=args.train_frac, **common)
         h = r["history"]
         print(f"done in {r['wall_s']:.0f} s: final train loss {h['train_loss'][-1]:.3f}, val loss "
               f"{h['val_loss'][-1]:.3f} (best {min(h['val_loss']):.3f}); run saved in {out} (loss plot: "
-              f"{Path(out) / 'loss.png'})\nsample: {r['samples'][-1]['text']!r}")
+              f"{Path(out) / 'loss.png'})" + (f"\nsample: {r['samples'][-1]['text']!r}" if r["samples"] else ""))
     return _train(args, go)
 
 
@@ -142,6 +155,28 @@ def _pretrain_optim(args, updates: int) -> OptimConfig:
     warmup = int(args.warmup_frac * updates) if args.warmup_frac is not None else args.warmup_steps
     return _optim(args, PretrainConfig, warmup_steps=warmup,
                   decay_steps=max(updates - warmup, 1) if args.cosine else 0)
+
+
+def cmd_prepare(args) -> int:
+    meta = shards.prepare(args.sources, args.out, shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
+                          workers=args.workers, text_field=args.text_field, bpe_dir=args.bpe_dir,
+                          overwrite=args.overwrite, progress=not args.quiet)
+    counts = ", ".join(f"{k} {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for k, v in meta["splits"].items())
+    print(f"{counts}; in {args.out} (train on it: gptjax pretrain --data {args.out} --max-steps N)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    if args.out:
+        runs.check_output(args.out, [args.data, args.model], overwrite=args.overwrite)
+    r = evaluate_corpus(args.model, args.data, context_length=args.context_length, batch_size=args.batch_size,
+                        max_batches=args.max_batches, bpe_dir=args.bpe_dir)
+    r = {"model": str(args.model), "data": args.data or "the-verdict", **r}
+    print(f"{r['model']} on {r['data']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
+          f"({r['tokens']:,} tokens, windows of {r['context_length']})")
+    if args.out:
+        runs.write_json_atomic(args.out, r)
+    return 0
 
 
 def _base_model(args, language_model: bool = True):
@@ -321,7 +356,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_download(args) -> int:
-    print(f"{args.size}: {download_gpt2(args.size, cache_dir=args.cache_dir)}")
+    print(f"{args.size}: {download_gpt2(args.size, cache_dir=args.cache_dir, local_hint=DOWNLOAD_HINT)}")
     return 0
 
 
@@ -364,7 +399,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"pretrain": cmd_pretrain, "generate": cmd_generate, "download": cmd_download, "export": cmd_export,
+COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "generate": cmd_generate, "download": cmd_download, "export": cmd_export,
             "bench": cmd_bench, "finetune-classifier": cmd_finetune_classifier, "classify": cmd_classify,
             "finetune-instruct": cmd_finetune_instruct, "dpo": cmd_dpo, "respond": cmd_respond, "judge": cmd_judge,
             "chat": cmd_chat}

@@ -21,6 +21,7 @@ from gptjax.options import ATTN_IMPLS, DTYPES, LINEAR_LAYOUTS, MATMUL_PRECISIONS
 
 BPE_HELP = "directory with GPT-2's encoder.json + vocab.bpe (offline use)"
 SAVE_FILE = "command.toml"
+RECIPES = Path(__file__).parent / "recipes"  # --config NAME: a recipe shipped with gptjax
 
 # one help text per flag name, for every command that has the flag
 HELP = {
@@ -100,8 +101,8 @@ HELP = {
                 "state split too (multi-host: set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or "
                 "run under SLURM / on a TPU pod)",
     "fsdp": "size of the fsdp mesh axis (default: all devices)",
-    "config": "read flags from this TOML file (keys are flag names; flags given here win); a training run saves "
-              f"its own as RUN/{SAVE_FILE}",
+    "config": "read flags from this TOML file, or a recipe shipped with gptjax by name (gpt2-124m); keys are flag "
+              f"names, flags given here win; a training run saves its own as RUN/{SAVE_FILE}",
     # fine-tuning
     "lora_rank": "train LoRA adapters of this rank instead of every weight (appendix E: 16); base weights stay "
                  "frozen",
@@ -199,10 +200,14 @@ def add_run_flags(g, out: str) -> None:
 def config_tokens(path: str, parser: argparse.ArgumentParser, command: str) -> list[str]:
     """The flags a TOML file gives, as command-line tokens (so argparse checks them as it checks typed
     ones): `epochs = 3` -> ["--epochs", "3"]."""
+    recipe = RECIPES / f"{path}.toml"
+    if not Path(path).exists() and recipe.is_file():  # a recipe shipped with gptjax, by name
+        path = str(recipe)
     try:
         table = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ValueError(f"--config {path!r}: no such file") from None
+        shipped = sorted(p.stem for p in RECIPES.glob("*.toml"))
+        raise ValueError(f"--config {path!r}: no such file (or shipped recipe: {shipped})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path!r} is not a TOML file: {e}") from None
     actions = {a.dest: a for a in parser._actions if a.option_strings}

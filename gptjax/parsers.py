@@ -83,6 +83,15 @@ def _add_pretrain(sub) -> None:
     add(g, "stride", type=int)
     add(g, "train_frac", 0.9)
     add(g, "bpe_dir", type=str)
+    add(g, "init_from", type=str, help="start from these weights instead of a fresh init (continued pretraining): "
+        "a GPT-2 size, hub id, local directory or run; their architecture, cut to --context-length")
+    g = p.add_argument_group("token shards (--data DIR of `gptjax prepare`): a step budget instead of epochs")
+    add(g, "max_steps", type=positive_int, help="optimizer updates to run")
+    add(g, "tokens", type=positive_int, help="tokens to train on (instead of --max-steps)")
+    add(g, "batch_tokens", type=positive_int, help="tokens per optimizer update, reached by gradient accumulation "
+        "over --batch-size x --context-length micro-batches (GPT-2 / nanoGPT: 524288)")
+    add(g, "sampling", "random", choices=["random", "sequential"], help="random windows (nanoGPT) or sequential "
+        "coverage of the shards")
     _training_flags(p, PretrainConfig, "checkpoints/pretrain", skip_optim=("decay_steps",))
     g = p.add_argument_group("schedule (the book's appendix D)")
     add(g, "appendix_d", False, help="the book's appendix-D recipe: peak lr 1e-3 (or --lr), linear warmup over 20%% "
@@ -95,6 +104,33 @@ def _add_pretrain(sub) -> None:
     _model_flags(p, context_length=256, drop_rate=0.1, init="book")
 
 
+def _add_prepare(sub) -> None:
+    p = _parser(sub, "prepare", "tokenize text into GPT-2 token shards for `gptjax pretrain --data DIR`")
+    p.add_argument("sources", nargs="+", help="text files or globs (a document each), .jsonl / .parquet files (a "
+                   "--text-field per record), or 'hf:NAME[:CONFIG][:SPLIT]' (streamed)")
+    add(p, "out", required=True, help="directory of the shards (and meta.json)")
+    add(p, "shard_tokens", 100_000_000, type=positive_int, help="tokens per shard")
+    add(p, "val_fraction", 0.005, help="fraction of the documents that go to the val split")
+    add(p, "workers", type=int, help="tokenizing processes (default: the CPUs; 0: this process)")
+    add(p, "text_field", "text", help="the text field of JSONL / Parquet records")
+    add(p, "bpe_dir", type=str)
+    add(p, "overwrite", False)
+    add(p, "quiet", False)
+
+
+def _add_evaluate(sub) -> None:
+    p = _parser(sub, "evaluate", "the loss and perplexity of a model on a corpus")
+    add(p, "model", required=True, help="a gptjax run directory, a GPT-2 size, hub id or local directory")
+    add(p, "data", None, help="text file, http(s) URL or 'hf:NAME[:CONFIG][:SPLIT]'; default: the book's "
+        "the-verdict")
+    add(p, "context_length", type=int, help="tokens per window (default: the model's)")
+    add(p, "batch_size", 8)
+    add(p, "max_batches", type=positive_int, help="evaluate only the first N batches")
+    add(p, "bpe_dir", type=str)
+    add(p, "out", type=str, help="also write the result to this JSON file")
+    add(p, "overwrite", False)
+
+
 def _add_model_commands(sub) -> None:
     p = _parser(sub, "generate", "generate text from a trained run or GPT-2 weights")
     add(p, "model", required=True, help="a gptjax run directory, a GPT-2 size (gpt2-small|medium|large|xl, "
@@ -105,17 +141,20 @@ def _add_model_commands(sub) -> None:
     add(p, "no_cache", False, help="decode without the KV cache (the book's loop; slower)")
     _sampling_flags(p, max_new_tokens=50)
 
-    p = _parser(sub, "download", "download OpenAI's GPT-2 weights (safetensors) from the Hugging Face "
-                "hub", config=False)
-    p.add_argument("size", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (or 124M|355M|774M|1558M)")
-    add(p, "cache_dir", type=str, help="where to put them (default: checkpoints/hf)")
+    p = _parser(sub, "download", "download GPT-2 weights (config.json + safetensors) from the Hugging Face "
+                "hub into its cache", config=False)
+    p.add_argument("size", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (or 124M|355M|774M|1558M), or the hub "
+                   "repo id of any GPT-2-architecture model (e.g. distilbert/distilgpt2)")
+    add(p, "cache_dir", type=str, help="where to put them (default: the Hugging Face cache, $HF_HUB_CACHE or "
+        "$HF_HOME/hub)")
 
     p = _parser(sub, "export", "export a model to a Hugging Face GPT-2 directory or the book's "
                 "safetensors", config=False)
-    add(p, "model", required=True, help="a run directory, a GPT-2 size or a GPT-2 safetensors path")
+    add(p, "model", required=True, help="a run directory, a GPT-2 size, a GPT-2 hub repo id (owner/name), a GPT-2 "
+        "safetensors path or the book's model.pth")
     add(p, "out", required=True, help="output directory (hf) or .safetensors file (book)")
-    add(p, "format", "hf", choices=["hf", "book"], help="hf: model.safetensors + config.json for transformers; "
-        "book: the book's GPTModel names")
+    add(p, "format", "hf", choices=["hf", "book"], help="hf: model.safetensors + config.json (+ GPT-2's "
+        "tokenizer files) for transformers; book: the book's GPTModel names")
     add(p, "overwrite", False)
 
 
@@ -241,6 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(From Scratch)' in JAX.")
     parser.add_argument("--version", action="version", version=f"gptjax {__version__} (jax {jax.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add_commands in (_add_pretrain, _add_model_commands, _add_bench, _add_ch6, _add_ch7):
+    for add_commands in (_add_prepare, _add_pretrain, _add_evaluate, _add_model_commands, _add_bench, _add_ch6, _add_ch7):
         add_commands(sub)
     return parser

@@ -244,3 +244,23 @@ def test_retention_holds_during_the_run(tmp_path, tiny_cfg, monkeypatch):
     train(tiny_cfg, tcfg_(save_every=1, keep_checkpoints=2), train_b, val_b, tok, tmp_path / "run", progress=False)
     assert len(seen) == 2 * len(train_b)
     assert max(n for n, _ in seen) <= 3 and max(t for _, t in seen) == 0, seen
+
+
+def test_a_warning_logged_after_importing_checkpoint_prints_once():
+    """Orbax's import runs absl's logging.basicConfig(): its root handler must not repeat what a library's
+    own handler (huggingface_hub's) printed, and still prints what nobody else did."""
+    import subprocess
+    import sys
+
+    script = """if True:
+        import logging
+        import gptjax.checkpoint
+        library = logging.getLogger("somelib")
+        library.addHandler(logging.StreamHandler())  # as huggingface_hub and others do
+        library.getChild("sub").warning("from a library with its own handler")
+        logging.getLogger("plain").warning("from a logger without a handler")
+        """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("from a library with its own handler") == 1
+    assert done.stderr.count("from a logger without a handler") == 1

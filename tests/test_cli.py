@@ -87,9 +87,11 @@ def test_help_lists_commands():
     assert out.returncode == 0 and "--corpus" in out.stdout and "--context-length" in out.stdout
 
 
-def test_download_offline_names_the_local_option(capsys):
-    assert main(["download", "gpt2-small"]) == 2
-    assert "--model PATH" in capsys.readouterr().err
+def test_download_offline_names_the_local_option(capsys, tmp_path):
+    assert main(["download", "gpt2-small", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"openai-community/gpt2 is not in the Hugging Face cache {tmp_path}" in err and "HF_HUB_OFFLINE=1" in err
+    assert "copy config.json + model.safetensors into a directory and pass that directory as --model" in err
 
 
 def test_export_a_run_to_hf_and_book_formats(tmp_path, corpus, capsys):
@@ -221,3 +223,40 @@ def test_config_file_replays_a_run_and_the_command_line_wins(tmp_path, corpus, c
     with pytest.raises(SystemExit):  # argparse checks a file's values as it checks typed ones
         main(["pretrain", "--config", str(bad)])
     assert "--epochs: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_evaluate_matches_transformers_and_pretraining_continues_from_a_model(tmp_path, corpus, capsys):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    from gptjax.data import make_windows
+    from gptjax.tokenizer import get_gpt2_tokenizer
+
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    assert main(["pretrain", "--data", str(corpus), "--epochs", "2", "--out", str(run), "--qkv-bias",
+                 "--tie-embeddings", "--init", "gpt2", "--lr", "3e-3", *TINY]) == 0
+    assert main(["export", "--model", str(run), "--out", str(hf)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(hf), "--data", str(corpus), "--batch-size", "3",
+                 "--out", str(tmp_path / "e.json")]) == 0
+    got = json.loads((tmp_path / "e.json").read_text())
+    # the same windows through transformers' GPT2LMHeadModel
+    x, y = make_windows(get_gpt2_tokenizer().encode(corpus.read_text()), 16, 16)
+    ref = transformers.GPT2LMHeadModel.from_pretrained(hf).eval()
+    with torch.no_grad():
+        logits = ref(torch.tensor(x, dtype=torch.long)).logits
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.tensor(y, dtype=torch.long).reshape(-1))
+    assert got["tokens"] == y.size and got["loss"] == pytest.approx(float(want), rel=1e-5)
+    assert got["perplexity"] == pytest.approx(float(np.exp(got["loss"])))
+    # continued pretraining starts from the model's weights, not a fresh init
+    more, fresh = tmp_path / "more", tmp_path / "fresh"
+    for out, extra in ((more, ["--init-from", str(hf)]), (fresh, ["--qkv-bias", "--tie-embeddings", "--init", "gpt2"])):
+        assert main(["pretrain", "--data", str(corpus), "--epochs", "1", "--out", str(out), "--drop-rate", "0",
+                     *TINY, *extra]) == 0
+    first = {o: json.loads((o / "steps.jsonl").read_text().splitlines()[0])["loss"] for o in (more, fresh)}
+    assert first[more] < got["loss"] * 1.5 < first[fresh]
+    assert json.loads((more / "config.json").read_text())["data"]["init_from"] == str(hf)
+    assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "long"), "--init-from", str(hf),
+                 "--context-length", "64", "--quiet"]) == 2
+    assert "--context-length 64 is longer than" in capsys.readouterr().err

@@ -3,6 +3,9 @@ gradients; export loads back into transformers (and the book's GPTModel); round 
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -438,17 +441,105 @@ def test_prefixed_names_in_errors(hf_tiny, tmp_path):
         load_gpt2(tmp_path)
 
 
-def test_offline_download_names_the_local_option(tmp_path, monkeypatch):
+def _hub_cache(cache: Path, repo: str, files: dict[str, Path | str]) -> Path:
+    """`files` (a source path, or a file's text) laid out as huggingface_hub's cache holds a download of `repo`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, src in files.items():
+        (snapshot / name).write_bytes(src.read_bytes() if isinstance(src, Path) else src.encode())
+    return snapshot
+
+
+def test_offline_download_is_fast_and_names_the_local_option(tmp_path, monkeypatch):
     assert os.environ.get("GPTJAX_OFFLINE")  # conftest
-    with pytest.raises(ConnectionError) as e:
-        load_gpt2("gpt2-small", cache_dir=tmp_path)
-    assert "load_gpt2('/path/to/gpt2')" in str(e.value) and "--model PATH" in str(e.value)
-    assert "openai-community/gpt2" in str(e.value)
-    # with only the hub's own offline switch, the hub client itself refuses: same advice
-    monkeypatch.delenv("GPTJAX_OFFLINE")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConnectionError, match=r"--model PATH"):
-        load_gpt2("gpt2-xl", cache_dir=tmp_path)
+    for offline in ("GPTJAX_OFFLINE", "HF_HUB_OFFLINE"):  # gptjax's switch, then only the hub's own
+        monkeypatch.delenv("GPTJAX_OFFLINE", raising=False)
+        monkeypatch.setenv(offline, "1")
+        start = time.perf_counter()
+        with pytest.raises(ConnectionError) as e:
+            load_gpt2("gpt2-small", cache_dir=tmp_path)
+        assert time.perf_counter() - start < 3
+        assert str(e.value) == (f"openai-community/gpt2 is not in the Hugging Face cache {tmp_path}, and "
+                                f"HF_HUB_OFFLINE=1 (or GPTJAX_OFFLINE) forbids downloading it: {gw.LOAD_HINT}")
+        assert "--model /path/to/dir" in str(e.value)
+
+
+@pytest.mark.slow
+def test_without_network_the_hf_cache_loads_and_a_download_fails_fast(tmp_path, tiny_export):
+    """A fresh process with no offline switch set and a hub that refuses connections: a model in the HF cache
+    ($HF_HOME) loads without any request; one that is not fails in one probe (not ~25 s of the hub client's
+    retries) with the advice."""
+    out, _ = tiny_export
+    _hub_cache(tmp_path / "home" / "hub", "someone/tiny-gpt2", {n: out / n for n in ("config.json", "model.safetensors")})
+    env = {k: v for k, v in os.environ.items() if k not in ("GPTJAX_OFFLINE", "HF_HUB_OFFLINE", "HF_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "home"), HF_ENDPOINT="http://127.0.0.1:9")  # the discard port: refused
+    script = """if True:
+        import json, time
+        from gptjax.gpt2_weights import load_gpt2
+        params, cfg = load_gpt2("someone/tiny-gpt2")
+        start = time.perf_counter()
+        try:
+            load_gpt2("someone/absent")
+        except ConnectionError as e:
+            print(json.dumps({"n_layers": cfg.n_layers, "error": str(e), "seconds": time.perf_counter() - start}))
+        """
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["n_layers"] == 2 and result["seconds"] < 3
+    assert result["error"].startswith("could not download someone/absent from the Hugging Face hub (ConnectError")
+    assert f"not in the Hugging Face cache {tmp_path / 'home' / 'hub'}" in result["error"]
+    assert "HF_HUB_OFFLINE=1" in result["error"] and "--model /path/to/dir" in result["error"]
+
+
+def test_hub_repo_ids_load_from_the_hf_cache(tmp_path, monkeypatch, tiny_export, capsys):
+    from huggingface_hub import constants
+
+    from gptjax.checkpoint import load_model
+    from gptjax.cli import main
+
+    out, tensors = tiny_export
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # huggingface_hub's default, from $HF_HOME
+    _hub_cache(cache, "someone/tiny-gpt2", {n: out / n for n in ("config.json", "model.safetensors")})
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    sharded = _hub_cache(cache, "someone/sharded-gpt2", {"config.json": out / "config.json", "model.safetensors.index.json":
+                         json.dumps({"weight_map": {k: s for s, keys in shards.items() for k in keys}})})
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(sharded / shard))
+    _hub_cache(tmp_path / "elsewhere", "openai-community/gpt2", {n: out / n for n in ("config.json", "model.safetensors")})
+
+    want, want_cfg = load_gpt2(out)
+    for params, cfg in (load_gpt2("someone/tiny-gpt2"), load_model("someone/sharded-gpt2"),
+                        load_gpt2("gpt2", cache_dir=tmp_path / "elsewhere")):  # a preset, in an explicit cache
+        assert cfg == want_cfg
+        _assert_same_tree(params, want)
+    assert main(["export", "--model", "someone/tiny-gpt2", "--out", str(tmp_path / "exported")]) == 0
+    _assert_same_tree(load_gpt2(tmp_path / "exported")[0], want)
+    assert main(["download", "someone/sharded-gpt2"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(sharded))
+    assert (gw.hub_repo("someone/tiny-gpt2"), gw.hub_repo("124M"), gw.hub_repo(out), gw.hub_repo("run/model.pth")) == \
+        ("someone/tiny-gpt2", "openai-community/gpt2", None, None)
+
+
+def test_only_gpt2_architecture_models_load(tmp_path, monkeypatch, tiny_export):
+    out, _ = tiny_export
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_hidden_layers": 2}
+    # refused from config.json alone: the weights are never fetched (this cache holds none)
+    _hub_cache(tmp_path / "hub", "someone/tiny-llama", {"config.json": json.dumps(llama)})
+    with pytest.raises(ValueError, match=r"someone/tiny-llama/config.json: model_type 'llama' \(architectures "
+                                         r"\['LlamaForCausalLM'\]\): only GPT-2-architecture models load"):
+        load_gpt2("someone/tiny-llama", cache_dir=tmp_path / "hub")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2ForSequenceClassification"]}))
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' \(architectures \['GPT2ForSequenceClassification'\]\): "
+                                         r"only GPT-2-architecture models load"):
+        load_gpt2(out)
 
 
 def test_presets_download_through_the_hub_client(tmp_path, monkeypatch, tiny_export):
@@ -466,10 +557,11 @@ def test_presets_download_through_the_hub_client(tmp_path, monkeypatch, tiny_exp
                        ("gpt2-xl", "openai-community/gpt2-xl")]:
         calls.clear()
         params, cfg = load_gpt2(name, cache_dir=tmp_path / "hf")
-        assert [c[:3] for c in calls] == [(repo, "config.json", str(tmp_path / "hf")),
-                                          (repo, "model.safetensors", str(tmp_path / "hf"))]
-        assert calls[0][3] is True  # GPTJAX_OFFLINE: cache only
-    assert gw.DEFAULT_CACHE_DIR == Path("checkpoints") / "hf"
+        assert calls == [(repo, "config.json", str(tmp_path / "hf"), True),  # the cache first, no network
+                         (repo, "model.safetensors", str(tmp_path / "hf"), True)]
+    calls.clear()
+    load_gpt2("gpt2")
+    assert calls[0][2] is None  # the hub client's own default cache ($HF_HUB_CACHE, $HF_HOME/hub)
 
 
 def test_missing_paths(tmp_path):
@@ -505,3 +597,126 @@ def test_export_refuses_unwritable_and_leaves_nothing_half_written(tmp_path, mon
     with pytest.raises(OSError, match="disk full"):
         export_book(params, cfg, tmp_path / "book.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "empty"])
+def test_a_damaged_model_safetensors_is_one_clear_error(tiny_export, damage):
+    from gptjax.checkpoint import load_model
+
+    out, _ = tiny_export
+    weights = out / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes({"truncated": whole[:len(whole) // 2], "text": b"<html>Not Found</html>", "empty": b""}[damage])
+    for load in (load_gpt2, load_model):  # the API and what every command calls
+        with pytest.raises(ValueError, match=rf"^{weights} is damaged or not a safetensors file \(Error while "
+                                             rf"deserializing header: .*\); replace it with a complete copy"):
+            load(out)
+
+
+@pytest.mark.parametrize("text, why", [("", "it is empty"), ("{'n_embd': 32", "not JSON"),
+                                       ('[{"n_embd": 32}]', "a JSON list, not an object")])
+def test_a_damaged_config_json_names_the_file_not_a_missing_model_safetensors(tiny_export, tmp_path, text, why):
+    from gptjax.checkpoint import load_model, save_run
+
+    out, _ = tiny_export
+    run = save_run(tmp_path / "run", *load_gpt2(out))  # a gptjax run directory: params/ + config.json
+    for directory in (out, run):
+        (directory / "config.json").write_text(text)
+        for load in (load_gpt2, load_model) if directory == out else (load_model,):
+            with pytest.raises(ValueError, match=rf"^{directory / 'config.json'} is damaged \({why}"):
+                load(directory)
+
+
+def test_exports_are_readable_by_others(tmp_path):
+    """safetensors writes its files 0o600 and a staging directory is 0o700: the exports are 0o644 / 0o755."""
+    cfg = GPTConfig(vocab_size=97, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+    params = _gptjax_params(cfg)
+    hf, book = export_hf(params, cfg, tmp_path / "hf"), export_book(params, cfg, tmp_path / "book.safetensors")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (hf, hf / "model.safetensors", book)}
+    assert modes == {"hf": 0o755, "model.safetensors": 0o644, "book.safetensors": 0o644}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["book.safetensors", "hf"]  # no temporary left
+
+
+# ----------------------------------------------------------------------------- tokenizer files, the book's .pth
+
+def _shared_bpe_dir(tmp_path: Path) -> Path:
+    """OpenAI's encoder.json + vocab.bpe from the project's shared data folder, copied into tmp (else skip)."""
+    for d in (os.environ.get("GPTJAX_SHARED_DATA"), Path(__file__).parents[1] / "shared" / "data", "/work/shared/data"):
+        if d and (Path(d) / "gpt2-encoder.json").is_file() and (Path(d) / "gpt2-vocab.bpe").is_file():
+            (tmp_path / "bpe").mkdir()
+            (tmp_path / "bpe" / "encoder.json").write_bytes((Path(d) / "gpt2-encoder.json").read_bytes())
+            (tmp_path / "bpe" / "vocab.bpe").write_bytes((Path(d) / "gpt2-vocab.bpe").read_bytes())
+            return tmp_path / "bpe"
+    pytest.skip("gpt2-encoder.json / gpt2-vocab.bpe not available on this machine")
+
+
+def test_export_hf_writes_a_tokenizer_transformers_pipelines_use(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from gptjax import tokenizer as tk
+
+    bpe = _shared_bpe_dir(tmp_path)
+    monkeypatch.setenv("GPTJAX_BPE_DIR", str(bpe))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    monkeypatch.setattr(tk, "_packaged_bpe_files", lambda: None)  # the files come from GPTJAX_BPE_DIR
+    tk._load_gpt2.cache_clear()
+    cfg = GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
+    params = _gptjax_params(cfg)
+    out = export_hf(params, cfg, tmp_path / "hf")
+    assert (out / "vocab.json").read_bytes() == (bpe / "encoder.json").read_bytes()
+    assert (out / "merges.txt").read_bytes() == (bpe / "vocab.bpe").read_bytes()
+
+    tok = tk.get_gpt2_tokenizer()
+    text = "Hello, world! Every effort moves you<|endoftext|> naïve café 123  spaces\n\ttabs"
+    assert transformers.AutoTokenizer.from_pretrained(str(out))(text)["input_ids"] == \
+        tok.encode(text, allowed_special={"<|endoftext|>"})
+    prompt = tok.encode("Every effort moves you")
+    pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    theirs = pipe("Every effort moves you", max_new_tokens=10, do_sample=False, return_tensors=True)
+    mine = generate(params, cfg, np.array([prompt]), 10)[0].tolist()
+    assert theirs[0]["generated_token_ids"] == mine and len(mine) == len(prompt) + 10
+    tk._load_gpt2.cache_clear()
+
+
+def test_export_hf_without_bpe_files_skips_the_tokenizer_with_a_note(tmp_path, monkeypatch):
+    from gptjax import tokenizer as tk
+
+    monkeypatch.delenv("GPTJAX_BPE_DIR", raising=False)
+    monkeypatch.setattr(tk, "_packaged_bpe_files", lambda: None)
+    cfg = GPTConfig(vocab_size=50257, context_length=8, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0)
+    with pytest.warns(UserWarning, match="no GPT-2 BPE files.*no tokenizer was written"):
+        out = export_hf(_gptjax_params(cfg), cfg, tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("layout", ["model.pth", "model_and_optimizer.pth"])
+def test_the_books_pth_loads_with_torchs_logits(tmp_path, layout, tiny_ids):
+    torch = pytest.importorskip("torch")
+    from gptjax.checkpoint import load_model
+
+    book = dict(vocab_size=97, context_length=16, emb_dim=128, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
+    torch.manual_seed(0)
+    model = book_gpt_model(book).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # LayerNorm scales off 1, shifts off 0
+    path = tmp_path / layout
+    if layout == "model.pth":
+        torch.save(model.state_dict(), path)
+    else:  # chapter 5's "model_and_optimizer.pth", after one AdamW step (so the optimizer holds tensors)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.as_tensor(tiny_ids[:, :8])).sum().backward()
+        optimizer.step()
+        torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict()}, path)
+    ids = tiny_ids[:, :16]
+    with torch.no_grad():
+        want = model(torch.as_tensor(ids)).numpy()
+    for params, cfg in (load_gpt2(path), load_model(path)):  # n_heads from 64-wide heads, as for the book's files
+        assert (cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.tie_embeddings) == (128, 2, 2, False)
+        np.testing.assert_allclose(_logits(params, cfg, ids), want, atol=1e-5, rtol=0)
+
+
+def test_a_pth_without_torch_says_pip_install_torch(tmp_path, monkeypatch):
+    (tmp_path / "model.pth").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(ImportError, match=r"model.pth is a PyTorch checkpoint: reading it needs torch \(pip install torch\)"):
+        load_gpt2(tmp_path / "model.pth")

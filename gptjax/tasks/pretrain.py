@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -13,15 +15,15 @@ import jax
 import numpy as np
 import optax
 
-from gptjax import engine, runs
-from gptjax.checkpoint import CONFIG_FILE, load_run_config, refuse_existing_run, save_run
+from gptjax import engine, runs, shards
+from gptjax.checkpoint import CONFIG_FILE, load_model, load_run_config, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
-from gptjax.data import create_dataloaders, load_corpus
+from gptjax.data import create_dataloaders, load_corpus, make_windows
 from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy, mean_metrics, new_state
 from gptjax.optim import OptimConfig
 from gptjax.generate import generate, trim_at_eos
 from gptjax.model import GPT, count_params, dropout_rngs, init_params
-from gptjax.layout import layout_fns
+from gptjax.layout import layout_fns, to_layout
 from gptjax.options import LEGACY_KEYS, Options
 from gptjax.sharding import mesh_for
 from gptjax.tokenizer import get_gpt2_tokenizer
@@ -176,14 +178,31 @@ def run_settings(out_dir: str | Path) -> tuple[GPTConfig, PretrainConfig, dict, 
     return cfg, PretrainConfig.from_dict(meta["train"]), meta["data"], opts
 
 
+def start_from(spec: str, context_length: int, drop_rate: float) -> tuple[Any, GPTConfig]:
+    """Canonical params and config of `spec` (anything load_model takes: a GPT-2 size, hub id, local directory
+    or run) to pretrain further: its architecture, the context cut to `context_length` (its first position
+    embeddings), `drop_rate` for training."""
+    params, cfg = load_model(spec)
+    if cfg.n_classes:
+        raise ValueError(f"{spec!r} is a classifier; continued pretraining starts from a language model")
+    if context_length > cfg.context_length:
+        raise ValueError(f"--context-length {context_length} is longer than {spec!r}'s {cfg.context_length} "
+                         f"positions; use at most {cfg.context_length}")
+    params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][:context_length]}}
+    return params, cfg.replace(context_length=context_length, drop_rate=drop_rate)
+
+
 def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | None = None,
                     tcfg: PretrainConfig | None = None, *, optim_for: Callable[[int], OptimConfig] | None = None,
                     stride: int | None = None, train_ratio: float = 0.9, bpe_dir: str | None = None,
-                    resume: bool | int = False, opts: Options | None = None, **kw) -> dict:
+                    resume: bool | int = False, opts: Options | None = None, init_from: str | None = None,
+                    **kw) -> dict:
     """`gptjax pretrain` as one call: corpus -> GPT-2 tokens -> the book's windows -> `pretrain`.
 
     `corpus`: a path, URL, `hf:NAME` or None (the default corpus, see data.load_corpus). `optim_for(n)`
     gives the optimizer settings for a run of n micro-steps (warmup and cosine need the count).
+    `init_from` (a GPT-2 size, hub id, local directory or run) starts from those weights and their architecture
+    instead of a fresh `cfg` (only its context length and dropout count; continued pretraining).
     config.json records the corpus, its sha256 and the windowing. `resume=True` continues the run in
     `out_dir` with the model, train and data settings saved there (`cfg`/`tcfg` must be None) and
     refuses a corpus whose text changed; it runs under the run's recorded options unless `opts` says
@@ -201,6 +220,9 @@ def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | No
         path = Path(corpus) if corpus else None
         data = {"corpus": str(path.absolute()) if path is not None and path.is_file() else corpus, "stride": stride,
                 "train_ratio": train_ratio}
+        if init_from:
+            start, cfg = start_from(init_from, cfg.context_length, cfg.drop_rate)
+            data["init_from"] = init_from
     text = load_corpus(corpus or data["corpus"])
     sha = hashlib.sha256(text.encode()).hexdigest()
     if resume and data.get("corpus_sha256", sha) != sha:
@@ -214,6 +236,121 @@ def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | No
             tcfg = dataclasses.replace(tcfg, optim=optim_for(tcfg.epochs * len(train_b)))
         data["corpus_sha256"] = sha
     opts = opts or Options.for_backend()
+    if init_from and not resume:
+        kw["params"] = to_layout(start, cfg, opts)
     print(f"corpus: {len(text):,} characters; {cfg}; {opts}")
     return pretrain(cfg, tcfg, train_b, val_b, tok, out_dir, resume=resume, run_info={"data": data}, opts=opts,
                     **kw)
+
+
+def _shards_sha256(data_dir: str | Path) -> str:
+    """sha256 of a shard directory's meta.json (which holds every shard's sha256)."""
+    shards.load_meta(data_dir)  # a directory without finished shards: its own clear error
+    return hashlib.sha256((Path(data_dir) / shards.META).read_bytes()).hexdigest()
+
+
+class StepBatches:
+    """`steps` batches of a shards.ShardDataset as one epoch (the engine's batch protocol), timing how long
+    each step waits for its batch."""
+
+    def __init__(self, ds: Any, steps: int):
+        self.ds, self.steps, self.wait_s = ds, steps, []
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batch_at(self, epoch: int, i: int):
+        t0 = time.perf_counter()
+        batch = self.ds.batch(epoch * self.steps + i)
+        self.wait_s.append(time.perf_counter() - t0)
+        return batch
+
+    def epoch(self, epoch: int, start: int = 0):
+        return (self.ds.batch(epoch * self.steps + i) for i in range(start, self.steps))
+
+
+class FixedBatches(list):
+    """A fixed list of batches (the validation windows), every epoch the same."""
+
+    def epoch(self, epoch: int, start: int = 0):
+        return iter(self[start:])
+
+
+def pretrain_shards(data_dir: str | Path, out_dir: str | Path, cfg: GPTConfig | None = None,
+                    tcfg: PretrainConfig | None = None, *, max_steps: int | None = None, tokens: int | None = None,
+                    batch_tokens: int | None = None, optim_for: Callable[[int], OptimConfig] | None = None,
+                    mode: str = "random", bpe_dir: str | None = None, resume: bool | int = False,
+                    opts: Options | None = None, init_from: str | None = None, **kw) -> dict:
+    """`gptjax pretrain --data SHARDS`: pretraining on `gptjax prepare`'s token shards with a step budget.
+
+    `max_steps` optimizer updates (or enough for `tokens` tokens), each of `batch_tokens` tokens (gradient
+    accumulation over micro-batches of tcfg.batch_size x context; default one micro-batch). Batches are a
+    pure function of (seed, step, process), so a resume needs no iterator state; validation is on fixed
+    windows of the val split (tcfg.eval_iter batches). `optim_for(updates)` gives the optimizer settings.
+    """
+    if resume:
+        cfg, tcfg, data, saved_opts = run_settings(out_dir)
+        opts = opts or saved_opts
+        if _shards_sha256(data_dir) != data["meta_sha256"]:
+            raise ValueError(f"the shards in {str(data_dir)!r} differ from those {str(out_dir)!r} was trained on "
+                             f"(meta.json sha256); pass --data with the original shards to resume")
+    else:
+        if cfg is None or tcfg is None:
+            raise ValueError("a new run needs a model config (cfg) and train settings (tcfg)")
+        if init_from:
+            kw["params"], cfg = start_from(init_from, cfg.context_length, cfg.drop_rate)
+        micro = tcfg.batch_size * cfg.context_length
+        if batch_tokens is not None and (batch_tokens < micro or batch_tokens % micro):
+            raise ValueError(f"--batch-tokens {batch_tokens} must be a multiple of batch_size x context_length = "
+                             f"{micro}; e.g. {max(1, round(batch_tokens / micro)) * micro}")
+        accum = batch_tokens // micro if batch_tokens else (optim_for(1) if optim_for else tcfg.optim).grad_accum
+        if (max_steps is None) == (tokens is None):
+            raise ValueError("give the budget of a run on token shards as max_steps (--max-steps) or tokens (--tokens)")
+        updates = max_steps if max_steps is not None else -(-tokens // (accum * micro))
+        optim = optim_for(updates) if optim_for is not None else tcfg.optim
+        tcfg = dataclasses.replace(tcfg, epochs=1, optim=dataclasses.replace(optim, grad_accum=accum))
+        data = {"shards": str(Path(data_dir).absolute()), "meta_sha256": _shards_sha256(data_dir), "mode": mode,
+                "steps": updates * accum, "batch_tokens": accum * micro, "init_from": init_from}
+    opts = opts or Options.for_backend()
+    if kw.get("params") is not None:
+        kw["params"] = to_layout(kw["params"], cfg, opts)
+    where = dict(seed=tcfg.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    train_b = StepBatches(shards.ShardDataset(data_dir, "train", cfg.context_length, tcfg.batch_size, mode=mode,
+                                              **where), data["steps"])
+    val_b = FixedBatches(shards.ShardDataset(data_dir, "val", cfg.context_length, tcfg.batch_size, mode="sequential",
+                                             **where).val_batches(tcfg.eval_iter))
+    print(f"shards: {train_b.ds.num_tokens:,} train tokens, {data['steps']:,} steps of {tcfg.batch_size} x "
+          f"{cfg.context_length} tokens ({data['batch_tokens']:,} per update); {cfg}; {opts}")
+    r = pretrain(cfg, tcfg, train_b, val_b, get_gpt2_tokenizer(bpe_dir), out_dir, resume=resume,
+                 run_info={"data": data}, opts=opts, **kw)
+    if train_b.wait_s:
+        wait = np.asarray(train_b.wait_s) * 1e3
+        r["data_wait_ms"] = {"mean": float(wait.mean()), "p99": float(np.percentile(wait, 99)), "max": float(wait.max())}
+        print(f"data wait per step: mean {wait.mean():.2f} ms, p99 {np.percentile(wait, 99):.2f} ms")
+    return r
+
+
+def evaluate_corpus(model: Any, corpus: str | None = None, *, context_length: int | None = None,
+                    batch_size: int = 8, max_batches: int | None = None, bpe_dir: str | None = None,
+                    opts: Options | None = None) -> dict:
+    """The mean next-token loss and perplexity of `model` (what load_model takes, or a Model) on a corpus (what
+    load_corpus takes), over its non-overlapping windows of `context_length` tokens (default: the model's)."""
+    params, cfg = load_model(model) if isinstance(model, (str, Path)) else model
+    T = context_length or cfg.context_length
+    if not 0 < T <= cfg.context_length:
+        raise ValueError(f"context_length must be in [1, {cfg.context_length}] for this model, got {T}")
+    ids = get_gpt2_tokenizer(bpe_dir).encode(load_corpus(corpus), allowed_special={"<|endoftext|>"})
+    x, y = make_windows(ids, T, T)
+    if len(x) == 0:
+        raise ValueError(f"the corpus holds {len(ids)} tokens, fewer than one window of {T} + 1; give a longer "
+                         f"corpus or a shorter --context-length")
+    opts = opts or Options.for_backend()
+    loss = jax.jit(lambda p, x, y: make_loss_fn(cfg.replace(drop_rate=0.0), opts)(p, None, (x, y), None)[0])
+    params = to_layout(params, cfg, opts)
+    total, n = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        if max_batches is not None and i // batch_size >= max_batches:
+            break
+        total += float(loss(params, x[i:i + batch_size], y[i:i + batch_size])) * y[i:i + batch_size].size
+        n += y[i:i + batch_size].size
+    return {"loss": total / n, "perplexity": math.exp(total / n), "tokens": n, "context_length": T}

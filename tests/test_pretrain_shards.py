@@ -1,0 +1,78 @@
+"""Pretraining on token shards: `gptjax prepare`, then `gptjax pretrain --data SHARDS` with a step budget,
+tokens per update by gradient accumulation, and an exact resume (batches are a function of the step)."""
+import json
+
+import pytest
+
+from gptjax.checkpoint import TrainingInterrupted
+from gptjax.cli import main
+from gptjax.config import GPTConfig
+from gptjax.data import VERDICT_PATH
+from gptjax.optim import OptimConfig
+from gptjax.tasks.pretrain import PretrainConfig, pretrain_shards
+
+TINY = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "4", "--context-length", "16", "--batch-size", "2",
+        "--eval-freq", "2", "--eval-iter", "1", "--quiet"]
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    paragraphs = [p for p in VERDICT_PATH.read_text().split("\n\n") if p.strip()]
+    files = []
+    for i in range(0, len(paragraphs), 8):  # a document a file
+        files.append(tmp_path / f"doc{i:03d}.txt")
+        files[-1].write_text("\n\n".join(paragraphs[i:i + 8]))
+    out = tmp_path / "shards"
+    assert main(["prepare", *map(str, files), "--out", str(out), "--val-fraction", "0.2", "--shard-tokens", "1500",
+                 "--workers", "0", "--quiet"]) == 0
+    return out
+
+
+def losses(run):
+    return [json.loads(s)["loss"] for s in (run / "steps.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_on_shards_with_a_step_budget_and_tokens_per_update(tmp_path, shard_dir, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(shard_dir), "--max-steps", "5", "--batch-tokens", "64", "--out", str(run),
+                 "--warmup-steps", "1", "--cosine", "--lr", "3e-3", *TINY]) == 0
+    assert "data wait per step" in capsys.readouterr().out
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["batch_tokens"] == 64 and config["data"]["steps"] == 10  # 5 updates of 2 micro-batches
+    assert config["train"]["optim"]["grad_accum"] == 2 and config["train"]["optim"]["decay_steps"] == 4
+    steps = losses(run)
+    assert len(steps) == 10 and steps[-1] < steps[0]
+    # a budget without shards, or a token count that is not whole micro-batches: one clear error each
+    assert main(["pretrain", "--max-steps", "3", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert "budget a run on token shards" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(shard_dir), "--max-steps", "3", "--batch-tokens", "50",
+                 "--out", str(tmp_path / "y"), *TINY]) == 2
+    assert "--batch-tokens 50 must be a multiple of batch_size x context_length = 32" in capsys.readouterr().err
+
+
+def test_a_stopped_run_on_shards_resumes_bitwise(tmp_path, shard_dir):
+    cfg = GPTConfig(context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)
+    tcfg = PretrainConfig(batch_size=2, eval_freq=3, eval_iter=1, sample_tokens=0, save_every=2,
+                          optim=OptimConfig(lr=3e-3))
+    kw = dict(max_steps=6, batch_tokens=64, progress=False)
+    with pytest.raises(TrainingInterrupted):
+        pretrain_shards(shard_dir, tmp_path / "cut", cfg, tcfg, stop_after=5, **kw)
+    pretrain_shards(shard_dir, tmp_path / "cut", resume=True, progress=False)
+    pretrain_shards(shard_dir, tmp_path / "whole", cfg, tcfg, **kw)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 12
+
+
+def test_the_gpt2_124m_recipe_runs_a_few_steps_with_a_tiny_override(tmp_path, shard_dir):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", "gpt2-124m", "--data", str(shard_dir), "--out", str(run), "--max-steps", "2",
+                 "--warmup-steps", "1", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4", "--context-length",
+                 "32", "--batch-size", "2", "--batch-tokens", "128", "--eval-freq", "4", "--eval-iter", "1",
+                 "--quiet"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    optim = config["train"]["optim"]
+    assert (optim["lr"], optim["b2"], optim["weight_decay"], optim["clip_norm"], optim["min_lr"]) == \
+        (6e-4, 0.95, 0.1, 1.0, 6e-5)
+    assert optim["grad_accum"] == 2 and optim["decay_steps"] == 1
+    assert config["options"]["dtype"] == "bfloat16" and config["options"]["vocab_multiple"] == 64
+    assert config["model"]["tie_embeddings"] and config["model"]["qkv_bias"] and config["model"]["n_layers"] == 2
+    assert len(losses(run)) == 4
