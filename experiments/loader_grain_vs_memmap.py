@@ -12,6 +12,7 @@ Writes experiments/results/loader_grain_vs_memmap.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import sys
@@ -100,8 +101,7 @@ def main() -> None:
         if not args.shards:
             synthetic_shards(Path(data))
         ds = ShardDataset(data, "train", T, B, seed=0)
-        steps = lambda: (ds.batch(s) for s in range(10**9))  # noqa: E731
-        rows = {"memmap: ShardDataset.batch(step), this thread": timed(steps(), n, w)}
+        rows = {"memmap: ShardDataset.batch(step), this thread": timed(map(ds.batch, itertools.count()), n, w)}
         with Prefetch(ds.batch, put=lambda b: b) as pf:
             rows["memmap: ShardDataset + Prefetch (1 thread, depth 2)"] = timed(pf, n, w)
         try:
@@ -124,7 +124,7 @@ def main() -> None:
                 batched.to_iter_dataset().mp_prefetch(opts), n, w)
         tokens = ds.num_tokens
     lines = ["# Host batches/s of random windows: plain memmap (`gptjax.shards.ShardDataset`) vs Google Grain\n",
-             f"{'the shards of ' + args.shards if args.shards else 'a synthetic shard'} ({tokens:,} tokens); "
+             f"{'the shards in ' + args.shards if args.shards else 'a synthetic shard'} ({tokens:,} tokens); "
              f"context {T}, batch {B}, int32 (x, y); {n} batches timed after {w}; {os.cpu_count()} CPUs, Python "
              f"{platform.python_version()}, {why}.\n",
              "| loader | batches/s | tokens/s | first batch (s) |", "|---|---:|---:|---:|"]

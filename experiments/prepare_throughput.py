@@ -80,8 +80,9 @@ def child(mode: str, corpus: Path, out: Path, workers: int) -> dict:
         tokens = sum(s["tokens"] for s in meta["splits"].values())
         docs = sum(s["documents"] for s in meta["splits"].values())
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "tokens": tokens, "documents": docs, "peak_rss_mib": _peak(resource.RUSAGE_SELF),
-            "worker_peak_rss_mib": _peak(resource.RUSAGE_CHILDREN) if mode != "tiktoken_loop" else None}
+    cpu = sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+    return {"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "documents": docs, "peak_rss_mib": _peak(resource.RUSAGE_SELF),
+            "worker_peak_rss_mib": _peak(resource.RUSAGE_CHILDREN) if mode == "prepare" and workers else None}
 
 
 def run_child(*args: str) -> dict:
@@ -103,6 +104,7 @@ def main() -> None:
         return
     import tiktoken
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="gptjax-prepare-") as tmp:
         corpus = Path(tmp) / "corpus"
         corpus.mkdir()
@@ -115,7 +117,7 @@ def main() -> None:
     mb = info["text_bytes"] / 1e6
     for r in rows.values():
         r.update(mb_per_s=mb / r["wall_s"], tokens_per_s=r["tokens"] / r["wall_s"])
-    report = {"corpus": info, "cpus": os.cpu_count(), "python": platform.python_version(),
+    report = {"corpus": info, "cpus": os.cpu_count(), "load_avg_1min": [load_before, os.getloadavg()[0]], "python": platform.python_version(),
               "tiktoken": tiktoken.__version__, "workers": args.workers, "results": rows,
               "command": "python experiments/prepare_throughput.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(exist_ok=True)
@@ -123,13 +125,15 @@ def main() -> None:
     lines = ["# GPT-2 tokenization throughput: tiktoken loop vs `gptjax.shards.prepare`\n",
              f"Corpus: {info['documents']:,} documents ({mb:.1f} MB of UTF-8) from the .py/.rst/.txt files of the "
              f"standard library and site-packages, as {info['jsonl_files']} JSONL files. {os.cpu_count()} CPUs, "
-             f"Python {report['python']}, tiktoken {report['tiktoken']}.\n",
-             "| method | wall s | MB text/s | tokens/s | tokens | peak RSS MiB (main) | peak RSS MiB (largest worker) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"Python {report['python']}, tiktoken {report['tiktoken']}; 1-minute load average {load_before:.1f} before, "
+             f"{os.getloadavg()[0]:.1f} after (the machine is shared: wall times move with the load, CPU seconds "
+             f"less so; CPU s counts the process and its workers, startup included).\n",
+             "| method | wall s | MB text/s | tokens/s | CPU s | MB text/CPU s | tokens | peak RSS MiB (main) | "
+             "peak RSS MiB (largest worker) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         worker = f"{r['worker_peak_rss_mib']:.0f}" if r["worker_peak_rss_mib"] is not None else "-"
         lines.append(f"| {name} | {r['wall_s']:.1f} | {r['mb_per_s']:.2f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['tokens']:,} | {r['peak_rss_mib']:.0f} | {worker} |")
+                     f"{r['cpu_s']:.1f} | {mb / r['cpu_s']:.2f} | {r['tokens']:,} | {r['peak_rss_mib']:.0f} | {worker} |")
     same = len({r["tokens"] for r in rows.values()}) == 1
     lines += ["", f"Token counts {'match' if same else 'DIFFER'} (prepare counts one <|endoftext|> per document, "
               "so does the loop).", "", f"Command: `{report['command']}`", ""]

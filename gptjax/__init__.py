@@ -18,7 +18,7 @@ except PackageNotFoundError:  # run from a source tree that was never installed
 
 _EXPORTS = {
     "Model": "gptjax.checkpoint", "load_model": "gptjax.checkpoint",
-    "generate_text": "gptjax.generate", "generate": "gptjax.generate",
+    "generate_text": "gptjax.generate",
     "GPTConfig": "gptjax.config", "get_config": "gptjax.config",
     "Options": "gptjax.options", "OptimConfig": "gptjax.optim",
     "get_gpt2_tokenizer": "gptjax.tokenizer", "load_corpus": "gptjax.data",

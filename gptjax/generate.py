@@ -218,6 +218,24 @@ def decode_step(params, cache, tok_B, pos_B, key, *, cfg: GPTConfig, temperature
     return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
 
+@partial(jax.jit, static_argnames=("cfg", "opts", "n", "temperature", "top_k", "top_p"), donate_argnames=("cache",))
+def decode_chunk(params, cache, tok_B, pos, key, *, cfg: GPTConfig, n: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, opts: Options = Options()):
+    """`n` decode steps in one program: the tokens (B, n) that follow tok_B (at position `pos`, one scalar for
+    all rows), and the cache. Step i samples with fold_in(key, pos + i + 1), as `decode_step` at pos + i does.
+    Steps past the cache's last slot compute garbage: callers keep only the tokens that fit."""
+    def body(i, carry):
+        cache, tok_B, out_Bn = carry
+        logits_BV, cache = _decode(params, cfg, opts, cache, tok_B, pos + i)
+        nxt_B = sample_logits(logits_BV, jax.random.fold_in(key, pos + i + 1), temperature=temperature, top_k=top_k,
+                              top_p=top_p)
+        return cache, nxt_B, jax.lax.dynamic_update_index_in_dim(out_Bn, nxt_B, i, axis=1)
+
+    out_Bn = jnp.zeros((tok_B.shape[0], n), jnp.int32)
+    cache, _, out_Bn = jax.lax.fori_loop(0, n, body, (cache, tok_B, out_Bn))
+    return out_Bn, cache
+
+
 @partial(jax.jit, static_argnames=("cfg", "opts", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
 def _generate_cached(params, idx_BT, lens_B, key, *, cfg: GPTConfig, opts: Options, max_new_tokens: int,
                      temperature: float, top_k: int | None, top_p: float | None, eos_id: int | None):
@@ -320,16 +338,19 @@ def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max
 def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: int, *,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, key: jax.Array | None = None,
-                    pad_multiple: int = 64, opts: Options = Options()) -> Iterator[int]:
-    """Yield new token ids one at a time as they are decoded (eos ends the stream and is not yielded).
+                    pad_multiple: int = 64, chunk: int = 8, opts: Options = Options()) -> Iterator[int]:
+    """Yield new token ids as they are decoded (eos ends the stream and is not yielded).
 
-    Same tokens as `generate` for greedy decoding. The prompt is padded to a multiple of
-    `pad_multiple` (few compiles across prompts); the next step is dispatched before the current
-    token is read back, so the host round trip overlaps the compute.
+    Same tokens as `generate`. The KV-cache decode runs `chunk` tokens per device program
+    (`decode_chunk`): the host reads a chunk while the next one runs, so there is one round trip per
+    chunk, not per token (chunk=1: token by token). The prompt is padded to a multiple of
+    `pad_multiple` (few compiles across prompts).
     """
     ids = [int(i) for i in ids]
     if not ids:
         raise ValueError("the prompt is empty; give at least one token")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 tokens per device program, got {chunk}")
     _check(cfg, np.asarray([ids], np.int32), max_new_tokens, temperature, top_k, top_p)
     key = _sampling_key(temperature, key)
     params, opts = _per_layer(params, opts)
@@ -342,17 +363,20 @@ def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: 
         buf_1T[0, :n] = ids
         tok_1, cache = prefill(params, jnp.asarray(buf_1T), jnp.int32(n), jax.random.fold_in(key, n),
                                max_len=S, **sampling)
-        for s in range(m):  # tok_1 is new token s, at position n + s
-            if s < m - 1:  # dispatch the next step first: it runs while the host reads this token
-                nxt_1, cache = decode_step(params, cache, tok_1, jnp.int32(n + s),
-                                           jax.random.fold_in(key, n + s + 1), **sampling)
-            t = int(tok_1[0])
-            if eos_id is not None and t == eos_id:
-                return
-            ids.append(t)
-            yield t
-            if s < m - 1:
-                tok_1 = nxt_1
+        pending, s = tok_1[:, None], 0  # tokens decoded, not yet read; s tokens yielded so far
+        while s < m:
+            last, cache_in = pending[:, -1], cache
+            if s + pending.shape[1] < m:  # dispatch the next chunk first: it runs while the host reads this one
+                nxt, cache = decode_chunk(params, cache_in, last, jnp.int32(n + s + pending.shape[1] - 1), key,
+                                          n=chunk, **sampling)
+            for t in np.asarray(pending[0])[: m - s].tolist():
+                if eos_id is not None and t == eos_id:
+                    return
+                ids.append(t)
+                yield t
+                s += 1
+            if s < m:
+                pending = nxt
     # past the context: the book's window of the last context_length tokens, one step at a time
     while len(ids) - n < max_new_tokens:
         win = ids[-C:]

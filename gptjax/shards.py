@@ -452,7 +452,8 @@ class ShardDataset:
             yield self.batch_at(epoch, i)
 
     def val_batches(self, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """n fixed batches at evenly spaced windows over the whole split: the same for every seed and step."""
+        """n fixed batches at evenly spaced windows over the whole split, the same for every seed (windows
+        repeat when the split has fewer than n*B*P)."""
         idx = np.linspace(0, self.num_windows - 1, n * self.B * self.P).round().astype(np.int64)
         rows = idx.reshape(n, self.P, self.B)[:, self.process_index]
         return [self.windows(r) for r in rows]

@@ -147,6 +147,11 @@ def test_stream_yields_the_tokens_of_generate(model):
     assert list(stream_generate(params, cfg, ids, 20, eos_id=eos)) == trim_at_eos(full, eos)
     kw = dict(temperature=1.0, key=jax.random.key(7))
     assert list(stream_generate(params, cfg, ids, 8, **kw)) == generate(params, cfg, [ids], 8, **kw)[0, 3:].tolist()
+    # one device program per chunk of tokens: any chunk size, the same tokens (sampled ones too)
+    for chunk in (1, 3, 32):
+        assert list(stream_generate(params, cfg, ids, 20, chunk=chunk)) == full
+        assert list(stream_generate(params, cfg, ids, 8, chunk=chunk, **kw)) == \
+            generate(params, cfg, [ids], 8, **kw)[0, 3:].tolist()
     with pytest.raises(ValueError, match="empty"):
         next(stream_generate(params, cfg, [], 3))
 
@@ -188,9 +193,9 @@ def test_decoding_compiles_once_per_shape(model):
     generate(params, cfg, np.array([[7, 8, 9]]), 5)
     assert gen._generate_cached._cache_size() == n
     assert list(stream_generate(params, cfg, [4, 5], 4))
-    sizes = decode_step._cache_size(), prefill._cache_size()
+    sizes = gen.decode_chunk._cache_size(), prefill._cache_size()
     assert list(stream_generate(params, cfg, [6, 7, 8, 9], 4))  # another length, the same padded bucket
-    assert (decode_step._cache_size(), prefill._cache_size()) == sizes
+    assert (gen.decode_chunk._cache_size(), prefill._cache_size()) == sizes
 
 
 @pytest.mark.parametrize("shared", [True, False])  # scalar position / one per row: same tokens
