@@ -170,7 +170,7 @@ def cmd_evaluate(args) -> int:
     if args.out:
         runs.check_output(args.out, [args.data, args.model], overwrite=args.overwrite)
     r = evaluate_corpus(args.model, args.data, context_length=args.context_length, batch_size=args.batch_size,
-                        max_batches=args.max_batches, bpe_dir=args.bpe_dir)
+                        max_batches=args.max_batches, split=args.split, bpe_dir=args.bpe_dir)
     r = {"model": str(args.model), "data": args.data or "the-verdict", **r}
     print(f"{r['model']} on {r['data']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
           f"({r['tokens']:,} tokens, windows of {r['context_length']})")

@@ -36,8 +36,8 @@ def _model_flags(p, *, context_length: int | None, drop_rate: float, init: str, 
     g = p.add_argument_group("model")
     if model is not None:
         add(g, "model", model or None, required=not model, help="base model: a GPT-2 size (gpt2-small|medium|large|"
-            "xl, downloaded), a local HF-format directory or .safetensors file, a gptjax run directory, or 'random' "
-            "(a fresh GPT of the flags below)")
+            "xl, downloaded), a GPT-2 hub id (owner/name), a local HF-format directory, .safetensors file or the book's "
+            ".pth, a gptjax run directory, or 'random' (a fresh GPT of the flags below)")
     add(g, "preset", "gpt2-small")
     add_fields(g, GPTConfig, only=("context_length", "emb_dim", "n_layers", "n_heads"), context_length=context_length,
                emb_dim=None, n_layers=None, n_heads=None)
@@ -83,8 +83,9 @@ def _add_pretrain(sub) -> None:
     add(g, "stride", type=int)
     add(g, "train_frac", 0.9)
     add(g, "bpe_dir", type=str)
-    add(g, "init_from", type=str, help="start from these weights instead of a fresh init (continued pretraining): "
-        "a GPT-2 size, hub id, local directory or run; their architecture, cut to --context-length")
+    g.add_argument("--model", "--init-from", dest="init_from", default=None, help="start from these weights instead "
+                   "of a fresh init (continued pretraining): a GPT-2 size, hub id, local directory, the book's .pth or "
+                   "a run; their architecture, cut to --context-length")
     g = p.add_argument_group("token shards (--data DIR of `gptjax prepare`): a step budget instead of epochs")
     add(g, "max_steps", type=positive_int, help="optimizer updates to run")
     add(g, "tokens", type=positive_int, help="tokens to train on (instead of --max-steps)")
@@ -121,8 +122,9 @@ def _add_prepare(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = _parser(sub, "evaluate", "the loss and perplexity of a model on a corpus")
     add(p, "model", required=True, help="a gptjax run directory, a GPT-2 size, hub id or local directory")
-    add(p, "data", None, help="text file, http(s) URL or 'hf:NAME[:CONFIG][:SPLIT]'; default: the book's "
-        "the-verdict")
+    add(p, "data", None, help="text file, http(s) URL, 'hf:NAME[:CONFIG][:SPLIT]' or a directory of token shards "
+        "(`gptjax prepare`: its --split); default: the book's the-verdict")
+    add(p, "split", "val", choices=["train", "val"], help="with token shards: the split to evaluate")
     add(p, "context_length", type=int, help="tokens per window (default: the model's)")
     add(p, "batch_size", 8)
     add(p, "max_batches", type=positive_int, help="evaluate only the first N batches")
@@ -134,7 +136,7 @@ def _add_evaluate(sub) -> None:
 def _add_model_commands(sub) -> None:
     p = _parser(sub, "generate", "generate text from a trained run or GPT-2 weights")
     add(p, "model", required=True, help="a gptjax run directory, a GPT-2 size (gpt2-small|medium|large|xl, "
-        "downloaded) or a local GPT-2 safetensors file/directory")
+        "downloaded), a GPT-2 hub id (owner/name), a local GPT-2 safetensors file/directory or the book's .pth")
     add(p, "prompt", required=True, help="the text to continue")
     add(p, "no_eos", False, help="keep generating past <|endoftext|>")
     add(p, "stream", False, help="print tokens as they are decoded")
@@ -270,7 +272,8 @@ def _add_ch7(sub) -> None:
     add(p, "quiet", False)
 
     p = _parser(sub, "chat", "talk to an instruction-tuned model; answers stream token by token")
-    add(p, "model", required=True, help="a finetune-instruct/dpo run directory, a GPT-2 size or local weights")
+    add(p, "model", required=True, help="a finetune-instruct/dpo run directory, a GPT-2 size or hub id, or local "
+        "weights")
     add(p, "style", type=str)
     _sampling_flags(p)
 

@@ -251,7 +251,7 @@ def test_evaluate_matches_transformers_and_pretraining_continues_from_a_model(tm
     assert got["perplexity"] == pytest.approx(float(np.exp(got["loss"])))
     # continued pretraining starts from the model's weights, not a fresh init
     more, fresh = tmp_path / "more", tmp_path / "fresh"
-    for out, extra in ((more, ["--init-from", str(hf)]), (fresh, ["--qkv-bias", "--tie-embeddings", "--init", "gpt2"])):
+    for out, extra in ((more, ["--model", str(hf)]), (fresh, ["--qkv-bias", "--tie-embeddings", "--init", "gpt2"])):
         assert main(["pretrain", "--data", str(corpus), "--epochs", "1", "--out", str(out), "--drop-rate", "0",
                      *TINY, *extra]) == 0
     first = {o: json.loads((o / "steps.jsonl").read_text().splitlines()[0])["loss"] for o in (more, fresh)}

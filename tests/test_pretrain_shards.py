@@ -42,6 +42,12 @@ def test_pretrain_on_shards_with_a_step_budget_and_tokens_per_update(tmp_path, s
     assert config["train"]["optim"]["grad_accum"] == 2 and config["train"]["optim"]["decay_steps"] == 4
     steps = losses(run)
     assert len(steps) == 10 and steps[-1] < steps[0]
+    # evaluate reads shards too: all of the val split, near the run's last validation on a sample of it
+    assert main(["evaluate", "--model", str(run), "--data", str(shard_dir), "--context-length", "16",
+                 "--batch-size", "2", "--out", str(tmp_path / "e.json")]) == 0
+    val = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+    got = json.loads((tmp_path / "e.json").read_text())
+    assert got["tokens"] >= 16 * 2 * 10 and abs(got["loss"] - val) < 0.1 * val
     # a budget without shards, or a token count that is not whole micro-batches: one clear error each
     assert main(["pretrain", "--max-steps", "3", "--out", str(tmp_path / "x"), *TINY]) == 2
     assert "budget a run on token shards" in capsys.readouterr().err

@@ -331,26 +331,32 @@ def pretrain_shards(data_dir: str | Path, out_dir: str | Path, cfg: GPTConfig | 
 
 
 def evaluate_corpus(model: Any, corpus: str | None = None, *, context_length: int | None = None,
-                    batch_size: int = 8, max_batches: int | None = None, bpe_dir: str | None = None,
-                    opts: Options | None = None) -> dict:
+                    batch_size: int = 8, max_batches: int | None = None, split: str = "val",
+                    bpe_dir: str | None = None, opts: Options | None = None) -> dict:
     """The mean next-token loss and perplexity of `model` (what load_model takes, or a Model) on a corpus (what
-    load_corpus takes), over its non-overlapping windows of `context_length` tokens (default: the model's)."""
+    load_corpus takes; or a directory of token shards: its `split`), over its non-overlapping windows of
+    `context_length` tokens (default: the model's)."""
     params, cfg = load_model(model) if isinstance(model, (str, Path)) else model
     T = context_length or cfg.context_length
     if not 0 < T <= cfg.context_length:
         raise ValueError(f"context_length must be in [1, {cfg.context_length}] for this model, got {T}")
-    ids = get_gpt2_tokenizer(bpe_dir).encode(load_corpus(corpus), allowed_special={"<|endoftext|>"})
-    x, y = make_windows(ids, T, T)
-    if len(x) == 0:
-        raise ValueError(f"the corpus holds {len(ids)} tokens, fewer than one window of {T} + 1; give a longer "
-                         f"corpus or a shorter --context-length")
+    if corpus is not None and (Path(corpus) / shards.META).is_file():
+        ds = shards.ShardDataset(corpus, split, T, batch_size, mode="sequential")
+        batches = (ds.batch(i) for i in range(len(ds)))
+    else:
+        ids = get_gpt2_tokenizer(bpe_dir).encode(load_corpus(corpus), allowed_special={"<|endoftext|>"})
+        x, y = make_windows(ids, T, T)
+        if len(x) == 0:
+            raise ValueError(f"the corpus holds {len(ids)} tokens, fewer than one window of {T} + 1; give a longer "
+                             f"corpus or a shorter --context-length")
+        batches = ((x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size))
     opts = opts or Options.for_backend()
     loss = jax.jit(lambda p, x, y: make_loss_fn(cfg.replace(drop_rate=0.0), opts)(p, None, (x, y), None)[0])
     params = to_layout(params, cfg, opts)
     total, n = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        if max_batches is not None and i // batch_size >= max_batches:
+    for i, (x_BT, y_BT) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
             break
-        total += float(loss(params, x[i:i + batch_size], y[i:i + batch_size])) * y[i:i + batch_size].size
-        n += y[i:i + batch_size].size
+        total += float(loss(params, x_BT, y_BT)) * y_BT.size
+        n += y_BT.size
     return {"loss": total / n, "perplexity": math.exp(total / n), "tokens": n, "context_length": T}
