@@ -19,7 +19,8 @@ from gptjax.config import get_config, GPTConfig
 from gptjax.cpu import fastest_linear_layout
 from gptjax.flags import from_args
 from gptjax.generate import generate_text, load_for_decoding, stream_text
-from gptjax.gpt2_weights import download_gpt2, export_book, export_hf
+from gptjax.hub import DOWNLOAD_HINT, download_gpt2
+from gptjax.gpt2_weights import export_book, export_hf
 from gptjax.layout import to_layout
 from gptjax.lora import LoRAConfig
 from gptjax.optim import OptimConfig
@@ -356,7 +357,6 @@ def cmd_chat(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from gptjax.gpt2_weights import DOWNLOAD_HINT
 
     print(f"{args.size}: {download_gpt2(args.size, cache_dir=args.cache_dir, local_hint=DOWNLOAD_HINT)}")
     return 0

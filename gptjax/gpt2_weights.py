@@ -1,4 +1,5 @@
-"""Download, convert and export GPT-2 weights as safetensors (no TensorFlow; torch only to read a .pth).
+"""Convert and export GPT-2 weights as safetensors (no TensorFlow; torch only to read a .pth); gptjax.hub
+fetches them.
 
 Two checkpoint namings load into the same Flax params:
   * OpenAI's / Hugging Face's GPT-2 (`wte.weight`, `h.{i}.attn.c_attn.weight`, ...; optionally under
@@ -24,33 +25,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from gptjax import runs
-from gptjax.config import ALIASES, PRESETS, GPTConfig
+from gptjax.config import GPTConfig
+from gptjax.hub import (check_gpt2_architecture, first_line, download_gpt2, hub_repo, HUB_REPOS, TORCH_SUFFIXES)
 from gptjax.model import abstract_params
 from gptjax.options import DTYPES
-from gptjax.tokenizer import ENDOFTEXT, GPT2_N_VOCAB, gpt2_bpe_files, is_offline
-
-HUB_REPOS: dict[str, str] = {
-    "gpt2-small": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-_PRESET_ALIASES = {
-    **{k.lower(): v for k, v in ALIASES.items()},
-    **{f"gpt2-{k.lower()}": v for k, v in ALIASES.items()},  # gpt2-124m
-    **{p: p for p in PRESETS},
-    "gpt2": "gpt2-small",
-    **{repo: p for p, repo in HUB_REPOS.items()},
-}
-LOAD_HINT = ("pass a local directory with config.json + model.safetensors instead: --model /path/to/dir "
-             "(Python: load_gpt2('/path/to/dir'))")
-DOWNLOAD_HINT = ("copy config.json + model.safetensors into a directory and pass that directory as --model to the "
-                 "other commands (generate, export, finetune-...)")
-# One HEAD request before downloading: a machine without network fails in it, not in the hub client's
-# retries (their backoff sleeps add up to ~25 s). HF_HUB_ETAG_TIMEOUT, when set, replaces it.
-_PROBE_TIMEOUT_S = 3.0
-_GPT2_ARCHITECTURES = {"GPT2LMHeadModel", "GPT2Model"}
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+from gptjax.tokenizer import ENDOFTEXT, GPT2_N_VOCAB, gpt2_bpe_files
 
 # How checkpoint tensor(s) become one Flax leaf (and, run backwards, how the leaf is exported).
 COPY, T, QKV, CAT = "copy", "T", "qkv", "cat"
@@ -88,93 +67,6 @@ _BLOCK_PREFIX = {"hf": "h.{i}.", "book": "trf_blocks.{i}."}
 _BUFFERS = {"hf": re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$"), "book": re.compile(r"^trf_blocks\.\d+\.att\.mask$")}
 _STRIP_PREFIXES = ("_orig_mod.", "transformer.")  # torch.compile wrapper; GPT2LMHeadModel's base model
 _MAX_LISTED = 10
-
-
-def resolve_preset(name: str) -> str | None:
-    """'gpt2', '124M', 'gpt2-small', 'openai-community/gpt2' ... -> 'gpt2-small'; None if not a preset."""
-    return _PRESET_ALIASES.get(str(name).strip().lower())
-
-
-def hub_repo(spec: str | os.PathLike) -> str | None:
-    """The Hugging Face hub repo `spec` names (a preset's openai-community repo, or any 'owner/name' that is
-    not a local path); None if it names none."""
-    text = str(spec).strip()
-    if (preset := resolve_preset(text)) is not None:
-        return HUB_REPOS[preset]
-    if (re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text) and not text.endswith((".safetensors", ".json") + _TORCH_SUFFIXES)
-            and not Path(text).exists()):
-        return text
-    return None
-
-
-def _check_gpt2_architecture(d: dict[str, Any], where: str) -> None:
-    model_type, archs = d.get("model_type", "gpt2"), d.get("architectures") or []
-    if model_type != "gpt2" or not set(archs) <= _GPT2_ARCHITECTURES:
-        raise ValueError(f"{where}: model_type {model_type!r} (architectures {archs}): only GPT-2-architecture "
-                         f"models load in gptjax (model_type 'gpt2': GPT2LMHeadModel or GPT2Model)")
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-
-
-def download_gpt2(spec: str, cache_dir: str | os.PathLike | None = None, *, local_hint: str = LOAD_HINT) -> Path:
-    """The directory of a hub model's config.json + safetensors weights: a preset or any GPT-2-architecture
-    'owner/name' repo. Taken from the Hugging Face cache without network when it is there (`cache_dir`,
-    default huggingface_hub's: HF_HOME / HF_HUB_CACHE), else downloaded into it. `local_hint` ends the
-    offline error: what to do instead."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    repo = hub_repo(spec)
-    if repo is None:
-        raise ValueError(f"{spec!r} is neither a GPT-2 preset ({', '.join(HUB_REPOS)}, 'gpt2', '124M'...) nor a "
-                         f"Hugging Face hub repo id (owner/name); or {local_hint}")
-    cache = str(Path(cache_dir).expanduser()) if cache_dir is not None else None
-
-    def fetch(local: bool) -> Path:  # a missing file (in the cache, when local) raises EntryNotFoundError
-        def get(name: str) -> Path:
-            return Path(hf_hub_download(repo, name, cache_dir=cache, local_files_only=local))
-
-        config = get("config.json")
-        _check_gpt2_architecture(runs.read_json_object(config, "delete it from the cache to download it again"),
-                                 f"{repo}/config.json")
-        try:
-            get("model.safetensors")
-        except EntryNotFoundError:
-            index = get("model.safetensors.index.json")
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                get(shard)
-        return config.parent
-
-    try:
-        return fetch(local=True)
-    except EntryNotFoundError:
-        pass
-    where = f"not in the Hugging Face cache {cache or constants.HF_HUB_CACHE}" + \
-        ("" if resolve_preset(spec) else ", nor a local path")
-    if is_offline("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        raise ConnectionError(f"{repo} is {where}, and HF_HUB_OFFLINE=1 (or GPTJAX_OFFLINE) forbids downloading it: "
-                              f"{local_hint}")
-    timeout = constants.HF_HUB_ETAG_TIMEOUT if os.environ.get("HF_HUB_ETAG_TIMEOUT") else _PROBE_TIMEOUT_S
-    try:
-        get_hf_file_metadata(hf_hub_url(repo, "config.json"), timeout=timeout)  # one request, no retries
-        return fetch(local=False)
-    except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"{spec!r} is no local path, and the Hugging Face hub has no model {repo} (or it is "
-                                f"private or gated: log in with `hf auth login`)") from e
-    except EntryNotFoundError as e:
-        if not isinstance(e, LocalEntryNotFoundError):  # the hub answered: the file is not there
-            raise FileNotFoundError(f"the hub repo {repo} lacks config.json or safetensors weights (model.safetensors "
-                                    f"or model.safetensors.index.json), which gptjax reads ({_first_line(e)})") from e
-        why = e
-    except ValueError:
-        raise
-    except Exception as e:  # no network, DNS, proxy, TLS, timeouts
-        why = e
-    raise ConnectionError(f"could not download {repo} from the Hugging Face hub ({_first_line(why)}), and it is "
-                          f"{where}. Without network, set HF_HUB_OFFLINE=1 (no hub requests at all) and {local_hint}"
-                          ) from why
 
 
 class _Reader:
@@ -241,7 +133,7 @@ class _TorchReader(_Reader):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and torch's own errors alike
-            raise ValueError(f"{path} is damaged or not a PyTorch state dict ({_first_line(e)}); replace it with "
+            raise ValueError(f"{path} is damaged or not a PyTorch state dict ({first_line(e)}); replace it with "
                              f"a complete copy") from None
         if isinstance(state, dict) and isinstance(state.get("model_state_dict"), dict):
             state = state["model_state_dict"]
@@ -268,9 +160,9 @@ def _checkpoint_files(source: Path) -> tuple[list[Path], Path | None]:
                                 f"a directory with model.safetensors (+ config.json), a .safetensors file or the "
                                 f"book's model.pth")
     if source.is_file():
-        if source.suffix not in (".safetensors",) + _TORCH_SUFFIXES:
+        if source.suffix not in (".safetensors",) + TORCH_SUFFIXES:
             raise ValueError(f"{str(source)!r} is neither a .safetensors file nor a PyTorch state dict "
-                             f"({', '.join(_TORCH_SUFFIXES)})")
+                             f"({', '.join(TORCH_SUFFIXES)})")
         config = source.parent / "config.json"
         return [source], config if config.is_file() else None
     config = source / "config.json"
@@ -348,7 +240,7 @@ def _resolve_config(reader: _Reader, naming: str, config_path: Path | None, n_he
     elif config_path is not None:
         d = runs.read_json_object(config_path, "fix it or delete it (sizes are then read from the tensor shapes)")
     if d is not None:
-        _check_gpt2_architecture(d, str(config_path or where))
+        check_gpt2_architecture(d, str(config_path or where))
     if d is not None and "n_embd" in d:
         kw = _config_from_hf(d, str(config_path or where))
     elif d is not None and "emb_dim" in d:  # the book's GPT_CONFIG keys
@@ -481,7 +373,7 @@ def load_gpt2(source: str | os.PathLike, *, dtype: str = "float32", cache_dir: s
     repo = None if path.exists() else hub_repo(source)
     files, config_path = _checkpoint_files(download_gpt2(repo, cache_dir) if repo else path)
     where = str(files[0]) if len(files) == 1 else str(files[0].parent)
-    reader = _TorchReader(files[0]) if files[0].suffix in _TORCH_SUFFIXES else _Reader(files)
+    reader = _TorchReader(files[0]) if files[0].suffix in TORCH_SUFFIXES else _Reader(files)
     naming = _naming(reader, where)
     kw = _resolve_config(reader, naming, config_path, n_heads, where, file_given=len(files) == 1 and
                          Path(source).expanduser().is_file())

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import gptjax.gpt2_weights as gw
+import gptjax.hub as hub
 from gptjax.book_torch import book_gpt_model
 from gptjax.config import GPTConfig
 from gptjax.generate import generate
@@ -464,7 +465,7 @@ def test_offline_download_is_fast_and_names_the_local_option(tmp_path, monkeypat
             load_gpt2("gpt2-small", cache_dir=tmp_path)
         assert time.perf_counter() - start < 3
         assert str(e.value) == (f"openai-community/gpt2 is not in the Hugging Face cache {tmp_path}, and "
-                                f"HF_HUB_OFFLINE=1 (or GPTJAX_OFFLINE) forbids downloading it: {gw.LOAD_HINT}")
+                                f"HF_HUB_OFFLINE=1 (or GPTJAX_OFFLINE) forbids downloading it: {hub.LOAD_HINT}")
         assert "--model /path/to/dir" in str(e.value)
 
 
@@ -523,7 +524,7 @@ def test_hub_repo_ids_load_from_the_hf_cache(tmp_path, monkeypatch, tiny_export,
     _assert_same_tree(load_gpt2(tmp_path / "exported")[0], want)
     assert main(["download", "someone/sharded-gpt2"]) == 0
     assert capsys.readouterr().out.strip().endswith(str(sharded))
-    assert (gw.hub_repo("someone/tiny-gpt2"), gw.hub_repo("124M"), gw.hub_repo(out), gw.hub_repo("run/model.pth")) == \
+    assert (hub.hub_repo("someone/tiny-gpt2"), hub.hub_repo("124M"), hub.hub_repo(out), hub.hub_repo("run/model.pth")) == \
         ("someone/tiny-gpt2", "openai-community/gpt2", None, None)
 
 
