@@ -140,8 +140,11 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, idx_BT: jax.Array, deterministic: bool = True, *, pos_B: jax.Array | None = None,
-                 last_B: jax.Array | None = None) -> jax.Array:
+                 last_B: jax.Array | None = None, targets_BT: jax.Array | None = None) -> jax.Array:
         """Token ids (B, T) -> float32 logits (B, T, V), or (B, T, n_classes) for a classifier.
+
+        targets_BT (a language model under opts.loss_chunk > 0): the mean cross-entropy against them instead
+        (-100 ignored), the head computed chunk by chunk (`chunked_cross_entropy`).
 
         pos_B: decode with a KV cache (apply with the "cache" collection from `init_cache`, mutable):
         row b's tokens sit at positions pos_B[b].. ; a scalar when all rows share one position
@@ -183,13 +186,48 @@ class GPT(nn.Module):
                 return head(x_BTD)
             return nn.Dense(cfg.n_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="cls_head")(x_BTD)
         if cfg.tie_embeddings:
-            logits_BTV = cpu.tied_head(x_BTD, wte, opts)
+            def head(x):
+                return cpu.tied_head(x, wte, opts)
         else:
             # the head multiplies in the compute dtype (a quarter of the FLOPs) but returns float32 logits
-            V = opts.padded_vocab_size(cfg.vocab_size)
-            logits_BTV = cpu.dense(opts, V, "lm_head", use_bias=False, f32_out=True, **_inits(cfg, 0.02))(x_BTD)
+            head = cpu.dense(opts, opts.padded_vocab_size(cfg.vocab_size), "lm_head", use_bias=False, f32_out=True,
+                             **_inits(cfg, 0.02))
+        if targets_BT is not None and opts.loss_chunk:
+            head(x_BTD[:1, :1])  # creates the head's params at init; their arrays feed the chunked loss
+            w = wte.embedding if cfg.tie_embeddings else head.variables["params"]["kernel"]
+            w_VD = w if cfg.tie_embeddings or opts.linear_layout == "out_in" else w.T
+            return chunked_cross_entropy(x_BTD, w_VD, targets_BT, opts.loss_chunk, cfg.vocab_size, opts.dtype)
         # padded vocab rows exist only to give the head matmul a round shape: drop their logits
-        return logits_BTV[..., :cfg.vocab_size].astype(jnp.float32)
+        return head(x_BTD)[..., :cfg.vocab_size].astype(jnp.float32)
+
+
+def chunked_cross_entropy(x_BTD: jax.Array, w_VD: jax.Array, targets_BT: jax.Array, chunk: int, vocab_size: int,
+                          dtype: str = "float32") -> jax.Array:
+    """Mean cross-entropy of the logits x @ w.T against targets (-100 ignored), `chunk` positions at a time:
+    each chunk's (B, C, V) float32 logits are made, reduced to sums and dropped, and made again in the
+    backward pass (jax.checkpoint), so (B, T, V) never exists. Rows of w past `vocab_size` (padding) are
+    left out."""
+    B, T, D = x_BTD.shape
+    C = min(chunk, T)
+    pad = -T % C
+    x_NBCD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, C, D).swapaxes(0, 1)
+    y_NBC = jnp.pad(targets_BT, ((0, 0), (0, pad)), constant_values=-100).reshape(B, -1, C).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_sums(x_BCD, y_BC):
+        logits_BCV = jnp.einsum("bcd,vd->bcv", x_BCD.astype(dtype), w_VD.astype(dtype),
+                                preferred_element_type=jnp.float32)[..., :vocab_size]
+        valid_BC = y_BC != -100
+        y_BC = jnp.where(valid_BC, y_BC, 0)
+        nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - jnp.take_along_axis(logits_BCV, y_BC[..., None], -1)[..., 0]
+        return jnp.sum(nll_BC * valid_BC), jnp.sum(valid_BC)
+
+    def body(carry, xy):
+        total, count = chunk_sums(*xy)
+        return (carry[0] + total, carry[1] + count), None
+
+    (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (x_NBCD, y_NBC))
+    return total / jnp.maximum(count, 1)
 
 
 # --- params: init, shapes, counts ----------------------------------------------------------

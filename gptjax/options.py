@@ -49,6 +49,9 @@ class Options:
     # "kernel": products of at most 8 rows (decoding) with (out, in) kernels and the tied head run
     # gptjax's C++ matrix-vector kernel on CPU (gptjax.cpu.kernel; XLA's dot elsewhere)
     matvec: str = "xla"
+    # > 0: the LM head and cross-entropy run over chunks of this many positions, each recomputed in the
+    # backward pass, so the (B, T, V) float32 logits never exist at once (GPT(..., targets_BT=...))
+    loss_chunk: int = 0
     # gptjax.cpu.grad_barrier before every block: stops XLA:CPU fusing the backward pass across blocks.
     # On for CPU training by `for_backend()`; off elsewhere (on a GPU it would sync with the host)
     grad_barrier: bool = False
@@ -63,6 +66,9 @@ class Options:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Options.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+            raise ValueError(f"Options.loss_chunk must be an integer >= 0 (0: the whole sequence), got "
+                             f"{self.loss_chunk!r}")
         for name in ("scan_layers", "grad_barrier"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Options.{name} must be True or False, got {getattr(self, name)!r}")

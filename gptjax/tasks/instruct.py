@@ -64,8 +64,11 @@ def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Option
 
     def loss_fn(trainable, frozen, batch, key):
         x_BT, y_BT = batch
-        logits_BTV = model.apply({"params": lora_lib.full_params(trainable, frozen, lora_scale)}, x_BT,
-                                 deterministic=key is None, rngs=dropout_rngs(key))
+        params = lora_lib.full_params(trainable, frozen, lora_scale)
+        if opts.loss_chunk:  # the model's chunked head + loss: no (B, T, V) logits
+            return model.apply({"params": params}, x_BT, deterministic=key is None, rngs=dropout_rngs(key),
+                               targets_BT=y_BT), {}
+        logits_BTV = model.apply({"params": params}, x_BT, deterministic=key is None, rngs=dropout_rngs(key))
         nll, count = token_nll(logits_BTV, y_BT)
         return nll / jnp.maximum(count, 1), {}
 
