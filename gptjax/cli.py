@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 
-from gptjax import bench, flags, runs, shards
+from gptjax import bench, flags, runs, shards, tracking
 from gptjax.chat import chat
 from gptjax.checkpoint import (CONFIG_FILE, CheckpointSaveError, load_base_model, load_model, load_run_config,
                                RunExistsError, TrainingInterrupted)
@@ -32,6 +32,7 @@ from gptjax.tasks.classify import Classifier, ClassifierTrainConfig, finetune_cl
 from gptjax.tasks.classify_data import load_labeled_texts
 from gptjax.tasks.dpo import DPOTrainConfig, finetune_dpo, load_preference_data
 from gptjax.tasks.evaluate import judge_file, respond_file
+from gptjax.tasks.hellaswag import evaluate_hellaswag
 from gptjax.tasks.instruct import finetune_instruct, InstructTrainConfig, run_style
 from gptjax.tasks.instruct_data import load_instruction_data, split_data
 from gptjax.tasks.pretrain import evaluate_corpus, pretrain_corpus, pretrain_shards, PretrainConfig, run_settings
@@ -70,6 +71,7 @@ def _train(args, fn) -> int:
     saves its flags as RUN/command.toml (for --config)."""
     if args.step and not args.resume:
         raise ValueError(f"--step {args.step} picks the checkpoint a resume starts from; give it with --resume")
+    tracking.require(args.tracker)  # before the run directory is written
     if args.sharding != "none":
         initialize_distributed()  # no-op for one process; joins a multi-host run from the environment
     code = 0
@@ -96,7 +98,8 @@ def _resume(args):
 
 
 # flags a pretrain --resume may still take: they do not change what is trained
-_RESUME_FLAGS = {"sharding", "fsdp", "resume", "step", "quiet", "data", "bpe_dir", "func", "command", "out", "config"}
+_RESUME_FLAGS = {"sharding", "fsdp", "resume", "step", "quiet", "data", "bpe_dir", "func", "command", "out", "config",
+                 "tracker"}
 
 
 def _check_resume_flags(args, run: str, run_values: dict) -> None:
@@ -125,8 +128,11 @@ def cmd_pretrain(args) -> int:
         def optim_for(steps: int):
             return _pretrain_optim(args, updates=steps // max(args.grad_accum, 1))
 
+    # a resume keeps the run's tracker unless --tracker names another
+    tracker = args.tracker if not resume or args.tracker != "none" else None
     common = dict(bpe_dir=args.bpe_dir, resume=resume, progress=not args.quiet, overwrite=args.overwrite,
-                  sharding=args.sharding, fsdp=args.fsdp, opts=opts, init_from=args.init_from, optim_for=optim_for)
+                  sharding=args.sharding, fsdp=args.fsdp, opts=opts, init_from=args.init_from, optim_for=optim_for,
+                  tracker=tracker)
     shard_dir = data["shards"] if resume and "shards" in data else args.data
     on_shards = shard_dir is not None and (Path(shard_dir) / shards.META).is_file()
     if not on_shards and (args.max_steps or args.tokens or args.batch_tokens):
@@ -168,13 +174,23 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.limit and not args.hellaswag:
+        raise ValueError("--limit counts HellaSwag items: give --hellaswag FILE too (--max-batches limits the corpus)")
     if args.out:
-        runs.check_output(args.out, [args.data, args.model], overwrite=args.overwrite)
-    r = evaluate_corpus(args.model, args.data, context_length=args.context_length, batch_size=args.batch_size,
-                        max_batches=args.max_batches, split=args.split, bpe_dir=args.bpe_dir)
-    r = {"model": str(args.model), "data": args.data or "the-verdict", **r}
-    print(f"{r['model']} on {r['data']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
-          f"({r['tokens']:,} tokens, windows of {r['context_length']})")
+        runs.check_output(args.out, [args.data, args.model, args.hellaswag], overwrite=args.overwrite)
+    model, r = load_model(args.model), {"model": str(args.model)}
+    if args.data is not None or args.hellaswag is None:
+        r.update(data=args.data or "the-verdict", **evaluate_corpus(
+            model, args.data, context_length=args.context_length, batch_size=args.batch_size,
+            max_batches=args.max_batches, split=args.split, bpe_dir=args.bpe_dir))
+        print(f"{r['model']} on {r['data']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
+              f"({r['tokens']:,} tokens, windows of {r['context_length']})")
+    if args.hellaswag:
+        hs = evaluate_hellaswag(model, args.hellaswag, limit=args.limit, batch_size=args.batch_size,
+                                context_length=args.context_length, bpe_dir=args.bpe_dir)
+        r["hellaswag"] = {k: hs[k] for k in ("data", "accuracy", "n", "predictions")}
+        print(f"{r['model']} on HellaSwag {hs['data']}: accuracy {hs['accuracy']:.4f} ({hs['n']:,} items; the "
+              f"ending with the lowest mean loss per token)")
     if args.out:
         runs.write_json_atomic(args.out, r)
     return 0

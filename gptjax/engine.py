@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from gptjax import runs, sharding
+from gptjax import runs, sharding, tracking
 from gptjax.checkpoint import (CHECKPOINTS_DIR, CheckpointSaveError, GracefulStop, TrainCheckpoints,
                                TrainingInterrupted)
 from gptjax.layout import map_param_trees
@@ -230,6 +230,7 @@ class TrainConfig:
     keep_checkpoints: int = 2      # the last K checkpoints, plus the best by validation loss
     async_checkpoint: bool = False  # write in the background (costs a copy of the state in memory)
     sample_tokens: int = 50        # tokens of the greedy sample after each epoch (0: none)
+    tracker: str = "none"          # also log the metrics to: none, tensorboard, wandb (gptjax.tracking)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "keep_checkpoints"):
@@ -244,6 +245,8 @@ class TrainConfig:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.sample_tokens < 0:
             raise ValueError(f"sample_tokens must be >= 0 (0 = no sample), got {self.sample_tokens!r}")
+        if self.tracker not in tracking.TRACKERS:
+            raise ValueError(f"tracker must be one of {tracking.TRACKERS}, got {self.tracker!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,8 +261,10 @@ class TrainConfig:
         return cls(**d)
 
 
-# settings that only say how checkpoints are written; a resume may change them
-CHECKPOINT_KEYS = ("save_every", "save_minutes", "keep_checkpoints", "async_checkpoint")
+# settings that only say how checkpoints and logs are written; a resume may change them
+CHECKPOINT_KEYS = ("save_every", "save_minutes", "keep_checkpoints", "async_checkpoint", "tracker")
+# keys of an eval record copied from its step's own metrics (the tracker has them from the step already)
+_FROM_STEP = ("batch_loss", "lr", "grad_norm")
 
 
 @dataclass
@@ -286,9 +291,9 @@ def _default_line(rec: dict) -> str:
 
 
 class _Log:
-    """The run's JSONL logs and in-memory history; per-step metrics stay on device until a flush."""
+    """The run's JSONL logs (and tracker) and in-memory history; per-step metrics stay on device until a flush."""
 
-    def __init__(self, out_dir: Path, done: int, resume: bool, saved: dict | None):
+    def __init__(self, out_dir: Path, done: int, resume: bool, saved: dict | None, writer: tracking.Writer):
         self.steps_path, self.metrics_path = out_dir / "steps.jsonl", out_dir / "metrics.jsonl"
         if resume:
             for path in (self.steps_path, self.metrics_path):  # drop what the run logged after its checkpoint
@@ -303,6 +308,7 @@ class _Log:
         self.last: dict[str, float] = {}
         self.pending: list[tuple[int, int, dict]] = []
         self.slog, self.mlog = self.steps_path.open("a"), self.metrics_path.open("a")
+        self.writer = writer
 
     def flush(self, diverged: Callable[[str, int], Exception]) -> None:
         """Pull the pending step metrics to the host; stop on the first non-finite one."""
@@ -312,13 +318,15 @@ class _Log:
                 if k in rec and not math.isfinite(rec[k]):
                     raise diverged(f"{'loss' if k == 'loss' else 'gradient norm'} became {rec[k]}", s)
             self.slog.write(json.dumps(rec) + "\n")
+            self.writer.log(s, rec)
             self.last = rec
         self.slog.flush()
         self.pending.clear()
 
-    def record(self, rec: dict, history: dict | None = None) -> None:
+    def record(self, rec: dict, step: int, history: dict | None = None) -> None:
         self.mlog.write(json.dumps(rec) + "\n")
         self.mlog.flush()
+        self.writer.log(step, {k: v for k, v in rec.items() if k not in _FROM_STEP})
         for k, v in rec.items():
             if k != "elapsed_s":  # wall time: a log value, not part of the run's (exactly resumable) history
                 (self.history if history is None else history).setdefault(k, []).append(v)
@@ -326,6 +334,7 @@ class _Log:
     def close(self) -> None:
         self.slog.close()
         self.mlog.close()
+        self.writer.close()
 
 
 class _Loop:
@@ -365,7 +374,7 @@ class _Loop:
         rec = {"step": step, "epoch": epoch + 1, self.hooks.count_name: self.tokens_seen, **values,
                **{("batch_loss" if k == "loss" else k): v for k, v in self.log.last.items()
                   if k in ("loss", "lr", "grad_norm")}, "elapsed_s": self.elapsed()}
-        self.log.record(rec)
+        self.log.record(rec, step)
         bar.set_postfix(train=f"{values['train_loss']:.3f}", val=f"{values.get('val_loss', 0):.3f}")
         bar.write((self.hooks.line or _default_line)(rec))
 
@@ -377,7 +386,7 @@ class _Loop:
             self.log.flush(self.diverged)
             self.log.record({"epoch": epoch + 1, **self.hooks.on_epoch_end(state.params, step),
                              self.hooks.count_name: self.tokens_seen, "elapsed_s": self.elapsed()},
-                            self.log.epoch_history)
+                            step, self.log.epoch_history)
 
     def checkpoint(self, state: TrainState, step: int, epoch: int, i: int, wait: bool) -> Path:
         self.log.flush(self.diverged)
@@ -424,7 +433,8 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
     """The book's train_model_simple over `steps`, checkpointed, resumable and signal-safe.
 
     Every `eval_freq` steps it logs `hooks.evaluate` to metrics.jsonl (with the step's own batch
-    loss, lr and gradient norm); every step's metrics go to steps.jsonl. Checkpoints (into
+    loss, lr and gradient norm); every step's metrics go to steps.jsonl; `tcfg.tracker` sends both to
+    TensorBoard or W&B too (gptjax.tracking). Checkpoints (into
     out_dir/checkpoints, the params and the rest of `state` apart) at the end, when stopped, and on
     the cadence of TrainConfig.save_every / save_minutes.
     `resume` continues exactly from the newest checkpoint that reads back (or, an int, from that
@@ -447,7 +457,7 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
     try:
         state, saved = _starting_state(steps, state, ckpts, resume, expect)
         done = int(state.step)
-        log = _Log(out_dir, done, resume, saved)
+        log = _Log(out_dir, done, resume, saved, tracking.make_writer(tcfg.tracker, out_dir, expect, start_step=done))
         loop = _Loop(steps, tcfg, hooks, ckpts, log, expect, n_batches, saved)
         bar = tqdm(total=total, initial=done, disable=not progress, desc=desc, unit="step")
         with GracefulStop() as stop:

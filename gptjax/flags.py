@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from gptjax.config import INITS, PRESETS
 from gptjax.options import ATTN_IMPLS, DTYPES, LINEAR_LAYOUTS, MATMUL_PRECISIONS, MATVECS, REMAT_POLICIES, WEIGHT_DTYPES
+from gptjax.tracking import TRACKERS
 
 BPE_HELP = "directory with GPT-2's encoder.json + vocab.bpe (offline use)"
 SAVE_FILE = "command.toml"
@@ -52,6 +53,8 @@ HELP = {
     "vocab_multiple": "pad the vocabulary to a multiple of this (64: 50257 -> 50304)",
     "linear_layout": "how kernels are stored while running; auto: out_in on CPU (faster there; in_out with LoRA), "
                      "else in_out. Saved models are in_out either way",
+    "loss_chunk": "positions per chunk of the LM head + cross-entropy, each recomputed in the backward pass: the "
+                  "(batch, context, vocab) float32 logits never exist at once (0: the whole sequence)",
     "matvec": "kernel: products of at most 8 rows (decoding) run gptjax's C++ matrix-vector kernel on CPU",
     # training loop (gptjax.engine.TrainConfig)
     "epochs": "passes over the training data",
@@ -68,6 +71,12 @@ HELP = {
                         "memory meanwhile)",
     "sample_tokens": "tokens of the greedy sample after each epoch (0: none)",
     "start_context": "prompt of the per-epoch sample",
+    "tracker": "also log the metrics (steps.jsonl, metrics.jsonl) to TensorBoard (RUN/tensorboard) or Weights & "
+               "Biases (offline unless logged in or WANDB_MODE=online); needs pip install 'gptjax[tracking]'",
+    "hellaswag": "also score HellaSwag from this JSONL (rowanz/hellaswag's format: a path, an http(s) URL, or 'val' "
+                 "for the official validation split, downloaded once): accuracy of picking the ending with the lowest "
+                 "mean loss per token",
+    "hellaswag_limit": "score only the first N HellaSwag items",
     "beta": "DPO beta (the book: 0.1)",
     # optimizer (gptjax.optim.OptimConfig)
     "lr": "AdamW learning rate (the peak, with a schedule)",
@@ -125,7 +134,8 @@ HELP = {
 
 CHOICES = {"dtype": DTYPES, "matmul_precision": MATMUL_PRECISIONS, "attn_impl": ATTN_IMPLS, "remat": REMAT_POLICIES,
            "linear_layout": ("auto",) + LINEAR_LAYOUTS, "matvec": MATVECS, "init": INITS, "weight_dtype": WEIGHT_DTYPES,
-           "style": ("alpaca", "phi3"), "sharding": ("none", "dp", "fsdp")}
+           "style": ("alpaca", "phi3"), "sharding": ("none", "dp", "fsdp"),
+           "tracker": TRACKERS}
 # older names a flag still answers to
 ALIASES = {"train_frac": ["--train-ratio"], "async_checkpoint": ["--async-checkpoints"]}
 _TYPES = {"int": int, "float": float, "str": str}

@@ -18,7 +18,7 @@ from gptjax.tasks.pretrain import PretrainConfig
 
 # the execution options every training command takes (Options' fields; the gradient barrier follows the backend)
 OPTION_FLAGS = ("dtype", "matmul_precision", "attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple",
-                "linear_layout")
+                "linear_layout", "loss_chunk")
 PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
@@ -120,10 +120,12 @@ def _add_prepare(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    p = _parser(sub, "evaluate", "the loss and perplexity of a model on a corpus")
+    p = _parser(sub, "evaluate", "the loss and perplexity of a model on a corpus, and its HellaSwag accuracy")
     add(p, "model", required=True, help="a gptjax run directory, a GPT-2 size, hub id or local directory")
     add(p, "data", None, help="text file, http(s) URL, 'hf:NAME[:CONFIG][:SPLIT]' or a directory of token shards "
-        "(`gptjax prepare`: its --split); default: the book's the-verdict")
+        "(`gptjax prepare`: its --split); default: the book's the-verdict, unless only --hellaswag is given")
+    add(p, "hellaswag", type=str)
+    add(p, "limit", type=positive_int, help="with --hellaswag: score only the first N items")
     add(p, "split", "val", choices=["train", "val"], help="with token shards: the split to evaluate")
     add(p, "context_length", type=int, help="tokens per window (default: the model's)")
     add(p, "batch_size", 8)

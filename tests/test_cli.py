@@ -191,13 +191,13 @@ def test_one_vocabulary_across_commands():
     # every training command takes the same execution options, optimizer, run and device flags
     common = ["--scan-layers", "--remat", "dots", "--vocab-multiple", "64", "--linear-layout", "in_out",
               "--warmup-steps", "3", "--grad-accum", "2", "--clip-norm", "1.0", "--keep-checkpoints", "3",
-              "--resume", "R", "--step", "4", "--sharding", "dp"]
+              "--resume", "R", "--step", "4", "--sharding", "dp", "--tracker", "tensorboard"]
     for command in ("pretrain", "finetune-classifier", "finetune-instruct", "dpo"):
         args = parser.parse_args([command, "--model", "random"][:1 if command == "pretrain" else 3] + common)
         assert cli._options(args).replace(grad_barrier=False) == Options(scan_layers=True, remat="dots",
                                                                           vocab_multiple=64), command
         assert (args.warmup_steps, args.grad_accum, args.clip_norm, args.keep_checkpoints) == (3, 2, 1.0, 3)
-        assert cli._resume(args) == ("R", 4) and args.sharding == "dp"
+        assert cli._resume(args) == ("R", 4) and (args.sharding, args.tracker) == ("dp", "tensorboard")
     assert cli._resume(parser.parse_args(["dpo", "--model", "m", "--resume", "--out", "o"])) == ("o", True)
 
 

@@ -1,7 +1,10 @@
 """Pretraining on token shards: `gptjax prepare`, then `gptjax pretrain --data SHARDS` with a step budget,
 tokens per update by gradient accumulation, and an exact resume (batches are a function of the step)."""
 import json
+import threading
 
+import jax
+import numpy as np
 import pytest
 
 from gptjax.checkpoint import TrainingInterrupted
@@ -9,7 +12,8 @@ from gptjax.cli import main
 from gptjax.config import GPTConfig
 from gptjax.data import VERDICT_PATH
 from gptjax.optim import OptimConfig
-from gptjax.tasks.pretrain import PretrainConfig, pretrain_shards
+from gptjax.shards import ShardDataset
+from gptjax.tasks.pretrain import PretrainConfig, StepBatches, pretrain_shards
 
 TINY = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "4", "--context-length", "16", "--batch-size", "2",
         "--eval-freq", "2", "--eval-iter", "1", "--quiet"]
@@ -30,6 +34,10 @@ def shard_dir(tmp_path):
 
 def losses(run):
     return [json.loads(s)["loss"] for s in (run / "steps.jsonl").read_text().splitlines()]
+
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if "_produce" in t.name and t.is_alive()]
 
 
 def test_pretrain_on_shards_with_a_step_budget_and_tokens_per_update(tmp_path, shard_dir, capsys):
@@ -63,9 +71,24 @@ def test_a_stopped_run_on_shards_resumes_bitwise(tmp_path, shard_dir):
     kw = dict(max_steps=6, batch_tokens=64, progress=False)
     with pytest.raises(TrainingInterrupted):
         pretrain_shards(shard_dir, tmp_path / "cut", cfg, tcfg, stop_after=5, **kw)
-    pretrain_shards(shard_dir, tmp_path / "cut", resume=True, progress=False)
+    assert not prefetch_threads()  # the run's prefetch thread ends with it, also when it raises
+    pretrain_shards(shard_dir, tmp_path / "cut", resume=True, progress=False)  # prefetch restarts at step 5
     pretrain_shards(shard_dir, tmp_path / "whole", cfg, tcfg, **kw)
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 12
+    pretrain_shards(shard_dir, tmp_path / "inline", cfg, tcfg, prefetch=0, **kw)
+    assert losses(tmp_path / "inline") == losses(tmp_path / "whole") and not prefetch_threads()
+
+
+def test_prefetched_batches_are_the_datasets_in_any_order_of_calls(shard_dir):
+    ds = ShardDataset(shard_dir, "train", 16, 2, seed=3)
+    with StepBatches(ds, 10, prefetch=2) as batches:
+        for i in (0, 1, 2, 7, 8, 3, 3):  # a jump (a resume) restarts the prefetcher there
+            for got, want in zip(batches.batch_at(0, i), ds.batch(i)):
+                np.testing.assert_array_equal(np.asarray(got), want)
+        x_BT = batches.batch_at(1, 0)[0]
+        assert isinstance(x_BT, jax.Array) and x_BT.shape == (2, 16) and len(batches.wait_s) == 8  # on device
+        assert len(prefetch_threads()) == 1
+    assert not prefetch_threads()
 
 
 def test_the_gpt2_124m_recipe_runs_a_few_steps_with_a_tiny_override(tmp_path, shard_dir):

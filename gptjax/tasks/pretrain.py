@@ -7,7 +7,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import optax
 
-from gptjax import engine, runs, shards
+from gptjax import engine, runs, shards, tracking
 from gptjax.checkpoint import CONFIG_FILE, load_model, load_run_config, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.data import create_dataloaders, load_corpus, make_windows
@@ -25,7 +25,8 @@ from gptjax.generate import generate, trim_at_eos
 from gptjax.model import GPT, count_params, dropout_rngs, init_params
 from gptjax.layout import layout_fns, to_layout
 from gptjax.options import LEGACY_KEYS, Options
-from gptjax.sharding import mesh_for
+from gptjax.sharding import mesh_for, shard_batch
+from gptjax.tasks import hellaswag
 from gptjax.tokenizer import get_gpt2_tokenizer
 
 
@@ -33,6 +34,13 @@ from gptjax.tokenizer import get_gpt2_tokenizer
 class PretrainConfig(TrainConfig):
     """The book's chapter-5 run: 10 epochs, batch 2, AdamW lr 4e-4, evaluation every 5 steps on 5 batches."""
     start_context: str = "Every effort moves you"  # prompt of the per-epoch sample
+    hellaswag: str | None = None        # HellaSwag JSONL (path, URL or "val") scored at every eval point
+    hellaswag_limit: int | None = None  # its first N items only
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.hellaswag_limit is not None and (not isinstance(self.hellaswag_limit, int) or self.hellaswag_limit < 1):
+            raise ValueError(f"hellaswag_limit must be None or a positive integer, got {self.hellaswag_limit!r}")
 
 
 @lru_cache(maxsize=8)
@@ -42,6 +50,9 @@ def make_loss_fn(cfg: GPTConfig, opts: Options = Options()) -> engine.LossFn:
 
     def loss_fn(params, frozen, batch, key):
         x_BT, y_BT = batch
+        if opts.loss_chunk:  # the model's chunked head + loss: no (B, T, V) logits
+            return model.apply({"params": params}, x_BT, deterministic=key is None, rngs=dropout_rngs(key),
+                               targets_BT=y_BT), {}
         logits_BTV = model.apply({"params": params}, x_BT, deterministic=key is None, rngs=dropout_rngs(key))
         return cross_entropy(logits_BTV, y_BT), {}
 
@@ -89,7 +100,7 @@ def init_state(steps: Steps, cfg: GPTConfig, seed: int, params: Any = None, opts
 def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, tokenizer, out_dir: str | Path,
              params: Any = None, progress: bool = True, *, resume: bool | int = False, overwrite: bool = False,
              run_info: dict | None = None, stop_after: int | None = None, sharding: str = "none",
-             fsdp: int | None = None, opts: Options | None = None) -> dict:
+             fsdp: int | None = None, opts: Options | None = None, tracker: str | None = None) -> dict:
     """The book's train loop (appendix D's with a warmup/cosine/clip OptimConfig) on the engine.
 
     Writes config.json, checkpoints/, metrics.jsonl, steps.jsonl, then params/, samples.json and
@@ -102,12 +113,18 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
     TrainingInterrupted after SIGINT/SIGTERM (a checkpoint is on disk), FloatingPointError when the
     loss stops being finite, CheckpointSaveError when a save fails. `opts`: how the model runs (default
     Options.for_backend()); `params` come in its layout; checkpoints and params/ hold the canonical one,
-    so a run resumes under any options.
+    so a run resumes under any options. `tracker` replaces tcfg.tracker (a resume may change it).
+    With tcfg.hellaswag, every eval record holds `hellaswag_acc` (gptjax.tasks.hellaswag).
     """
     opts = opts or Options.for_backend()
-    out_dir = runs.prepare_out_dir(out_dir)
+    if tracker is not None:
+        tcfg = dataclasses.replace(tcfg, tracker=tracker)
     if resume and params is not None:
         raise ValueError("pass either params (weights to start from) or resume=True (continue a run), not both")
+    tracking.require(tcfg.tracker)
+    hs = (hellaswag.encode(hellaswag.load_hellaswag(tcfg.hellaswag, limit=tcfg.hellaswag_limit), tokenizer,
+                           cfg.context_length) if tcfg.hellaswag else None)
+    out_dir = runs.prepare_out_dir(out_dir)
     mesh = mesh_for(sharding, fsdp, tcfg.batch_size)
     steps = make_steps(cfg, tcfg.optim, mesh, sharding if mesh is not None else "dp", opts)
     if resume:
@@ -131,8 +148,11 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
 
     def evaluate(params, step: int) -> dict:
         epoch = step // n_batches
-        return {"train_loss": mean_metrics(steps, params, train_batches.epoch(epoch), tcfg.eval_iter)["loss"],
-                "val_loss": validate(params)}
+        values = {"train_loss": mean_metrics(steps, params, train_batches.epoch(epoch), tcfg.eval_iter)["loss"],
+                  "val_loss": validate(params)}
+        if hs is not None:
+            values["hellaswag_acc"] = hellaswag.score(params, cfg, hs, batch_size=tcfg.batch_size, opts=opts)["accuracy"]
+        return values
 
     def validate(params) -> float:
         return mean_metrics(steps, params, val_batches.epoch(0), tcfg.eval_iter).get("loss", float("nan"))
@@ -143,7 +163,8 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
 
     def line(rec: dict) -> str:
         return (f"Ep {rec['epoch']} (Step {rec['step']:06d}): Train loss {rec['train_loss']:.3f}, "
-                f"Val loss {rec['val_loss']:.3f} (lr {rec['lr']:.2e}, grad norm {rec['grad_norm']:.2f})")
+                f"Val loss {rec['val_loss']:.3f}" + (f", HellaSwag {rec['hellaswag_acc']:.4f}" if hs else "")
+                + f" (lr {rec['lr']:.2e}, grad norm {rec['grad_norm']:.2f})")
 
     hooks = Hooks(evaluate=evaluate, validate=validate, count=lambda b: int(np.size(b[0])), sample=sample, line=line)
     loop = engine.run(steps, state, tcfg, train_batches, out_dir, hooks, meta={"model": cfg.to_dict()},
@@ -251,19 +272,44 @@ def _shards_sha256(data_dir: str | Path) -> str:
 
 class StepBatches:
     """`steps` batches of a shards.ShardDataset as one epoch (the engine's batch protocol), timing how long
-    each step waits for its batch."""
+    each step waits for its batch (`wait_s`).
 
-    def __init__(self, ds: Any, steps: int):
-        self.ds, self.steps, self.wait_s = ds, steps, []
+    With `prefetch` > 0 a background thread (shards.Prefetch) cuts the next batches and puts them on device
+    (`put`, default jax.device_put) while a step runs, that many ahead; the engine asks for steps in order,
+    and a call out of order (a resume) restarts it there. `close()` (or the end of a `with`) stops the thread.
+    """
+
+    def __init__(self, ds: Any, steps: int, *, prefetch: int = 2, put: Callable | None = None):
+        self.ds, self.steps, self.prefetch, self.put, self.wait_s = ds, steps, prefetch, put, []
+        self._prefetcher, self._batches, self._next = None, None, None
 
     def __len__(self) -> int:
         return self.steps
 
     def batch_at(self, epoch: int, i: int):
+        step = epoch * self.steps + i
         t0 = time.perf_counter()
-        batch = self.ds.batch(epoch * self.steps + i)
+        if not self.prefetch:
+            batch = self.ds.batch(step)
+        else:
+            if step != self._next:
+                self.close()
+                self._prefetcher = shards.Prefetch(self.ds.batch, step, depth=self.prefetch, put=self.put)
+                self._batches = iter(self._prefetcher)
+            batch, self._next = next(self._batches), step + 1
         self.wait_s.append(time.perf_counter() - t0)
         return batch
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+        self._prefetcher, self._batches, self._next = None, None, None
+
+    def __enter__(self) -> StepBatches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def epoch(self, epoch: int, start: int = 0):
         return (self.ds.batch(epoch * self.steps + i) for i in range(start, self.steps))
@@ -280,13 +326,14 @@ def pretrain_shards(data_dir: str | Path, out_dir: str | Path, cfg: GPTConfig | 
                     tcfg: PretrainConfig | None = None, *, max_steps: int | None = None, tokens: int | None = None,
                     batch_tokens: int | None = None, optim_for: Callable[[int], OptimConfig] | None = None,
                     mode: str = "random", bpe_dir: str | None = None, resume: bool | int = False,
-                    opts: Options | None = None, init_from: str | None = None, **kw) -> dict:
+                    opts: Options | None = None, init_from: str | None = None, prefetch: int = 2, **kw) -> dict:
     """`gptjax pretrain --data SHARDS`: pretraining on `gptjax prepare`'s token shards with a step budget.
 
     `max_steps` optimizer updates (or enough for `tokens` tokens), each of `batch_tokens` tokens (gradient
     accumulation over micro-batches of tcfg.batch_size x context; default one micro-batch). Batches are a
     pure function of (seed, step, process), so a resume needs no iterator state; validation is on fixed
     windows of the val split (tcfg.eval_iter batches). `optim_for(updates)` gives the optimizer settings.
+    `prefetch`: batches cut and put on device ahead of the step in a background thread (0: none).
     """
     if resume:
         cfg, tcfg, data, saved_opts = run_settings(out_dir)
@@ -315,14 +362,17 @@ def pretrain_shards(data_dir: str | Path, out_dir: str | Path, cfg: GPTConfig | 
     if kw.get("params") is not None:
         kw["params"] = to_layout(kw["params"], cfg, opts)
     where = dict(seed=tcfg.seed, process_index=jax.process_index(), process_count=jax.process_count())
+    mesh = mesh_for(kw.get("sharding", "none"), kw.get("fsdp"), tcfg.batch_size)
     train_b = StepBatches(shards.ShardDataset(data_dir, "train", cfg.context_length, tcfg.batch_size, mode=mode,
-                                              **where), data["steps"])
+                                              **where), data["steps"], prefetch=prefetch,
+                          put=None if mesh is None else partial(shard_batch, mesh=mesh))
     val_b = FixedBatches(shards.ShardDataset(data_dir, "val", cfg.context_length, tcfg.batch_size, mode="sequential",
                                              **where).val_batches(tcfg.eval_iter))
     print(f"shards: {train_b.ds.num_tokens:,} train tokens, {data['steps']:,} steps of {tcfg.batch_size} x "
           f"{cfg.context_length} tokens ({data['batch_tokens']:,} per update); {cfg}; {opts}")
-    r = pretrain(cfg, tcfg, train_b, val_b, get_gpt2_tokenizer(bpe_dir), out_dir, resume=resume,
-                 run_info={"data": data}, opts=opts, **kw)
+    with train_b:
+        r = pretrain(cfg, tcfg, train_b, val_b, get_gpt2_tokenizer(bpe_dir), out_dir, resume=resume,
+                     run_info={"data": data}, opts=opts, **kw)
     if train_b.wait_s:
         wait = np.asarray(train_b.wait_s) * 1e3
         r["data_wait_ms"] = {"mean": float(wait.mean()), "p99": float(np.percentile(wait, 99)), "max": float(wait.max())}
