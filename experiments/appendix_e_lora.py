@@ -28,11 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from ch06_spam_classifier import RESULTS, SMALL, env_line, pretrain_on_sms, run, table  # noqa: E402
 
-from gptjax.checkpoint import load_run  # noqa: E402
+from gptjax.model_io import load_run  # noqa: E402
 from gptjax.config import get_config  # noqa: E402
 from gptjax.lora import LoRAConfig, lora_param_count  # noqa: E402
 from gptjax.model import abstract_params, count_params  # noqa: E402
-from gptjax.checkpoint import load_base_model  # noqa: E402
+from gptjax.model_io import load_base_model  # noqa: E402
 from gptjax.tasks.classify import Classifier, classifier_from_adapters  # noqa: E402
 from gptjax.tasks.classify_data import book_split, load_labeled_texts  # noqa: E402
 from gptjax.tokenizer import get_gpt2_tokenizer  # noqa: E402

@@ -22,7 +22,7 @@ setup()
 
 import sys  # noqa: E402
 
-from gptjax.checkpoint import load_model  # noqa: E402
+from gptjax.model_io import load_model  # noqa: E402
 from gptjax.data import create_dataloaders, load_corpus  # noqa: E402
 from gptjax.engine import mean_metrics  # noqa: E402
 from gptjax.generate import generate_text  # noqa: E402

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from gptjax.checkpoint import load_base_model
+from gptjax.model_io import load_base_model
 from gptjax.config import GPTConfig
 from gptjax.tasks.classify import ClassifierTrainConfig, book_split, encode_texts, finetune_classifier
 from gptjax.tasks.classify_data import balance_indices, load_labeled_texts, random_split_indices
@@ -43,7 +43,7 @@ def env_line() -> str:
 
 def pretrain_on_sms(data, tok, run_dir: Path, *, epochs: int = 2, seed: int = 123):
     """A small GPT pretrained (next-token loss) on the SMS texts outside the book's val/test split; labels unused."""
-    from gptjax.checkpoint import load_run
+    from gptjax.model_io import load_run
     from gptjax.data import create_dataloaders
     from gptjax.tasks.pretrain import PretrainConfig as TrainConfig, pretrain as train
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 
-from gptjax.checkpoint import load_run
+from gptjax.model_io import load_run
 from gptjax.tasks.dpo import DPOTrainConfig, finetune_dpo, load_preference_data
 from gptjax.tasks.instruct import format_table, run_style
 from gptjax.tasks.instruct_data import split_data

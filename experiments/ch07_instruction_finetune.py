@@ -27,7 +27,7 @@ from pathlib import Path
 
 import jax
 
-from gptjax.checkpoint import load_base_model
+from gptjax.model_io import load_base_model
 from gptjax.config import GPTConfig
 from gptjax.tasks.instruct import InstructTrainConfig, finetune_instruct, format_table, offline_report
 from gptjax.tasks.instruct_data import INSTRUCTION_DATA_URL, InstructionBatches, encode_examples, load_instruction_data, load_json_records, split_data

@@ -60,7 +60,7 @@ def speed(rounds: int) -> None:
 
 
 def quality(model: str, text_path: str, train_ratio: float, max_windows: int) -> None:
-    from gptjax.checkpoint import load_model
+    from gptjax.model_io import load_model
     from gptjax.data import load_corpus, split_text
     from gptjax.tokenizer import get_gpt2_tokenizer
 

@@ -17,7 +17,7 @@ except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
 _EXPORTS = {
-    "Model": "gptjax.checkpoint", "load_model": "gptjax.checkpoint",
+    "Model": "gptjax.model_io", "load_model": "gptjax.model_io",
     "generate_text": "gptjax.generate",
     "GPTConfig": "gptjax.config", "get_config": "gptjax.config",
     "Options": "gptjax.options", "OptimConfig": "gptjax.optim",

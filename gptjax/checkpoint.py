@@ -23,20 +23,15 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptjax import runs
 from gptjax.runtime import release_free_memory
 from gptjax.config import GPTConfig
-from gptjax.gpt2_weights import load_gpt2
-from gptjax.model import abstract_params, init_params
-from gptjax.layout import to_canonical
-from gptjax.options import LEGACY_KEYS, Options
 
 
 
@@ -131,7 +126,7 @@ def all_finite(tree) -> bool:
 
 
 @contextlib.contextmanager
-def _numpy_written_in_place():
+def numpy_written_in_place():
     """Orbax deep-copies the numpy arrays it saves, as they could change during a background save; a
     synchronous save (of views of the training state, `engine.Steps.saved(host=True)`) needs no copy."""
     handlers, absl_log = ocp.type_handlers, logging.getLogger("absl")
@@ -194,7 +189,7 @@ def _errno_of(e: BaseException) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text[:300]}"
 
@@ -282,7 +277,7 @@ class TrainCheckpoints:
             release_free_memory()  # the last step's temporaries (finished: the check above waited for it)
         try:
             self._pending = step
-            with contextlib.nullcontext() if self.async_save else _numpy_written_in_place():
+            with contextlib.nullcontext() if self.async_save else numpy_written_in_place():
                 self._mgr.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
                     params=ocp.args.StandardSave(params), train_state=ocp.args.StandardSave(train_state),
                     meta=ocp.args.JsonSave(meta)))
@@ -325,7 +320,7 @@ class TrainCheckpoints:
             pass
         self._mgr.reload()  # forget the step that did not commit
         err = _errno_of(e)
-        reason = f"[Errno {err}] {os.strerror(err)}" if err else _short(e)
+        reason = f"[Errno {err}] {os.strerror(err)}" if err else short_error(e)
         hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
                 errno.EFBIG: "free some disk space or raise the file-size limit (ulimit -f)",
                 errno.EACCES: "make it writable", errno.EPERM: "make it writable",
@@ -378,7 +373,7 @@ class TrainCheckpoints:
             others = [s for s in self.steps() if s != step]
             fallback = f", or resume from an older one with --step N ({others})" if others else ""
             raise CheckpointCorruptError(
-                f"checkpoint {self.step_dir(step)} is damaged or incomplete and cannot be read ({_short(e)}). "
+                f"checkpoint {self.step_dir(step)} is damaged or incomplete and cannot be read ({short_error(e)}). "
                 f"Delete that folder{fallback}") from None
 
     def meta(self, step: int | str | None = None) -> dict:
@@ -426,149 +421,3 @@ class TrainCheckpoints:
 
 def _val_loss(metrics: dict) -> float:
     return metrics["val_loss"]
-
-
-# ------------------------------------------------------------------------------------------- run dirs
-
-def begin_run(out_dir: str | Path, header: dict, *, resume: bool | int) -> Path:
-    """A starting run's directory: created and checked writable; unless resuming, its config.json
-    (`header` plus "status": "running", which `save_run` turns into "finished"). A resume first checks
-    that the data and base model `header` records are those the run started with."""
-    if resume:
-        runs.check_resume_inputs(out_dir, header)
-    out_dir = runs.prepare_out_dir(out_dir)
-    if not resume:
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {**header, "status": "running"})
-    else:
-        runs.set_status(out_dir, "running", resumed=True)
-    return out_dir
-
-
-def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | None = None) -> Path:
-    """Write `run_dir/params` (Orbax) and `run_dir/config.json` (model config + `extra`).
-
-    `params` in the canonical layout (`layout.to_canonical` converts from the layout Options built):
-    what `load_run` hands back under any options. The Options a run trained with go in `extra` under
-    "options", for information only."""
-    run_dir = Path(run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    with _numpy_written_in_place():  # numpy views (of a training state) are written as they are: no copy
-        ckptr.save(run_dir / PARAMS_DIR, params, force=True)
-        ckptr.wait_until_finished()
-    runs.write_json_atomic(run_dir / CONFIG_FILE, {"model": cfg.to_dict(), **(extra or {})})
-    return run_dir
-
-
-def _saved_layout(meta: dict) -> Options:
-    """The layout params were saved in: canonical, except in runs of gptjax versions whose GPTConfig
-    held the execution keys (their params kept the training layout, e.g. linear_layout "out_in")."""
-    model = meta.get("model") or {}
-    return Options(**{k: model[k] for k in LEGACY_KEYS if k in model})
-
-
-def load_run_config(run_dir: str | Path) -> tuple[GPTConfig, dict]:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a gptjax run directory (no {CONFIG_FILE}); "
-                                f"pass the --out directory of a `gptjax pretrain` run")
-    meta = runs.read_json_object(path, 'it should hold the run\'s settings, the model\'s under "model"')
-    try:
-        return GPTConfig.from_dict(meta["model"]), meta
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointCorruptError(f"{path} is damaged ({_short(e)}); it should hold the run's model settings "
-                                     f"under \"model\"") from None
-
-
-def load_run(run_dir: str | Path, dtype: str | None = None, step: int | str | None = None) -> tuple[Any, GPTConfig]:
-    """Params for inference from a run directory; `dtype` casts them (e.g. "bfloat16").
-
-    Params come in the canonical layout (OpenAI's: per-layer, kernels (in, out), vocab unpadded), also
-    from runs of older gptjax versions that saved them in their training layout.
-
-    Reads the final `params/`, or a training checkpoint (`step`: an int, "latest" or "best"; an
-    interrupted run without `params/` falls back to its latest checkpoint).
-    """
-    cfg, meta = load_run_config(run_dir)
-    run_dir = Path(run_dir).absolute()
-    params_dir = run_dir / PARAMS_DIR
-    saved_as = _saved_layout(meta)
-    target = abstract_params(cfg, saved_as)
-    if step is None and params_dir.is_dir():
-        try:
-            params = ocp.StandardCheckpointer().restore(params_dir, target)
-        except Exception as e:
-            raise CheckpointCorruptError(f"{params_dir} is damaged or was written for another model "
-                                         f"({_short(e)}); its {CONFIG_FILE} says {cfg}") from None
-    elif (run_dir / CHECKPOINTS_DIR).is_dir():
-        return restore_params(run_dir / CHECKPOINTS_DIR, cfg, step=step, dtype=dtype), cfg
-    else:
-        raise FileNotFoundError(f"run directory {str(run_dir)!r} has neither {PARAMS_DIR}/ nor {CHECKPOINTS_DIR}/ "
-                                f"(the run stopped before its first checkpoint?)")
-    params = to_canonical(params, cfg, saved_as)
-    if dtype is not None:
-        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
-    return params, cfg
-
-
-def restore_params(checkpoint_dir: str | Path, cfg: GPTConfig, step: int | str | None = None,
-                   dtype: str | None = None) -> Any:
-    """Canonical params of a training checkpoint for `cfg`; a checkpoint of another model is an error."""
-    ckpts = TrainCheckpoints(checkpoint_dir, read_only=True)
-    try:
-        saved_as = _saved_layout(ckpts.meta(step))
-        params, _, _ = ckpts.restore(abstract_params(cfg, saved_as), step=step,
-                                     expect={"model": {k: cfg.to_dict()[k] for k in SHAPE_KEYS}})
-    finally:
-        ckpts.close()
-    params = to_canonical(params, cfg, saved_as)
-    if dtype is not None:
-        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
-    return params
-
-
-class Model(NamedTuple):
-    """Canonical params and the architecture they are for; unpacks as `params, cfg = model`."""
-    params: Any
-    config: GPTConfig
-
-
-def load_model(spec: str | Path, dtype: str | None = None) -> Model:
-    """Any model a command accepts: a run directory, a GPT-2 size (downloaded), or a GPT-2 safetensors path."""
-    path = Path(spec)
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and "model" in runs.read_json_object(
-            path / CONFIG_FILE, "a gptjax run's config.json holds its settings: restore it; in a Hugging Face "
-                                "GPT-2 directory it may be deleted (sizes are then read from model.safetensors)"):
-        return Model(*load_run(path, dtype=dtype))
-    return Model(*load_gpt2(str(spec), dtype=dtype or "float32"))
-
-
-def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int = 123,
-                    language_model: bool = False) -> tuple[Any, GPTConfig]:
-    """A fine-tuning base: 'random' (a fresh GPT of `random_cfg`) or anything `load_model` accepts.
-
-    `language_model=True` refuses a classifier run (instruction tuning needs the LM head).
-    """
-    if spec == "random":
-        if random_cfg is None:
-            raise ValueError("--model random needs a model config (--preset and the size options)")
-        cfg = random_cfg.replace(n_classes=0)
-        return init_params(cfg, jax.random.PRNGKey(seed)), cfg
-    params, cfg = load_model(spec)
-    if language_model and cfg.n_classes:
-        raise ValueError(f"{spec!r} is a {cfg.n_classes}-class classifier; instruction tuning needs a language "
-                         f"model (a GPT-2 size, a pretrain or finetune-instruct run)")
-    return params, cfg
-
-
-def refuse_existing_run(out_dir: str | Path, *, overwrite: bool, resume_hint: str) -> None:
-    """Before a fresh run writes anything: an `out_dir` holding another run's checkpoints is continued
-    (`resume_hint` says how) or replaced (--overwrite), never silently wiped."""
-    runs.check_not_running(out_dir)  # a live run's directory is neither continued nor replaced
-    ckpt_dir = Path(out_dir) / CHECKPOINTS_DIR
-    if overwrite or not ckpt_dir.is_dir():
-        return
-    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    if steps:
-        raise RunExistsError(f"{str(out_dir)!r} already holds a run (checkpoint after {steps[-1]} steps); continue it "
-                             f"with {resume_hint}, start over with --overwrite, or choose another --out")

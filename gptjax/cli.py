@@ -13,8 +13,8 @@ import jax
 
 from gptjax import bench, flags, runs, shards, tracking
 from gptjax.chat import chat
-from gptjax.checkpoint import (CONFIG_FILE, CheckpointSaveError, load_base_model, load_model, load_run_config,
-                               RunExistsError, TrainingInterrupted)
+from gptjax.checkpoint import CONFIG_FILE, CheckpointSaveError, RunExistsError, TrainingInterrupted
+from gptjax.model_io import load_base_model, load_model, load_run_config
 from gptjax.config import get_config, GPTConfig
 from gptjax.cpu import fastest_linear_layout
 from gptjax.flags import from_args

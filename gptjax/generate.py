@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import cpu
-from gptjax.checkpoint import load_model
+from gptjax.model_io import load_model
 from gptjax.config import GPTConfig
 from gptjax.model import GPT, init_cache
 from gptjax.layout import to_canonical, to_layout, unstack_layers
@@ -428,7 +428,7 @@ def trim_at_eos(ids: np.ndarray, eos_id: int | None) -> list[int]:
 
 def load_for_decoding(spec: str | os.PathLike, weight_dtype: str | None = None, *, attn_impl: str = "auto",
                       linear_layout: str | None = None, matvec: str | None = None) -> tuple[Any, GPTConfig, Options]:
-    """(params, cfg, opts): `checkpoint.load_model(spec)` laid out for decoding (`decoding_model`: on CPU
+    """(params, cfg, opts): `model_io.load_model(spec)` laid out for decoding (`decoding_model`: on CPU
     (out, in) kernels and the C++ matvec kernel, unless `linear_layout` / `matvec` say otherwise), the weights
     in `weight_dtype` (`decoding_weights`)."""
     # bfloat16 is cast as it loads (half the memory); int8 is quantized from float32

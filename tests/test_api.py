@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gptjax
-from gptjax.checkpoint import save_run
+from gptjax.model_io import save_run
 from gptjax.config import get_config
 from gptjax.generate import generate
 from gptjax.model import init_params

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.checkpoint import (CheckpointCorruptError, CheckpointMismatchError, RunExistsError, TrainCheckpoints,
-                               TrainingInterrupted, load_run, restore_params)
+from gptjax.checkpoint import CheckpointCorruptError, CheckpointMismatchError, RunExistsError, TrainCheckpoints, TrainingInterrupted
+from gptjax.model_io import load_run, restore_params
 from gptjax.config import GPTConfig
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate

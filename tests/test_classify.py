@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax.checkpoint import load_run, save_run
+from gptjax.model_io import load_run, save_run
 from gptjax.cli import main
 from gptjax.config import get_config
 from gptjax.lora import LoRAConfig, combine, init_lora, partition
@@ -294,7 +294,7 @@ def test_cli_offline_default_data_says_what_to_do(tmp_path, capsys, monkeypatch)
 
 
 def test_a_resume_refuses_other_data_and_can_start_from_an_older_step(tmp_path, tiny_tsv, tiny_lm, tok, capsys):
-    from gptjax.checkpoint import load_run_config
+    from gptjax.model_io import load_run_config
     from gptjax.tasks.classify import finetune_classifier
     from gptjax.tasks.classify_data import LabeledTexts
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from gptjax.checkpoint import load_model
+from gptjax.model_io import load_model
 from gptjax.cli import build_parser, main
 
 TINY = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "4", "--context-length", "16", "--batch-size", "2",
@@ -101,7 +101,7 @@ def test_export_a_run_to_hf_and_book_formats(tmp_path, corpus, capsys):
     assert main(["pretrain", "--corpus", str(corpus), "--epochs", "1", "--out", str(run), *TINY]) == 0
     assert main(["export", "--model", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert main(["export", "--model", str(run), "--out", str(tmp_path / "book.safetensors"), "--format", "book"]) == 0
-    from gptjax.checkpoint import load_run
+    from gptjax.model_io import load_run
     import numpy as np
 
     params, _ = load_run(run)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gptjax import runs
-from gptjax.checkpoint import load_run_config
+from gptjax.model_io import load_run_config
 from gptjax.model import init_params
 from gptjax.tasks.dpo import (DPOTrainConfig, PreferenceBatches, collate_preferences, dpo_loss, encode_preferences,
                               finetune_dpo, load_preference_data, sequence_logprobs)

@@ -96,7 +96,8 @@ def test_a_sigint_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(task, t
 def test_a_run_trained_under_some_options_resumes_and_decodes_under_others(tmp_path):
     """Scan + full remat + bfloat16 compute for 3 steps; the checkpoint (canonical params and AdamW moments)
     resumes per-layer in float32 with (out, in) kernels, and the result decodes on the CPU kernel."""
-    from gptjax.checkpoint import TrainingInterrupted, load_run
+    from gptjax.checkpoint import TrainingInterrupted
+    from gptjax.model_io import load_run
     from gptjax.data import Batches, make_windows
     from gptjax.engine import OptimConfig
     from gptjax.generate import generate

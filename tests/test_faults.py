@@ -17,7 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from gptjax.checkpoint import CheckpointSaveError, TrainCheckpoints, load_run
+from gptjax.checkpoint import CheckpointSaveError, TrainCheckpoints
+from gptjax.model_io import load_run
 from gptjax.cli import main
 
 TINY = ["--emb-dim", "32", "--n-layers", "2", "--n-heads", "4", "--context-length", "16", "--batch-size", "2",

@@ -500,7 +500,7 @@ def test_without_network_the_hf_cache_loads_and_a_download_fails_fast(tmp_path, 
 def test_hub_repo_ids_load_from_the_hf_cache(tmp_path, monkeypatch, tiny_export, capsys):
     from huggingface_hub import constants
 
-    from gptjax.checkpoint import load_model
+    from gptjax.model_io import load_model
     from gptjax.cli import main
 
     out, tensors = tiny_export
@@ -602,7 +602,7 @@ def test_export_refuses_unwritable_and_leaves_nothing_half_written(tmp_path, mon
 
 @pytest.mark.parametrize("damage", ["truncated", "text", "empty"])
 def test_a_damaged_model_safetensors_is_one_clear_error(tiny_export, damage):
-    from gptjax.checkpoint import load_model
+    from gptjax.model_io import load_model
 
     out, _ = tiny_export
     weights = out / "model.safetensors"
@@ -617,7 +617,7 @@ def test_a_damaged_model_safetensors_is_one_clear_error(tiny_export, damage):
 @pytest.mark.parametrize("text, why", [("", "it is empty"), ("{'n_embd': 32", "not JSON"),
                                        ('[{"n_embd": 32}]', "a JSON list, not an object")])
 def test_a_damaged_config_json_names_the_file_not_a_missing_model_safetensors(tiny_export, tmp_path, text, why):
-    from gptjax.checkpoint import load_model, save_run
+    from gptjax.model_io import load_model, save_run
 
     out, _ = tiny_export
     run = save_run(tmp_path / "run", *load_gpt2(out))  # a gptjax run directory: params/ + config.json
@@ -692,7 +692,7 @@ def test_export_hf_without_bpe_files_skips_the_tokenizer_with_a_note(tmp_path, m
 @pytest.mark.parametrize("layout", ["model.pth", "model_and_optimizer.pth"])
 def test_the_books_pth_loads_with_torchs_logits(tmp_path, layout, tiny_ids):
     torch = pytest.importorskip("torch")
-    from gptjax.checkpoint import load_model
+    from gptjax.model_io import load_model
 
     book = dict(vocab_size=97, context_length=16, emb_dim=128, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gptjax import runs
-from gptjax.checkpoint import RunExistsError, TrainCheckpoints, TrainingInterrupted, load_run, load_run_config
+from gptjax.checkpoint import RunExistsError, TrainCheckpoints, TrainingInterrupted
+from gptjax.model_io import load_run, load_run_config
 from gptjax.config import GPTConfig
 from gptjax.lora import LoRAConfig, load_adapters
 from gptjax.model import GPT, abstract_params, init_params

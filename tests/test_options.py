@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gptjax import cpu
-from gptjax.checkpoint import load_run, save_run
+from gptjax.model_io import load_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate

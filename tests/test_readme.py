@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax.checkpoint import save_run
+from gptjax.model_io import save_run
 from gptjax.config import GPTConfig
 from gptjax.model import init_params
 

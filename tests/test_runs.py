@@ -47,7 +47,7 @@ def test_an_existing_output_file_is_refused_unless_overwrite(tmp_path):
 
 
 def test_a_resumed_run_says_running_again(tmp_path):
-    from gptjax.checkpoint import begin_run
+    from gptjax.model_io import begin_run
 
     run = tmp_path / "run"
     begin_run(run, {"model": {}, "instruct": {"data_sha256": "ab"}}, resume=False)

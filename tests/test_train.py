@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.checkpoint import load_run
+from gptjax.model_io import load_run
 from gptjax.data import Batches, make_windows
 from gptjax.generate import generate
 from gptjax.model import GPT

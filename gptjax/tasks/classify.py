@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.checkpoint import begin_run, load_run, load_run_config, refuse_existing_run, save_run
+from gptjax.model_io import begin_run, load_run, load_run_config, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.tasks.classify_data import (IGNORE_LABEL, PAD_TOKEN_ID, SMS_SPAM_LABELS, ClassBatches, LabeledTexts,
                                         book_split, encode_texts, split_batches)

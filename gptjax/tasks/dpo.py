@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.checkpoint import begin_run, refuse_existing_run
+from gptjax.model_io import begin_run, refuse_existing_run
 from gptjax.config import GPTConfig
 from gptjax.engine import Steps, TrainConfig, mean_metrics
 from gptjax.optim import OptimConfig

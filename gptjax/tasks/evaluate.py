@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptjax import runs
-from gptjax.checkpoint import load_model, load_run_config
+from gptjax.model_io import load_model, load_run_config
 from gptjax.generate import load_for_decoding
 from gptjax.tasks.instruct import format_table, generate_responses, offline_report, save_responses
 from gptjax.tasks.instruct_data import load_instruction_data, load_json_records, split_data

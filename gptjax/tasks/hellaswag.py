@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gptjax.checkpoint import load_model
+from gptjax.model_io import load_model
 from gptjax.config import GPTConfig
 from gptjax.data import cached_download
 from gptjax.layout import to_layout

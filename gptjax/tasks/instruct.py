@@ -25,7 +25,7 @@ import optax
 from tqdm.auto import tqdm
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.checkpoint import begin_run, refuse_existing_run, save_run
+from gptjax.model_io import begin_run, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.engine import IGNORE_INDEX, Hooks, Steps, TrainConfig, TrainState, mean_metrics
 from gptjax.optim import OptimConfig

@@ -16,7 +16,8 @@ import numpy as np
 import optax
 
 from gptjax import engine, runs, shards, tracking
-from gptjax.checkpoint import CONFIG_FILE, load_model, load_run_config, refuse_existing_run, save_run
+from gptjax.checkpoint import CONFIG_FILE
+from gptjax.model_io import load_model, load_run_config, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.data import create_dataloaders, load_corpus, make_windows
 from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy, mean_metrics, new_state
