@@ -17,6 +17,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
+import numpy as np
+
 LOCK_FILE = ".lock"
 _held: dict[Path, int] = {}  # run directories this process holds: their lock files' descriptors
 
@@ -188,6 +191,17 @@ def data_sha256(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def tree_sha256(tree: Any) -> str:
+    """sha256 of a pytree of arrays (each leaf's path, dtype, shape and bytes): the identity of a base model's
+    weights, whatever file or name they were loaded from."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(tree), key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape};".encode())
+        h.update(a.view(np.uint8).reshape(-1))
+    return h.hexdigest()
+
+
 def check_resume_inputs(out_dir: str | Path, header: dict[str, Any]) -> None:
     """A resume trains on what the run started with: the data_sha256 and base_model that the sections of `header`
     (the config.json a new run would write) hold must be those the run's config.json recorded."""
@@ -203,7 +217,11 @@ def check_resume_inputs(out_dir: str | Path, header: dict[str, Any]) -> None:
         if a and b and a != b:
             changed.append(f"the data differs from what it was trained on (sha256 {a[:12]}... vs {b[:12]}...)")
         a, b = now.get("base_model"), was.get("base_model")
-        if a and b and a != b and not (Path(a).exists() and Path(a).resolve() == Path(b).resolve()):
+        same_weights = now.get("base_sha256") and now.get("base_sha256") == was.get("base_sha256")
+        if now.get("base_sha256") and was.get("base_sha256") and not same_weights:
+            changed.append(f"the base model's weights differ from those it was trained from ({a!r}, sha256 "
+                           f"{now['base_sha256'][:12]}... vs {was['base_sha256'][:12]}...)")
+        elif a and b and a != b and not same_weights and not (Path(a).exists() and Path(a).resolve() == Path(b).resolve()):
             changed.append(f"the base model is {a!r} but it was trained from {b!r}")
     if changed:
         raise ValueError(f"cannot resume {str(out_dir)!r}: {'; '.join(changed)}. Resume with the original data and "

@@ -131,6 +131,7 @@ def test_a_run_trained_under_some_options_resumes_and_decodes_under_others(tmp_p
     np.testing.assert_array_equal(kernel, xla)
 
 
+@pytest.mark.slow
 def test_dp_on_8_devices_gives_one_devices_losses_for_every_task(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}

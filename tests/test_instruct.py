@@ -226,8 +226,11 @@ def test_a_resume_checks_its_data_and_base_model_and_can_start_from_an_older_ste
                                          r"\(sha256 [0-9a-f]{12}\.\.\. vs [0-9a-f]{12}\.\.\.\)\. Resume with the "
                                          r"original data and base model \(--data, --model\), or start a new run"):
         finetune_instruct(params, cfg, edited, tok, run, resume=True, **kw)
-    with pytest.raises(ValueError, match="the base model is 'gpt2-small' but it was trained from 'random'"):
-        finetune_instruct(params, cfg, splits, tok, run, resume=True, **{**kw, "base_model": "gpt2-small"})
+    other = init_params(cfg, jax.random.key(1))  # the same name, other weights: checked by content
+    with pytest.raises(ValueError, match=r"the base model's weights differ from those it was trained from \('random', "
+                                         r"sha256 [0-9a-f]{12}\.\.\. vs [0-9a-f]{12}\.\.\.\)"):
+        finetune_instruct(other, cfg, splits, tok, run, resume=True, **kw)
+    assert recorded["base_sha256"] == runs.tree_sha256(params)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # refused before touching it
     capsys.readouterr()
     again = finetune_instruct(params, cfg, splits, tok, run, resume=2, **kw)  # an older step of the finished run

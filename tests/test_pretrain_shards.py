@@ -105,3 +105,22 @@ def test_the_gpt2_124m_recipe_runs_a_few_steps_with_a_tiny_override(tmp_path, sh
     assert config["options"]["dtype"] == "bfloat16" and config["options"]["vocab_multiple"] == 64
     assert config["model"]["tie_embeddings"] and config["model"]["qkv_bias"] and config["model"]["n_layers"] == 2
     assert len(losses(run)) == 4
+
+
+def test_evaluate_equals_the_train_loops_validation_on_the_same_tokens(tmp_path, shard_dir):
+    from gptjax.engine import mean_metrics
+    from gptjax.layout import to_layout
+    from gptjax.model_io import load_run
+    from gptjax.options import Options
+    from gptjax.shards import ShardDataset
+    from gptjax.tasks.pretrain import FixedBatches, evaluate_corpus, make_steps
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(shard_dir), "--max-steps", "3", "--out", str(run), *TINY]) == 0
+    params, cfg = load_run(run)
+    opts = Options.for_backend()
+    val = ShardDataset(shard_dir, "val", 16, 1, mode="sequential")
+    every_window = FixedBatches(val.val_batches(val.num_windows))  # evenly spaced over all of them: all of them
+    loop = mean_metrics(make_steps(cfg, OptimConfig(), opts=opts), to_layout(params, cfg, opts), every_window.epoch(0))
+    got = evaluate_corpus(run, shard_dir, context_length=16, batch_size=1)
+    assert got["tokens"] == val.num_windows * 16 and got["loss"] == pytest.approx(loop["loss"], rel=1e-6)

@@ -94,6 +94,7 @@ def _result(proc: subprocess.Popen, timeout: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_dp_and_fsdp_on_8_devices_match_one_device_and_checkpoints_change_mesh(tmp_path):
     r = _result(_run(["mesh", str(tmp_path)], devices=8, timeout=600), timeout=600)
     assert r["devices"] == 8
@@ -307,6 +308,7 @@ if __name__ == "__main__":
     print(json.dumps(result))
 
 
+@pytest.mark.slow
 def test_pretrain_cli_with_fsdp_matches_one_device(tmp_path):
     """`gptjax pretrain --sharding fsdp` on 4 simulated devices gives one device's losses and a loadable run."""
     import numpy as np

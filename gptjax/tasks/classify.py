@@ -245,11 +245,12 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
                                         context_length=cfg.context_length, pad_token_id=pad_token_id)
 
     key = jax.random.PRNGKey(tcfg.seed)
+    base_sha256 = runs.tree_sha256(to_canonical(params, cfg, opts))
     params, cfg, opts, trainable, frozen = classifier_trainable(params, cfg, n_classes, train, lora, key, opts)
     lora_scale = lora.scale if lora else 1.0
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax finetune-classifier ... --resume`")
-    inputs = {"base_model": base_model, "data": data_source, "data_sha256": runs.data_sha256(
+    inputs = {"base_model": base_model, "base_sha256": base_sha256, "data": data_source, "data_sha256": runs.data_sha256(
         {k: [v.texts, v.labels_N.tolist(), list(v.label_names)] for k, v in splits.items()})}
     # only once every input checked out: a bad option leaves no directory behind
     out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "classify": inputs},

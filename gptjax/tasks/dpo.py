@@ -32,7 +32,7 @@ from gptjax.engine import Steps, TrainConfig, mean_metrics
 from gptjax.optim import OptimConfig
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT
-from gptjax.layout import layout_fns
+from gptjax.layout import layout_fns, to_canonical
 from gptjax.options import Options
 from gptjax.tasks.instruct import (check_pad_token, describe, fit, greedy_sampler, respond_and_evaluate,
                                    run_settings, save_finished, split_trainable)
@@ -255,7 +255,8 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                            mesh=mesh_for(sharding, fsdp, tcfg.batch_size), strategy=sharding, opts=opts)
     state = steps.init_state(trainable, key)
     settings = run_settings("dpo", style, data_source, base_model, pad_multiple, max_len, lora, pad_token_id, tcfg,
-                            splits, trainable, beta=tcfg.beta, mask_prompt_tokens=mask_prompt_tokens)
+                            splits, trainable, runs.tree_sha256(to_canonical(params, cfg, opts)), beta=tcfg.beta,
+                            mask_prompt_tokens=mask_prompt_tokens)
     print(describe(params, settings, lora, who="policy") + f"; reference frozen; batches/epoch {len(train_b)}")
     out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "dpo": settings}, resume=resume)
     initial = {**{f"train_{k}": v for k, v in mean_metrics(steps, trainable, train_b.epoch(0), 5).items()},

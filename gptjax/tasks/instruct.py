@@ -281,7 +281,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     state = steps.init_state(trainable, key)
     longest = max(len(x) for x in enc["train"].ids)
     settings = run_settings("instruct", style, data_source, base_model, pad_multiple, max_len, lora, pad_token_id,
-                            tcfg, splits, trainable, mask=mask)
+                            tcfg, splits, trainable, runs.tree_sha256(to_canonical(params, cfg, opts)), mask=mask)
     print(describe(params, settings, lora) + f"; longest training example {longest} tokens"
           + (f" (> {max_len}: cut)" if longest > max_len else "") + f"; batches/epoch {len(train_b)}")
     out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "instruct": settings},
@@ -320,10 +320,10 @@ def check_pad_token(cfg: GPTConfig, pad_token_id: int) -> None:
 
 def run_settings(task: str, style: str, data_source: str | None, base_model: str | None, pad_multiple: int,
                  max_len: int, lora: lora_lib.LoRAConfig | None, pad_token_id: int, tcfg: TrainConfig,
-                 splits: dict, trainable: Any, **extra) -> dict:
+                 splits: dict, trainable: Any, base_sha256: str | None = None, **extra) -> dict:
     """What a chapter-7 run (SFT or DPO) records of its settings in config.json and its result."""
     return {"task": task, "style": style, "data": data_source, "data_sha256": runs.data_sha256(splits),
-            "base_model": base_model, **extra,
+            "base_model": base_model, "base_sha256": base_sha256, **extra,
             "pad_multiple": pad_multiple, "allowed_max_length": max_len, "lora": lora.to_dict() if lora else None,
             "pad_token_id": pad_token_id, "train": tcfg.to_dict(), "split_sizes": {k: len(v) for k, v in splits.items()},
             "trainable_params": count_params(trainable)}
