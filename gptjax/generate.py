@@ -338,15 +338,17 @@ def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max
 def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: int, *,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, key: jax.Array | None = None,
-                    pad_multiple: int = 64, chunk: int = 8, opts: Options = Options()) -> Iterator[int]:
+                    pad_multiple: int = 64, chunk: int | None = None, opts: Options = Options()) -> Iterator[int]:
     """Yield new token ids as they are decoded (eos ends the stream and is not yielded).
 
     Same tokens as `generate`. The KV-cache decode runs `chunk` tokens per device program
     (`decode_chunk`): the host reads a chunk while the next one runs, so there is one round trip per
-    chunk, not per token (chunk=1: token by token). The prompt is padded to a multiple of
-    `pad_multiple` (few compiles across prompts).
+    chunk, not per token; the last chunk may compute up to chunk - 1 tokens that are dropped. Default:
+    1 on CPU, where a dispatch costs little next to a token (experiments/decode_stream.py), 8 elsewhere.
+    The prompt is padded to a multiple of `pad_multiple` (few compiles across prompts).
     """
     ids = [int(i) for i in ids]
+    chunk = chunk or (1 if jax.default_backend() == "cpu" else 8)
     if not ids:
         raise ValueError("the prompt is empty; give at least one token")
     if chunk < 1:
