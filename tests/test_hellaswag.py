@@ -76,11 +76,14 @@ def test_batched_ending_losses_equal_a_row_by_row_recomputation():
          "endings": ["fifteen sixteen", "apples", "fifteen", "a b c d e f g h i j k l m n o p q r s"], "label": 0}]
     got = hellaswag.score(params, cfg, hellaswag.encode(items, tok, 16), batch_size=2, opts=Options())
     model, want = GPT(cfg, Options()), np.zeros((len(items), 4))
+    forward = jax.jit(lambda x: model.apply({"params": params}, x))
     for n, item in enumerate(items):
         for e, ending in enumerate(item["endings"]):
             ctx, end = tok.encode(item["ctx"]), tok.encode(" " + ending)
             ids = (ctx + end)[-17:]  # 16 inputs and their targets
-            logits = np.asarray(model.apply({"params": params}, np.array([ids[:-1]])), np.float64)[0]
+            padded = np.zeros((1, 16), np.int32)  # causal: the padding after the row changes none of its logits
+            padded[0, :len(ids) - 1] = ids[:-1]
+            logits = np.asarray(forward(padded), np.float64)[0, :len(ids) - 1]
             logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
                 - logits.max(-1, keepdims=True)
             scored = range(max(len(ids) - 1 - len(end), 0), len(ids) - 1)  # input positions that predict the ending

@@ -14,9 +14,8 @@ from gptjax.options import Options
 from gptjax.tasks.pretrain import init_state, make_loss_fn, make_steps
 
 
-@pytest.mark.parametrize("tie, layout, multiple", [(True, "in_out", 1), (False, "in_out", 64), (False, "out_in", 1),
-                                                   (True, "out_in", 64)])
-@pytest.mark.parametrize("chunk", [5, 16])
+@pytest.mark.parametrize("tie, layout, multiple, chunk", [(True, "in_out", 1, 5), (False, "in_out", 64, 16),
+                                                          (False, "out_in", 1, 16), (True, "out_in", 64, 5)])
 def test_chunked_loss_equals_the_full_logits_loss_and_gradients(tie, layout, multiple, chunk):
     cfg = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
                     tie_embeddings=tie)
