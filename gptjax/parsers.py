@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 
@@ -54,8 +55,9 @@ def _model_flags(p, *, context_length: int | None, drop_rate: float, init: str, 
 def _training_flags(p, tcfg_cls, out: str, skip_optim: tuple = ("decay_steps", "min_lr", "clip_after_warmup"),
                     **defaults) -> None:
     add_fields(p.add_argument_group("training"), tcfg_cls, skip=("optim",), **defaults)
-    base = tcfg_cls().optim
-    add_fields(p.add_argument_group("optimizer"), OptimConfig, skip=skip_optim, lr=defaults.pop("lr", base.lr))
+    base = dataclasses.asdict(tcfg_cls().optim)  # the task's optimizer defaults (DPO: weight decay 0.01)
+    add_fields(p.add_argument_group("optimizer"), OptimConfig, skip=skip_optim, **{**base, "lr": defaults.get("lr",
+                                                                                                     base["lr"])})
     add_run_flags(p.add_argument_group("run directory, checkpoints, devices"), out)
 
 

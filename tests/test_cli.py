@@ -260,3 +260,21 @@ def test_evaluate_matches_transformers_and_pretraining_continues_from_a_model(tm
     assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "long"), "--init-from", str(hf),
                  "--context-length", "64", "--quiet"]) == 2
     assert "--context-length 64 is longer than" in capsys.readouterr().err
+
+
+def test_each_training_commands_defaults_are_its_tasks_config():
+    from gptjax import cli
+    from gptjax.flags import from_args
+    from gptjax.tasks.classify import ClassifierTrainConfig
+    from gptjax.tasks.dpo import DPOTrainConfig
+    from gptjax.tasks.instruct import InstructTrainConfig
+    from gptjax.tasks.pretrain import PretrainConfig
+
+    parser = build_parser()
+    for command, cls in (("pretrain", PretrainConfig), ("finetune-instruct", InstructTrainConfig),
+                         ("dpo", DPOTrainConfig), ("finetune-classifier", ClassifierTrainConfig)):
+        args = parser.parse_args([command] + (["--model", "m"] if command == "dpo" else []))
+        if command == "finetune-classifier":
+            args.lr = cls().optim.lr  # its CLI default is None: 5e-5, or 8e-4 with LoRA
+        assert from_args(cls, args, optim=cli._optim(args, cls)) == cls(), command
+    assert parser.parse_args(["dpo", "--model", "m"]).weight_decay == 0.01  # the book's DPO setting
