@@ -44,7 +44,8 @@ def test_alternate_runs_round_robin():
     assert [len(v) for v in times.values()] == [3, 3]
 
 
-@pytest.mark.parametrize("torch_process", [pytest.param("auto", marks=pytest.mark.slow), "same"])
+@pytest.mark.slow
+@pytest.mark.parametrize("torch_process", ["auto", "same"])
 def test_tiny_end_to_end_run(tmp_path, torch_process):
     if torch_process != "auto" and not HAS_TORCH:
         pytest.skip("PyTorch's rows need torch and transformers")

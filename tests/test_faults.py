@@ -228,6 +228,7 @@ def test_resume_bad_input(tmp_path, corpus, capsys):
     assert "cannot write to output directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_after_a_sigkill_and_a_resume_only_the_kept_checkpoints_remain(tmp_path, corpus):
     """A run that saves every step, killed with SIGKILL (nothing can clean up) after several checkpoints, then
     resumed: at most --keep-checkpoints 2 plus the best are left, and nothing waits in the trash or half-written."""
