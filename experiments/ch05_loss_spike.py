@@ -4,7 +4,7 @@ starts every variant from the same init and batch order:
 - gptjax: gptjax's dropout (unsafe_rbg keys, XLA's ThreeFry RngBitGenerator masks);
 - stock: Flax's stock path (threefry keys, jax.random.bernoulli masks);
 - torch: the book's PyTorch GPTModel and torch.optim.AdamW, with torch's own dropout (torch.manual_seed(seed)),
-  from gptjax's init written out by gptjax.gpt2_weights.export_book;
+  from gptjax's init written out by gptjax.gpt2_export.export_book;
 - none / torch-none: gptjax and the book's PyTorch code without dropout (the same computation up to rounding);
 - clip: gptjax with global-norm gradient clipping at 1.0 (`gptjax pretrain --clip-norm 1.0`);
 - warmup: gptjax with appendix D's linear warmup over the first 20 % of the 10-epoch run (18 steps) from 1e-5

@@ -26,7 +26,8 @@ from gptjax.optim import OptimConfig  # noqa: E402
 from gptjax.model import init_params  # noqa: E402
 from gptjax.layout import to_layout  # noqa: E402
 from gptjax.options import Options  # noqa: E402
-from gptjax.tasks.instruct import make_sft_steps, split_trainable  # noqa: E402
+from gptjax.tasks.finetune import split_trainable  # noqa: E402
+from gptjax.tasks.instruct import make_sft_steps  # noqa: E402
 
 
 def main() -> None:

@@ -29,12 +29,13 @@ def write_random_checkpoint(preset: str, out_dir: Path, seed: int = 0) -> int:
     from safetensors.numpy import save_file
 
     from gptjax.config import get_config
-    from gptjax.gpt2_weights import _rules, hf_config
+    from gptjax.gpt2_export import hf_config
+    from gptjax.gpt2_weights import rename_rules
 
     cfg = get_config(preset, qkv_bias=True, tie_embeddings=True, drop_rate=0.0)
     rng = np.random.default_rng(seed)
     tensors = {}
-    for _, names, _, shapes in _rules(cfg, "hf"):
+    for _, names, _, shapes in rename_rules(cfg, "hf"):
         for name, shape in zip(names, shapes):
             x = rng.standard_normal(shape, dtype=np.float32)
             x *= 0.02
@@ -52,7 +53,8 @@ def _child(task: str, path: str, dtype: str, out: str | None, preset: str) -> No
         return
     import jax
 
-    from gptjax.gpt2_weights import export_hf, load_gpt2
+    from gptjax.gpt2_export import export_hf
+    from gptjax.gpt2_weights import load_gpt2
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # after importing jax: the floor
     t0 = time.perf_counter()

@@ -13,12 +13,12 @@ Letters: B batch, T time, N new tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,13 +33,13 @@ from jax._src import monitoring as jax_monitoring  # its unregister functions: n
 
 from gptjax import runs
 from gptjax.bench_report import format_table, plot
-from gptjax.bench_torch import (Timed, torch_device, torch_generate_model, torch_runners, torch_train_apart,
-                                torch_train_probe, torch_version)
+from gptjax.bench_torch import (Timed, torch_generate_model, torch_runners, torch_train_apart, torch_train_probe,
+                                torch_version)
 from gptjax.config import GPTConfig, get_config
 from gptjax.engine import mean_metrics
 from gptjax.measure import (alternate, decode_bytes_per_step, device_info, device_peak_bytes, flops_per_token,
-                            load_average, memory_bandwidth, peak_flops, random_batch, roofline_bandwidth,
-                            xla_memory_bytes)
+                            in_fresh_process, load_average, memory_bandwidth, peak_flops, random_batch,
+                            roofline_bandwidth, xla_memory_bytes)
 from gptjax.optim import OptimConfig
 from gptjax.model import count_params, init_params
 from gptjax.options import WEIGHT_DTYPES, Options
@@ -79,9 +79,8 @@ class BenchConfig:
     weight_dtypes: tuple[str, ...] = WEIGHT_DTYPES
     torch: bool = True
     torch_compile: bool = True
-    # where PyTorch's train rows run: "same" alternates them with gptjax's in this process; "apart"
-    # runs them after gptjax's, in a process of their own; "auto": apart on CPU, where two frameworks'
-    # thread pools on the same cores slow each other (gptjax's (out, in) step most), same elsewhere
+    # PyTorch's train rows alternated with gptjax's in this process ("same"), or after them in their own
+    # ("apart"); "auto": apart on CPU (gptjax's (out, in) step slows most under the other's threads), else same
     torch_process: str = "auto"
     parts: tuple[str, ...] = ("bandwidth", "train", "compile", "decode")
     linear_layout: str = "in_out"  # kernel storage of the gptjax train rows (the CLI's auto: out_in on CPU)
@@ -108,11 +107,8 @@ class BenchConfig:
     def options(self, **overrides) -> Options:
         """How the gptjax rows run (Options.for_backend: CPU's defaults on CPU); `overrides` may also
         hold GPTConfig keys (ignored here, see `model_config`)."""
-        kw = dict(dtype=self.dtype, matmul_precision=self.matmul_precision, attn_impl=self.attn_impl,
-                  scan_layers=self.scan_layers, scan_unroll=self.scan_unroll, remat=self.remat,
-                  vocab_multiple=self.vocab_multiple, linear_layout=self.linear_layout)
-        kw.update({k: v for k, v in overrides.items() if k in _OPTION_KEYS})
-        return Options.for_backend(**kw)
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _OPTION_KEYS}
+        return Options.for_backend(**{**kw, **{k: v for k, v in overrides.items() if k in _OPTION_KEYS}})
 
     def setup(self, **overrides) -> tuple[GPTConfig, Options]:
         return self.model_config(**overrides), self.options(**overrides)
@@ -168,13 +164,8 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
     torch_errors: dict = {}
     apart = bc.torch and torch_apart(bc)
     if bc.torch and not apart:
-        try:
-            device = torch_device()
-        except ImportError as e:
-            torch_errors["pytorch"] = f"not installed ({e.name})"
-        else:
-            more, torch_errors = torch_runners(cfg, bc, device, log)
-            runners.update(more)
+        more, torch_errors = torch_runners(cfg, bc, log)
+        runners.update(more)
     log(f"timing {bc.steps} steps each, alternating {list(runners)} (load {load_average()}) ...")
     times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
     if apart:
@@ -206,24 +197,22 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
                        process="own" if isinstance(r, Timed) else "shared")
         rows.append(row)
     _ratios(rows, "tokens_per_s")
-    for name, err in torch_errors.items():
-        rows.append({"part": "train", "framework": name.split()[0], "variant": name, "error": err})
+    rows += [{"part": "train", "framework": name.split()[0], "variant": name, "error": err}
+             for name, err in torch_errors.items()]
     rows.append({"part": "train", "framework": "gptjax", "variant": "compilations in a run",
-                 **count_compilations(cfg, bc, runners["gptjax"], opts=opts)})
+                 **count_compilations(runners["gptjax"], bc)})
     return rows
 
 
-def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None = None, steps: int = 6,
-                       opts: Options | None = None) -> dict:
-    """Programs a training run compiles: the jitted train/eval steps over a few batches of one shape."""
-    opts = opts or bc.options()
-    engine_steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=opts, share=False)
-    state = runner.state if runner is not None else init_state(engine_steps, cfg, bc.seed, opts=opts)
+def count_compilations(runner: JaxTrain, bc: BenchConfig, steps: int = 6) -> dict:
+    """Programs a training run compiles: fresh jitted train/eval steps over a few batches of one shape, carrying
+    `runner`'s state on."""
+    cfg, state = runner.cfg, runner.state
+    engine_steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=runner.opts, share=False)
     events: list[str] = []
-    compiled = lambda name, *a, **k: events.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
-    loaded = lambda name, *a, **k: events.append(name) if name.endswith("cache_hits") else None  # noqa: E731
-    jax.monitoring.register_event_duration_secs_listener(compiled)
-    jax.monitoring.register_event_listener(loaded)
+    record = lambda name, *a, **k: events.append(name)
+    jax.monitoring.register_event_duration_secs_listener(record)
+    jax.monitoring.register_event_listener(record)
     try:
         for i in range(steps):
             state, metrics = engine_steps.train_step(state, random_batch(cfg, bc.batch_size, seed=i))
@@ -231,20 +220,13 @@ def count_compilations(cfg: GPTConfig, bc: BenchConfig, runner: JaxTrain | None 
                 mean_metrics(engine_steps, state.params, [random_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)])
         float(metrics["loss"])
     finally:
-        _unregister(compiled, loaded)
-    if runner is not None:
-        runner.state = state
+        with contextlib.suppress(AttributeError, ValueError, AssertionError):  # not in every jax version
+            jax_monitoring.unregister_event_duration_listener(record)
+            jax_monitoring.unregister_event_listener(record)
+    runner.state = state
     return {"train_step_programs": engine_steps.train_jit._cache_size(), "eval_step_programs": engine_steps.eval_jit._cache_size(),
             "xla_compiles_in_loop": sum(e.endswith("backend_compile_duration") for e in events),
             "cache_loads_in_loop": sum(e.endswith("cache_hits") for e in events), "loop_steps": steps}
-
-
-def _unregister(duration_listener, event_listener) -> None:
-    try:
-        jax_monitoring.unregister_event_duration_listener(duration_listener)
-        jax_monitoring.unregister_event_listener(event_listener)
-    except (ImportError, AttributeError, ValueError, AssertionError):
-        pass
 
 
 _DESCRIBED = ("attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple", "linear_layout",
@@ -314,14 +296,10 @@ def bench_compile(bc: BenchConfig, log: Callable[[str], None] = print) -> list[d
             for attempt in ("cold", "persistent cache"):
                 log(f"compile probe: scan_layers={scan}, {attempt} ...")
                 spec = {"cfg": cfg.to_dict(), "opts": opts.to_dict(), "batch": bc.batch_size, "cache_dir": cache_dir}
-                out = subprocess.run([sys.executable, "-m", "gptjax.bench", "--compile-probe", json.dumps(spec)],
-                                     capture_output=True, text=True)
                 row = {"part": "compile", "framework": "gptjax", "variant": _describe(cfg, opts), "model": bc.preset,
-                       "batch": bc.batch_size, "T": cfg.context_length, "dtype": opts.dtype, "cache": attempt}
-                if out.returncode:
-                    row["error"] = (out.stderr.strip().splitlines() or ["?"])[-1][:300]
-                else:
-                    row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+                       "batch": bc.batch_size, "T": cfg.context_length, "dtype": opts.dtype, "cache": attempt,
+                       **in_fresh_process("gptjax.bench", "--compile-probe", json.dumps(spec))}
+                if "error" not in row:
                     row["lower_plus_compile_s"] = round(row["lower_s"] + row["compile_s"], 2)
                 rows.append(row)
     return rows
@@ -338,50 +316,39 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
     rng = np.random.default_rng(bc.seed)
     rows = []
     hf = None
-    if bc.torch:
-        try:
-            hf = torch_generate_model(cfg)
-        except ImportError:
-            hf = None
+    with contextlib.suppress(ImportError):  # without torch or transformers: gptjax's rows alone
+        hf = torch_generate_model(cfg) if bc.torch else None
     # as `gptjax generate --weight-dtype`: weight-only bfloat16 where the CPU kernel reads it, int8
     weights = {wd: (params, opts) if wd == "float32" else decoding_weights(params, cfg, opts, wd)
                for wd in bc.weight_dtypes}
     for B in bc.decode_batches:
         prompt_BT = rng.integers(0, cfg.vocab_size, (B, bc.decode_prompt), dtype=np.int32)
-        fns, meta = {}, {}
+        # same work budget per batch size: the window loop costs B x window per token
+        nocache = max(4, bc.nocache_tokens // B)
+        fns, entry_bytes = {}, {}  # bytes per weight and per KV-cache entry, where not float32's (4, 4)
         for wd, (p, o) in weights.items():
             name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights") + \
                 (f" {o.dtype}-compute" if o.dtype != wd and wd != "float32" else "")
             fns[name] = lambda p=p, o=o, x=prompt_BT: generate(p, cfg, x, bc.decode_tokens, opts=o)
-            meta[name] = dict(tokens=bc.decode_tokens, weight_bytes=jnp.dtype(wd).itemsize,
-                              cache_bytes=jnp.dtype(o.dtype).itemsize)
+            entry_bytes[name] = (jnp.dtype(wd).itemsize, jnp.dtype(o.dtype).itemsize)
         if opts.matvec == "kernel":  # the kernel's effect: the same decode on XLA's dot
-            o = opts.replace(matvec="xla")
-            fns["gptjax kv-cache xla-matvec"] = lambda o=o, x=prompt_BT: generate(params, cfg, x, bc.decode_tokens,
-                                                                                  opts=o)
-            meta["gptjax kv-cache xla-matvec"] = dict(tokens=bc.decode_tokens, weight_bytes=4)
-        # same work budget per batch size: the window loop costs B x window per token
-        nocache = max(4, bc.nocache_tokens // B)
+            xla = opts.replace(matvec="xla")
+            fns["gptjax kv-cache xla-matvec"] = lambda x=prompt_BT: generate(params, cfg, x, bc.decode_tokens, opts=xla)
         fns["gptjax no-cache"] = lambda x=prompt_BT, n=nocache: generate(params, cfg, x, n, use_cache=False, opts=opts)
-        meta["gptjax no-cache"] = dict(tokens=nocache, weight_bytes=4)
         if hf is not None:
             fns["pytorch generate kv-cache"] = lambda x=prompt_BT: hf(x, bc.decode_tokens, True)
-            meta["pytorch generate kv-cache"] = dict(tokens=bc.decode_tokens, weight_bytes=4)
             fns["pytorch generate no-cache"] = lambda x=prompt_BT, n=nocache: hf(x, n, False)
-            meta["pytorch generate no-cache"] = dict(tokens=nocache, weight_bytes=4)
         log(f"decode B={B}: warm-up/compile, then {bc.decode_rounds} alternating rounds of {list(fns)} (load {load_average()}) ...")
         times = alternate(fns, rounds=bc.decode_rounds, warmup=1)
         batch_rows = []
         for name, ts in times.items():
             med = statistics.median(ts)
-            n = meta[name]["tokens"]
+            n = nocache if "no-cache" in name else bc.decode_tokens
             row = {"part": "decode", "framework": name.split()[0], "variant": name.split(" ", 1)[1], "model": bc.preset,
                    "batch": B, "prompt": bc.decode_prompt, "new_tokens": n, "s_per_call": round(med, 3),
                    "tokens_per_s": round(B * n / med, 1)}
             if "kv-cache" in name and bandwidth_GBps:
-                S = bc.decode_prompt + n
-                need = decode_bytes_per_step(cfg, B, S, meta[name]["weight_bytes"],
-                                             meta[name].get("cache_bytes", meta[name]["weight_bytes"]))
+                need = decode_bytes_per_step(cfg, B, bc.decode_prompt + n, *entry_bytes.get(name, (4, 4)))
                 roof = B * bandwidth_GBps * 1e9 / need
                 row.update(roofline_tokens_per_s=round(roof, 1), roofline_fraction=round(B * n / med / roof, 3))
             batch_rows.append(row)
@@ -442,13 +409,13 @@ def _measure(bc: BenchConfig, log: Callable[[str], None]) -> dict:
     return result
 
 
+_PROBES = {"--compile-probe": _compile_probe, "--torch-train-probe": _torch_train_probe}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--compile-probe"]:
-        print(json.dumps(_compile_probe(json.loads(argv[1]))))
-        return 0
-    if argv[:1] == ["--torch-train-probe"]:
-        print(json.dumps(_torch_train_probe(json.loads(argv[1]))))
+    if argv and argv[0] in _PROBES:
+        print(json.dumps(_PROBES[argv[0]](json.loads(argv[1]))))
         return 0
     print("python -m gptjax.bench runs the benchmark's subprocess probes; run the benchmark with `gptjax bench`",
           file=sys.stderr)

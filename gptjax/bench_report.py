@@ -16,9 +16,9 @@ def format_table(result: dict) -> str:
              + (f"; GLIBC_TUNABLES={d['glibc_tunables']}" if d.get("glibc_tunables") else "")]
     if "bandwidth" in result:
         b = result["bandwidth"]
-        runs = [b] + ([b["before_decode"]] if "before_decode" in b else [])
+        measured = [b] + ([b["before_decode"]] if "before_decode" in b else [])
         seen = "; ".join(f"read {m['read_GBps']} (best {m.get('read_best_GBps')}), copy {m['copy_GBps']} "
-                         f"(best {m.get('copy_best_GBps')})" for m in runs)
+                         f"(best {m.get('copy_best_GBps')})" for m in measured)
         lines.append(f"memory bandwidth, GB/s, median (best) of 8: {seen}; copy counts read+write; "
                      f"decode roofline uses the best read rate, {b['roofline_GBps']} GB/s")
     cols = {
@@ -34,8 +34,7 @@ def format_table(result: dict) -> str:
         if not rows:
             continue
         lines += ["", f"### {part}", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for r in rows:
-            lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+        lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
     for r in result["rows"]:
         if r.get("variant") == "compilations in a run":
             lines.append(f"\ncompilations in a training loop of {r['loop_steps']} steps with evals: train_step "

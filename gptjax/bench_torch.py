@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +18,18 @@ import jax
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.measure import alternate, load_average, random_batch
+from gptjax.measure import alternate, in_fresh_process, load_average, random_batch
+
+
+def _hf_gpt2(cfg: GPTConfig, drop_rate: float) -> Any:
+    """transformers' GPT2LMHeadModel of `cfg`'s shape, attention through torch's SDPA."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                    n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=drop_rate, embd_pdrop=drop_rate,
+                    attn_pdrop=drop_rate, layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_embeddings)
+    hf._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(hf)
 
 
 class TorchTrain:
@@ -27,20 +37,14 @@ class TorchTrain:
 
     def __init__(self, cfg: GPTConfig, bc: Any, compiled: bool, device: str):
         import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(bc.seed)
         if bc.matmul_precision == "bfloat16":  # float32 matmuls may run in bfloat16 (oneDNN on a CPU)
             torch.set_float32_matmul_precision("medium")
         elif device == "cuda":  # as the book's fastest setup: TF32 for what autocast leaves in float32
             torch.set_float32_matmul_precision("high")
-        hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate,
-                        embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate, layer_norm_epsilon=1e-5,
-                        tie_word_embeddings=cfg.tie_embeddings)
-        hf._attn_implementation = "sdpa"
         self.torch, self.device = torch, device
-        model = GPT2LMHeadModel(hf).to(device).train()
+        model = _hf_gpt2(cfg, cfg.drop_rate).to(device).train()
         self.n_params = sum(p.numel() for p in model.parameters())
         # fused AdamW where this torch has it for the device (it does for CPU and CUDA since 2.4)
         kw = dict(lr=bc.lr, weight_decay=bc.weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -74,10 +78,7 @@ class TorchTrain:
 def torch_device() -> str:
     """Where PyTorch runs: CUDA when JAX runs on a GPU and torch sees one, else the CPU."""
     import torch
-    platform_ = jax.devices()[0].platform
-    if platform_ == "gpu" and torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    return "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -88,10 +89,12 @@ class Timed:
     device: str = "cpu"
 
 
-def torch_runners(cfg: GPTConfig, bc: Any, device: str, log: Callable[[str], None]) -> tuple[dict, dict]:
-    """PyTorch eager (and torch.compile) train runners, and the errors of those that could not be built."""
+def torch_runners(cfg: GPTConfig, bc: Any, log: Callable[[str], None], device: str | None = None) -> tuple[dict, dict]:
+    """PyTorch eager (and torch.compile) train runners on `device` (default: `torch_device()`), and the errors of
+    those that could not be built."""
     runners, errors = {}, {}
     try:
+        device = device or torch_device()
         log("building PyTorch eager ...")
         runners["pytorch eager"] = TorchTrain(cfg, bc, compiled=False, device=device)
         if bc.torch_compile:
@@ -107,7 +110,7 @@ def torch_runners(cfg: GPTConfig, bc: Any, device: str, log: Callable[[str], Non
 
 def torch_train_probe(cfg: GPTConfig, bc: Any) -> dict:
     """In the probe's fresh process: PyTorch's train runners alone, alternated; their step times."""
-    runners, errors = torch_runners(cfg, bc, "cpu", log=lambda m: print(m, file=sys.stderr))
+    runners, errors = torch_runners(cfg, bc, log=lambda m: print(m, file=sys.stderr), device="cpu")
     times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
     return {"runners": {k: {"times": times[k], "n_params": r.n_params, "first_step_s": r.first_step_s}
                         for k, r in runners.items()}, "errors": errors}
@@ -118,11 +121,9 @@ def torch_train_apart(cfg: GPTConfig, bc: Any, log: Callable[[str], None]) -> tu
     which calls `torch_train_probe`): Timed records, their step times, and the errors."""
     log(f"PyTorch train rows in a process of their own, {bc.steps} steps each (load {load_average()}) ...")
     spec = {"bc": dataclasses.asdict(bc), "cfg": cfg.to_dict()}
-    out = subprocess.run([sys.executable, "-m", "gptjax.bench", "--torch-train-probe", json.dumps(spec)],
-                         capture_output=True, text=True)
-    if out.returncode:
-        return {}, {}, {"pytorch": "its process failed: " + (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = in_fresh_process("gptjax.bench", "--torch-train-probe", json.dumps(spec))
+    if "error" in got:
+        return {}, {}, {"pytorch": "its process failed: " + got["error"]}
     runners = {k: Timed(v["n_params"], v["first_step_s"]) for k, v in got["runners"].items()}
     return runners, {k: v["times"] for k, v in got["runners"].items()}, got["errors"]
 
@@ -131,14 +132,9 @@ def torch_generate_model(cfg: GPTConfig) -> Callable:
     """transformers' GPT2LMHeadModel of `cfg`'s shape, for eval: run(prompt_BT, n, use_cache) generates n
     new tokens greedily and blocks until done."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
-                    n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                    layer_norm_epsilon=1e-5, tie_word_embeddings=cfg.tie_embeddings)
-    hf._attn_implementation = "sdpa"
     device = torch_device()
-    model = GPT2LMHeadModel(hf).to(device).eval()
+    model = _hf_gpt2(cfg, 0.0).to(device).eval()
 
     def run(prompt_BT: np.ndarray, n: int, use_cache: bool) -> None:
         ids = torch.from_numpy(prompt_BT).long().to(device)

@@ -2,18 +2,18 @@
 training loop are checked against (tests/test_train.py, tests/test_gpt2_weights.py,
 experiments/ch05_loss_spike.py). Imports torch; nothing in gptjax imports this module.
 
-Load gptjax params into it with `gpt2_weights.export_book` (state-dict names as the book's).
+Load gptjax params into it with `gpt2_export.export_book` (state-dict names as the book's).
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from gptjax.gpt2_weights import book_config, export_book
+from gptjax.gpt2_export import book_config, export_book
 
 
 def book_gpt_model(c: dict[str, Any]):
-    """The book's GPTModel for a GPT_CONFIG dict (`gpt2_weights.book_config`), with its three dropouts."""
+    """The book's GPTModel for a GPT_CONFIG dict (`gpt2_export.book_config`), with its three dropouts."""
     import torch
     nn = torch.nn
 

@@ -14,18 +14,13 @@ from typing import Any, Callable, TextIO
 import jax
 
 from gptjax.config import GPTConfig
-from gptjax.generate import decoding_model, stream_generate
+from gptjax.generate import decoding_model, stream_generate, token_bytes
 from gptjax.options import Options
-from gptjax.tasks.instruct_data import PAD_TOKEN_ID, encode, format_input, response_prefix
+from gptjax.tasks.finetune import PAD_TOKEN_ID, encode
+from gptjax.tasks.instruct_data import format_input, response_prefix
 
 QUIT = ("/quit", "/exit", "/bye")
 RESET = "/reset"
-
-
-def _token_bytes(tokenizer: Any, t: int) -> bytes:
-    if hasattr(tokenizer, "decode_single_token_bytes"):  # tiktoken: a token may hold part of a UTF-8 character
-        return tokenizer.decode_single_token_bytes(t)
-    return tokenizer.decode([t]).encode("utf-8")
 
 
 def fit_history(tokenizer: Any, turns: list[tuple[str, str]], message: str, style: str,
@@ -90,7 +85,7 @@ def chat(params: dict, cfg: GPTConfig, tokenizer: Any, *, style: str = "alpaca",
         answer = []
         for t in stream_generate(params, cfg, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, eos_id=eos_id, key=jax.random.fold_in(key, answered), opts=opts):
-            answer.append(decoder.decode(_token_bytes(tokenizer, t)))
+            answer.append(decoder.decode(token_bytes(tokenizer, t)))
             print(answer[-1], end="", file=out, flush=True)
         answer.append(decoder.decode(b"", final=True))
         print(answer[-1], file=out, flush=True)

@@ -31,8 +31,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptjax.runtime import release_free_memory
-from gptjax.config import GPTConfig
-
 
 
 class _NotPrintedYet(logging.Filter):
@@ -83,9 +81,6 @@ class CheckpointSaveError(OSError):
 class RunExistsError(FileExistsError):
     """`out_dir` already holds the checkpoints of another run."""
 
-    def __str__(self) -> str:
-        return self.args[0]
-
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Raised after a stop request (SIGINT/SIGTERM) once the step finished and a checkpoint is on disk."""
@@ -98,9 +93,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         """The shell's convention: 128 + the signal number (130 for Ctrl-C)."""
         return 128 + (self.signum or signal.SIGINT)
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # ----------------------------------------------------------------------------------------------- guards
@@ -201,12 +193,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_diff(saved: dict, cfg: GPTConfig | dict, keys: tuple[str, ...] | None = None) -> list[str]:
-    """Differences `key is A in the checkpoint but B here` over the keys of `cfg` (nested keys dotted)."""
-    saved, want = _flat(saved), _flat(cfg.to_dict() if isinstance(cfg, GPTConfig) else dict(cfg))
-    keys = keys or tuple(sorted(want))
-    return [f"{k} is {saved.get(k)!r} in the checkpoint but {want.get(k)!r} here"
-            for k in keys if saved.get(k) != want.get(k)]
+def config_diff(saved: dict, want: dict) -> list[str]:
+    """Differences `key is A in the checkpoint but B here` over the keys of `want` (nested keys dotted)."""
+    saved, want = _flat(saved), _flat(want)
+    return [f"{k} is {saved.get(k)!r} in the checkpoint but {want[k]!r} here" for k in sorted(want)
+            if saved.get(k) != want[k]]
 
 
 class TrainCheckpoints:
@@ -314,10 +305,8 @@ class TrainCheckpoints:
         if isinstance(e, CheckpointSaveError):
             return e
         self._pending = None
-        try:
+        with contextlib.suppress(Exception):
             self._mgr.wait_until_finished()  # an earlier background save may still be committing
-        except Exception:
-            pass
         self._mgr.reload()  # forget the step that did not commit
         err = _errno_of(e)
         reason = f"[Errno {err}] {os.strerror(err)}" if err else short_error(e)
@@ -402,7 +391,6 @@ class TrainCheckpoints:
             args["train_state"] = ocp.args.StandardRestore(train_state_target)
         out = self._restore(step, **args)
         return out["params"], out.get("train_state"), meta
-
 
     def restore_newest_intact(self, params_target: Any, train_state_target: Any, expect: dict,
                               log: Callable[[str], None] = print) -> tuple[Any, Any, dict]:

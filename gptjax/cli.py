@@ -13,14 +13,14 @@ import jax
 
 from gptjax import bench, flags, runs, shards, tracking
 from gptjax.chat import chat
-from gptjax.checkpoint import CONFIG_FILE, CheckpointSaveError, RunExistsError, TrainingInterrupted
+from gptjax.checkpoint import CONFIG_FILE, CheckpointSaveError, TrainingInterrupted
 from gptjax.model_io import load_base_model, load_model, load_run_config
 from gptjax.config import get_config, GPTConfig
 from gptjax.cpu import fastest_linear_layout
 from gptjax.flags import from_args
 from gptjax.generate import generate_text, load_for_decoding, stream_text
 from gptjax.hub import DOWNLOAD_HINT, download_gpt2
-from gptjax.gpt2_weights import export_book, export_hf
+from gptjax.gpt2_export import export_book, export_hf
 from gptjax.layout import to_layout
 from gptjax.lora import LoRAConfig
 from gptjax.optim import OptimConfig
@@ -80,9 +80,9 @@ def _train(args, fn) -> int:
     except TrainingInterrupted as e:
         print(f"gptjax {args.command}: {e}", file=sys.stderr)
         code = e.exit_code
-    except (CheckpointSaveError, ConnectionError, RunExistsError) as e:
+    except CheckpointSaveError as e:  # exit 1; other errors (a run already in --out, ...) reach main's exit 2
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, CheckpointSaveError) else 2
+        return 1
     if not args.resume and (Path(args.out) / CONFIG_FILE).is_file():
         runs.write_text_atomic(Path(args.out) / flags.SAVE_FILE, flags.resolved_toml(args))
     return code
@@ -98,13 +98,13 @@ def _resume(args):
 
 
 # flags a pretrain --resume may still take: they do not change what is trained
-_RESUME_FLAGS = {"sharding", "fsdp", "resume", "step", "quiet", "data", "bpe_dir", "func", "command", "out", "config",
+_RESUME_FLAGS = {"sharding", "fsdp", "resume", "step", "quiet", "data", "bpe_dir", "command", "out", "config",
                  "tracker"}
 
 
 def _check_resume_flags(args, run: str, run_values: dict) -> None:
-    defaults = {a.dest: a.default for a in PARSERS[args.command]._actions}
-    given = [(k, v) for k, v in vars(args).items() if k not in _RESUME_FLAGS and v != defaults.get(k)]
+    parser = PARSERS[args.command]
+    given = [(k, v) for k, v in vars(args).items() if k not in _RESUME_FLAGS and v != parser.get_default(k)]
     if given:
         names = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") +
                           (f" (the run has {k}={run_values[k]!r})" if k in run_values else "") for k, v in given)
@@ -164,16 +164,15 @@ def _pretrain_optim(args, updates: int) -> OptimConfig:
                   decay_steps=max(updates - warmup, 1) if args.cosine else 0)
 
 
-def cmd_prepare(args) -> int:
+def cmd_prepare(args) -> None:
     meta = shards.prepare(args.sources, args.out, shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
                           workers=args.workers, text_field=args.text_field, bpe_dir=args.bpe_dir,
                           overwrite=args.overwrite, progress=not args.quiet)
     counts = ", ".join(f"{k} {v['tokens']:,} tokens in {len(v['shards'])} shard(s)" for k, v in meta["splits"].items())
     print(f"{counts}; in {args.out} (train on it: gptjax pretrain --data {args.out} --max-steps N)")
-    return 0
 
 
-def cmd_evaluate(args) -> int:
+def cmd_evaluate(args) -> None:
     if args.limit and not args.hellaswag:
         raise ValueError("--limit counts HellaSwag items: give --hellaswag FILE too (--max-batches limits the corpus)")
     if args.out:
@@ -193,7 +192,6 @@ def cmd_evaluate(args) -> int:
               f"ending with the lowest mean loss per token)")
     if args.out:
         runs.write_json_atomic(args.out, r)
-    return 0
 
 
 def _base_model(args, language_model: bool = True):
@@ -218,13 +216,12 @@ def _finetune_common(args, task: str) -> dict:
     their defaults are what the run recorded (config.json's `task` entry)."""
     out, resume = _resume(args)
     if resume and (Path(out) / CONFIG_FILE).is_file():
-        recorded = load_run_config(out)[1].get(task) or {}
-        defaults = {a.dest: a.default for a in PARSERS[args.command]._actions}
+        run_cfg, meta = load_run_config(out)
+        recorded = meta.get(task) or {}
         for flag, key in (("model", "base_model"), ("data", "data")):
-            if getattr(args, flag) == defaults.get(flag) and recorded.get(key):
+            if getattr(args, flag) == PARSERS[args.command].get_default(flag) and recorded.get(key):
                 setattr(args, flag, recorded[key])
         if args.model == "random":  # the architecture the run was started with
-            run_cfg = load_run_config(out)[0]
             for k in (*SIZE_KEYS, "qkv_bias", "tie_embeddings", "init"):
                 setattr(args, k, getattr(run_cfg, k))
     return dict(out_dir=out, lora=_lora(args), base_model=args.model, resume=resume, overwrite=args.overwrite,
@@ -256,7 +253,7 @@ def cmd_finetune_classifier(args) -> int:
     return _train(args, go)
 
 
-def cmd_classify(args) -> int:
+def cmd_classify(args) -> None:
     clf = Classifier.from_run(args.model, bpe_dir=args.bpe_dir)
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
@@ -264,30 +261,28 @@ def cmd_classify(args) -> int:
     for text, probs in zip(texts, clf.predict_proba(texts)):
         i = int(probs.argmax())
         print(f"{clf.label_names[i]}\t{probs[i]:.4f}\t{text}")
-    return 0
-
-
-def _splits(records: list, limit: int | None) -> dict:
-    splits = split_data(records)
-    return {k: v[:limit] for k, v in splits.items()} if limit else splits
 
 
 def _style(args) -> str:
-    if args.style:
-        return args.style
-    return run_style(args.model if args.model and Path(args.model).is_dir() else None)
+    return args.style or run_style(args.model if args.model and Path(args.model).is_dir() else None)
+
+
+def _ch7_inputs(args, task: str, load_records, tcfg_cls) -> dict:
+    """The keyword arguments finetune_instruct and finetune_dpo take alike from the flags."""
+    common = _finetune_common(args, task)
+    splits = split_data(load_records(args.data))
+    params, cfg, opts = _base_model(args)
+    tcfg = from_args(tcfg_cls, args, optim=_optim(args, tcfg_cls))
+    return dict(params=params, cfg=cfg, data={k: v[:args.limit] for k, v in splits.items()} if args.limit else splits,
+                tokenizer=get_gpt2_tokenizer(args.bpe_dir), tcfg=tcfg, pad_multiple=args.pad_multiple,
+                allowed_max_length=args.allowed_max_length, respond=not args.no_respond,
+                max_new_tokens=args.max_new_tokens, data_source=args.data, opts=opts, **common)
 
 
 def cmd_finetune_instruct(args) -> int:
     def go():
-        common = _finetune_common(args, "instruct")
-        splits = _splits(load_instruction_data(args.data), args.limit)
-        params, cfg, opts = _base_model(args)
-        tcfg = from_args(InstructTrainConfig, args, optim=_optim(args, InstructTrainConfig))
-        r = finetune_instruct(params, cfg, splits, get_gpt2_tokenizer(args.bpe_dir), style=args.style or "alpaca",
-                              tcfg=tcfg, mask=args.mask, pad_multiple=args.pad_multiple,
-                              allowed_max_length=args.allowed_max_length, respond=not args.no_respond,
-                              max_new_tokens=args.max_new_tokens, data_source=args.data, opts=opts, **common)
+        inputs = _ch7_inputs(args, "instruct", load_instruction_data, InstructTrainConfig)
+        r = finetune_instruct(style=args.style or "alpaca", mask=args.mask, **inputs)
         f = r["final"]
         print(f"done: train loss {f.get('train_loss', float('nan')):.3f}, val loss {f.get('val_loss', float('nan')):.3f}"
               f" after {r['steps']} steps ({r['wall_s']:.0f} s); run saved in {args.out}"
@@ -298,14 +293,8 @@ def cmd_finetune_instruct(args) -> int:
 
 def cmd_dpo(args) -> int:
     def go():
-        common = _finetune_common(args, "dpo")
-        splits = _splits(load_preference_data(args.data), args.limit)
-        params, cfg, opts = _base_model(args)
-        tcfg = from_args(DPOTrainConfig, args, optim=_optim(args, DPOTrainConfig))
-        r = finetune_dpo(params, cfg, splits, get_gpt2_tokenizer(args.bpe_dir), style=_style(args), tcfg=tcfg,
-                         mask_prompt_tokens=not args.no_mask_prompt, pad_multiple=args.pad_multiple,
-                         allowed_max_length=args.allowed_max_length, data_source=args.data,
-                         respond=not args.no_respond, max_new_tokens=args.max_new_tokens, opts=opts, **common)
+        inputs = _ch7_inputs(args, "dpo", load_preference_data, DPOTrainConfig)  # first: a resume sets --model
+        r = finetune_dpo(style=_style(args), mask_prompt_tokens=not args.no_mask_prompt, **inputs)
         f = r["final"]
         print(f"done: val loss {f.get('val_loss', float('nan')):.4f}, val reward margin "
               f"{f.get('val_reward_margin', float('nan')):.4f} after {r['steps']} steps ({r['wall_s']:.0f} s); "
@@ -323,7 +312,7 @@ def _decoding(args) -> dict:
                 matvec=None if args.matvec == "auto" else args.matvec)
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args) -> None:
     params, cfg, opts = load_for_decoding(args.model, args.weight_dtype, **_decoding(args))
     tok = get_gpt2_tokenizer(args.bpe_dir)
     if not tok.encode(args.prompt, allowed_special={"<|endoftext|>"}):
@@ -331,24 +320,22 @@ def cmd_generate(args) -> int:
     if not args.stream:
         print(generate_text((params, cfg), args.prompt, args.max_new_tokens, use_cache=not args.no_cache, opts=opts,
                             tokenizer=tok, stop_at_eos=not args.no_eos, **_sampling(args)))
-        return 0
+        return
     print(args.prompt, end="", flush=True)
     for piece in stream_text(params, cfg, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, eos_id=None if args.no_eos else tok.eot_token,
                              key=jax.random.key(args.seed), opts=opts):
         print(piece, end="", flush=True)
     print()
-    return 0
 
 
-def cmd_respond(args) -> int:
+def cmd_respond(args) -> None:
     respond_file(args.model, args.data, args.out, style=_style(args), limit=args.limit, batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, weight_dtype=args.weight_dtype, bpe_dir=args.bpe_dir,
                  progress=not args.quiet, overwrite=args.overwrite, decoding=_decoding(args), **_sampling(args))
-    return 0
 
 
-def cmd_judge(args) -> int:
+def cmd_judge(args) -> int | None:
     try:
         judge_file(args.data, args.out, key=args.key, model=args.model, judge_model=args.judge_model, url=args.url,
                    offline=args.offline, style=_style(args), limit=args.limit, timeout=args.timeout,
@@ -356,34 +343,25 @@ def cmd_judge(args) -> int:
     except ConnectionError as e:
         print(f"gptjax judge: error: {e} (or pass --offline for the scores that need no judge)", file=sys.stderr)
         return 2
-    return 0
 
 
-def cmd_chat(args) -> int:
-    try:
-        params, cfg, opts = load_for_decoding(args.model, args.weight_dtype, **_decoding(args))
-    except ConnectionError as e:
-        print(f"gptjax chat: error: {e}", file=sys.stderr)
-        return 2
+def cmd_chat(args) -> None:
+    params, cfg, opts = load_for_decoding(args.model, args.weight_dtype, **_decoding(args))
     if cfg.n_classes:
         raise ValueError(f"{args.model!r} is a classifier; chat needs a language model (a finetune-instruct run)")
     chat(params, cfg, get_gpt2_tokenizer(args.bpe_dir), style=_style(args), max_new_tokens=args.max_new_tokens,
          opts=opts, **_sampling(args))
-    return 0
 
 
-def cmd_download(args) -> int:
-
+def cmd_download(args) -> None:
     print(f"{args.size}: {download_gpt2(args.size, cache_dir=args.cache_dir, local_hint=DOWNLOAD_HINT)}")
-    return 0
 
 
-def cmd_export(args) -> int:
+def cmd_export(args) -> None:
     runs.check_output(args.out, [args.model], directory=args.format == "hf", overwrite=args.overwrite)
     params, cfg = load_model(args.model)
     out = export_book(params, cfg, args.out) if args.format == "book" else export_hf(params, cfg, args.out)
     print(f"wrote {out}")
-    return 0
 
 
 def parse_variant(text: str) -> dict:
@@ -403,7 +381,7 @@ def parse_variant(text: str) -> dict:
     return out
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args) -> None:
     # JAX grabs 75% of a GPU's memory up front; PyTorch, timed in the same process, needs its share
     if args.torch:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -414,11 +392,12 @@ def cmd_bench(args) -> int:
                    model_overrides={k: getattr(args, k) for k in ("emb_dim", "n_heads") if getattr(args, k)},
                    **{k: tuple(getattr(args, k)) for k in ("decode_batches", "weight_dtypes", "parts")})
     bench.run(bc, args.out or f"checkpoints/bench/bench_{jax.devices()[0].platform}")
-    return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "generate": cmd_generate, "download": cmd_download, "export": cmd_export,
-            "bench": cmd_bench, "finetune-classifier": cmd_finetune_classifier, "classify": cmd_classify,
+# each returns its exit code, or None for 0
+COMMANDS = {"prepare": cmd_prepare, "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "generate": cmd_generate,
+            "download": cmd_download, "export": cmd_export, "bench": cmd_bench,
+            "finetune-classifier": cmd_finetune_classifier, "classify": cmd_classify,
             "finetune-instruct": cmd_finetune_instruct, "dpo": cmd_dpo, "respond": cmd_respond, "judge": cmd_judge,
             "chat": cmd_chat}
 
@@ -448,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup()  # persistent compilation cache (~/.cache/gptjax/jax) and XLA:CPU flags, before any JAX work
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except (ValueError, OSError, FloatingPointError, KeyError, RuntimeError, ImportError) as e:
         print(f"gptjax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,24 +1,22 @@
 """The training engine: jitted steps built from a loss function, and the one run loop every task uses.
 
-A task (pretraining, classification, SFT, DPO) supplies
-- `loss_fn(trainable, frozen, batch, key) -> (loss, metrics)`: `trainable` is what the optimizer
-  updates (all weights, the unfrozen part, or LoRA adapters), `frozen` what it only reads;
-- batches with `len()` per epoch and `batch_at(epoch, i)`, a pure function of the seed;
-- `evaluate(state) -> {name: float}` for the eval points, and optionally a per-epoch `sample` and
-  `on_epoch_end`.
-`Steps` turns the loss into `train_step(state, batch) -> (state, metrics)` (state donated, optimizer
-and gradient accumulation from `OptimConfig`, dp/fsdp shardings from a mesh); `run` owns the rest:
-the step or epoch budget, eval cadence, progress bar, JSONL metrics, Orbax checkpoints (async),
-exact resume, SIGINT/SIGTERM and the NaN guard.
+A task (pretraining, classification, SFT, DPO) supplies a `loss_fn(trainable, frozen, batch, key) -> (loss,
+metrics)` (`trainable`: what the optimizer updates, all weights, the unfrozen part or LoRA adapters; `frozen`:
+what it only reads), batches (`len()` per epoch and `batch_at(epoch, i)`, a pure function of the seed) and its
+`Hooks` (eval values, validation loss, per-epoch sample). `Steps` turns the loss into `train_step(state, batch)
+-> (state, metrics)` (state donated, optimizer and gradient accumulation from `OptimConfig`, dp/fsdp shardings
+from a mesh); `run` owns the rest: the step or epoch budget, eval cadence, progress bar, JSONL metrics, Orbax
+checkpoints (async), exact resume, SIGINT/SIGTERM and the NaN guard.
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import itertools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,13 +102,12 @@ def _single_device_steps(loss_fn: LossFn, optim: OptimConfig):
 class Steps:
     """Jitted `train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> metrics` of a loss.
 
-    `params` is what trains (arrays or their shapes). `frozen` (weights the loss reads but does not
-    train) is an argument of the compiled programs, never a constant baked into them, and is not
-    donated. With a `mesh`, params, optimizer state and frozen weights are laid out by `strategy`
-    ("dp" or "fsdp", see gptjax.sharding) and batches split over the batch axes. `layout`
-    (`(to_saved, from_saved)`, e.g. model.layout_fns) converts what trains, and the optimizer state
-    shaped like it, to and from the layout checkpoints hold. `share=False` compiles programs of its
-    own (a benchmark timing the compile) instead of those every run of the same loss shares.
+    `params` is what trains (arrays or their shapes). `frozen` (weights the loss reads but does not train) is an
+    argument of the compiled programs, never a constant baked into them, and is not donated. With a `mesh`,
+    params, optimizer state and frozen weights are laid out by `strategy` ("dp" or "fsdp", see gptjax.sharding)
+    and batches split over the batch axes. `layout` (`(to_saved, from_saved)`, e.g. gptjax.layout.layout_fns)
+    converts what trains, and the optimizer state shaped like it, to and from the layout checkpoints hold.
+    `share=False` compiles programs of its own (a benchmark timing the compile), not those runs share.
     """
 
     def __init__(self, loss_fn: LossFn, optim: OptimConfig, params: Any, *, frozen: Any = None,
@@ -156,9 +153,7 @@ class Steps:
 
     def restore_target(self) -> TrainState:
         """ShapeDtypeStructs (with this mesh's shardings) of the state: what a checkpoint restores into."""
-        if self.shardings is None:
-            return self.abstract
-        return sharding.with_shardings(self.abstract, self.shardings)
+        return self.abstract if self.shardings is None else sharding.with_shardings(self.abstract, self.shardings)
 
     def saved(self, state: TrainState, host: bool = False) -> tuple[Any, dict]:
         """(params, rest of the state) as a checkpoint holds them: in the saved layout. `host` (one device):
@@ -202,11 +197,7 @@ class Steps:
 
 def mean_metrics(steps: Steps, params: Any, batches, num_batches: int | None = None) -> dict[str, float]:
     """The book's calc_loss_loader for every metric: the mean of per-batch values over the first batches."""
-    vals: list[dict] = []
-    for i, batch in enumerate(batches):
-        if num_batches is not None and i >= num_batches:
-            break
-        vals.append(steps.eval_step(params, batch))
+    vals = [steps.eval_step(params, batch) for batch in itertools.islice(batches, num_batches)]
     if not vals:
         return {}
     return {k: float(jnp.mean(jnp.stack([v[k] for v in vals]))) for k in vals[0]}
@@ -253,12 +244,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        fields_ = {f.name for f in dataclasses.fields(cls)}
+        fields_ = {f.name for f in fields(cls)}
         if unknown := set(d) - fields_:
             raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; valid keys: {sorted(fields_)}")
-        d["optim"] = OptimConfig(**d.get("optim", {}))
-        return cls(**d)
+        return cls(**{**d, "optim": OptimConfig(**d.get("optim", {}))})
 
 
 # settings that only say how checkpoints and logs are written; a resume may change them
@@ -294,20 +283,17 @@ class _Log:
     """The run's JSONL logs (and tracker) and in-memory history; per-step metrics stay on device until a flush."""
 
     def __init__(self, out_dir: Path, done: int, resume: bool, saved: dict | None, writer: tracking.Writer):
-        self.steps_path, self.metrics_path = out_dir / "steps.jsonl", out_dir / "metrics.jsonl"
+        paths = out_dir / "steps.jsonl", out_dir / "metrics.jsonl"
         if resume:
-            for path in (self.steps_path, self.metrics_path):  # drop what the run logged after its checkpoint
+            for path in paths:  # drop what the run logged after its checkpoint
                 runs.truncate_jsonl(path, done)
-        else:
-            self.steps_path.write_text("")
-            self.metrics_path.write_text("")
         saved = saved or {}
         self.history: dict[str, list] = saved.get("history", {})
         self.samples: list[dict] = saved.get("samples", [])
         self.epoch_history: dict[str, list] = saved.get("epoch_history", {})
         self.last: dict[str, float] = {}
         self.pending: list[tuple[int, int, dict]] = []
-        self.slog, self.mlog = self.steps_path.open("a"), self.metrics_path.open("a")
+        self.slog, self.mlog = (path.open("a" if resume else "w") for path in paths)
         self.writer = writer
 
     def flush(self, diverged: Callable[[str, int], Exception]) -> None:
@@ -332,9 +318,8 @@ class _Log:
                 (self.history if history is None else history).setdefault(k, []).append(v)
 
     def close(self) -> None:
-        self.slog.close()
-        self.mlog.close()
-        self.writer.close()
+        for closable in (self.slog, self.mlog, self.writer):
+            closable.close()
 
 
 class _Loop:
@@ -345,8 +330,8 @@ class _Loop:
         self.steps, self.tcfg, self.hooks, self.ckpts, self.log = steps, tcfg, hooks, ckpts, log
         self.expect, self.n_batches = expect, n_batches
         self.tokens_seen, self.wall_before = (saved or {}).get("tokens_seen", 0), (saved or {}).get("wall_s", 0.0)
-        self.t0, self.last_val = time.time(), (-1, None)
-        self.last_save = self.t0
+        self.t0 = self.last_save = time.time()
+        self.last_val = (-1, None)
 
     def save_due(self, done: int, i: int) -> bool:
         """Whether the cadence asks for a checkpoint after `done` steps (batch `i` of its epoch)."""
@@ -417,14 +402,20 @@ def _starting_state(steps: Steps, state: TrainState, ckpts: TrainCheckpoints, re
         if ckpts.latest_step() is not None:
             ckpts.delete_all()
         return state, None
-    if isinstance(resume, bool):
-        params, rest, saved = ckpts.restore_newest_intact(*steps.saved_target(), expect=expect)
-    else:
-        params, rest, saved = ckpts.restore(*steps.saved_target(), step=resume, expect=expect)
+    restore = ckpts.restore_newest_intact if isinstance(resume, bool) else partial(ckpts.restore, step=resume)
+    params, rest, saved = restore(*steps.saved_target(), expect=expect)
     state = steps.restored(params, rest)
     ckpts.delete_after(int(state.step))  # newer ones (damaged, or of the timeline left) would be kept
     print(f"resuming from {ckpts.describe(int(state.step))}")
     return state, saved
+
+
+def _check_warmup(tcfg: TrainConfig, n_batches: int) -> None:
+    updates = tcfg.epochs * n_batches // tcfg.optim.grad_accum
+    if tcfg.optim.warmup_steps > updates:
+        raise ValueError(f"warmup_steps={tcfg.optim.warmup_steps} is longer than the whole run ({updates} optimizer "
+                         f"updates: {tcfg.epochs} epochs of {n_batches} batches, grad_accum {tcfg.optim.grad_accum}); "
+                         f"use a shorter --warmup-steps / --warmup-frac or more --epochs")
 
 
 def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_dir: str | Path, hooks: Hooks, *,
@@ -432,24 +423,19 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
         desc: str = "train", resume_hint: str = "the same command plus --resume") -> dict:
     """The book's train_model_simple over `steps`, checkpointed, resumable and signal-safe.
 
-    Every `eval_freq` steps it logs `hooks.evaluate` to metrics.jsonl (with the step's own batch
-    loss, lr and gradient norm); every step's metrics go to steps.jsonl; `tcfg.tracker` sends both to
-    TensorBoard or W&B too (gptjax.tracking). Checkpoints (into
-    out_dir/checkpoints, the params and the rest of `state` apart) at the end, when stopped, and on
-    the cadence of TrainConfig.save_every / save_minutes.
-    `resume` continues exactly from the newest checkpoint that reads back (or, an int, from that
-    step; the newer ones are deleted): `meta` (the task, the model, the train settings) must match.
-    SIGINT/SIGTERM (or `stop_after` steps) save and raise TrainingInterrupted;
-    a non-finite loss raises FloatingPointError (nothing non-finite is saved).
+    Every `eval_freq` steps it logs `hooks.evaluate` to metrics.jsonl (with the step's own batch loss, lr
+    and gradient norm); every step's metrics go to steps.jsonl; `tcfg.tracker` sends both to TensorBoard or
+    W&B too (gptjax.tracking). Checkpoints (into out_dir/checkpoints, the params and the rest of `state`
+    apart) at the end, when stopped, and on the cadence of TrainConfig.save_every / save_minutes.
+    `resume` continues exactly from the newest checkpoint that reads back (or, an int, from that step; the
+    newer ones are deleted): `meta` (the task, the model, the train settings) must match. SIGINT/SIGTERM
+    (or `stop_after` steps) save and raise TrainingInterrupted; a non-finite loss raises FloatingPointError
+    (nothing non-finite is saved).
     """
     out_dir = Path(out_dir)
     n_batches = len(train_batches)
     total = tcfg.epochs * n_batches
-    updates = total // tcfg.optim.grad_accum
-    if tcfg.optim.warmup_steps > updates:
-        raise ValueError(f"warmup_steps={tcfg.optim.warmup_steps} is longer than the whole run ({updates} optimizer "
-                         f"updates: {tcfg.epochs} epochs of {n_batches} batches, grad_accum {tcfg.optim.grad_accum}); "
-                         f"use a shorter --warmup-steps / --warmup-frac or more --epochs")
+    _check_warmup(tcfg, n_batches)
     expect = {**meta, "train": {k: v for k, v in tcfg.to_dict().items() if k not in CHECKPOINT_KEYS},
               "steps_per_epoch": n_batches}
     ckpts = TrainCheckpoints(out_dir / CHECKPOINTS_DIR, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
@@ -490,10 +476,8 @@ def run(steps: Steps, state: TrainState, tcfg: TrainConfig, train_batches, out_d
             ckpts.wait()
             release_free_memory()  # the step's temporaries, before the task's final saves
     except BaseException:
-        try:
+        with contextlib.suppress(Exception):
             ckpts.close()  # a pending save still completes, so "the last good checkpoint" is really on disk
-        except Exception:
-            pass
         raise
     finally:
         if log is not None:

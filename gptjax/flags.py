@@ -20,14 +20,13 @@ from gptjax.config import INITS, PRESETS
 from gptjax.options import ATTN_IMPLS, DTYPES, LINEAR_LAYOUTS, MATMUL_PRECISIONS, MATVECS, REMAT_POLICIES, WEIGHT_DTYPES
 from gptjax.tracking import TRACKERS
 
-BPE_HELP = "directory with GPT-2's encoder.json + vocab.bpe (offline use)"
 SAVE_FILE = "command.toml"
 RECIPES = Path(__file__).parent / "recipes"  # --config NAME: a recipe shipped with gptjax
 
 # one help text per flag name, for every command that has the flag
 HELP = {
     # data
-    "bpe_dir": BPE_HELP,
+    "bpe_dir": "directory with GPT-2's encoder.json + vocab.bpe (offline use)",
     "stride": "window stride in tokens (default: the context length)",
     "train_frac": "fraction of the data that trains (the rest validates, or validates and tests)",
     "val_frac": "fraction of the data that validates",
@@ -133,12 +132,12 @@ HELP = {
 }
 
 CHOICES = {"dtype": DTYPES, "matmul_precision": MATMUL_PRECISIONS, "attn_impl": ATTN_IMPLS, "remat": REMAT_POLICIES,
-           "linear_layout": ("auto",) + LINEAR_LAYOUTS, "matvec": MATVECS, "init": INITS, "weight_dtype": WEIGHT_DTYPES,
-           "style": ("alpaca", "phi3"), "sharding": ("none", "dp", "fsdp"),
+           "linear_layout": ("auto",) + LINEAR_LAYOUTS, "matvec": ("auto",) + MATVECS, "init": INITS,
+           "weight_dtype": WEIGHT_DTYPES, "style": ("alpaca", "phi3"), "sharding": ("none", "dp", "fsdp"),
            "tracker": TRACKERS}
 # older names a flag still answers to
 ALIASES = {"train_frac": ["--train-ratio"], "async_checkpoint": ["--async-checkpoints"]}
-_TYPES = {"int": int, "float": float, "str": str}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -184,25 +183,13 @@ def add_fields(g, cls, *, skip: Sequence[str] = (), only: Sequence[str] | None =
         if f.name in skip or (only is not None and f.name not in only) or not f.init:
             continue
         default = defaults.get(f.name, getattr(base, f.name))
-        kind = _TYPES.get(str(f.type).split(" |")[0]) or (bool if str(f.type) == "bool" else None)
-        add(g, f.name, default, type=kind)
+        add(g, f.name, default, type=_TYPES.get(str(f.type).split(" |")[0]))
 
 
 def from_args(cls, args: argparse.Namespace, **extra) -> Any:
     """`cls` from the parsed flags named as its fields (and `extra`)."""
     given = vars(args)
     return cls(**{**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given and f.init}, **extra})
-
-
-def add_run_flags(g, out: str) -> None:
-    """Where a training run goes, and how it resumes."""
-    add(g, "out", out)
-    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR", help=HELP["resume"])
-    add(g, "step", type=positive_int)
-    add(g, "overwrite", False)
-    add(g, "quiet", False)
-    add(g, "sharding", "none")
-    add(g, "fsdp", type=int)
 
 
 # --- config files -----------------------------------------------------------------------------------
@@ -255,11 +242,11 @@ def _toml_value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, str) else repr(v)
 
 
-def resolved_toml(args: argparse.Namespace, skip: Sequence[str] = ("func", "config", "resume", "step",
-                                                                   "overwrite")) -> str:
-    """Every flag of a parsed command as TOML (flags at None are left out: their default applies)."""
+def resolved_toml(args: argparse.Namespace) -> str:
+    """Every flag of a parsed command as TOML, less those that steer only this invocation (--config, --resume,
+    --step, --overwrite); flags at None are left out: their default applies."""
     lines = [f"# gptjax {args.command} --config this-file: the flags this run was started with",
              f"command = {_toml_value(args.command)}"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in sorted(vars(args).items())
-              if k not in skip and k != "command" and v is not None]
+              if k not in ("command", "config", "resume", "step", "overwrite") and v is not None]
     return "\n".join(lines) + "\n"

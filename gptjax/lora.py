@@ -145,16 +145,14 @@ def save_adapters(path: str | os.PathLike, lora: Any, lcfg: LoRAConfig, extra_pa
     """Write the adapters (and any non-base params, e.g. a new head) to one safetensors file."""
     from safetensors.numpy import save_file
 
-    tensors = {"lora." + ".".join(p): np.asarray(jax.device_get(x), np.float32)
-               for p, x in traverse_util.flatten_dict(lora).items()}
-    if extra_params:
-        tensors.update({"params." + ".".join(p): np.asarray(jax.device_get(x), np.float32)
-                        for p, x in traverse_util.flatten_dict(extra_params).items()})
+    tensors = {".".join((kind, *p)): np.asarray(jax.device_get(x), np.float32)
+               for kind, tree in (("lora", lora), ("params", extra_params or {}))
+               for p, x in traverse_util.flatten_dict(tree).items()}
     meta = {"format": "gptjax-lora", "lora": json.dumps(lcfg.to_dict()),
             **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return runs.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), mode=0o644)
+    return runs.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_adapters(path: str | os.PathLike) -> tuple[dict, dict, LoRAConfig, dict[str, Any]]:
@@ -189,10 +187,7 @@ def partition(params: dict, mask: dict) -> tuple[dict, dict]:
 
 
 def combine(*trees: dict) -> dict:
-    flat = {}
-    for t in trees:
-        flat.update(traverse_util.flatten_dict(t))
-    return traverse_util.unflatten_dict(flat)
+    return traverse_util.unflatten_dict({k: v for t in trees for k, v in traverse_util.flatten_dict(t).items()})
 
 
 def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:

@@ -1,6 +1,6 @@
 """Measurement tools, usable without the benchmark: model FLOPs and device peaks (MFU), the device
-and host, alternated timing, memory bandwidth and the decode roofline, per-op XLA traces, compiled
-and device memory, and random token batches.
+and host, alternated timing, probes in a fresh process, memory bandwidth and the decode roofline,
+per-op XLA traces, compiled and device memory, and random token batches.
 
 `gptjax.bench` builds the benchmark on these; experiments use them on their own.
 """
@@ -14,6 +14,8 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,11 +80,10 @@ def flops_per_token(cfg: GPTConfig, T: int) -> float:
 def device_info() -> dict:
     """The first device, the host and the versions a benchmark result should carry."""
     dev = jax.devices()[0]
-    info = {"platform": dev.platform, "device_kind": dev.device_kind, "n_devices": jax.device_count(),
+    return {"platform": dev.platform, "device_kind": dev.device_kind, "n_devices": jax.device_count(),
             "jax": jax.__version__, "python": platform.python_version(), "host_cpus": os.cpu_count(),
-            "cpu": _cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    info.update(jaxlib=getattr(jaxlib, "__version__", None), flax=getattr(flax, "__version__", None))
-    return info
+            "cpu": _cpu_model(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "jaxlib": getattr(jaxlib, "__version__", None), "flax": getattr(flax, "__version__", None)}
 
 
 def _cpu_model() -> str:
@@ -118,6 +119,15 @@ def alternate(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
+
+
+def in_fresh_process(module: str, *args: str) -> dict:
+    """`python -m MODULE ARGS` in a fresh process: the JSON its last output line holds, or {"error": its last
+    error line}."""
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def memory_bandwidth(mb: int = 1024, reps: int = 8) -> dict:

@@ -57,6 +57,12 @@ def _saved_layout(meta: dict) -> Options:
     return Options(**{k: model[k] for k in LEGACY_KEYS if k in model})
 
 
+def _canonical(params: Any, cfg: GPTConfig, saved_as: Options, dtype: str | None) -> Any:
+    """Params saved in the layout `saved_as`, in the canonical layout and cast to `dtype` (if given)."""
+    params = to_canonical(params, cfg, saved_as)
+    return params if dtype is None else jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
+
+
 def load_run_config(run_dir: str | Path) -> tuple[GPTConfig, dict]:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
@@ -82,23 +88,18 @@ def load_run(run_dir: str | Path, dtype: str | None = None, step: int | str | No
     cfg, meta = load_run_config(run_dir)
     run_dir = Path(run_dir).absolute()
     params_dir = run_dir / PARAMS_DIR
-    saved_as = _saved_layout(meta)
-    target = abstract_params(cfg, saved_as)
     if step is None and params_dir.is_dir():
+        saved_as = _saved_layout(meta)
         try:
-            params = ocp.StandardCheckpointer().restore(params_dir, target)
+            params = ocp.StandardCheckpointer().restore(params_dir, abstract_params(cfg, saved_as))
         except Exception as e:
             raise CheckpointCorruptError(f"{params_dir} is damaged or was written for another model "
                                          f"({short_error(e)}); its {CONFIG_FILE} says {cfg}") from None
-    elif (run_dir / CHECKPOINTS_DIR).is_dir():
+        return _canonical(params, cfg, saved_as, dtype), cfg
+    if (run_dir / CHECKPOINTS_DIR).is_dir():
         return restore_params(run_dir / CHECKPOINTS_DIR, cfg, step=step, dtype=dtype), cfg
-    else:
-        raise FileNotFoundError(f"run directory {str(run_dir)!r} has neither {PARAMS_DIR}/ nor {CHECKPOINTS_DIR}/ "
-                                f"(the run stopped before its first checkpoint?)")
-    params = to_canonical(params, cfg, saved_as)
-    if dtype is not None:
-        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
-    return params, cfg
+    raise FileNotFoundError(f"run directory {str(run_dir)!r} has neither {PARAMS_DIR}/ nor {CHECKPOINTS_DIR}/ "
+                            f"(the run stopped before its first checkpoint?)")
 
 
 def restore_params(checkpoint_dir: str | Path, cfg: GPTConfig, step: int | str | None = None,
@@ -111,10 +112,7 @@ def restore_params(checkpoint_dir: str | Path, cfg: GPTConfig, step: int | str |
                                      expect={"model": {k: cfg.to_dict()[k] for k in SHAPE_KEYS}})
     finally:
         ckpts.close()
-    params = to_canonical(params, cfg, saved_as)
-    if dtype is not None:
-        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.dtype(dtype)), params)
-    return params
+    return _canonical(params, cfg, saved_as, dtype)
 
 
 class Model(NamedTuple):

@@ -9,9 +9,9 @@ import jax
 from gptjax import __version__, flags
 from gptjax.bench import BenchConfig
 from gptjax.config import GPTConfig
-from gptjax.flags import add, add_fields, add_run_flags, positive_int
+from gptjax.flags import add, add_fields, positive_int
 from gptjax.optim import OptimConfig
-from gptjax.options import MATVECS, Options
+from gptjax.options import Options
 from gptjax.tasks.classify import ClassifierTrainConfig
 from gptjax.tasks.dpo import DPOTrainConfig
 from gptjax.tasks.instruct import InstructTrainConfig
@@ -20,6 +20,7 @@ from gptjax.tasks.pretrain import PretrainConfig
 # the execution options every training command takes (Options' fields; the gradient barrier follows the backend)
 OPTION_FLAGS = ("dtype", "matmul_precision", "attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple",
                 "linear_layout", "loss_chunk")
+OPTIONS_GROUP = "execution options (gptjax.options: how the model runs, never saved with it)"
 PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 
@@ -43,8 +44,7 @@ def _model_flags(p, *, context_length: int | None, drop_rate: float, init: str, 
     add_fields(g, GPTConfig, only=("context_length", "emb_dim", "n_layers", "n_heads"), context_length=context_length,
                emb_dim=None, n_layers=None, n_heads=None)
     add_fields(g, GPTConfig, only=("drop_rate", "qkv_bias", "tie_embeddings", "init"), drop_rate=drop_rate, init=init)
-    add_fields(p.add_argument_group("execution options (gptjax.options: how the model runs, never saved with it)"),
-               Options, only=OPTION_FLAGS, linear_layout="auto")
+    add_fields(p.add_argument_group(OPTIONS_GROUP), Options, only=OPTION_FLAGS, linear_layout="auto")
     if lora:
         g = p.add_argument_group("LoRA (the book's appendix E)")
         add(g, "lora_rank", type=int)
@@ -56,17 +56,24 @@ def _training_flags(p, tcfg_cls, out: str, skip_optim: tuple = ("decay_steps", "
                     **defaults) -> None:
     add_fields(p.add_argument_group("training"), tcfg_cls, skip=("optim",), **defaults)
     base = dataclasses.asdict(tcfg_cls().optim)  # the task's optimizer defaults (DPO: weight decay 0.01)
-    add_fields(p.add_argument_group("optimizer"), OptimConfig, skip=skip_optim, **{**base, "lr": defaults.get("lr",
-                                                                                                     base["lr"])})
-    add_run_flags(p.add_argument_group("run directory, checkpoints, devices"), out)
+    base["lr"] = defaults.get("lr", base["lr"])
+    add_fields(p.add_argument_group("optimizer"), OptimConfig, skip=skip_optim, **base)
+    g = p.add_argument_group("run directory, checkpoints, devices")
+    add(g, "out", out)
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR", help=flags.HELP["resume"])
+    add(g, "step", type=positive_int)
+    add(g, "overwrite", False)
+    add(g, "quiet", False)
+    add(g, "sharding", "none")
+    add(g, "fsdp", type=int)
 
 
 def _sampling_flags(p, max_new_tokens: int = 256) -> None:
     """Sampling, and the execution options of decoding (auto: the fastest for this backend)."""
-    g = p.add_argument_group("execution options (gptjax.options: how the model runs, never saved with it)")
+    g = p.add_argument_group(OPTIONS_GROUP)
     add(g, "attn_impl", "auto")
     add(g, "linear_layout", "auto")
-    add(g, "matvec", "auto", choices=("auto",) + MATVECS)
+    add(g, "matvec", "auto")
     g = p.add_argument_group("sampling")
     add(g, "max_new_tokens", max_new_tokens)
     add(g, "temperature", 0.0)

@@ -14,10 +14,10 @@ import hashlib
 import inspect
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
 
 LOCK_FILE = ".lock"
@@ -149,15 +149,18 @@ def prepare_out_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], Any], mode: int | None = None) -> Path:
-    """`write(tmp)` next to `path`, then rename it over: a kill never leaves `path` half-written, and a
-    failing write leaves nothing behind. `mode`: the file's permissions (safetensors writes 0o600)."""
+def write_atomic(path: str | Path, write: Callable[[Path], Any], mode: int = 0o644) -> Path:
+    """`write(tmp)` to a fresh `.NAME.*.tmp` next to `path`, synced to disk, then renamed over `path`: a kill
+    never leaves `path` half-written, and a failing write leaves nothing behind. `mode`: the file's permissions."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
-        if mode is not None:
-            os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -194,6 +197,8 @@ def data_sha256(data: Any) -> str:
 def tree_sha256(tree: Any) -> str:
     """sha256 of a pytree of arrays (each leaf's path, dtype, shape and bytes): the identity of a base model's
     weights, whatever file or name they were loaded from."""
+    import jax  # here, not at the top: token-shard workers import runs (through gptjax.shards) and stay jax-free
+
     h = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(tree), key=lambda kv: jax.tree_util.keystr(kv[0])):
         a = np.ascontiguousarray(np.asarray(leaf))

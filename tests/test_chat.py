@@ -6,7 +6,8 @@ import pytest
 from gptjax.chat import chat
 from gptjax.generate import generate_batch
 from gptjax.model import init_params
-from gptjax.tasks.instruct_data import encode, format_input, response_prefix
+from gptjax.tasks.finetune import encode
+from gptjax.tasks.instruct_data import format_input, response_prefix
 from test_instruct import EOT, CharTokenizer, char_cfg
 
 

@@ -257,7 +257,8 @@ def test_cli_finetune_then_classify(tmp_path, tiny_tsv, tiny_lm, tok, capsys):
 
 
 def test_cli_lora_run_saves_adapters(tmp_path, tiny_tsv, tiny_lm, capsys):
-    from gptjax.gpt2_weights import export_hf, load_gpt2
+    from gptjax.gpt2_export import export_hf
+    from gptjax.gpt2_weights import load_gpt2
 
     hf_dir = export_hf(*tiny_lm, tmp_path / "hf")  # --model: a local Hugging Face GPT-2 directory
     run = tmp_path / "lora"

@@ -15,12 +15,13 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-import gptjax.gpt2_weights as gw
+import gptjax.gpt2_export as gw
 import gptjax.hub as hub
 from gptjax.book_torch import book_gpt_model
 from gptjax.config import GPTConfig
 from gptjax.generate import generate
-from gptjax.gpt2_weights import export_book, export_hf, load_gpt2
+from gptjax.gpt2_export import export_book, export_hf
+from gptjax.gpt2_weights import load_gpt2
 from gptjax.model import GPT, abstract_params
 from gptjax.options import Options
 

@@ -10,6 +10,7 @@ Letters: N examples, B batch, T time, C classes.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -24,16 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.model_io import begin_run, load_run, load_run_config, refuse_existing_run, save_run
+from gptjax.model_io import begin_run, load_run, load_run_config, refuse_existing_run
 from gptjax.config import GPTConfig
-from gptjax.tasks.classify_data import (IGNORE_LABEL, PAD_TOKEN_ID, SMS_SPAM_LABELS, ClassBatches, LabeledTexts,
-                                        book_split, encode_texts, split_batches)
+from gptjax.tasks.classify_data import (IGNORE_LABEL, SMS_SPAM_LABELS, ClassBatches, LabeledTexts, book_split,
+                                        encode_texts, split_batches)
 from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy
 from gptjax.optim import OptimConfig
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params, dropout_rngs
 from gptjax.layout import layout_fns, to_canonical, unstack_layers
 from gptjax.options import Options
+from gptjax.tasks.finetune import PAD_TOKEN_ID, check_pad_token, save_finished
 from gptjax.tokenizer import get_gpt2_tokenizer
 
 # --- model -----------------------------------------------------------------------------------------
@@ -53,9 +55,6 @@ def to_classifier(params: dict, cfg: GPTConfig, n_classes: int, key: jax.Array) 
     return new, cfg.replace(n_classes=n_classes)
 
 
-TRAIN_CHOICES = "last-block | last-N (e.g. last-2) | all | head | none"
-
-
 def trainable_mask(params: dict, train: str = "last-block") -> dict:
     """Bool pytree over `params`: True where fine-tuning updates the parameter.
 
@@ -64,28 +63,25 @@ def trainable_mask(params: dict, train: str = "last-block") -> dict:
     """
     n_layers = sum(1 for k in params if re.fullmatch(r"h_\d+", k))
     spec = train.strip().lower()
-    if spec == "all":
-        chosen = lambda top: True  # noqa: E731
-    elif spec == "none":
-        chosen = lambda top: False  # noqa: E731
-    elif spec == "head":
-        chosen = lambda top: top == "cls_head"  # noqa: E731
+    named = {"all": set(params), "none": set(), "head": {"cls_head"}}
+    if spec in named:
+        chosen = named[spec]
     elif (m := re.fullmatch(r"last-(block|\d+)", spec)):
         n = 1 if m.group(1) == "block" else int(m.group(1))
         if not 1 <= n <= n_layers:
             raise ValueError(f"--train {train!r}: the model has {n_layers} blocks; choose last-1 .. last-{n_layers}")
-        blocks = {f"h_{i}" for i in range(n_layers - n, n_layers)}
-        chosen = lambda top: top in blocks or top in ("ln_f", "cls_head")  # noqa: E731
+        chosen = {f"h_{i}" for i in range(n_layers - n, n_layers)} | {"ln_f", "cls_head"}
     else:
-        raise ValueError(f"unknown layers to train {train!r}; choose {TRAIN_CHOICES}")
-    return {top: jax.tree_util.tree_map(lambda _: chosen(top), sub) for top, sub in params.items()}
+        raise ValueError(f"unknown layers to train {train!r}; choose last-block | last-N (e.g. last-2) | all | head "
+                         f"| none")
+    return {top: jax.tree_util.tree_map(lambda _: top in chosen, sub) for top, sub in params.items()}
 
 
 def last_token_logits(params: dict, cfg: GPTConfig, x_BT: jax.Array, *, key: jax.Array | None = None,
                       opts: Options | None = None) -> jax.Array:
     """The book's `model(x)[:, -1, :]`: class logits from the last position (padding included, as the book)."""
-    rngs = dropout_rngs(key)
-    logits_BTC = GPT(cfg, opts or Options()).apply({"params": params}, x_BT, deterministic=key is None, rngs=rngs)
+    logits_BTC = GPT(cfg, opts or Options()).apply({"params": params}, x_BT, deterministic=key is None,
+                                                   rngs=dropout_rngs(key))
     return logits_BTC[:, -1, :]
 
 
@@ -124,9 +120,7 @@ def evaluate_split(steps: Steps, trainable: dict, batches: Iterator, num_batches
                    ) -> tuple[float, float]:
     """(loss, accuracy) as the book's calc_loss_loader (mean of batch losses) and calc_accuracy_loader."""
     losses, correct, count = [], 0, 0
-    for i, batch in enumerate(batches):
-        if num_batches is not None and i >= num_batches:
-            break
+    for batch in itertools.islice(batches, num_batches):
         m = steps.eval_step(trainable, batch)
         losses.append(m["loss"])
         correct, count = correct + m["correct"], count + m["count"]
@@ -153,20 +147,19 @@ def train_classifier(steps: Steps, state: TrainState, train_b: ClassBatches, val
                      progress: bool = True, stop_after: int | None = None) -> dict:
     """The book's train_classifier_simple on the engine: losses every `eval_freq` steps, accuracies after
     each epoch (on `eval_iter` batches of a fresh training shuffle and of the validation set)."""
-    n = len(train_b)
+    def on_train(params, step: int) -> tuple[float, float]:
+        n_evals = step // tcfg.eval_freq + 1  # a fresh shuffle, as re-iterating the book's shuffled DataLoader
+        return evaluate_split(steps, params, train_b.epoch(10**6 + n_evals), tcfg.eval_iter)
+
+    def on_val(params) -> tuple[float, float]:
+        return evaluate_split(steps, params, val_b.epoch(0), tcfg.eval_iter)
 
     def evaluate(params, step: int) -> dict:
-        n_evals = step // tcfg.eval_freq + 1  # a fresh shuffle, as re-iterating the book's shuffled DataLoader
-        train_loss, _ = evaluate_split(steps, params, train_b.epoch(10**6 + n_evals), tcfg.eval_iter)
-        return {"epoch_frac": (step + 1) / n, "train_loss": train_loss, "val_loss": validate(params)}
-
-    def validate(params) -> float:
-        return evaluate_split(steps, params, val_b.epoch(0), tcfg.eval_iter)[0]
+        return {"epoch_frac": (step + 1) / len(train_b), "train_loss": on_train(params, step)[0],
+                "val_loss": on_val(params)[0]}
 
     def on_epoch_end(params, step: int) -> dict:
-        n_evals = step // tcfg.eval_freq + 1
-        _, train_acc = evaluate_split(steps, params, train_b.epoch(10**6 + n_evals), tcfg.eval_iter)
-        _, val_acc = evaluate_split(steps, params, val_b.epoch(0), tcfg.eval_iter)
+        train_acc, val_acc = on_train(params, step)[1], on_val(params)[1]
         print(f"Training accuracy: {train_acc * 100:.2f}% | Validation accuracy: {val_acc * 100:.2f}%")
         return {"train_acc": train_acc, "val_acc": val_acc}
 
@@ -174,8 +167,8 @@ def train_classifier(steps: Steps, state: TrainState, train_b: ClassBatches, val
         return f"Ep {rec['epoch']} (Step {rec['step']:06d}): Train loss {rec['train_loss']:.3f}, " \
                f"Val loss {rec['val_loss']:.3f}"
 
-    hooks = Hooks(evaluate=evaluate, validate=validate, count=lambda b: int(np.sum(b[1] != IGNORE_LABEL)),
-                  on_epoch_end=on_epoch_end, line=line, count_name="examples_seen")
+    hooks = Hooks(evaluate=evaluate, validate=lambda params: on_val(params)[0], on_epoch_end=on_epoch_end, line=line,
+                  count=lambda b: int(np.sum(b[1] != IGNORE_LABEL)), count_name="examples_seen")
     return engine.run(steps, state, tcfg, train_b, out_dir, hooks, meta=meta, resume=resume, progress=progress,
                       stop_after=stop_after, desc="finetune")
 
@@ -199,6 +192,16 @@ def classifier_trainable(params: dict, cfg: GPTConfig, n_classes: int, train: st
     return params, cfg, opts, trainable, frozen
 
 
+def final_results(steps: Steps, trainable: dict, loaders: dict[str, ClassBatches]) -> dict[str, dict]:
+    """Loss and accuracy of full passes over every split, as the book's final calc_accuracy_loader calls."""
+    final = {}
+    for name, b in loaders.items():
+        loss, acc = evaluate_split(steps, trainable, b.epoch(0))
+        final[name] = {"loss": loss, "accuracy": acc, "examples": b.num_examples}
+    print("  ".join(f"{name} accuracy {m['accuracy'] * 100:.2f}%" for name, m in final.items()))
+    return final
+
+
 def plot_run(h: dict, eh: dict, out_dir: Path) -> None:
     """loss.png (per evaluation) and accuracy.png (per epoch), against epochs and examples seen."""
     if h.get("step"):
@@ -220,34 +223,27 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
                         fsdp: int | None = None, opts: Options | None = None) -> dict:
     """Chapter 6 (and appendix E with `lora`) end to end; writes a run directory that `Classifier.from_run` loads.
 
-    `params`/`cfg`: the base GPT (an LM or a classifier). `data`: all examples (split as the book) or
-    ready {"train", "val", "test"} splits. `train`: which base params train (default 'last-block',
-    or 'none' with LoRA, as the book). Writes params/ (merged), config.json, metrics.jsonl,
-    loss.png, accuracy.png and, with LoRA, adapters.safetensors. `resume` continues the run in `out_dir` from
-    its newest intact checkpoint (an int: from that step's) on the same data and `base_model` (config.json
-    records their sha256 and spec). `opts`: how it trains (default
-    Options.for_backend()), the layout of `params`; params/ and the returned params are canonical.
+    `params`/`cfg`: the base GPT (an LM or a classifier). `data`: all examples (split as the book) or ready
+    {"train", "val", "test"} splits. `train`: which base params train (default 'last-block', or 'none' with LoRA,
+    as the book). Writes params/ (merged), config.json, metrics.jsonl, loss.png, accuracy.png and, with LoRA,
+    adapters.safetensors. `resume` continues the run in `out_dir` from its newest intact checkpoint (an int: that
+    step's) on the same data and `base_model` (config.json records their sha256 and spec). `opts`: how it trains
+    (default Options.for_backend()), the layout of `params`; params/ and the returned params are canonical.
     """
     tcfg = tcfg or ClassifierTrainConfig()
     opts = opts or Options.for_backend()
-    out_dir = Path(out_dir)
     train = train or ("none" if lora is not None else "last-block")
     splits = data if isinstance(data, dict) else book_split(data, balance=balance, train_frac=train_frac,
                                                              val_frac=val_frac, seed=tcfg.seed)
     label_names = splits["train"].label_names
-    n_classes = len(label_names)
     if drop_rate is not None:
         cfg = cfg.replace(drop_rate=drop_rate)
-    if cfg.vocab_size < PAD_TOKEN_ID + 1 and pad_token_id == PAD_TOKEN_ID:
-        raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold GPT-2 token ids (pad {PAD_TOKEN_ID}); "
-                         f"use a model with vocab_size 50257")
+    check_pad_token(cfg, pad_token_id)
     loaders, max_length = split_batches(splits, tokenizer, tcfg.batch_size, seed=tcfg.seed, max_length=max_length,
                                         context_length=cfg.context_length, pad_token_id=pad_token_id)
-
     key = jax.random.PRNGKey(tcfg.seed)
     base_sha256 = runs.tree_sha256(to_canonical(params, cfg, opts))
-    params, cfg, opts, trainable, frozen = classifier_trainable(params, cfg, n_classes, train, lora, key, opts)
-    lora_scale = lora.scale if lora else 1.0
+    params, cfg, opts, trainable, frozen = classifier_trainable(params, cfg, len(label_names), train, lora, key, opts)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax finetune-classifier ... --resume`")
     inputs = {"base_model": base_model, "base_sha256": base_sha256, "data": data_source, "data_sha256": runs.data_sha256(
@@ -255,13 +251,10 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     # only once every input checked out: a bad option leaves no directory behind
     out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "classify": inputs},
                         resume=resume)
-    n_train, n_total = count_params(trainable), count_params(params)
     with_lora = f", LoRA r={lora.rank} alpha={lora.alpha:g}" if lora else ""
-    print(f"model: {n_total:,} parameters, {n_train:,} trainable ({train}{with_lora}); "
-          f"max_length {max_length}; batches train {len(loaders['train'])}, val {len(loaders['val'])}"
-          + (f", test {len(loaders['test'])}" if "test" in loaders else ""))
-
-    steps = make_classifier_steps(cfg, tcfg.optim, trainable, frozen, lora_scale,
+    print(f"model: {count_params(params):,} parameters, {count_params(trainable):,} trainable ({train}{with_lora}); "
+          f"max_length {max_length}; batches " + ", ".join(f"{name} {len(b)}" for name, b in loaders.items()))
+    steps = make_classifier_steps(cfg, tcfg.optim, trainable, frozen, lora.scale if lora else 1.0,
                                   mesh=mesh_for(sharding, fsdp, tcfg.batch_size), strategy=sharding, opts=opts)
     state = steps.init_state(trainable, key)
     # the book's check before fine-tuning: accuracy on 10 batches of each split (about chance)
@@ -271,25 +264,16 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
                               meta={"task": "classify", "model": cfg.to_dict()}, progress=progress,
                               stop_after=stop_after)
     trainable = result["state"].params
-    final = {}
-    for name, b in loaders.items():  # full passes, as the book's final calc_accuracy_loader calls
-        loss, acc = evaluate_split(steps, trainable, b.epoch(0))
-        final[name] = {"loss": loss, "accuracy": acc, "examples": b.num_examples}
-    print("  ".join(f"{name} accuracy {m['accuracy'] * 100:.2f}%" for name, m in final.items()))
-
-    merged = to_canonical(lora_lib.full_params(trainable, frozen, lora_scale), cfg, opts)
     task = {"task": "classify", "label_names": list(label_names), "max_length": int(max_length),
-            "pad_token_id": pad_token_id, **inputs, "train_layers": train,
-            "lora": lora.to_dict() if lora else None, "train": tcfg.to_dict(),
-            "trainable_params": n_train, "split_sizes": {k: len(v) for k, v in splits.items()},
-            "initial_accuracy": initial, "results": final, "steps": result["steps"],
+            "pad_token_id": pad_token_id, **inputs, "train_layers": train, "lora": lora.to_dict() if lora else None,
+            "train": tcfg.to_dict(), "trainable_params": count_params(trainable),
+            "split_sizes": {k: len(v) for k, v in splits.items()}, "initial_accuracy": initial,
+            "results": final_results(steps, trainable, loaders), "steps": result["steps"],
             "examples_seen": result["tokens_seen"], "wall_s": round(result["wall_s"], 1)}
-    save_run(out_dir, merged, cfg, extra={"options": opts.to_dict(), "classify": task, "status": "finished"})
-    if lora is not None:
-        # the adapters alone, plus what the base model lacks (the new head) or what trained beside them
-        extra_params = lora_lib.combine({"cls_head": params["cls_head"]}, trainable["params"])
-        lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora, extra_params,
-                               metadata={"base_model": base_model, "n_classes": n_classes})
+    # with LoRA the adapters, plus what the base model lacks (the new head) or what trained beside them
+    merged = save_finished(out_dir, trainable, frozen, lora, cfg, opts, {"classify": task},
+                           lora_lib.combine({"cls_head": params["cls_head"]}, trainable["params"]),
+                           base_model=base_model, n_classes=cfg.n_classes)[1]
     h, eh = result["history"], result["epoch_history"]
     plot_run(h, eh, out_dir)
     return {**task, "history": {**h, **eh}, "out_dir": str(out_dir), "params": merged, "cfg": cfg}
@@ -354,11 +338,9 @@ def classify(text: str, params: dict, cfg: GPTConfig, tokenizer: Any, *, label_n
 def classifier_from_adapters(base_params: dict, base_cfg: GPTConfig,
                              adapters_path: str | os.PathLike) -> tuple[dict, GPTConfig]:
     """Rebuild a LoRA run's classifier from its base model and adapters.safetensors (merged, ready to use)."""
-    adapters, extra, lcfg, meta = lora_lib.load_adapters(adapters_path)
+    adapters, extra, lcfg, _ = lora_lib.load_adapters(adapters_path)
     if "cls_head" not in extra:
         raise ValueError(f"{str(adapters_path)!r} holds no cls_head; it is not a classifier's adapter file")
-    n_classes = int(extra["cls_head"]["kernel"].shape[-1])
-    params = {k: v for k, v in base_params.items() if k not in ("lm_head", "cls_head")}
-    params = lora_lib.combine(params, extra)
-    cfg = base_cfg.replace(n_classes=n_classes)
-    return lora_lib.merge(params, adapters, lcfg.scale), cfg
+    params = lora_lib.combine({k: v for k, v in base_params.items() if k not in ("lm_head", "cls_head")}, extra)
+    return (lora_lib.merge(params, adapters, lcfg.scale),
+            base_cfg.replace(n_classes=int(extra["cls_head"]["kernel"].shape[-1])))

@@ -10,21 +10,21 @@ import hashlib
 import io
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from gptjax import runs
 from gptjax.data import cached_download, default_cache_dir, file_sha256
+from gptjax.tasks.finetune import PAD_TOKEN_ID, EpochBatches, encode, load_hf_split
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 # sha256 of the extracted `SMSSpamCollection` (UCI v.1): checked on the member, so a re-zipped archive still loads
 SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
 SMS_SPAM_LABELS = ("ham", "spam")
-PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>, the book's padding token
 IGNORE_LABEL = -100   # label of the filler rows that complete a last partial batch
 
 
@@ -47,13 +47,10 @@ class LabeledTexts:
         return {name: int(np.sum(self.labels_N == i)) for i, name in enumerate(self.label_names)}
 
 
-def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-
-
 def sms_spam_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """The UCI SMS Spam Collection file: downloaded once as a zip into the cache, extracted and checksummed."""
-    target = _cache_dir(cache_dir) / f"SMSSpamCollection-{SMS_SPAM_SHA256[:10]}"
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / f"SMSSpamCollection-{SMS_SPAM_SHA256[:10]}"
     if target.is_file() and file_sha256(target) == SMS_SPAM_SHA256:
         return target
     try:
@@ -66,16 +63,11 @@ def sms_spam_path(cache_dir: str | os.PathLike | None = None) -> Path:
             raise ValueError(f"{zip_path} has no SMSSpamCollection member (it has {zf.namelist()}); delete it "
                              f"and retry, or pass a local copy of the file")
         data = zf.read("SMSSpamCollection")
-
     if (got := hashlib.sha256(data).hexdigest()) != SMS_SPAM_SHA256:
         os.remove(zip_path)
         raise ValueError(f"SMSSpamCollection from {SMS_SPAM_URL} has sha256 {got}, expected {SMS_SPAM_SHA256}; "
                          f"the cached zip was deleted. Pass a local copy of the file if the dataset changed")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, target)
-    return target
+    return runs.write_atomic(target, lambda tmp: tmp.write_bytes(data))
 
 
 def _column(header: list[str] | None, col: int | str, path: str) -> int:
@@ -154,22 +146,9 @@ def load_labeled_texts(source: str | os.PathLike | None = None, *, label_names: 
 
 
 def _load_hf(src: str, label_names, label_col, text_col, cache_dir) -> LabeledTexts:
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError("loading a Hugging Face dataset needs `pip install datasets`; or export it to a CSV "
-                          "and pass the path") from e
-    name, config, split = (src[3:].split(":", 2) + [None, None])[:3]
-    if not name:
-        raise ValueError(f"data {src!r} names no dataset; use 'hf:NAME[:CONFIG][:SPLIT]'")
+    ds = load_hf_split(src, cache_dir, "a local CSV/TSV (export the dataset to one)")
     label_col = "label" if label_col is None else label_col
     text_col = "text" if text_col is None else text_col
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train",
-                                   cache_dir=None if cache_dir is None else str(Path(cache_dir) / "hf"))
-    except Exception as e:
-        raise ValueError(f"could not load Hugging Face dataset {src!r}: {type(e).__name__}: {e}; check the name, "
-                         f"config and split, or pass a local CSV/TSV") from e
     cols = ds.column_names
     label_col = cols[label_col] if isinstance(label_col, int) else label_col
     text_col = cols[text_col] if isinstance(text_col, int) else text_col
@@ -234,7 +213,7 @@ def encode_texts(texts: Sequence[str], tokenizer: Any, *, max_length: int | None
     max_length None: the longest text (the training set's, then reused for val/test). Longer texts
     are truncated; nothing exceeds `context_length`.
     """
-    encoded = [_encode(tokenizer, t) for t in texts]
+    encoded = [encode(tokenizer, t) for t in texts]
     if max_length is None:
         max_length = max((len(e) for e in encoded), default=0)
     if context_length is not None:
@@ -248,14 +227,7 @@ def encode_texts(texts: Sequence[str], tokenizer: Any, *, max_length: int | None
     return ids_NT, max_length
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    try:  # tiktoken: a literal "<|endoftext|>" in a message is text, not a control token
-        return tokenizer.encode(text, disallowed_special=())
-    except TypeError:
-        return tokenizer.encode(text)
-
-
-class ClassBatches:
+class ClassBatches(EpochBatches):
     """(x_BT, y_B) batches; a last partial batch is filled with IGNORE_LABEL rows so every batch has one shape."""
 
     def __init__(self, ids_NT: np.ndarray, labels_N: np.ndarray, batch_size: int, *, shuffle: bool,
@@ -263,46 +235,22 @@ class ClassBatches:
         ids_NT, labels_N = np.asarray(ids_NT, np.int32), np.asarray(labels_N, np.int32)
         if ids_NT.ndim != 2 or len(ids_NT) != len(labels_N):
             raise ValueError(f"ids must be (N, T) and labels (N,), got {ids_NT.shape} and {labels_N.shape}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if drop_last and len(ids_NT) < batch_size:
-            raise ValueError(f"the {name} split has {len(ids_NT)} examples, fewer than batch_size={batch_size}; "
-                             f"use a smaller --batch-size or more data")
+        super().__init__(len(ids_NT), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+        self.check_size(name)
         self.ids_NT, self.labels_N = ids_NT, labels_N
-        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
 
     @property
     def num_examples(self) -> int:
         """Examples one pass covers (drop_last leaves the rest out, as torch's DataLoader)."""
-        return len(self) * self.batch_size if self.drop_last else len(self.ids_NT)
+        return len(self) * self.batch_size if self.drop_last else self.n
 
-    def __len__(self) -> int:
-        n, b = len(self.ids_NT), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
-    def order(self, epoch: int) -> np.ndarray:
-        n = len(self.ids_NT)
-        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
-
-    def batch_at(self, epoch: int, i: int, order_N: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Batch `i` of `epoch`: a pure function of (seed, epoch, i), so a resumed run sees the same batches."""
-        b = self.batch_size
-        rows = (self.order(epoch) if order_N is None else order_N)[i * b:(i + 1) * b]
+    def batch_at(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+        b, rows = self.batch_size, self.rows(epoch, i)
         x_BT, y_B = self.ids_NT[rows], self.labels_N[rows]
         if len(rows) < b:
             x_BT = np.concatenate([x_BT, np.zeros((b - len(rows), x_BT.shape[1]), np.int32)])
             y_B = np.concatenate([y_B, np.full(b - len(rows), IGNORE_LABEL, np.int32)])
         return x_BT, y_B
-
-    def epoch(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        order_N = self.order(epoch)
-        for i in range(len(self)):
-            yield self.batch_at(epoch, i, order_N)
-
-    def __iter__(self):
-        return self.epoch(0)
-
-
 
 
 def split_batches(splits: dict[str, LabeledTexts], tokenizer: Any, batch_size: int, *, seed: int,

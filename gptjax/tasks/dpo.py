@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -28,16 +28,17 @@ import optax
 from gptjax import engine, lora as lora_lib, runs
 from gptjax.model_io import begin_run, refuse_existing_run
 from gptjax.config import GPTConfig
-from gptjax.engine import Steps, TrainConfig, mean_metrics
+from gptjax.engine import Steps
 from gptjax.optim import OptimConfig
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT
 from gptjax.layout import layout_fns, to_canonical
 from gptjax.options import Options
-from gptjax.tasks.instruct import (check_pad_token, describe, fit, greedy_sampler, respond_and_evaluate,
-                                   run_settings, save_finished, split_trainable)
-from gptjax.tasks.instruct_data import (PAD_TOKEN_ID, bucket_length, encode, format_input, load_json_records,
-                                        response_prefix, split_data)
+from gptjax.tasks.finetune import (PAD_TOKEN_ID, EpochBatches, check_pad_token, encode, save_finished,
+                                   split_trainable)
+from gptjax.tasks.instruct import (InstructTrainConfig, describe, fit, greedy_sampler, respond_and_evaluate,
+                                   run_settings, split_metrics, train_val_batches)
+from gptjax.tasks.instruct_data import bucket_length, format_example, format_input, load_json_records, split_data
 
 PREFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
                        "04_preference-tuning-with-dpo/instruction-data-with-preference.json")
@@ -54,13 +55,9 @@ def load_preference_data(source: str | None = None, *, cache_dir: str | None = N
 
 def encode_preferences(entries: Sequence[dict], tokenizer: Any, style: str = "alpaca") -> list[dict[str, list[int]]]:
     """The book's PreferenceDataset: token ids of the prompt, and of prompt + response for chosen and rejected."""
-    out = []
-    for e in entries:
-        prompt = format_input(e, style)
-        out.append({"prompt": encode(tokenizer, prompt),
-                    "chosen": encode(tokenizer, prompt + response_prefix(style) + e["chosen"]),
-                    "rejected": encode(tokenizer, prompt + response_prefix(style) + e["rejected"])})
-    return out
+    return [{"prompt": encode(tokenizer, format_input(e, style)),
+             "chosen": encode(tokenizer, format_example(e, style, "chosen")),
+             "rejected": encode(tokenizer, format_example(e, style, "rejected"))} for e in entries]
 
 
 def collate_preferences(batch: Sequence[dict], *, pad_token_id: int = PAD_TOKEN_ID,
@@ -92,29 +89,19 @@ def collate_preferences(batch: Sequence[dict], *, pad_token_id: int = PAD_TOKEN_
     return {k: np.stack(v)[:, :allowed_max_length] if allowed_max_length else np.stack(v) for k, v in out.items()}
 
 
-class PreferenceBatches:
+class PreferenceBatches(EpochBatches):
     """Batches of collate_preferences; a last partial batch gets all-masked filler rows (excluded from means)."""
 
     def __init__(self, items: list[dict], batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 123,
                  pad_multiple: int = 1, allowed_max_length: int | None = 1024, mask_prompt_tokens: bool = True,
                  pad_token_id: int = PAD_TOKEN_ID, name: str = "data"):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not items or (drop_last and len(items) < batch_size):
-            raise ValueError(f"the {name} split has {len(items)} records, fewer than batch_size={batch_size}; "
-                             f"use a smaller --batch-size or more data")
-        self.items, self.batch_size, self.shuffle, self.drop_last = items, batch_size, shuffle, drop_last
-        self.seed, self.pad_multiple, self.allowed_max_length = seed, pad_multiple, allowed_max_length
+        super().__init__(len(items), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
+        self.check_size(name, "records")
+        self.items, self.pad_multiple, self.allowed_max_length = items, pad_multiple, allowed_max_length
         self.mask_prompt_tokens, self.pad_token_id = mask_prompt_tokens, pad_token_id
 
-    def __len__(self) -> int:
-        n, b = len(self.items), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
     def batch_at(self, epoch: int, i: int) -> dict[str, np.ndarray]:
-        n = len(self.items)
-        order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
-        rows = order[i * self.batch_size:(i + 1) * self.batch_size]
+        rows = self.rows(epoch, i)
         items = [self.items[r] for r in rows]
         pad_to = None
         if self.pad_multiple > 1:
@@ -129,13 +116,6 @@ class PreferenceBatches:
                 b[k] = np.concatenate([b[k], np.full((fill, b[k].shape[1]), self.pad_token_id, np.int32)])
                 b[f"{k}_mask"] = np.concatenate([b[f"{k}_mask"], np.zeros((fill, b[k].shape[1]), bool)])
         return b
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        for i in range(start, len(self)):
-            yield self.batch_at(epoch, i)
-
-    def __iter__(self):
-        return self.epoch(0)
 
 
 # --- loss ----------------------------------------------------------------------------------------
@@ -200,13 +180,10 @@ def make_dpo_steps(cfg: GPTConfig, optim: OptimConfig, trainable: Any, fixed: tu
 # --- the run -------------------------------------------------------------------------------------
 
 @dataclass
-class DPOTrainConfig(TrainConfig):
-    """The book's DPO run: beta 0.1, AdamW lr 5e-6, weight decay 0.01, batch 8, 1 epoch, evaluation every 5 steps."""
+class DPOTrainConfig(InstructTrainConfig):
+    """The book's DPO run: chapter 7's, with beta 0.1, AdamW lr 5e-6 and weight decay 0.01, for 1 epoch."""
     epochs: int = 1
-    batch_size: int = 8
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, weight_decay=0.01))
-    keep_checkpoints: int = 1
-    sample_tokens: int = 35
     beta: float = 0.1
 
     def __post_init__(self):
@@ -242,11 +219,9 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     cfg = cfg.replace(drop_rate=0.0)
     max_len = min(allowed_max_length, cfg.context_length)
     enc = {k: encode_preferences(v, tokenizer, style) for k, v in splits.items() if v}
-    common = dict(pad_multiple=pad_multiple, allowed_max_length=max_len, mask_prompt_tokens=mask_prompt_tokens,
-                  pad_token_id=pad_token_id)
-    train_b = PreferenceBatches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed,
-                                name="training", **common)
-    val_b = PreferenceBatches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation", **common)
+    train_b, val_b = train_val_batches(PreferenceBatches, enc, tcfg, pad_multiple=pad_multiple,
+                                       allowed_max_length=max_len, mask_prompt_tokens=mask_prompt_tokens,
+                                       pad_token_id=pad_token_id)
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     ref = None if lora else params  # LoRA: the frozen base is the reference
@@ -259,8 +234,7 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                             mask_prompt_tokens=mask_prompt_tokens)
     print(describe(params, settings, lora, who="policy") + f"; reference frozen; batches/epoch {len(train_b)}")
     out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "dpo": settings}, resume=resume)
-    initial = {**{f"train_{k}": v for k, v in mean_metrics(steps, trainable, train_b.epoch(0), 5).items()},
-               **{f"val_{k}": v for k, v in mean_metrics(steps, trainable, val_b.epoch(0), 5).items()}}
+    initial = split_metrics(steps, trainable, train_b.epoch(0), val_b.epoch(0), 5)
     print(f"initial: training loss {initial['train_loss']:.4f}, validation loss {initial['val_loss']:.4f} "
           f"(log 2 = {math.log(2):.4f}), reward margins {initial['train_reward_margin']:.3f} / "
           f"{initial['val_reward_margin']:.3f}")
@@ -270,14 +244,14 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                meta={"task": "dpo", "model": cfg.to_dict()}, resume=resume, progress=progress,
                stop_after=stop_after, desc="dpo")
     h = loop["history"]
-    result = {**settings, "initial": initial, **loop["summary"],
-              "final": {k: v[-1] for k, v in h.items() if k.startswith(("train_", "val_"))} if h else {}}
+    result = {**settings, "initial": initial, **loop["summary"]}
     if h:
         runs.plot_history(h, out_dir / "loss.png")
         runs.plot_history(h, out_dir / "dpo.png", keys=(("train_reward_margin", "Training reward margin"),
                                                         ("val_reward_margin", "Validation reward margin")),
                           ylabel="Reward margin")
-    merged, canonical = save_finished(out_dir, loop, frozen, scale, lora, cfg, opts, base_model, {"dpo": result})
+    merged, canonical = save_finished(out_dir, loop["state"].params, frozen, lora, cfg, opts, {"dpo": result},
+                                      base_model=base_model)
     if respond and splits.get("test"):
         test = [{**e, "output": e["chosen"]} for e in splits["test"]]  # score against the preferred answers
         result["eval"] = respond_and_evaluate(merged, cfg, test, tokenizer, out_dir, style=style,

@@ -10,7 +10,6 @@ Letters: N examples, B batch, T time, V vocab.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
@@ -25,27 +24,22 @@ import optax
 from tqdm.auto import tqdm
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.model_io import begin_run, refuse_existing_run, save_run
+from gptjax.model_io import begin_run, refuse_existing_run
 from gptjax.config import GPTConfig
-from gptjax.engine import IGNORE_INDEX, Hooks, Steps, TrainConfig, TrainState, mean_metrics
+from gptjax.engine import IGNORE_INDEX, Hooks, Steps, TrainConfig, TrainState, mean_metrics, perplexity
 from gptjax.optim import OptimConfig
 from gptjax.generate import decoding_model, generate_batch
 from gptjax.sharding import mesh_for
-from gptjax.model import GPT, count_params, dropout_rngs
+from gptjax.model import GPT, count_params
 from gptjax.layout import layout_fns, to_canonical
 from gptjax.options import Options
-from gptjax.tasks.instruct_data import (PAD_TOKEN_ID, InstructionBatches, check_style, encode, encode_examples,
-                                        extract_response, format_input, split_data)
+from gptjax.tasks import pretrain
+from gptjax.tasks.finetune import PAD_TOKEN_ID, check_pad_token, encode, save_finished, split_trainable
+from gptjax.tasks.instruct_data import (InstructionBatches, check_style, encode_examples, extract_response, format_input,
+                                        split_data)
 from gptjax.tasks.judge import text_scores
 
 # --- model, loss and steps -------------------------------------------------------------------------
-
-def split_trainable(params: dict, lora: lora_lib.LoRAConfig | None, key: jax.Array) -> tuple[dict, dict]:
-    """(trainable, frozen): every weight trains, or (LoRA) only fresh adapters do and the weights are frozen."""
-    if lora is None:
-        return {"params": jax.tree_util.tree_map(jnp.copy, params)}, {}
-    return {"lora": lora_lib.init_lora(params, lora, key)}, params
-
 
 def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(summed negative log-likelihood, count) over targets that are not IGNORE_INDEX, float32."""
@@ -57,20 +51,12 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, 
 
 @lru_cache(maxsize=8)
 def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Options()) -> engine.LossFn:
-    """The book's SFT loss: mean cross-entropy over targets that are not -100, of batches `(x_BT, y_BT)`.
-
-    `trainable` is {"params": every weight} or {"lora": adapters} over the `frozen` weights."""
-    model = GPT(cfg, opts)
+    """The book's SFT loss: pretraining's mean cross-entropy of batches `(x_BT, y_BT)` (targets of -100 skipped)
+    over the whole model: `trainable` is {"params": every weight} or {"lora": adapters} over the `frozen` weights."""
+    lm_loss = pretrain.make_loss_fn(cfg, opts)
 
     def loss_fn(trainable, frozen, batch, key):
-        x_BT, y_BT = batch
-        params = lora_lib.full_params(trainable, frozen, lora_scale)
-        if opts.loss_chunk:  # the model's chunked head + loss: no (B, T, V) logits
-            return model.apply({"params": params}, x_BT, deterministic=key is None, rngs=dropout_rngs(key),
-                               targets_BT=y_BT), {}
-        logits_BTV = model.apply({"params": params}, x_BT, deterministic=key is None, rngs=dropout_rngs(key))
-        nll, count = token_nll(logits_BTV, y_BT)
-        return nll / jnp.maximum(count, 1), {}
+        return lm_loss(lora_lib.full_params(trainable, frozen, lora_scale), None, batch, key)
 
     return loss_fn
 
@@ -97,11 +83,28 @@ class InstructTrainConfig(TrainConfig):
     sample_tokens: int = 35      # greedy sample of the first validation prompt after each epoch (0: none)
 
 
+def train_val_batches(make_batches: Callable, enc: dict, tcfg: TrainConfig, **kw) -> tuple[Any, Any]:
+    """A chapter-7 run's batches: training shuffled (its last partial batch dropped), validation in order."""
+    train_b = make_batches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed,
+                           name="training", **kw)
+    if "val" not in enc:
+        raise ValueError("the validation split is empty; use more data")
+    return train_b, make_batches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation", **kw)
+
+
+def split_metrics(steps: Steps, params: Any, train_batches, val_batches, num_batches: int) -> dict[str, float]:
+    """Every metric of the eval step on the first batches of each split, as train_* and val_*."""
+    tr = mean_metrics(steps, params, train_batches, num_batches)
+    va = mean_metrics(steps, params, val_batches, num_batches)
+    return {**{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}}
+
+
 def fit(steps: Steps, state: TrainState, tcfg: TrainConfig, train_b, val_b, out_dir: Path, *,
         count: Callable[[Any], int], sample: Callable[[Any], str] | None, meta: dict, resume: bool | int,
         progress: bool, stop_after: int | None, desc: str) -> dict:
     """The engine's run with chapter 7's evaluation (every metric of the eval step, on `eval_iter` batches
-    of a fresh training shuffle and of the validation set) and the batch shapes the steps compiled for."""
+    of a fresh training shuffle and of the validation set) and the batch shapes the steps compiled for.
+    Its "summary": steps, tokens, time, those shapes and the last evaluation ("final"); samples.json: the samples."""
     shapes: dict[str, set] = {"train": set(), "eval": set()}
 
     def counted(batches, kind):
@@ -110,9 +113,8 @@ def fit(steps: Steps, state: TrainState, tcfg: TrainConfig, train_b, val_b, out_
             yield b
 
     def evaluate(params, step: int) -> dict:
-        tr = mean_metrics(steps, params, counted(train_b.epoch(10**6 + step), "eval"), tcfg.eval_iter)
-        va = mean_metrics(steps, params, counted(val_b.epoch(0), "eval"), tcfg.eval_iter)
-        return {**{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}}
+        return split_metrics(steps, params, counted(train_b.epoch(10**6 + step), "eval"),
+                             counted(val_b.epoch(0), "eval"), tcfg.eval_iter)
 
     def validate(params) -> float:
         return mean_metrics(steps, params, counted(val_b.epoch(0), "eval"), tcfg.eval_iter)["loss"]
@@ -129,9 +131,11 @@ def fit(steps: Steps, state: TrainState, tcfg: TrainConfig, train_b, val_b, out_
     hooks = Hooks(evaluate=evaluate, validate=validate, count=count, sample=sample)
     loop = engine.run(steps, state, tcfg, Batches(), out_dir, hooks, meta=meta, resume=resume, progress=progress,
                       stop_after=stop_after, desc=desc)
-    compiled = {k: sorted(v) for k, v in shapes.items()}
+    runs.write_json_atomic(out_dir / "samples.json", loop["samples"])
+    compiled, h = {k: sorted(v) for k, v in shapes.items()}, loop["history"]
     summary = {"steps": loop["steps"], "tokens_seen": loop["tokens_seen"], "wall_s": round(loop["wall_s"], 1),
-               "compiled_shapes": {k: [list(map(list, s)) for s in v] for k, v in compiled.items()}}
+               "compiled_shapes": {k: [list(map(list, s)) for s in v] for k, v in compiled.items()},
+               "final": {k: v[-1] for k, v in h.items() if k.startswith(("train_", "val_"))} if h else {}}
     return {**loop, "compiled_shapes": compiled, "summary": summary}
 
 
@@ -172,7 +176,6 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
 def save_responses(entries: Sequence[dict], responses: Sequence[str], path: str | Path,
                    key: str = "model_response") -> Path:
     """The book's instruction-data-with-response.json: each record plus its `model_response` (indent 4)."""
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     runs.write_json_atomic(path, [{**e, key: r} for e, r in zip(entries, responses)], indent=4)
@@ -196,7 +199,7 @@ def response_nll(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenize
         nll, n = _nll_batch(params, batch, cfg=cfg, opts=opts or Options())
         total, count = total + float(nll), count + int(n)
     loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}
 
 
 @partial(jax.jit, static_argnames=("cfg", "opts"))
@@ -249,13 +252,13 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                       opts: Options | None = None) -> dict:
     """Chapter 7 end to end; writes a run directory that `load_run`, `gptjax respond/chat/dpo` read.
 
-    `data`: all records (split as the book) or ready {"train", "val", "test"} splits. Writes
-    config.json, params/ (LoRA merged in), checkpoints/, metrics.jsonl, steps.jsonl, loss.png and, with
-    `respond`, test-responses.json (the book's format) and eval.json / eval.md (the offline table).
-    `pad_token_id` is the end-of-text token of the tokenizer (GPT-2's 50256), which also pads.
-    `resume` continues the run in `out_dir` from its newest intact checkpoint (an int: from that step's) on the
-    same data and `base_model` (config.json records their sha256 and spec). `opts`: how it trains (default
-    Options.for_backend()), the layout of `params`; params/, checkpoints/ and the returned params are canonical.
+    `data`: all records (split as the book) or ready {"train", "val", "test"} splits. Writes config.json, params/
+    (LoRA merged in), checkpoints/, metrics.jsonl, steps.jsonl, loss.png and, with `respond`, test-responses.json
+    (the book's format) and eval.json / eval.md (the offline table). `pad_token_id`: the tokenizer's end-of-text
+    token (GPT-2's 50256), which also pads. `resume` continues the run in `out_dir` from its newest intact
+    checkpoint (an int: that step's) on the same data and `base_model` (config.json records their sha256 and
+    spec). `opts`: how it trains (default Options.for_backend()), the layout of `params`; params/, checkpoints/
+    and the returned params are canonical.
     """
     tcfg = tcfg or InstructTrainConfig()
     opts = opts or Options.for_backend()
@@ -266,13 +269,8 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     check_pad_token(cfg, pad_token_id)
     max_len = min(allowed_max_length, cfg.context_length)
     enc = {k: encode_examples(v, tokenizer, style) for k, v in splits.items() if v}
-    common = dict(pad_multiple=pad_multiple, allowed_max_length=max_len, mask=mask, pad_token_id=pad_token_id)
-    train_b = InstructionBatches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed,
-                                 name="training", **common)
-    if "val" not in enc:
-        raise ValueError("the validation split is empty; use more data")
-    val_b = InstructionBatches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation",
-                               **common)
+    train_b, val_b = train_val_batches(InstructionBatches, enc, tcfg, pad_multiple=pad_multiple,
+                                       allowed_max_length=max_len, mask=mask, pad_token_id=pad_token_id)
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     scale = lora.scale if lora else 1.0
@@ -286,8 +284,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
           + (f" (> {max_len}: cut)" if longest > max_len else "") + f"; batches/epoch {len(train_b)}")
     out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "instruct": settings},
                         resume=resume)
-    initial = {"train_loss": mean_metrics(steps, trainable, train_b.epoch(0), 5).get("loss"),
-               "val_loss": mean_metrics(steps, trainable, val_b.epoch(0), 5).get("loss")}
+    initial = split_metrics(steps, trainable, train_b.epoch(0), val_b.epoch(0), 5)
     print(f"initial losses: training {initial['train_loss']:.3f}, validation {initial['val_loss']:.3f}")
     loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(np.sum(b[1] != IGNORE_INDEX)),
                sample=greedy_sampler(cfg, frozen, scale, tokenizer, splits["val"][0], style, tcfg.sample_tokens,
@@ -295,27 +292,21 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                meta={"task": "instruct", "model": cfg.to_dict()}, resume=resume, progress=progress,
                stop_after=stop_after, desc="finetune-instruct")
     h = loop["history"]
-    result = {**settings, "initial": initial, **loop["summary"], "samples": loop["samples"],
-              "final": {"train_loss": h["train_loss"][-1], "val_loss": h["val_loss"][-1]} if h else {}}
+    result = {**settings, "initial": initial, **loop["summary"], "samples": loop["samples"]}
     shapes = loop["compiled_shapes"]
     print(f"trained {loop['steps']} steps in {loop['wall_s']:.0f} s; train step compiled for "
           f"{len(shapes['train'])} batch shape(s), eval step for {len(shapes['eval'])}")
     if h:
         runs.plot_history(h, out_dir / "loss.png")
-    merged, canonical = save_finished(out_dir, loop, frozen, scale, lora, cfg, opts, base_model,
-                                      {"instruct": {k: v for k, v in result.items() if k != "samples"}})
+    merged, canonical = save_finished(out_dir, loop["state"].params, frozen, lora, cfg, opts,
+                                      {"instruct": {k: v for k, v in result.items() if k != "samples"}},
+                                      base_model=base_model)
     if respond and splits.get("test"):
         result["eval"] = respond_and_evaluate(merged, cfg, splits["test"], tokenizer, out_dir, style=style,
                                               max_new_tokens=max_new_tokens, batch_size=tcfg.batch_size,
                                               name=base_model or "model", progress=progress, eos_id=pad_token_id,
                                               opts=opts)
     return {**result, "history": h, "out_dir": str(out_dir), "params": canonical, "cfg": cfg}
-
-
-def check_pad_token(cfg: GPTConfig, pad_token_id: int) -> None:
-    if cfg.vocab_size <= pad_token_id:
-        raise ValueError(f"the model's vocab_size={cfg.vocab_size} cannot hold the end-of-text token {pad_token_id} "
-                         f"(GPT-2's <|endoftext|>); use a model with vocab_size 50257")
 
 
 def run_settings(task: str, style: str, data_source: str | None, base_model: str | None, pad_multiple: int,
@@ -346,22 +337,6 @@ def greedy_sampler(cfg: GPTConfig, frozen: Any, scale: float, tokenizer: Any, en
                              opts=opts)[0]
         return tokenizer.decode(ids + new)
     return sample
-
-
-def save_finished(out_dir: Path, loop: dict, frozen: Any, scale: float, lora: lora_lib.LoRAConfig | None,
-                  cfg: GPTConfig, opts: Options, base_model: str | None, header: dict) -> tuple[dict, dict]:
-    """A finished chapter-7 run's files: params/ (LoRA merged in, canonical), config.json ("finished"),
-    samples.json and, with LoRA, adapters.safetensors. Returns the merged params (as `opts` lays them
-    out) and their canonical copy."""
-    trainable = loop["state"].params
-    merged = lora_lib.full_params(trainable, frozen, scale)
-    if lora is not None:
-        lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora,
-                               metadata={"base_model": base_model})
-    canonical = to_canonical(merged, cfg, opts)
-    save_run(out_dir, canonical, cfg, extra={"options": opts.to_dict(), **header, "status": "finished"})
-    runs.write_json_atomic(out_dir / "samples.json", loop["samples"])
-    return merged, canonical
 
 
 def respond_and_evaluate(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenizer: Any, out_dir: str | Path,

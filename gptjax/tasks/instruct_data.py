@@ -15,17 +15,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from gptjax.data import cached_download
 from gptjax.engine import IGNORE_INDEX
+from gptjax.tasks.finetune import PAD_TOKEN_ID, EpochBatches, encode, load_hf_split
 
 INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
                         "instruction-data.json")
 INSTRUCTION_DATA_SHA256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"
-PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>: the book's end-of-response and padding token
 STYLES = ("alpaca", "phi3")
 _ALPACA_HEAD = ("Below is an instruction that describes a task. "
                 "Write a response that appropriately completes the request.")
@@ -94,7 +94,6 @@ def load_json_records(source: str | os.PathLike | None = None, *, url: str = INS
                       sha256: str | None = INSTRUCTION_DATA_SHA256, keys: Sequence[str] = ("instruction", "output"),
                       cache_dir: str | os.PathLike | None = None) -> list[dict]:
     """Records from None/'default' (`url`, downloaded once), a JSON file, an http(s) URL or 'hf:NAME'."""
-
     src = None if source is None else os.fspath(source)
     if src is None or src == "default":
         try:
@@ -104,7 +103,8 @@ def load_json_records(source: str | os.PathLike | None = None, *, url: str = INS
                                     f"copy (CLI: --data PATH)") from None
         src = str(path)
     elif src.startswith("hf:"):
-        return _check_entries(_load_hf_records(src, cache_dir), repr(src), keys)
+        ds = load_hf_split(src, cache_dir, "a local JSON file (the dataset saved as a list of records)")
+        return _check_entries([dict(r) for r in ds], repr(src), keys)
     elif src.startswith(("http://", "https://")):
         src = str(cached_download(src, cache_dir=cache_dir))
     path = Path(src).expanduser()
@@ -124,25 +124,6 @@ def load_instruction_data(source: str | os.PathLike | None = None, *,
     return load_json_records(source, cache_dir=cache_dir)
 
 
-def _load_hf_records(src: str, cache_dir) -> list[dict]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError("loading a Hugging Face dataset needs `pip install datasets`; or save it as a JSON "
-                          "list of records and pass the path") from e
-    name, config, split = (src[3:].split(":", 2) + [None, None])[:3]
-    if not name:
-        raise ValueError(f"data {src!r} names no dataset; use 'hf:NAME[:CONFIG][:SPLIT]' "
-                         f"(e.g. hf:yahma/alpaca-cleaned)")
-    try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train",
-                                   cache_dir=None if cache_dir is None else str(Path(cache_dir) / "hf"))
-    except Exception as e:
-        raise ValueError(f"could not load Hugging Face dataset {src!r}: {type(e).__name__}: {e}; check the name, "
-                         f"config and split, or pass a local JSON file") from e
-    return [dict(r) for r in ds]
-
-
 def split_data(data: Sequence[dict], train_frac: float = 0.85, test_frac: float = 0.10) -> dict[str, list[dict]]:
     """The book's split, in file order (no shuffle): train 85%, test 10%, validation the rest (935/110/55)."""
     if not (0 < train_frac < 1 and 0 <= test_frac < 1 and train_frac + test_frac <= 1):
@@ -155,13 +136,6 @@ def split_data(data: Sequence[dict], train_frac: float = 0.85, test_frac: float 
         raise ValueError(f"{len(data)} records give {len(splits['train'])} training and {len(splits['val'])} "
                          f"validation examples; use more data")
     return splits
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    try:  # tiktoken: a literal "<|endoftext|>" inside a record is text, not the control token
-        return tokenizer.encode(text, disallowed_special=())
-    except TypeError:
-        return tokenizer.encode(text)
 
 
 @dataclass
@@ -239,7 +213,7 @@ def collate(batch: Sequence[Sequence[int]], *, pad_token_id: int = PAD_TOKEN_ID,
 MASKS = ("none", "instruction", "prompt")
 
 
-class InstructionBatches:
+class InstructionBatches(EpochBatches):
     """Batches of the book's collate; a last partial batch is filled with ignored rows so B never changes.
 
     `pad_multiple` > 1 pads T up to a multiple of it (capped at `allowed_max_length`): a run then
@@ -250,30 +224,18 @@ class InstructionBatches:
     def __init__(self, examples: InstructionExamples, batch_size: int, *, shuffle: bool, drop_last: bool,
                  seed: int = 123, pad_multiple: int = 1, allowed_max_length: int | None = 1024, mask: str = "none",
                  pad_token_id: int = PAD_TOKEN_ID, name: str = "data"):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        super().__init__(len(examples), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
         if pad_multiple < 1:
             raise ValueError(f"pad_multiple must be >= 1 (1 = the book's per-batch length), got {pad_multiple!r}")
         if mask not in MASKS:
             raise ValueError(f"unknown prompt mask {mask!r}; choose one of {MASKS}")
-        if len(examples) == 0 or (drop_last and len(examples) < batch_size):
-            raise ValueError(f"the {name} split has {len(examples)} examples, fewer than batch_size={batch_size}; "
-                             f"use a smaller --batch-size or more data")
-        self.examples, self.batch_size, self.shuffle, self.drop_last = examples, batch_size, shuffle, drop_last
-        self.seed, self.pad_multiple, self.allowed_max_length = seed, pad_multiple, allowed_max_length
+        self.check_size(name)
+        self.examples, self.pad_multiple, self.allowed_max_length = examples, pad_multiple, allowed_max_length
         self.mask, self.pad_token_id = mask, pad_token_id
         self._masks = {"none": None, "instruction": examples.instruction_len, "prompt": examples.response_start}[mask]
 
-    def __len__(self) -> int:
-        n, b = len(self.examples), self.batch_size
-        return n // b if self.drop_last else -(-n // b)
-
-    def order(self, epoch: int) -> np.ndarray:
-        n = len(self.examples)
-        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
-
     def batch_at(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        rows = self.rows(epoch, i)
         items = [self.examples.ids[r] for r in rows]
         longest = max(len(it) for it in items)
         cap = self.allowed_max_length
@@ -287,15 +249,6 @@ class InstructionBatches:
             y_BT = np.concatenate([y_BT, np.full((fill, y_BT.shape[1]), IGNORE_INDEX, np.int32)])
         return x_BT, y_BT
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for i in range(start, len(self)):
-            yield self.batch_at(epoch, i)
-
-    def __iter__(self):
-        return self.epoch(0)
-
     def shapes(self, epoch: int = 0) -> set[tuple[int, int]]:
         """Batch shapes of one pass: the programs a jitted step compiles for it."""
         return {self.batch_at(epoch, i)[0].shape for i in range(len(self))}
-
-

@@ -98,7 +98,6 @@ def query_model(prompt: str, model: str = DEFAULT_JUDGE, url: str = DEFAULT_URL,
 
 def judge_prompt(entry: dict, json_key: str = "model_response", style: str = "alpaca") -> str:
     """The book's scoring prompt for one record."""
-
     return (f"Given the input `{format_input(entry, style)}` "
             f"and correct output `{entry['output']}`, "
             f"score the model response `{entry[json_key]}`"
@@ -112,7 +111,6 @@ def generate_model_scores(entries: Sequence[dict], json_key: str = "model_respon
     """The book's generate_model_scores: one judge score per record, `int(reply)`; replies that are not an
     integer, or an integer outside 0-100, are counted and left out of the mean. Returns scores, their mean,
     and the replies left out."""
-
     missing = [i for i, e in enumerate(entries) if json_key not in e or "output" not in e]
     if missing:
         raise ValueError(f"records {missing[:5]} lack '{json_key}' or 'output'; pass the responses JSON written by "
@@ -166,13 +164,9 @@ def rouge_l(candidate: str, reference: str) -> dict[str, float]:
     return {"precision": p, "recall": rec, "f1": 0.0 if lcs == 0 else 2 * p * rec / (p + rec)}
 
 
-def normalize_text(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def exact_match(candidate: str, reference: str) -> bool:
     """Equal after lowercasing and collapsing whitespace."""
-    return normalize_text(candidate) == normalize_text(reference)
+    return candidate.lower().split() == reference.lower().split()
 
 
 def text_scores(candidates: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
+import itertools
 import time
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -97,50 +97,10 @@ def init_state(steps: Steps, cfg: GPTConfig, seed: int, params: Any = None, opts
                             train_key)
 
 
-@runs.run_task
-def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, tokenizer, out_dir: str | Path,
-             params: Any = None, progress: bool = True, *, resume: bool | int = False, overwrite: bool = False,
-             run_info: dict | None = None, stop_after: int | None = None, sharding: str = "none",
-             fsdp: int | None = None, opts: Options | None = None, tracker: str | None = None) -> dict:
-    """The book's train loop (appendix D's with a warmup/cosine/clip OptimConfig) on the engine.
-
-    Writes config.json, checkpoints/, metrics.jsonl, steps.jsonl, then params/, samples.json and
-    loss.png at the end. `params` starts from given weights (else a fresh init from the seed);
-    `resume` continues the run in `out_dir` exactly from its newest intact checkpoint (an int: from that
-    step); `overwrite` drops an
-    earlier run's checkpoints there; `run_info` is stored in config.json (the CLI keeps its data
-    settings there); `stop_after` stops as if interrupted once that many steps are done. `sharding`
-    "dp" / "fsdp" trains over every device (`fsdp` sets that axis's size). Raises
-    TrainingInterrupted after SIGINT/SIGTERM (a checkpoint is on disk), FloatingPointError when the
-    loss stops being finite, CheckpointSaveError when a save fails. `opts`: how the model runs (default
-    Options.for_backend()); `params` come in its layout; checkpoints and params/ hold the canonical one,
-    so a run resumes under any options. `tracker` replaces tcfg.tracker (a resume may change it).
-    With tcfg.hellaswag, every eval record holds `hellaswag_acc` (gptjax.tasks.hellaswag).
-    """
-    opts = opts or Options.for_backend()
-    if tracker is not None:
-        tcfg = dataclasses.replace(tcfg, tracker=tracker)
-    if resume and params is not None:
-        raise ValueError("pass either params (weights to start from) or resume=True (continue a run), not both")
-    tracking.require(tcfg.tracker)
-    hs = (hellaswag.encode(hellaswag.load_hellaswag(tcfg.hellaswag, limit=tcfg.hellaswag_limit), tokenizer,
-                           cfg.context_length) if tcfg.hellaswag else None)
-    out_dir = runs.prepare_out_dir(out_dir)
-    mesh = mesh_for(sharding, fsdp, tcfg.batch_size)
-    steps = make_steps(cfg, tcfg.optim, mesh, sharding if mesh is not None else "dp", opts)
-    if resume:
-        state = steps.restore_target()
-        runs.set_status(out_dir, "running", resumed=True)
-    else:
-        refuse_existing_run(out_dir, overwrite=overwrite,
-                            resume_hint=f"`gptjax pretrain --resume {out_dir}` (pretrain(..., resume=True))")
-        state = init_state(steps, cfg, tcfg.seed, params, opts)
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), "options": opts.to_dict(),
-                                                       "train": tcfg.to_dict(), **(run_info or {}),
-                                                       "status": "running"})
-    n_batches = len(train_batches)
-    print(f"model: {count_params(steps.abstract.params):,} parameters; train {n_batches} batches/epoch, "
-          f"val {len(val_batches)} batches; {tcfg.epochs * n_batches} steps")
+def _pretrain_hooks(cfg: GPTConfig, tcfg: PretrainConfig, steps: Steps, train_batches, val_batches, tokenizer,
+                   opts: Options, hs: Any = None) -> Hooks:
+    """What pretraining adds to the engine's loop: train/val loss (and HellaSwag accuracy over the encoded
+    items `hs`) at the eval points, a greedy sample of `tcfg.start_context` after each epoch."""
     start_ids = (np.asarray([tokenizer.encode(tcfg.start_context, allowed_special={"<|endoftext|>"})], np.int32)
                  if tcfg.sample_tokens else None)  # no sample, no tokenizer needed
     if start_ids is not None and start_ids.size == 0:
@@ -148,7 +108,7 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
                          f"--start-context some text (or sample_tokens=0 for no samples)")
 
     def evaluate(params, step: int) -> dict:
-        epoch = step // n_batches
+        epoch = step // len(train_batches)
         values = {"train_loss": mean_metrics(steps, params, train_batches.epoch(epoch), tcfg.eval_iter)["loss"],
                   "val_loss": validate(params)}
         if hs is not None:
@@ -167,14 +127,57 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
                 f"Val loss {rec['val_loss']:.3f}" + (f", HellaSwag {rec['hellaswag_acc']:.4f}" if hs else "")
                 + f" (lr {rec['lr']:.2e}, grad norm {rec['grad_norm']:.2f})")
 
-    hooks = Hooks(evaluate=evaluate, validate=validate, count=lambda b: int(np.size(b[0])), sample=sample, line=line)
+    return Hooks(evaluate=evaluate, validate=validate, count=lambda b: int(np.size(b[0])), sample=sample, line=line)
+
+
+@runs.run_task
+def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, tokenizer, out_dir: str | Path,
+             params: Any = None, progress: bool = True, *, resume: bool | int = False, overwrite: bool = False,
+             run_info: dict | None = None, stop_after: int | None = None, sharding: str = "none",
+             fsdp: int | None = None, opts: Options | None = None, tracker: str | None = None) -> dict:
+    """The book's train loop (appendix D's with a warmup/cosine/clip OptimConfig) on the engine.
+
+    Writes config.json, checkpoints/, metrics.jsonl, steps.jsonl, then params/, samples.json and loss.png at
+    the end. `params` starts from given weights (else a fresh init from the seed); `resume` continues the run
+    in `out_dir` exactly from its newest intact checkpoint (an int: from that step); `overwrite` drops an
+    earlier run's checkpoints there; `run_info` is stored in config.json (the CLI keeps its data settings
+    there); `stop_after` stops as if interrupted once that many steps are done. `sharding` "dp" / "fsdp"
+    trains over every device (`fsdp` sets that axis's size). Raises TrainingInterrupted after SIGINT/SIGTERM
+    (a checkpoint is on disk), FloatingPointError when the loss stops being finite, CheckpointSaveError when
+    a save fails. `opts`: how the model runs (default Options.for_backend()); `params` come in its layout;
+    checkpoints and params/ hold the canonical one, so a run resumes under any options. `tracker` replaces
+    tcfg.tracker (a resume may change it). With tcfg.hellaswag, every eval record holds `hellaswag_acc`.
+    """
+    opts = opts or Options.for_backend()
+    if tracker is not None:
+        tcfg = dataclasses.replace(tcfg, tracker=tracker)
+    if resume and params is not None:
+        raise ValueError("pass either params (weights to start from) or resume=True (continue a run), not both")
+    tracking.require(tcfg.tracker)
+    hs = (hellaswag.encode(hellaswag.load_hellaswag(tcfg.hellaswag, limit=tcfg.hellaswag_limit), tokenizer,
+                           cfg.context_length) if tcfg.hellaswag else None)
+    out_dir = runs.prepare_out_dir(out_dir)
+    settings = {"options": opts.to_dict(), "train": tcfg.to_dict(), **(run_info or {})}  # config.json, beside the model
+    mesh = mesh_for(sharding, fsdp, tcfg.batch_size)
+    steps = make_steps(cfg, tcfg.optim, mesh, sharding if mesh is not None else "dp", opts)
+    if resume:
+        state = steps.restore_target()
+        runs.set_status(out_dir, "running", resumed=True)
+    else:
+        refuse_existing_run(out_dir, overwrite=overwrite,
+                            resume_hint=f"`gptjax pretrain --resume {out_dir}` (pretrain(..., resume=True))")
+        state = init_state(steps, cfg, tcfg.seed, params, opts)
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), **settings, "status": "running"})
+    n_batches = len(train_batches)
+    print(f"model: {count_params(steps.abstract.params):,} parameters; train {n_batches} batches/epoch, "
+          f"val {len(val_batches)} batches; {tcfg.epochs * n_batches} steps")
+    hooks = _pretrain_hooks(cfg, tcfg, steps, train_batches, val_batches, tokenizer, opts, hs)
     loop = engine.run(steps, state, tcfg, train_batches, out_dir, hooks, meta={"model": cfg.to_dict()},
                       resume=resume, progress=progress, stop_after=stop_after,
                       resume_hint=f"gptjax pretrain --resume {out_dir} (or pretrain(..., resume=True))")
-    state = loop["state"]
-    save_run(out_dir, steps.saved(state, host=True)[0], cfg,
-             extra={"options": opts.to_dict(), "train": tcfg.to_dict(), **(run_info or {}), "status": "finished",
-                    "tokens_seen": loop["tokens_seen"], "steps": loop["steps"], "wall_s": round(loop["wall_s"], 1)})
+    save_run(out_dir, steps.saved(loop["state"], host=True)[0], cfg,
+             extra={**settings, "status": "finished", "tokens_seen": loop["tokens_seen"], "steps": loop["steps"],
+                    "wall_s": round(loop["wall_s"], 1)})
     runs.write_json_atomic(out_dir / "samples.json", loop["samples"])
     if loop["history"].get("step"):
         runs.plot_history(loop["history"], out_dir / "loss.png")
@@ -239,9 +242,8 @@ def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | No
     else:
         if cfg is None or tcfg is None:
             raise ValueError("a new run needs a model config (cfg) and train settings (tcfg)")
-        path = Path(corpus) if corpus else None
-        data = {"corpus": str(path.absolute()) if path is not None and path.is_file() else corpus, "stride": stride,
-                "train_ratio": train_ratio}
+        data = {"corpus": str(Path(corpus).absolute()) if corpus and Path(corpus).is_file() else corpus,
+                "stride": stride, "train_ratio": train_ratio}
         if init_from:
             start, cfg = start_from(init_from, cfg.context_length, cfg.drop_rate)
             data["init_from"] = init_from
@@ -405,9 +407,7 @@ def evaluate_corpus(model: Any, corpus: str | None = None, *, context_length: in
     loss = jax.jit(lambda p, x, y: make_loss_fn(cfg.replace(drop_rate=0.0), opts)(p, None, (x, y), None)[0])
     params = to_layout(params, cfg, opts)
     total, n = 0.0, 0
-    for i, (x_BT, y_BT) in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
+    for x_BT, y_BT in itertools.islice(batches, max_batches):
         total += float(loss(params, x_BT, y_BT)) * y_BT.size
         n += y_BT.size
-    return {"loss": total / n, "perplexity": math.exp(total / n), "tokens": n, "context_length": T}
+    return {"loss": total / n, "perplexity": engine.perplexity(total / n), "tokens": n, "context_length": T}
