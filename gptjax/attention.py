@@ -1,7 +1,5 @@
 """Causal multi-head attention: the production kernel the model uses, its einsum reference,
-and the book's chapter-3 progression that leads up to them.
-
-Shapes: B batch, T query time, S key time, H heads, K head dim, D d_in, E d_out (= H * K).
+and the book's chapter-3 progression that leads up to them. T is the queries' time, S the keys'.
 """
 from __future__ import annotations
 
@@ -82,13 +80,13 @@ def cache_attention(
     q_BTHK: jax.Array,
     k_BTHK: jax.Array,
     v_BTHK: jax.Array,
-    k_NKS: jax.Array,
-    v_NSK: jax.Array,
+    k_MKS: jax.Array,
+    v_MSK: jax.Array,
     pos: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Attention of T new tokens over a KV cache, after writing their keys/values to it: (y, k, v).
 
-    The cache holds keys as (N, K, S) and values as (N, S, K), N = B * H: the operands of the two
+    The cache holds keys as (M, K, S) and values as (M, S, K), M = B * H: the operands of the two
     batched matmuls exactly as XLA:CPU's dot takes them. With a (B, S, H, K) cache XLA transposed
     the whole cache of every layer at every token (4.4 of 27 ms per gpt2-small token at 200 slots),
     and with 4-D head-major caches it copied them instead; both grow with batch and slots
@@ -101,33 +99,33 @@ def cache_attention(
     slots never count.
     """
     B, T, H, K = q_BTHK.shape
-    S, pos = v_NSK.shape[1], jnp.asarray(pos)
+    S, pos = v_MSK.shape[1], jnp.asarray(pos)
 
-    def heads(a: jax.Array) -> jax.Array:  # (B, T, H, K) -> (N, T, K)
+    def heads(a: jax.Array) -> jax.Array:  # (B, T, H, K) -> (M, T, K)
         return a.transpose(0, 2, 1, 3).reshape(B * H, T, K)
 
-    q_NTK, k_NTK, v_NTK = heads(q_BTHK), heads(k_BTHK).astype(k_NKS.dtype), heads(v_BTHK).astype(v_NSK.dtype)
+    q_MTK, k_MTK, v_MTK = heads(q_BTHK), heads(k_BTHK).astype(k_MKS.dtype), heads(v_BTHK).astype(v_MSK.dtype)
     if pos.ndim == 0:
-        k_NKS = jax.lax.dynamic_update_slice(k_NKS, k_NTK.transpose(0, 2, 1), (0, 0, pos))
-        v_NSK = jax.lax.dynamic_update_slice(v_NSK, v_NTK, (0, pos, 0))
-        pos_N = jnp.reshape(pos, (1,))
+        k_MKS = jax.lax.dynamic_update_slice(k_MKS, k_MTK.transpose(0, 2, 1), (0, 0, pos))
+        v_MSK = jax.lax.dynamic_update_slice(v_MSK, v_MTK, (0, pos, 0))
+        pos_M = jnp.reshape(pos, (1,))
     else:
-        pos_N = jnp.repeat(pos, H)
+        pos_M = jnp.repeat(pos, H)
         if T == 1:
-            hit_NS = pos_N[:, None] == jnp.arange(S)[None, :]
-            k_NKS = jnp.where(hit_NS[:, None, :], k_NTK.transpose(0, 2, 1), k_NKS)
-            v_NSK = jnp.where(hit_NS[:, :, None], v_NTK, v_NSK)
+            hit_MS = pos_M[:, None] == jnp.arange(S)[None, :]
+            k_MKS = jnp.where(hit_MS[:, None, :], k_MTK.transpose(0, 2, 1), k_MKS)
+            v_MSK = jnp.where(hit_MS[:, :, None], v_MTK, v_MSK)
         else:
-            rows_N1, slots_NT = jnp.arange(B * H)[:, None], pos_N[:, None] + jnp.arange(T)[None, :]
-            k_NKS = k_NKS.at[rows_N1, :, slots_NT].set(k_NTK, mode="drop")
-            v_NSK = v_NSK.at[rows_N1, slots_NT].set(v_NTK, mode="drop")
-    att_NTS = jnp.einsum("ntk,nks->nts", q_NTK, k_NKS.astype(q_NTK.dtype),
+            rows_M1, slots_MT = jnp.arange(B * H)[:, None], pos_M[:, None] + jnp.arange(T)[None, :]
+            k_MKS = k_MKS.at[rows_M1, :, slots_MT].set(k_MTK, mode="drop")
+            v_MSK = v_MSK.at[rows_M1, slots_MT].set(v_MTK, mode="drop")
+    att_MTS = jnp.einsum("mtk,mks->mts", q_MTK, k_MKS.astype(q_MTK.dtype),
                          preferred_element_type=jnp.float32) / jnp.sqrt(K).astype(jnp.float32)
-    q_pos_NT = pos_N[:, None] + jnp.arange(T)[None, :]  # (N or 1, T)
-    att_NTS = jnp.where(q_pos_NT[:, :, None] >= jnp.arange(S)[None, None, :], att_NTS, jnp.finfo(jnp.float32).min)
-    att_NTS = jax.nn.softmax(att_NTS, axis=-1)
-    y_NTK = jnp.einsum("nts,nsk->ntk", att_NTS.astype(q_NTK.dtype), v_NSK.astype(q_NTK.dtype))
-    return y_NTK.reshape(B, H, T, K).transpose(0, 2, 1, 3), k_NKS, v_NSK
+    q_pos_MT = pos_M[:, None] + jnp.arange(T)[None, :]  # (M or 1, T)
+    att_MTS = jnp.where(q_pos_MT[:, :, None] >= jnp.arange(S)[None, None, :], att_MTS, jnp.finfo(jnp.float32).min)
+    att_MTS = jax.nn.softmax(att_MTS, axis=-1)
+    y_MTK = jnp.einsum("mts,msk->mtk", att_MTS.astype(q_MTK.dtype), v_MSK.astype(q_MTK.dtype))
+    return y_MTK.reshape(B, H, T, K).transpose(0, 2, 1, 3), k_MKS, v_MSK
 
 
 def causal_attention(
@@ -180,10 +178,10 @@ class SelfAttentionV1(nn.Module):
         W_query = self.param("W_query", init, shape)
         W_key = self.param("W_key", init, shape)
         W_value = self.param("W_value", init, shape)
-        q_TK, k_TK, v_TK = x_TD @ W_query, x_TD @ W_key, x_TD @ W_value
-        att_TT = q_TK @ k_TK.swapaxes(-1, -2)
-        w_TT = jax.nn.softmax(att_TT / jnp.sqrt(k_TK.shape[-1]), axis=-1)
-        return w_TT @ v_TK
+        q_TE, k_TE, v_TE = x_TD @ W_query, x_TD @ W_key, x_TD @ W_value
+        att_TT = q_TE @ k_TE.swapaxes(-1, -2)
+        w_TT = jax.nn.softmax(att_TT / jnp.sqrt(k_TE.shape[-1]), axis=-1)
+        return w_TT @ v_TE
 
 
 class SelfAttentionV2(nn.Module):
@@ -193,12 +191,12 @@ class SelfAttentionV2(nn.Module):
 
     @nn.compact
     def __call__(self, x_TD: jax.Array) -> jax.Array:
-        q_TK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_query")(x_TD)
-        k_TK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_key")(x_TD)
-        v_TK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_value")(x_TD)
-        att_TT = q_TK @ k_TK.swapaxes(-1, -2)
-        w_TT = jax.nn.softmax(att_TT / jnp.sqrt(k_TK.shape[-1]), axis=-1)
-        return w_TT @ v_TK
+        q_TE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_query")(x_TD)
+        k_TE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_key")(x_TD)
+        v_TE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_value")(x_TD)
+        att_TT = q_TE @ k_TE.swapaxes(-1, -2)
+        w_TT = jax.nn.softmax(att_TT / jnp.sqrt(k_TE.shape[-1]), axis=-1)
+        return w_TT @ v_TE
 
 
 def _check_length(T: int, context_length: int) -> None:
@@ -226,16 +224,16 @@ class CausalAttention(nn.Module):
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
         T = x_BTD.shape[-2]
         _check_length(T, self.context_length)
-        q_BTK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_query")(x_BTD)
-        k_BTK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_key")(x_BTD)
-        v_BTK = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_value")(x_BTD)
-        att_BTT = q_BTK @ k_BTK.swapaxes(-1, -2) / jnp.sqrt(self.d_out)
+        q_BTE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_query")(x_BTD)
+        k_BTE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_key")(x_BTD)
+        v_BTE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_value")(x_BTD)
+        att_BTT = q_BTE @ k_BTE.swapaxes(-1, -2) / jnp.sqrt(self.d_out)
         # -inf (not a zeroed weight) so the softmax renormalises over the visible keys only
         att_BTT = jnp.where(_causal_mask(T), att_BTT, -jnp.inf)
         w_BTT = jax.nn.softmax(att_BTT, axis=-1)
         w_BTT = nn.Dropout(self.drop_rate)(w_BTT, deterministic=deterministic)
         self.sow("intermediates", "attn_weights", w_BTT)
-        return w_BTT @ v_BTK
+        return w_BTT @ v_BTE
 
 
 class MultiHeadAttentionWrapper(nn.Module):

@@ -8,8 +8,6 @@ in one process, the two frameworks' thread pools slowed each other on the same c
 
 The measuring tools (FLOPs, peaks, timing, bandwidth, traces) are in gptjax.measure; PyTorch's
 runners in gptjax.bench_torch.
-
-Letters: B batch, T time, N new tokens.
 """
 from __future__ import annotations
 

@@ -97,9 +97,10 @@ def _resume(args):
     return args.out, args.step or True
 
 
-# flags a pretrain --resume may still take: they do not change what is trained
+# flags a pretrain --resume may still take: they do not change what is trained (the execution options change
+# only how it runs: a run resumes under any)
 _RESUME_FLAGS = {"sharding", "fsdp", "resume", "step", "quiet", "data", "bpe_dir", "command", "out", "config",
-                 "tracker"}
+                 "tracker", *OPTION_FLAGS}
 
 
 def _check_resume_flags(args, run: str, run_values: dict) -> None:
@@ -120,6 +121,10 @@ def cmd_pretrain(args) -> int:
         run_cfg, run_tcfg, data, run_opts = run_settings(out)
         _check_resume_flags(args, out, {**data, **run_opts.to_dict(), **run_cfg.to_dict(), **run_tcfg.to_dict(),
                                         **run_tcfg.to_dict()["optim"]})
+        # execution options given: the run continues under them (the checkpoints hold the canonical layout)
+        given = {k: getattr(args, k) for k in OPTION_FLAGS
+                 if getattr(args, k) != PARSERS[args.command].get_default(k)}
+        opts = run_opts.replace(**given) if given else None
     else:
         cfg, opts = _model_config(args), _options(args)
         tcfg = from_args(PretrainConfig, args)

@@ -1,6 +1,4 @@
 """Corpora (the book's the-verdict, shipped; a file; a URL with cache and checksum; HF datasets), sliding windows, batches.
-
-Shapes: N windows, B batch, T time (context length).
 """
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from gptjax import runs
-from gptjax.runtime import user_cache_dir
+from gptjax.cache import cache_dir as gptjax_cache_dir
 from gptjax.tokenizer import is_offline, text_to_token_ids
 
 # The book's corpus: Edith Wharton's short story "The Verdict" (1908, public domain), as the book's
@@ -25,13 +23,6 @@ VERDICT_SHA256 = "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b3
 IGNORE_INDEX = -100  # target value the loss skips; fills the padded rows of a last partial batch
 
 _SOURCES_HELP = "a local UTF-8 text file, an http(s) URL, 'hf:NAME[:CONFIG][:SPLIT]' or 'default' (the-verdict)"
-
-
-def default_cache_dir() -> Path:
-    """Downloads go to $GPTJAX_CACHE, else $XDG_CACHE_HOME/gptjax, else ~/.cache/gptjax."""
-    if os.environ.get("GPTJAX_CACHE"):
-        return Path(os.environ["GPTJAX_CACHE"]).expanduser()
-    return user_cache_dir()
 
 
 def file_sha256(path: Path) -> str:
@@ -51,7 +42,7 @@ def _cache_path(url: str, cache_dir: Path) -> Path:
 
 def cached_download(url: str, *, cache_dir: str | os.PathLike | None = None, sha256: str | None = None) -> Path:
     """Download `url` once into the cache (verified against sha256 when given) and return the local path."""
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else gptjax_cache_dir()
     path = _cache_path(url, cache_dir)
     if path.is_file() and (sha256 is None or file_sha256(path) == sha256.lower()):
         return path

@@ -6,7 +6,7 @@ what it only reads), batches (`len()` per epoch and `batch_at(epoch, i)`, a pure
 `Hooks` (eval values, validation loss, per-epoch sample). `Steps` turns the loss into `train_step(state, batch)
 -> (state, metrics)` (state donated, optimizer and gradient accumulation from `OptimConfig`, dp/fsdp shardings
 from a mesh); `run` owns the rest: the step or epoch budget, eval cadence, progress bar, JSONL metrics, Orbax
-checkpoints (async), exact resume, SIGINT/SIGTERM and the NaN guard.
+checkpoints (synchronous and copy-free by default, or async), exact resume, SIGINT/SIGTERM and the NaN guard.
 """
 from __future__ import annotations
 
@@ -369,7 +369,8 @@ class _Loop:
             bar.write(f"Ep {epoch + 1} sample: {self.log.samples[-1]['text']!r}")
         if self.hooks.on_epoch_end is not None:
             self.log.flush(self.diverged)
-            self.log.record({"epoch": epoch + 1, **self.hooks.on_epoch_end(state.params, step),
+            # its step, so that a resume from an earlier checkpoint drops it from metrics.jsonl with the step records
+            self.log.record({"step": step, "epoch": epoch + 1, **self.hooks.on_epoch_end(state.params, step),
                              self.hooks.count_name: self.tokens_seen, "elapsed_s": self.elapsed()},
                             step, self.log.epoch_history)
 

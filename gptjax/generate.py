@@ -2,7 +2,7 @@
 
 Two decoders give the same tokens:
 - KV cache (the default): a jitted prefill writes the prompt's keys/values into a static
-  (B, S, H, K) cache per layer, then each step feeds one token per row. `generate` runs the whole
+  cache per layer (`model.init_cache`), then each step feeds one token per row. `generate` runs the whole
   loop in one jitted `lax.while_loop`; `stream_generate` calls a jitted decode step with the cache
   donated and yields each token as it comes. Rows may have prompts of different lengths
   (right-padded; row b's tokens sit at positions 0..n_b-1 and its new tokens follow).
@@ -12,8 +12,7 @@ A KV cache cannot crop from the left (every position would shift), so tokens pas
 length always come from the windowed loop, which is exactly the book's semantics.
 The decoders take `opts` (gptjax.options.Options): how the model runs and how `params` are laid out
 (default: the canonical layout a checkpoint holds); `decoding_model` picks the fastest for decoding.
-
-Letters: B batch, T prompt time, S cache slots, N new tokens, V vocab.
+Shape letters: gptjax.model's legend; T0 is the prompt's length.
 """
 from __future__ import annotations
 
@@ -148,31 +147,31 @@ def _generate_loop(params, idx_BT, key, done_B, *, cfg: GPTConfig, opts: Options
                    temperature: float, top_k: int | None, top_p: float | None, eos_id: int | None):
     model = GPT(cfg, opts)
     B, T0 = idx_BT.shape
-    L = T0 + max_new_tokens
-    W = min(L, cfg.context_length)  # the window the model sees each step
-    buf_BL = jnp.zeros((B, L), jnp.int32).at[:, :T0].set(idx_BT)
+    total = T0 + max_new_tokens
+    window = min(total, cfg.context_length)  # the window the model sees each step
+    buf_BT = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(idx_BT)
     fill = 0 if eos_id is None else eos_id
 
     def cond(carry):
         t, _, done_B = carry
-        return (t < L) & ~jnp.all(done_B)
+        return (t < total) & ~jnp.all(done_B)
 
     def body(carry):
-        t, buf_BL, done_B = carry
-        start = jnp.maximum(t - W, 0)  # crop from the left to the last context_length tokens
-        win_BW = jax.lax.dynamic_slice_in_dim(buf_BL, start, W, axis=1)
-        logits_BWV = model.apply({"params": params}, win_BW, deterministic=True)
-        logits_BV = jax.lax.dynamic_index_in_dim(logits_BWV, t - 1 - start, axis=1, keepdims=False)
+        t, buf_BT, done_B = carry
+        start = jnp.maximum(t - window, 0)  # crop from the left to the last context_length tokens
+        win_BT = jax.lax.dynamic_slice_in_dim(buf_BT, start, window, axis=1)
+        logits_BTV = model.apply({"params": params}, win_BT, deterministic=True)
+        logits_BV = jax.lax.dynamic_index_in_dim(logits_BTV, t - 1 - start, axis=1, keepdims=False)
         nxt_B = sample_logits(logits_BV, jax.random.fold_in(key, t), temperature=temperature, top_k=top_k, top_p=top_p)
         # finished rows keep writing the fill token; the book drops eos, so decode stops at it
         nxt_B = jnp.where(done_B, fill, nxt_B)
         if eos_id is not None:
             done_B = done_B | (nxt_B == eos_id)
-        buf_BL = jax.lax.dynamic_update_index_in_dim(buf_BL, nxt_B, t, axis=1)
-        return t + 1, buf_BL, done_B
+        buf_BT = jax.lax.dynamic_update_index_in_dim(buf_BT, nxt_B, t, axis=1)
+        return t + 1, buf_BT, done_B
 
-    t, buf_BL, _ = jax.lax.while_loop(cond, body, (jnp.int32(T0), buf_BL, done_B))
-    return buf_BL, t
+    t, buf_BT, _ = jax.lax.while_loop(cond, body, (jnp.int32(T0), buf_BT, done_B))
+    return buf_BT, t
 
 
 # --- KV cache -------------------------------------------------------------------------------
@@ -223,47 +222,47 @@ def decode_chunk(params, cache, tok_B, pos, key, *, cfg: GPTConfig, n: int, temp
     all rows), and the cache. Step i samples with fold_in(key, pos + i + 1), as `decode_step` at pos + i does.
     Steps past the cache's last slot compute garbage: callers keep only the tokens that fit."""
     def body(i, carry):
-        cache, tok_B, out_Bn = carry
+        cache, tok_B, out_BG = carry
         logits_BV, cache = _decode(params, cfg, opts, cache, tok_B, pos + i)
         nxt_B = sample_logits(logits_BV, jax.random.fold_in(key, pos + i + 1), temperature=temperature, top_k=top_k,
                               top_p=top_p)
-        return cache, nxt_B, jax.lax.dynamic_update_index_in_dim(out_Bn, nxt_B, i, axis=1)
+        return cache, nxt_B, jax.lax.dynamic_update_index_in_dim(out_BG, nxt_B, i, axis=1)
 
-    out_Bn = jnp.zeros((tok_B.shape[0], n), jnp.int32)
-    cache, _, out_Bn = jax.lax.fori_loop(0, n, body, (cache, tok_B, out_Bn))
-    return out_Bn, cache
+    out_BG = jnp.zeros((tok_B.shape[0], n), jnp.int32)
+    cache, _, out_BG = jax.lax.fori_loop(0, n, body, (cache, tok_B, out_BG))
+    return out_BG, cache
 
 
 @partial(jax.jit, static_argnames=("cfg", "opts", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id"))
 def _generate_cached(params, idx_BT, lens_B, key, *, cfg: GPTConfig, opts: Options, max_new_tokens: int,
                      temperature: float, top_k: int | None, top_p: float | None, eos_id: int | None):
-    """Prefill + the whole decode loop in one program: new tokens (B, N) and the number of steps run.
+    """Prefill + the whole decode loop in one program: new tokens (B, G) and the number of steps run.
     lens_B: (B,) prompt lengths, or a scalar when all rows share it (the faster cache update)."""
     B, T0 = idx_BT.shape
-    N = max_new_tokens
+    G = max_new_tokens
     fill = 0 if eos_id is None else eos_id
     sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits_BV, cache = _prefill(params, cfg, opts, idx_BT, lens_B, T0 + N - 1)
+    logits_BV, cache = _prefill(params, cfg, opts, idx_BT, lens_B, T0 + G - 1)
     # step s samples with fold_in(key, T0 + s), the key the windowed loop uses for the same token
     tok_B = sample(logits_BV, jax.random.fold_in(key, T0))
     done_B = jnp.zeros((B,), bool) if eos_id is None else tok_B == eos_id
-    out_BN = jnp.full((B, N), fill, jnp.int32).at[:, 0].set(tok_B)
+    out_BG = jnp.full((B, G), fill, jnp.int32).at[:, 0].set(tok_B)
 
     def cond(carry):
         s, _, _, done_B = carry
-        return (s < N) & ~jnp.all(done_B)
+        return (s < G) & ~jnp.all(done_B)
 
     def body(carry):
-        s, cache, out_BN, done_B = carry
-        prev_B = jax.lax.dynamic_index_in_dim(out_BN, s - 1, axis=1, keepdims=False)
+        s, cache, out_BG, done_B = carry
+        prev_B = jax.lax.dynamic_index_in_dim(out_BG, s - 1, axis=1, keepdims=False)
         logits_BV, cache = _decode(params, cfg, opts, cache, prev_B, lens_B + s - 1)
         nxt_B = jnp.where(done_B, fill, sample(logits_BV, jax.random.fold_in(key, T0 + s)))
         if eos_id is not None:
             done_B = done_B | (nxt_B == eos_id)
-        return s + 1, cache, jax.lax.dynamic_update_index_in_dim(out_BN, nxt_B, s, axis=1), done_B
+        return s + 1, cache, jax.lax.dynamic_update_index_in_dim(out_BG, nxt_B, s, axis=1), done_B
 
-    s, _, out_BN, done_B = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out_BN, done_B))
-    return out_BN, s, done_B
+    s, _, out_BG, done_B = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out_BG, done_B))
+    return out_BG, s, done_B
 
 
 def generate(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, *, temperature: float = 0.0,
@@ -289,15 +288,15 @@ def generate(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, *, temperature
     n_cached = min(max_new_tokens, cfg.context_length - T0) if use_cache else 0
     done_B = jnp.zeros((B,), bool)
     if n_cached > 0:
-        new_BN, s, done_B = _generate_cached(params, jnp.asarray(idx_BT), jnp.int32(T0), key,
+        new_BG, s, done_B = _generate_cached(params, jnp.asarray(idx_BT), jnp.int32(T0), key,
                                              cfg=cfg, opts=opts, max_new_tokens=int(n_cached), **sampling)
-        idx_BT = np.concatenate([idx_BT, np.asarray(new_BN)[:, : int(s)]], axis=1)
+        idx_BT = np.concatenate([idx_BT, np.asarray(new_BG)[:, : int(s)]], axis=1)
         if n_cached == max_new_tokens or bool(jnp.all(done_B)):
             return idx_BT
     # past the context (or without a cache): the windowed loop, continuing the same key schedule
-    buf_BL, t = _generate_loop(params, jnp.asarray(idx_BT), key, done_B, cfg=cfg, opts=opts,
+    buf_BT, t = _generate_loop(params, jnp.asarray(idx_BT), key, done_B, cfg=cfg, opts=opts,
                                max_new_tokens=int(max_new_tokens - max(n_cached, 0)), **sampling)
-    return np.asarray(buf_BL)[:, : int(t)]
+    return np.asarray(buf_BT)[:, : int(t)]
 
 
 def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -327,10 +326,10 @@ def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max
         return [[] for _ in prompts]
     params, opts = _per_layer(params, opts)
     lens_B = jnp.int32(lens[0]) if len(set(lens)) == 1 else jnp.asarray(lens, jnp.int32)
-    new_BN, s, _ = _generate_cached(params, jnp.asarray(idx_BT), lens_B, key, cfg=cfg, opts=opts,
+    new_BG, s, _ = _generate_cached(params, jnp.asarray(idx_BT), lens_B, key, cfg=cfg, opts=opts,
                                     max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                     top_k=top_k, top_p=top_p, eos_id=eos_id)
-    return [trim_at_eos(row, eos_id) for row in np.asarray(new_BN)[:, : int(s)]]
+    return [trim_at_eos(row, eos_id) for row in np.asarray(new_BG)[:, : int(s)]]
 
 
 def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: int, *,
@@ -355,10 +354,10 @@ def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: 
     key = _sampling_key(temperature, key)
     params, opts = _per_layer(params, opts)
     sampling = dict(cfg=cfg, opts=opts, temperature=float(temperature), top_k=top_k, top_p=top_p)
-    C, n = cfg.context_length, len(ids)
-    m = min(max_new_tokens, C - n)  # tokens the cache can hold
+    ctx, n = cfg.context_length, len(ids)
+    m = min(max_new_tokens, ctx - n)  # tokens the cache can hold
     if m > 0:
-        T, S = _bucket(n, pad_multiple, C), _bucket(n + m, pad_multiple, C)
+        T, S = _bucket(n, pad_multiple, ctx), _bucket(n + m, pad_multiple, ctx)
         buf_1T = np.zeros((1, T), np.int32)
         buf_1T[0, :n] = ids
         tok_1, cache = prefill(params, jnp.asarray(buf_1T), jnp.int32(n), jax.random.fold_in(key, n),
@@ -379,7 +378,7 @@ def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: 
                 pending = nxt
     # past the context: the book's window of the last context_length tokens, one step at a time
     while len(ids) - n < max_new_tokens:
-        win = ids[-C:]
+        win = ids[-ctx:]
         tok_1, _ = prefill(params, jnp.asarray([win], np.int32), jnp.int32(len(win)),
                            jax.random.fold_in(key, len(ids)), max_len=len(win), **sampling)
         t = int(tok_1[0])

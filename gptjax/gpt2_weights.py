@@ -208,7 +208,7 @@ def _config_from_shapes(reader: _Reader, naming: str, n_heads: int | None, where
     if missing:
         raise ValueError(f"{where}: missing tensor(s) {missing}; without them (and without config.json) the "
                          f"model size cannot be inferred")
-    (V, D), (C, _) = reader.shape(emb), reader.shape(pos)
+    (V, D), (n_ctx, _) = reader.shape(emb), reader.shape(pos)
     layers = {int(m.group(1)) for n in reader.stored if (m := re.match(block, n))}
     if n_heads is None:
         # every GPT-2 size has 64-dimensional heads
@@ -216,7 +216,7 @@ def _config_from_shapes(reader: _Reader, naming: str, n_heads: int | None, where
             raise ValueError(f"{where}: no config.json, and the head count of emb_dim={D} cannot be read from "
                              f"tensor shapes; pass n_heads=... (or put a config.json next to the weights)")
         n_heads = D // 64
-    return dict(vocab_size=V, context_length=C, emb_dim=D, n_heads=n_heads, n_layers=max(layers, default=-1) + 1)
+    return dict(vocab_size=V, context_length=n_ctx, emb_dim=D, n_heads=n_heads, n_layers=max(layers, default=-1) + 1)
 
 
 def _resolve_config(reader: _Reader, naming: str, config_path: Path | None, n_heads: int | None,

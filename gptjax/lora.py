@@ -5,10 +5,9 @@ and B (r, out) zeros, so a fresh adapter leaves the model unchanged. The adapter
 kernels inside the jitted forward (`merge`), which keeps model.py free of LoRA code and makes
 "merge for inference" the very same function.
 
-Every adapted Dense gets one leaf pair {"A": (S, I, R), "B": (S, R, O/S)}: S is 3 for the fused
-`c_attn` (one adapter each for q, k, v, as the book's separate W_query/W_key/W_value) and 1 otherwise.
-Blocks stacked for scan_layers (kernel (L, I, O)) get adapters with the same leading L axis.
-Letters: L layers, S splits, I in features, O out features, R rank.
+Every adapted Dense gets one leaf pair {"A": (parts, I, R), "B": (parts, R, O/parts)}: parts is 3 for
+the fused `c_attn` (one adapter each for q, k, v, as the book's separate W_query/W_key/W_value) and 1
+otherwise. Blocks stacked for scan_layers (kernel (L, I, O)) get adapters with the same leading L axis.
 """
 from __future__ import annotations
 
@@ -99,19 +98,20 @@ def _init_lora(layers: tuple, rank: int, key: jax.Array) -> dict:
     bound = 1.0 / math.sqrt(rank)
     flat = {}
     for i, (name, (*lead, n_in, n_out)) in enumerate(layers):
-        s = _splits(name, n_out)
+        parts = _splits(name, n_out)
         path = tuple(name.split("/"))
-        flat[path + ("A",)] = jax.random.uniform(jax.random.fold_in(key, i), (*lead, s, n_in, rank), jnp.float32,
+        flat[path + ("A",)] = jax.random.uniform(jax.random.fold_in(key, i), (*lead, parts, n_in, rank), jnp.float32,
                                                  -bound, bound)
-        flat[path + ("B",)] = jnp.zeros((*lead, s, rank, n_out // s), jnp.float32)
+        flat[path + ("B",)] = jnp.zeros((*lead, parts, rank, n_out // parts), jnp.float32)
     return traverse_util.unflatten_dict(flat)
 
 
-def lora_delta(a_SIR: jax.Array, b_SRO: jax.Array, scale: float) -> jax.Array:
-    """(alpha/r) * A @ B per split, concatenated along the output features: (I, S*O) (leading layer axes kept)."""
-    *lead, s, n_in, _ = a_SIR.shape
-    delta_ISO = jnp.einsum("...sir,...sro->...iso", a_SIR.astype(jnp.float32), b_SRO.astype(jnp.float32))
-    return scale * delta_ISO.reshape(*lead, n_in, -1)
+def lora_delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """(alpha/r) * A @ B per split, concatenated along the output features: A (parts, I, R) and
+    B (parts, R, O/parts) give (I, O) (leading layer axes kept)."""
+    *lead, parts, n_in, _ = a.shape
+    delta = jnp.einsum("...pir,...pro->...ipo", a.astype(jnp.float32), b.astype(jnp.float32))  # (I, parts, O/parts)
+    return scale * delta.reshape(*lead, n_in, -1)
 
 
 def merge(params: Any, lora: Any, scale: float) -> dict:
@@ -120,14 +120,14 @@ def merge(params: Any, lora: Any, scale: float) -> dict:
         return params
     flat = dict(traverse_util.flatten_dict(params))
     flat_lora = traverse_util.flatten_dict(lora)
-    for path, a_SIR in flat_lora.items():
+    for path, a in flat_lora.items():
         if path[-1] != "A":
             continue
         kpath = path[:-1] + ("kernel",)
         if kpath not in flat:
             raise ValueError(f"LoRA adapter {'/'.join(path[:-1])!r} has no Dense kernel in the base params")
         kernel = flat[kpath]
-        flat[kpath] = (kernel.astype(jnp.float32) + lora_delta(a_SIR, flat_lora[path[:-1] + ("B",)], scale)
+        flat[kpath] = (kernel.astype(jnp.float32) + lora_delta(a, flat_lora[path[:-1] + ("B",)], scale)
                        ).astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat)
 

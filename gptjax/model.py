@@ -1,7 +1,12 @@
 """GPT-2 in Flax Linen, parameters named as OpenAI's checkpoint.
 
-Letters: B batch, T time, S key/cache positions, L layers, D emb_dim, H heads, K head dim, V vocab,
-F MLP width (4 D).
+Shape letters: the one legend for tensor names in all of gptjax (x_BTD is (B, T, D); a digit is a
+literal size, as in x_2BT or losses_N4), each letter with one meaning:
+B batch, T time, S key/cache positions, L layers, D emb_dim (the model width; the book's attention
+classes' d_in), E the book's attention classes' d_out, H heads, K head dim, V vocab, F MLP width (4 D),
+C classes (classifier head), N items of a dataset (examples, windows, records, HellaSwag items),
+G generated (new) tokens, M rows of a flattened batch (B*T tokens, or B*H rows of the KV cache),
+I in features, O out features, R LoRA rank.
 
 What the model is comes from `GPTConfig`; how it runs from `Options` (gptjax.options): compute
 dtype, attention implementation, scan/remat, vocab padding, kernel layout. Params have one
@@ -85,10 +90,10 @@ class CausalSelfAttention(nn.Module):
         q_BTHK, k_BTHK, v_BTHK = (a.reshape(B, T, H, K) for a in jnp.split(qkv_BT3D, 3, axis=-1))
         if pos_B is not None:
             # KV cache (layout and positions: see cache_attention)
-            y_BTHK, k_NKS, v_NSK = cache_attention(q_BTHK, k_BTHK, v_BTHK, self.get_variable("cache", "k"),
+            y_BTHK, k_MKS, v_MSK = cache_attention(q_BTHK, k_BTHK, v_BTHK, self.get_variable("cache", "k"),
                                                    self.get_variable("cache", "v"), pos_B)
-            self.put_variable("cache", "k", k_NKS)
-            self.put_variable("cache", "v", v_NSK)
+            self.put_variable("cache", "k", k_MKS)
+            self.put_variable("cache", "v", v_MSK)
         else:
             dropping = cfg.drop_rate > 0.0 and not deterministic
             y_BTHK = causal_attention(q_BTHK, k_BTHK, v_BTHK, impl=opts.attn_impl,
@@ -204,29 +209,30 @@ class GPT(nn.Module):
 def chunked_cross_entropy(x_BTD: jax.Array, w_VD: jax.Array, targets_BT: jax.Array, chunk: int, vocab_size: int,
                           dtype: str = "float32") -> jax.Array:
     """Mean cross-entropy of the logits x @ w.T against targets (-100 ignored), `chunk` positions at a time:
-    each chunk's (B, C, V) float32 logits are made, reduced to sums and dropped, and made again in the
+    each chunk's (B, chunk, V) float32 logits are made, reduced to sums and dropped, and made again in the
     backward pass (jax.checkpoint), so (B, T, V) never exists. Rows of w past `vocab_size` (padding) are
     left out."""
     B, T, D = x_BTD.shape
-    C = min(chunk, T)
-    pad = -T % C
-    x_NBCD = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, C, D).swapaxes(0, 1)
-    y_NBC = jnp.pad(targets_BT, ((0, 0), (0, pad)), constant_values=-100).reshape(B, -1, C).swapaxes(0, 1)
+    chunk = min(chunk, T)
+    pad = -T % chunk
+    # the chunks stacked on a leading axis for scan: (n_chunks, B, chunk, D) and (n_chunks, B, chunk)
+    x_chunks = jnp.pad(x_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, chunk, D).swapaxes(0, 1)
+    y_chunks = jnp.pad(targets_BT, ((0, 0), (0, pad)), constant_values=-100).reshape(B, -1, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
-    def chunk_sums(x_BCD, y_BC):
-        logits_BCV = jnp.einsum("bcd,vd->bcv", x_BCD.astype(dtype), w_VD.astype(dtype),
+    def chunk_sums(xc_BTD, yc_BT):  # one chunk: its T is `chunk` positions
+        logits_BTV = jnp.einsum("btd,vd->btv", xc_BTD.astype(dtype), w_VD.astype(dtype),
                                 preferred_element_type=jnp.float32)[..., :vocab_size]
-        valid_BC = y_BC != -100
-        y_BC = jnp.where(valid_BC, y_BC, 0)
-        nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - jnp.take_along_axis(logits_BCV, y_BC[..., None], -1)[..., 0]
-        return jnp.sum(nll_BC * valid_BC), jnp.sum(valid_BC)
+        valid_BT = yc_BT != -100
+        yc_BT = jnp.where(valid_BT, yc_BT, 0)
+        nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - jnp.take_along_axis(logits_BTV, yc_BT[..., None], -1)[..., 0]
+        return jnp.sum(nll_BT * valid_BT), jnp.sum(valid_BT)
 
     def body(carry, xy):
         total, count = chunk_sums(*xy)
         return (carry[0] + total, carry[1] + count), None
 
-    (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (x_NBCD, y_NBC))
+    (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (x_chunks, y_chunks))
     return total / jnp.maximum(count, 1)
 
 
@@ -274,6 +280,6 @@ def init_cache(cfg: GPTConfig, batch: int, max_len: int, dtype: Any = jnp.float3
     if max_len > cfg.context_length:
         raise ValueError(f"a KV cache of {max_len} slots exceeds context_length={cfg.context_length}")
     dtype = jnp.dtype(dtype)
-    N, S, K = batch * cfg.n_heads, max_len, cfg.head_dim
-    return {f"h_{i}": {"attn": {"k": jnp.zeros((N, K, S), dtype), "v": jnp.zeros((N, S, K), dtype)}}
+    M, S, K = batch * cfg.n_heads, max_len, cfg.head_dim
+    return {f"h_{i}": {"attn": {"k": jnp.zeros((M, K, S), dtype), "v": jnp.zeros((M, S, K), dtype)}}
             for i in range(cfg.n_layers)}

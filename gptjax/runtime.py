@@ -14,24 +14,22 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 
-def user_cache_dir(name: str | None = None) -> Path:
-    """$XDG_CACHE_HOME/gptjax[/<name>], else ~/.cache/gptjax[/<name>]."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "gptjax"
-    return root / name if name else root
+from gptjax.cache import cache_dir as gptjax_cache_dir
+from gptjax.cpu.flags import set_cpu_flags
 
 
 def default_cache_dir() -> Path:
-    return user_cache_dir("jax")
+    """The persistent compilation cache's default: jax/ in gptjax's cache root (gptjax.cache)."""
+    return gptjax_cache_dir("jax")
 
 
 def enable_compilation_cache(cache_dir: str | Path | None = None, min_compile_time_s: float = 0.5) -> Path | None:
     """Persist compiled programs across processes (a re-run skips XLA compilation).
 
-    `cache_dir` defaults to $GPTJAX_CACHE_DIR or ~/.cache/gptjax/jax; GPTJAX_CACHE_DIR="" turns it off.
+    `cache_dir` defaults to $GPTJAX_CACHE_DIR or jax/ in the cache root; GPTJAX_CACHE_DIR="" turns it off.
     """
-    import jax
-
     if cache_dir is None:
         env = os.environ.get("GPTJAX_CACHE_DIR")
         if env == "":
@@ -66,8 +64,6 @@ def _reset_opened_cache() -> None:
 @contextlib.contextmanager
 def compilation_cache_at(cache_dir: str | Path, min_compile_time_s: float = 0.5) -> Iterator[Path | None]:
     """The persistent cache in `cache_dir` for the block; the process's own settings come back after."""
-    import jax
-
     before = {k: jax.config.values[k] for k in _CACHE_KEYS}
     try:
         yield enable_compilation_cache(cache_dir, min_compile_time_s)
@@ -80,9 +76,6 @@ def compilation_cache_at(cache_dir: str | Path, min_compile_time_s: float = 0.5)
 def setup(compilation_cache: bool = True, cpu_flags: bool = True) -> dict:
     """What the `gptjax` command does first: XLA:CPU flags (gptjax.cpu.flags), then the persistent
     compilation cache."""
-    # imported here: gptjax.cpu sits above this module (its kernel build uses user_cache_dir)
-    from gptjax.cpu.flags import set_cpu_flags
-
     added = set_cpu_flags() if cpu_flags else []
     cache = enable_compilation_cache() if compilation_cache else None
     return {"xla_flags_added": added, "compilation_cache_dir": None if cache is None else str(cache)}

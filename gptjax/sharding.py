@@ -8,7 +8,7 @@ reduce-scatters gradients). `make_mesh("dp")` is n x 1, `make_mesh("fsdp")` is 1
 `make_mesh("fsdp", fsdp=8)` on 32 devices is hybrid: FSDP inside groups of 8, data parallel across them.
 
 Nothing here communicates by hand: the engine (gptjax.engine.Steps) jits its steps with these in/out
-shardings and XLA inserts the collectives; jax.distributed runs the processes. Letters: B batch, T time.
+shardings and XLA inserts the collectives; jax.distributed runs the processes.
 """
 from __future__ import annotations
 

@@ -3,8 +3,6 @@
 `prepare` streams documents (text files, JSONL, Parquet, `hf:` datasets) through GPT-2 BPE in worker
 processes into out_dir/{train,val}_NNNNNN.bin and meta.json; `ShardDataset` memmaps the shards and cuts
 (x_BT, y_BT) windows as a pure function of (seed, step, process); `Prefetch` overlaps that with the step.
-
-Shapes: B batch, T time (context length).
 """
 from __future__ import annotations
 

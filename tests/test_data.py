@@ -39,16 +39,19 @@ def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def test_default_cache_dir_follows_the_environment(tmp_path, monkeypatch):
-    from gptjax.data import default_cache_dir
+def test_one_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    from gptjax import runtime
+    from gptjax.cache import cache_dir
+    from gptjax.cpu import matvec
 
-    monkeypatch.delenv("GPTJAX_CACHE", raising=False)
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert default_cache_dir() == Path.home() / ".cache" / "gptjax"
+    for var in ("GPTJAX_CACHE", "XDG_CACHE_HOME", "GPTJAX_CACHE_DIR", "GPTJAX_KERNEL_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    assert cache_dir() == Path.home() / ".cache" / "gptjax"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_cache_dir() == tmp_path / "xdg" / "gptjax"
-    monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "mine"))
-    assert default_cache_dir() == tmp_path / "mine"
+    assert cache_dir() == tmp_path / "xdg" / "gptjax"
+    monkeypatch.setenv("GPTJAX_CACHE", str(tmp_path / "mine"))  # downloads, compiled programs and the kernel
+    assert (cache_dir(), runtime.default_cache_dir(), matvec.kernel_dir()) == \
+        (tmp_path / "mine", tmp_path / "mine" / "jax", tmp_path / "mine" / "kernels")
 
 
 @pytest.fixture

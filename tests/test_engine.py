@@ -30,7 +30,7 @@ def _cfg(**kw):
                                tie_embeddings=True), **kw})
 
 
-def run_task(task: str, out: Path, **kw) -> dict:
+def run_task(task: str, out: Path, tcfg_kw: dict | None = None, **kw) -> dict:
     """One tiny run of `task` (6 steps of 8 rows, dropout on where the task allows it); returns its final params
     and every step's loss."""
     from gptjax.engine import OptimConfig
@@ -39,7 +39,7 @@ def run_task(task: str, out: Path, **kw) -> dict:
 
     cfg, tok = _cfg(), CharTokenizer()
     params = init_params(cfg, jax.random.key(0))
-    common = dict(eval_freq=2, eval_iter=1, save_every=2, seed=5, optim=OptimConfig(lr=1e-3))
+    common = dict(eval_freq=2, eval_iter=1, save_every=2, seed=5, optim=OptimConfig(lr=1e-3), **(tcfg_kw or {}))
     if task == "classify":
         from gptjax.tasks.classify_data import LabeledTexts
 
@@ -91,6 +91,23 @@ def test_a_sigint_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(task, t
     assert resumed["losses"] == full["losses"]
     for a, b in zip(jax.tree_util.tree_leaves(resumed["params"]), jax.tree_util.tree_leaves(full["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_resume_from_an_earlier_checkpoint_logs_every_eval_and_epoch_once(tmp_path):
+    from gptjax.checkpoint import TrainingInterrupted
+
+    def metrics(out: Path) -> list[dict]:  # wall time aside
+        return [{k: v for k, v in json.loads(ln).items() if k != "elapsed_s"}
+                for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full = run_task("classify", tmp_path / "full")
+    keep = dict(keep_checkpoints=5)
+    with pytest.raises(TrainingInterrupted):  # stopped after step 5: epochs 1 and 2 are logged
+        run_task("classify", tmp_path / "cut", tcfg_kw=keep, stop_after=5)
+    resumed = run_task("classify", tmp_path / "cut", tcfg_kw=keep, resume=2)  # back to the end of epoch 1
+    assert resumed["losses"] == full["losses"]
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    assert sum("train_acc" in r for r in metrics(tmp_path / "full")) == 3  # one accuracy record per epoch
 
 
 def test_a_run_trained_under_some_options_resumes_and_decodes_under_others(tmp_path):

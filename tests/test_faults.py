@@ -213,6 +213,9 @@ def test_resume_bad_input(tmp_path, corpus, capsys):
     assert main(["pretrain", "--resume", str(run), "--emb-dim", "64", "--epochs", "3"]) == 2
     assert ("--resume continues '" + str(run) + "' with the settings saved in its config.json; drop --epochs 3 (the "
             "run has epochs=1), --emb-dim 64 (the run has emb_dim=32)") in capsys.readouterr().err
+    # how a run runs is not what it trains: it resumes under other execution options
+    assert main(["pretrain", "--resume", str(run), "--scan-layers", "--dtype", "bfloat16", "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["options"]["scan_layers"] is True
     other = tmp_path / "other.txt"
     other.write_text("A different story altogether, told at another length entirely. " * 30)
     assert main(["pretrain", "--resume", str(run), "--corpus", str(other)]) == 2

@@ -72,6 +72,8 @@ def test_a_stopped_run_on_shards_resumes_bitwise(tmp_path, shard_dir):
     with pytest.raises(TrainingInterrupted):
         pretrain_shards(shard_dir, tmp_path / "cut", cfg, tcfg, stop_after=5, **kw)
     assert not prefetch_threads()  # the run's prefetch thread ends with it, also when it raises
+    with pytest.raises(ValueError, match="pass neither cfg nor tcfg"):  # a resume takes the run's own settings
+        pretrain_shards(shard_dir, tmp_path / "cut", cfg, tcfg, resume=True, progress=False)
     pretrain_shards(shard_dir, tmp_path / "cut", resume=True, progress=False)  # prefetch restarts at step 5
     pretrain_shards(shard_dir, tmp_path / "whole", cfg, tcfg, **kw)
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 12

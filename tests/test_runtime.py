@@ -38,6 +38,7 @@ def test_cpu_flags_warn_once_jax_has_started(monkeypatch):
 def test_compilation_cache_dir(tmp_path, monkeypatch, restore_cache_config):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("GPTJAX_CACHE_DIR", raising=False)
+    monkeypatch.delenv("GPTJAX_CACHE", raising=False)
     assert runtime.default_cache_dir() == tmp_path / "xdg" / "gptjax" / "jax"
     path = runtime.enable_compilation_cache()
     assert path == tmp_path / "xdg" / "gptjax" / "jax" and path.is_dir()

@@ -1,7 +1,5 @@
 """The projections' CPU speed paths: kernels stored (out, in), bfloat16-operand products with float32
 accumulation (and their backward pass), the C++ matvec for decoding, and weight-only int8 for decoding.
-
-Letters: B batch, T time, I in features, O out features, N/M rows (every token).
 """
 from __future__ import annotations
 
@@ -15,15 +13,15 @@ import jax.numpy as jnp
 from gptjax.cpu import matvec as cpu_matvec
 
 
-def _transposed(a_NC: jax.Array) -> jax.Array:
-    """a.T, written so that XLA makes the copy instead of folding the transpose into the next dot.
+def _transposed(a: jax.Array) -> jax.Array:
+    """a.T of a 2-D array, written so that XLA makes the copy instead of folding the transpose into the next dot.
 
     Why: XLA:CPU (with YNNPACK) runs a bfloat16 product that contracts the leading axis of both
     operands (a weight gradient, x.T @ g) at 230-250 GFLOP/s, on the same path as float32; with one
     operand transposed first it takes the AMX path: 1,070-1,390 GFLOP/s with the copy for a
     (512, 768) x (512, 3072) weight gradient (experiments/cpu_matmul_flags.py, individual_dot).
     """
-    return jnp.swapaxes(a_NC.reshape(*a_NC.shape, 1), 0, 2)[0]
+    return jnp.swapaxes(a.reshape(*a.shape, 1), 0, 2)[0]
 
 
 def _bf16_dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array:
@@ -33,26 +31,26 @@ def _bf16_dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def bf16_product(x_NI: jax.Array, w: jax.Array, w_in_axis: int) -> jax.Array:
+def bf16_product(x_BTI: jax.Array, w: jax.Array, w_in_axis: int) -> jax.Array:
     """x (..., in) @ w with both rounded to bfloat16, accumulated and returned in float32
     (Options.matmul_precision="bfloat16"). w is (in, out) for w_in_axis=0, (out, in) for 1.
 
     The backward pass rounds the output gradient to bfloat16 too and returns float32 gradients.
     """
-    return _bf16_dot(x_NI, w, x_NI.ndim - 1, w_in_axis)
+    return _bf16_dot(x_BTI, w, x_BTI.ndim - 1, w_in_axis)
 
 
-def _bf16_product_fwd(x_NI, w, w_in_axis):
-    xb, wb = x_NI.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+def _bf16_product_fwd(x_BTI, w, w_in_axis):
+    xb, wb = x_BTI.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     # the bfloat16 copies are the residuals: half the bytes of float32 activations
-    dtypes = jnp.zeros((0,), x_NI.dtype), jnp.zeros((0,), w.dtype)  # the gradients' dtypes, as arrays
-    return _bf16_dot(xb, wb, x_NI.ndim - 1, w_in_axis), (xb, wb, dtypes)
+    dtypes = jnp.zeros((0,), x_BTI.dtype), jnp.zeros((0,), w.dtype)  # the gradients' dtypes, as arrays
+    return _bf16_dot(xb, wb, x_BTI.ndim - 1, w_in_axis), (xb, wb, dtypes)
 
 
-def _bf16_product_bwd(w_in_axis, res, g_NO):
+def _bf16_product_bwd(w_in_axis, res, g_BTO):
     xb, wb, (x_like, w_like) = res
-    gb = g_NO.astype(jnp.bfloat16)
-    dx_NI = _bf16_dot(gb, wb, gb.ndim - 1, 1 - w_in_axis).astype(x_like.dtype)
+    gb = g_BTO.astype(jnp.bfloat16)
+    dx_BTI = _bf16_dot(gb, wb, gb.ndim - 1, 1 - w_in_axis).astype(x_like.dtype)
     g_MO, x_MI = gb.reshape(-1, gb.shape[-1]), xb.reshape(-1, xb.shape[-1])  # M: every token
     # one operand transposed, so the product is a plain (rows, M) @ (M, cols) whose result is already
     # in the kernel's layout (no transpose of the weight-sized gradient)
@@ -60,7 +58,7 @@ def _bf16_product_bwd(w_in_axis, res, g_NO):
         dw = _bf16_dot(_transposed(g_MO), x_MI, 1, 0)  # (O, M) @ (M, I)
     else:
         dw = _bf16_dot(_transposed(x_MI), g_MO, 1, 0)  # (I, M) @ (M, O)
-    return dx_NI, dw.astype(w_like.dtype)
+    return dx_BTI, dw.astype(w_like.dtype)
 
 
 bf16_product.defvjp(_bf16_product_fwd, _bf16_product_bwd)

@@ -12,11 +12,9 @@ sets on CPU.
 
 The kernel is compiled on first use with the system's C++ compiler ($CXX, else c++/g++/clang++;
 -O3 -march=native) against the installed jaxlib's FFI headers, and cached under
-$GPTJAX_KERNEL_DIR (default ~/.cache/gptjax/kernels), keyed by the source, the compiler, jaxlib and
+kernels/ in the cache root (gptjax.cache; $GPTJAX_KERNEL_DIR moves it), keyed by the source, the compiler, jaxlib and
 the CPU. Without a compiler, or with GPTJAX_CPU_KERNEL=0, `available()` is False (with the reason in
-`status()`) and decoding uses XLA's dot: the same tokens, about 15% slower on two cores.
-
-Letters: R rows (batch), I in features, O out features.
+`status()`) and decoding uses XLA's dot: the same tokens, somewhat slower (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -35,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.runtime import user_cache_dir
+from gptjax.cache import cache_dir
 
 SOURCE = Path(__file__).with_suffix(".cc")
 TARGET = "gptjax_matvec"  # float32 weights
@@ -55,7 +53,7 @@ class KernelBuildError(RuntimeError):
 
 def kernel_dir() -> Path:
     env = os.environ.get("GPTJAX_KERNEL_DIR")
-    return Path(env).expanduser() if env else user_cache_dir("kernels")
+    return Path(env).expanduser() if env else cache_dir("kernels")
 
 
 def find_compiler() -> str | None:

@@ -5,8 +5,6 @@ exactly as the book; tokenized with GPT-2 BPE and padded with <|endoftext|> to t
 example. Model: the GPT with its LM head replaced by `cls_head`, classifying from the last position.
 Training: only the chosen parameters (and LoRA adapters) are differentiated and get optimizer state;
 the rest is passed to the jitted step as frozen constants.
-
-Letters: N examples, B batch, T time, C classes.
 """
 from __future__ import annotations
 

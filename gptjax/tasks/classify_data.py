@@ -1,7 +1,5 @@
 """Chapter 6's data: labelled texts (the SMS Spam Collection, CSV/TSV files, Hugging Face datasets), the
 book's balancing and split, GPT-2 encoding padded to the longest training text, and batches.
-
-Letters: N examples, B batch, T time.
 """
 from __future__ import annotations
 
@@ -18,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from gptjax import runs
-from gptjax.data import cached_download, default_cache_dir, file_sha256
+from gptjax.cache import cache_dir as gptjax_cache_dir
+from gptjax.data import cached_download, file_sha256
 from gptjax.tasks.finetune import PAD_TOKEN_ID, EpochBatches, encode, load_hf_split
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -49,7 +48,7 @@ class LabeledTexts:
 
 def sms_spam_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """The UCI SMS Spam Collection file: downloaded once as a zip into the cache, extracted and checksummed."""
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else gptjax_cache_dir()
     target = cache / f"SMSSpamCollection-{SMS_SPAM_SHA256[:10]}"
     if target.is_file() and file_sha256(target) == SMS_SPAM_SHA256:
         return target

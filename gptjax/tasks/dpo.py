@@ -8,8 +8,6 @@ policy's and the frozen reference model's average answer log-probabilities:
 so it is exactly log 2 while the policy equals the reference. Rewards are the book's: policy minus
 reference average log-probability, per answer (no beta). Chosen and rejected rows go through the
 model as one batch of 2B rows; with LoRA the reference is the frozen base model itself.
-
-Letters: B batch (records), T time, V vocab.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 get the lowest mean loss after the context is the model's choice (the "acc_norm" style nanoGPT and llm.c report).
 
 Reads the official JSONL (rowanz/hellaswag, e.g. data/hellaswag_val.jsonl: `ctx`, 4 `endings`, `label`).
-Shapes: N items, 4 endings, T time (tokens of context + ending, cropped from the left to the model's context).
+In x_N4T, 4 is the endings and T the tokens of context + ending, cropped from the left to the model's context.
 """
 from __future__ import annotations
 

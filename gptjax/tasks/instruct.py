@@ -4,8 +4,6 @@ Training: `fit`, the engine's run with chapter 7's evaluation (also used by DPO)
 state holds only what trains: every weight, or LoRA adapters beside frozen weights. Responses:
 greedy KV-cache decoding of many prompts of different lengths at once, text after the prompt, saved
 in the book's instruction-data-with-response.json format. Data and prompts: gptjax.tasks.instruct_data.
-
-Letters: N examples, B batch, T time, V vocab.
 """
 from __future__ import annotations
 

@@ -6,8 +6,6 @@ book. Prompts: the book's Alpaca template or its exercise-7.1 Phi-3 template. Ba
 custom_collate_fn (append <|endoftext|>, pad with it, mask all padding targets but the first with
 -100), optionally masking the prompt (exercise 7.2) and padding to length buckets so the jitted step
 compiles once per bucket instead of once per batch length.
-
-Letters: N examples, B batch, T time.
 """
 from __future__ import annotations
 

@@ -217,6 +217,21 @@ def start_from(spec: str, context_length: int, drop_rate: float) -> tuple[Any, G
     return params, cfg.replace(context_length=context_length, drop_rate=drop_rate)
 
 
+def _settings(out_dir: str | Path, cfg: GPTConfig | None, tcfg: PretrainConfig | None, resume: bool | int,
+              opts: Options | None) -> tuple[GPTConfig, PretrainConfig, dict | None, Options | None]:
+    """(cfg, tcfg, data settings, opts) a run starts with: a resume's are the run's own (`opts` given win);
+    a new run's are `cfg` and `tcfg` (its data settings are None: the caller makes them)."""
+    if resume:
+        if cfg is not None or tcfg is not None:
+            raise ValueError("a resume continues with the run's own model and train settings: pass neither cfg "
+                             "nor tcfg")
+        cfg, tcfg, data, saved_opts = run_settings(out_dir)
+        return cfg, tcfg, data, opts or saved_opts
+    if cfg is None or tcfg is None:
+        raise ValueError("a new run needs a model config (cfg) and train settings (tcfg)")
+    return cfg, tcfg, None, opts
+
+
 def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | None = None,
                     tcfg: PretrainConfig | None = None, *, optim_for: Callable[[int], OptimConfig] | None = None,
                     stride: int | None = None, train_ratio: float = 0.9, bpe_dir: str | None = None,
@@ -233,15 +248,8 @@ def pretrain_corpus(corpus: str | None, out_dir: str | Path, cfg: GPTConfig | No
     refuses a corpus whose text changed; it runs under the run's recorded options unless `opts` says
     otherwise. `kw` goes to `pretrain` (progress, overwrite, sharding, ...).
     """
-    if resume:
-        if cfg is not None or tcfg is not None:
-            raise ValueError("a resume continues with the run's own model and train settings: pass neither cfg "
-                             "nor tcfg")
-        cfg, tcfg, data, saved_opts = run_settings(out_dir)
-        opts = opts or saved_opts
-    else:
-        if cfg is None or tcfg is None:
-            raise ValueError("a new run needs a model config (cfg) and train settings (tcfg)")
+    cfg, tcfg, data, opts = _settings(out_dir, cfg, tcfg, resume, opts)
+    if not resume:
         data = {"corpus": str(Path(corpus).absolute()) if corpus and Path(corpus).is_file() else corpus,
                 "stride": stride, "train_ratio": train_ratio}
         if init_from:
@@ -338,15 +346,12 @@ def pretrain_shards(data_dir: str | Path, out_dir: str | Path, cfg: GPTConfig | 
     windows of the val split (tcfg.eval_iter batches). `optim_for(updates)` gives the optimizer settings.
     `prefetch`: batches cut and put on device ahead of the step in a background thread (0: none).
     """
+    cfg, tcfg, data, opts = _settings(out_dir, cfg, tcfg, resume, opts)
     if resume:
-        cfg, tcfg, data, saved_opts = run_settings(out_dir)
-        opts = opts or saved_opts
         if _shards_sha256(data_dir) != data["meta_sha256"]:
             raise ValueError(f"the shards in {str(data_dir)!r} differ from those {str(out_dir)!r} was trained on "
                              f"(meta.json sha256); pass --data with the original shards to resume")
     else:
-        if cfg is None or tcfg is None:
-            raise ValueError("a new run needs a model config (cfg) and train settings (tcfg)")
         if init_from:
             kw["params"], cfg = start_from(init_from, cfg.context_length, cfg.drop_rate)
         micro = tcfg.batch_size * cfg.context_length
