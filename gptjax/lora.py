@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from gptjax import runs
 
@@ -143,8 +145,6 @@ def lora_param_count(shapes: Any, lcfg: LoRAConfig) -> int:
 def save_adapters(path: str | os.PathLike, lora: Any, lcfg: LoRAConfig, extra_params: Any = None,
                   metadata: dict[str, Any] | None = None) -> Path:
     """Write the adapters (and any non-base params, e.g. a new head) to one safetensors file."""
-    from safetensors.numpy import save_file
-
     tensors = {".".join((kind, *p)): np.asarray(jax.device_get(x), np.float32)
                for kind, tree in (("lora", lora), ("params", extra_params or {}))
                for p, x in traverse_util.flatten_dict(tree).items()}
@@ -157,8 +157,6 @@ def save_adapters(path: str | os.PathLike, lora: Any, lcfg: LoRAConfig, extra_pa
 
 def load_adapters(path: str | os.PathLike) -> tuple[dict, dict, LoRAConfig, dict[str, Any]]:
     """(lora, extra_params, LoRAConfig, metadata) from a `save_adapters` file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA adapter file at {str(path)!r}; pass the adapters.safetensors of a LoRA run")

@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+
 DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLS = ("auto", "xla", "cudnn", "einsum")
 # what the backward pass recomputes instead of storing (jax.checkpoint policies, see model.REMAT_POLICIES)
@@ -78,8 +80,6 @@ class Options:
         """Options for running on `backend` (default: JAX's default backend, asked now, not at trace
         time): the gradient barrier on for "cpu" (keeps its train step fast), off elsewhere."""
         if backend is None:
-            import jax
-
             backend = jax.default_backend()
         return cls(**{"grad_barrier": backend == "cpu", **overrides})
 
