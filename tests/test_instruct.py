@@ -397,3 +397,27 @@ def test_fresh_run_refuses_an_out_dir_holding_checkpoints(tmp_path):
                      progress=False, respond=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # nothing written, nothing deleted
     assert (tmp_path / "checkpoints" / "7").is_dir()
+
+
+def test_lora_on_out_in_kernels_is_refused_by_every_fine_tuning_task(tmp_path):
+    """The Python API checks what the CLI checks: LoRA's (in, out) adapters never meet (out, in) kernels (a square
+    c_proj would take a transposed update silently)."""
+    from gptjax.tasks.classify import finetune_classifier
+    from gptjax.tasks.classify_data import LabeledTexts
+    from gptjax.tasks.dpo import finetune_dpo
+
+    tok, cfg = CharTokenizer(), char_cfg()
+    opts, lora = Options(linear_layout="out_in"), LoRAConfig(rank=2)
+    params = to_layout(init_params(cfg, jax.random.key(0)), cfg, opts)
+    splits = {"train": RECORDS, "val": RECORDS[:2], "test": []}
+    texts = LabeledTexts(["spam spam", "ham ok"] * 4, np.array([1, 0] * 4, np.int32), ("ham", "spam"))
+    calls = [lambda out: finetune_instruct(params, cfg, splits, tok, out, lora=lora, opts=opts, pad_token_id=EOT,
+                                           progress=False, respond=False),
+             lambda out: finetune_dpo(params, cfg, splits, tok, out, lora=lora, opts=opts, pad_token_id=EOT,
+                                      progress=False, respond=False),
+             lambda out: finetune_classifier(params, cfg, {"train": texts, "val": texts}, tok, out, lora=lora,
+                                             opts=opts, pad_token_id=EOT, progress=False)]
+    for i, call in enumerate(calls):
+        with pytest.raises(ValueError, match="LoRA adapters train on .in, out. kernels.*linear_layout='in_out'"):
+            call(tmp_path / str(i))
+        assert not (tmp_path / str(i) / "config.json").exists()

@@ -33,7 +33,7 @@ from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params, dropout_rngs
 from gptjax.layout import layout_fns, to_canonical, unstack_layers
 from gptjax.options import Options
-from gptjax.tasks.finetune import PAD_TOKEN_ID, check_pad_token, save_finished
+from gptjax.tasks.finetune import PAD_TOKEN_ID, check_lora_layout, check_pad_token, save_finished
 from gptjax.tokenizer import get_gpt2_tokenizer
 
 # --- model -----------------------------------------------------------------------------------------
@@ -230,6 +230,7 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     """
     tcfg = tcfg or ClassifierTrainConfig()
     opts = opts or Options.for_backend()
+    check_lora_layout(lora, opts)
     train = train or ("none" if lora is not None else "last-block")
     splits = data if isinstance(data, dict) else book_split(data, balance=balance, train_frac=train_frac,
                                                              val_frac=val_frac, seed=tcfg.seed)

@@ -32,7 +32,7 @@ from gptjax.sharding import mesh_for
 from gptjax.model import GPT
 from gptjax.layout import layout_fns, to_canonical
 from gptjax.options import Options
-from gptjax.tasks.finetune import (PAD_TOKEN_ID, EpochBatches, check_pad_token, encode, save_finished,
+from gptjax.tasks.finetune import (PAD_TOKEN_ID, EpochBatches, check_lora_layout, check_pad_token, encode, save_finished,
                                    split_trainable)
 from gptjax.tasks.instruct import (InstructTrainConfig, describe, fit, greedy_sampler, respond_and_evaluate,
                                    run_settings, split_metrics, train_val_batches)
@@ -210,6 +210,7 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     """
     tcfg = tcfg or DPOTrainConfig()
     opts = opts or Options.for_backend()
+    check_lora_layout(lora, opts)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax dpo ... --resume`")
     splits = data if isinstance(data, dict) else split_data(data)

@@ -74,6 +74,13 @@ def load_hf_split(src: str, cache_dir: str | os.PathLike | None, local: str) -> 
                          f"config and split, or pass {local}") from e
 
 
+def check_lora_layout(lora: lora_lib.LoRAConfig | None, opts: Options) -> None:
+    """LoRA adapters are (in, out), as the kernels of the canonical layout: refuse (out, in) kernels."""
+    if lora is not None and opts.linear_layout != "in_out":
+        raise ValueError(f"LoRA adapters train on (in, out) kernels, but the options lay them out "
+                         f"{opts.linear_layout!r}; use Options(linear_layout='in_out') (CLI: drop --linear-layout)")
+
+
 def split_trainable(params: dict, lora: lora_lib.LoRAConfig | None, key: jax.Array) -> tuple[dict, dict]:
     """(trainable, frozen): every weight trains, or (LoRA) only fresh adapters do and the weights are frozen."""
     if lora is None:

@@ -32,7 +32,8 @@ from gptjax.model import GPT, count_params
 from gptjax.layout import layout_fns, to_canonical
 from gptjax.options import Options
 from gptjax.tasks import pretrain
-from gptjax.tasks.finetune import PAD_TOKEN_ID, check_pad_token, encode, save_finished, split_trainable
+from gptjax.tasks.finetune import (PAD_TOKEN_ID, check_lora_layout, check_pad_token, encode, save_finished,
+                                   split_trainable)
 from gptjax.tasks.instruct_data import (InstructionBatches, check_style, encode_examples, extract_response, format_input,
                                         split_data)
 from gptjax.tasks.judge import text_scores
@@ -260,6 +261,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
     """
     tcfg = tcfg or InstructTrainConfig()
     opts = opts or Options.for_backend()
+    check_lora_layout(lora, opts)
     check_style(style)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax finetune-instruct ... --resume`")
