@@ -16,8 +16,7 @@ import numpy as np
 import optax
 
 from gptjax import engine, runs, shards, tracking
-from gptjax.checkpoint import CONFIG_FILE
-from gptjax.model_io import load_model, load_run_config, refuse_existing_run, save_run
+from gptjax.model_io import begin_run, load_model, load_run_config, refuse_existing_run, save_run
 from gptjax.config import GPTConfig
 from gptjax.data import create_dataloaders, load_corpus, make_windows
 from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy, mean_metrics, new_state
@@ -156,18 +155,14 @@ def pretrain(cfg: GPTConfig, tcfg: PretrainConfig, train_batches, val_batches, t
     tracking.require(tcfg.tracker)
     hs = (hellaswag.encode(hellaswag.load_hellaswag(tcfg.hellaswag, limit=tcfg.hellaswag_limit), tokenizer,
                            cfg.context_length) if tcfg.hellaswag else None)
-    out_dir = runs.prepare_out_dir(out_dir)
-    settings = {"options": opts.to_dict(), "train": tcfg.to_dict(), **(run_info or {})}  # config.json, beside the model
-    mesh = mesh_for(sharding, fsdp, tcfg.batch_size)
-    steps = make_steps(cfg, tcfg.optim, mesh, sharding if mesh is not None else "dp", opts)
-    if resume:
-        state = steps.restore_target()
-        runs.set_status(out_dir, "running", resumed=True)
-    else:
+    if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite,
                             resume_hint=f"`gptjax pretrain --resume {out_dir}` (pretrain(..., resume=True))")
-        state = init_state(steps, cfg, tcfg.seed, params, opts)
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {"model": cfg.to_dict(), **settings, "status": "running"})
+    settings = {"options": opts.to_dict(), "train": tcfg.to_dict(), **(run_info or {})}  # config.json, beside the model
+    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), **settings}, resume=resume)
+    mesh = mesh_for(sharding, fsdp, tcfg.batch_size)
+    steps = make_steps(cfg, tcfg.optim, mesh, sharding if mesh is not None else "dp", opts)
+    state = steps.restore_target() if resume else init_state(steps, cfg, tcfg.seed, params, opts)
     n_batches = len(train_batches)
     print(f"model: {count_params(steps.abstract.params):,} parameters; train {n_batches} batches/epoch, "
           f"val {len(val_batches)} batches; {tcfg.epochs * n_batches} steps")
