@@ -10,12 +10,9 @@ import jax.numpy as jnp
 
 def _nvidia_compute_capability() -> float | None:
     dev = jax.devices()[0]
-    cc = getattr(dev, "compute_capability", None)  # set on CUDA devices only
-    if dev.platform != "gpu" or cc is None:
-        return None
-    try:
-        return float(cc)
-    except (TypeError, ValueError):
+    try:  # compute_capability is set on CUDA devices only
+        return float(dev.compute_capability) if dev.platform == "gpu" else None
+    except (AttributeError, TypeError, ValueError):
         return None
 
 
@@ -28,37 +25,23 @@ def default_impl(dtype: jnp.dtype | None = None, head_dim: int | None = None) ->
     cc = _nvidia_compute_capability()
     if cc is None or cc < 8.0:
         return "xla"
-    if dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return "xla"
-    if head_dim is not None and (head_dim % 8 or head_dim > 128):
-        return "xla"
-    return "cudnn"
+    half = dtype is None or jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and (head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)) else "xla"
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-    """Inverted dropout whose mask comes from XLA's RngBitGenerator, seeded by `rng`.
-
-    Why not jax.random.bernoulli: with threefry, XLA re-derives the mask inside the backward pass,
-    fused into transposes that cost ~0.1 s per activation on CPU (2.3 s of a gpt2-small train step);
-    the bit generator is one op whose bits are computed once and kept for the backward pass.
-    """
+    """Inverted dropout whose mask comes from XLA's RngBitGenerator, seeded by `rng`: one op whose bits are
+    computed once and kept for the backward pass (with jax.random.bernoulli, XLA re-derives the mask there,
+    fused into slow transposes on CPU)."""
     seed = jax.random.bits(rng, (4,), jnp.uint32)
-    # ThreeFry, not the backend's default (Philox on CPU): 3-4x faster on XLA:CPU for an attention-sized
-    # mask (experiments/cpu_dropout_rng.py), and the same masks on every backend
+    # ThreeFry, not the backend's default (Philox on CPU): faster on XLA:CPU, and the same masks everywhere
     _, bits = jax.lax.rng_bit_generator(seed, x.shape, dtype=jnp.uint32, algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY)
     keep = bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))  # P(keep) = 1 - rate, to 2^-32
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
-def causal_attention_einsum(
-    q_BTHK: jax.Array,
-    k_BSHK: jax.Array,
-    v_BSHK: jax.Array,
-    *,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    q_offset: int | jax.Array = 0,
-) -> jax.Array:
+def causal_attention_einsum(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, *, dropout_rate: float = 0.0,
+                            dropout_rng: jax.Array | None = None, q_offset: int | jax.Array = 0) -> jax.Array:
     """Reference attention; the only path that supports dropout on the attention weights.
 
     `q_offset` is the absolute position of q's first row: a scalar, or one per row (B,) when the
@@ -76,27 +59,18 @@ def causal_attention_einsum(
     return jnp.einsum("bhts,bshk->bthk", att_BHTS.astype(v_BSHK.dtype), v_BSHK)
 
 
-def cache_attention(
-    q_BTHK: jax.Array,
-    k_BTHK: jax.Array,
-    v_BTHK: jax.Array,
-    k_MKS: jax.Array,
-    v_MSK: jax.Array,
-    pos: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def cache_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, k_MKS: jax.Array, v_MSK: jax.Array,
+                    pos: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Attention of T new tokens over a KV cache, after writing their keys/values to it: (y, k, v).
 
     The cache holds keys as (M, K, S) and values as (M, S, K), M = B * H: the operands of the two
-    batched matmuls exactly as XLA:CPU's dot takes them. With a (B, S, H, K) cache XLA transposed
-    the whole cache of every layer at every token (4.4 of 27 ms per gpt2-small token at 200 slots),
-    and with 4-D head-major caches it copied them instead; both grow with batch and slots
-    (experiments/decode_profile_cpu.py).
+    batched matmuls exactly as XLA:CPU's dot takes them (a (B, S, H, K) cache or 4-D head-major ones
+    made XLA transpose or copy the whole cache of every layer at every token).
 
-    `pos`: a scalar when every row's tokens start at the same slot (the new keys/values go in with
-    one in-place dynamic_update_slice; pos + T must not exceed S), or (B,) per row (prompts of
-    different lengths): one token is written through a one-hot select, several through a scatter
-    that drops slots past S. Queries see the slots up to their own position, so stale or unfilled
-    slots never count.
+    `pos`: a scalar when every row's tokens start at the same slot (written with one in-place
+    dynamic_update_slice; pos + T <= S), or (B,) per row: one token goes in through a one-hot select,
+    several through a scatter that drops slots past S. Queries see the slots up to their own position,
+    so stale or unfilled slots never count.
     """
     B, T, H, K = q_BTHK.shape
     S, pos = v_MSK.shape[1], jnp.asarray(pos)
@@ -128,15 +102,8 @@ def cache_attention(
     return y_MTK.reshape(B, H, T, K).transpose(0, 2, 1, 3), k_MKS, v_MSK
 
 
-def causal_attention(
-    q_BTHK: jax.Array,
-    k_BTHK: jax.Array,
-    v_BTHK: jax.Array,
-    *,
-    impl: str = "auto",
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-) -> jax.Array:
+def causal_attention(q_BTHK: jax.Array, k_BTHK: jax.Array, v_BTHK: jax.Array, *, impl: str = "auto",
+                     dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Fused causal attention; falls back to the einsum reference when attention dropout is active.
 
     impl: "auto" (cuDNN where `default_impl` says it applies, else XLA), "xla", "cudnn" (forced; float32
@@ -156,8 +123,8 @@ def causal_attention(
     return jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, is_causal=True, implementation=impl)
 
 
-# Chapter 3, step by step: readable references for teaching and tests. The model uses
-# `causal_attention` above; tests check that every step below agrees with it.
+# Chapter 3, step by step: readable references for teaching and tests, which check that each agrees with
+# `causal_attention` above (what the model uses).
 
 
 def simplified_self_attention(inputs_TD: jax.Array) -> jax.Array:
@@ -175,13 +142,15 @@ class SelfAttentionV1(nn.Module):
     def __call__(self, x_TD: jax.Array) -> jax.Array:
         shape = (x_TD.shape[-1], self.d_out)
         init = nn.initializers.uniform(scale=1.0)  # the book's torch.rand
-        W_query = self.param("W_query", init, shape)
-        W_key = self.param("W_key", init, shape)
-        W_value = self.param("W_value", init, shape)
-        q_TE, k_TE, v_TE = x_TD @ W_query, x_TD @ W_key, x_TD @ W_value
+        q_TE, k_TE, v_TE = (x_TD @ self.param(name, init, shape) for name in ("W_query", "W_key", "W_value"))
         att_TT = q_TE @ k_TE.swapaxes(-1, -2)
         w_TT = jax.nn.softmax(att_TT / jnp.sqrt(k_TE.shape[-1]), axis=-1)
         return w_TT @ v_TE
+
+
+def _qkv(x: jax.Array, d_out: int, bias: bool) -> list[jax.Array]:
+    """The query, key and value projections of x: Dense layers W_query, W_key, W_value of the calling module."""
+    return [nn.Dense(d_out, use_bias=bias, name=name)(x) for name in ("W_query", "W_key", "W_value")]
 
 
 class SelfAttentionV2(nn.Module):
@@ -191,9 +160,7 @@ class SelfAttentionV2(nn.Module):
 
     @nn.compact
     def __call__(self, x_TD: jax.Array) -> jax.Array:
-        q_TE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_query")(x_TD)
-        k_TE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_key")(x_TD)
-        v_TE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_value")(x_TD)
+        q_TE, k_TE, v_TE = _qkv(x_TD, self.d_out, self.qkv_bias)
         att_TT = q_TE @ k_TE.swapaxes(-1, -2)
         w_TT = jax.nn.softmax(att_TT / jnp.sqrt(k_TE.shape[-1]), axis=-1)
         return w_TT @ v_TE
@@ -205,16 +172,9 @@ def _check_length(T: int, context_length: int) -> None:
                          f"crop the input to its last {context_length} tokens")
 
 
-def _causal_mask(T: int) -> jax.Array:
-    """True where a query (row) may attend to a key (column): itself and the past."""
-    return jnp.tril(jnp.ones((T, T), dtype=bool))
-
-
 class CausalAttention(nn.Module):
-    """Section 3.5: SelfAttentionV2 on batches, future keys masked with -inf, dropout on the weights.
-
-    The weights after dropout are sown as intermediates/attn_weights for inspection.
-    """
+    """Section 3.5: SelfAttentionV2 on batches, future keys masked with -inf, dropout on the weights
+    (sown after dropout as intermediates/attn_weights)."""
     d_out: int
     context_length: int
     drop_rate: float
@@ -224,12 +184,10 @@ class CausalAttention(nn.Module):
     def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
         T = x_BTD.shape[-2]
         _check_length(T, self.context_length)
-        q_BTE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_query")(x_BTD)
-        k_BTE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_key")(x_BTD)
-        v_BTE = nn.Dense(self.d_out, use_bias=self.qkv_bias, name="W_value")(x_BTD)
+        q_BTE, k_BTE, v_BTE = _qkv(x_BTD, self.d_out, self.qkv_bias)
         att_BTT = q_BTE @ k_BTE.swapaxes(-1, -2) / jnp.sqrt(self.d_out)
         # -inf (not a zeroed weight) so the softmax renormalises over the visible keys only
-        att_BTT = jnp.where(_causal_mask(T), att_BTT, -jnp.inf)
+        att_BTT = jnp.where(jnp.tril(jnp.ones((T, T), dtype=bool)), att_BTT, -jnp.inf)
         w_BTT = jax.nn.softmax(att_BTT, axis=-1)
         w_BTT = nn.Dropout(self.drop_rate)(w_BTT, deterministic=deterministic)
         self.sow("intermediates", "attn_weights", w_BTT)
@@ -252,10 +210,8 @@ class MultiHeadAttentionWrapper(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Section 3.6.2: one projection each for q, k, v split into heads, one batched softmax, then out_proj.
-
-    The weights after dropout are sown as intermediates/attn_weights for inspection.
-    """
+    """Section 3.6.2: one projection each for q, k, v split into heads, one batched softmax, then out_proj
+    (the weights sown after dropout as intermediates/attn_weights)."""
     d_out: int
     context_length: int
     drop_rate: float
@@ -269,14 +225,10 @@ class MultiHeadAttention(nn.Module):
         B, T, _ = x_BTD.shape
         H, K, E = self.num_heads, self.d_out // self.num_heads, self.d_out
         _check_length(T, self.context_length)
-
-        def heads(name: str) -> jax.Array:
-            a_BTE = nn.Dense(E, use_bias=self.qkv_bias, name=name)(x_BTD)
-            return a_BTE.reshape(B, T, H, K).transpose(0, 2, 1, 3)
-
-        q_BHTK, k_BHTK, v_BHTK = heads("W_query"), heads("W_key"), heads("W_value")
+        q_BHTK, k_BHTK, v_BHTK = (a_BTE.reshape(B, T, H, K).transpose(0, 2, 1, 3)
+                                  for a_BTE in _qkv(x_BTD, E, self.qkv_bias))
         att_BHTT = q_BHTK @ k_BHTK.swapaxes(-1, -2) / jnp.sqrt(K)
-        att_BHTT = jnp.where(_causal_mask(T), att_BHTT, -jnp.inf)
+        att_BHTT = jnp.where(jnp.tril(jnp.ones((T, T), dtype=bool)), att_BHTT, -jnp.inf)
         w_BHTT = jax.nn.softmax(att_BHTT, axis=-1)
         w_BHTT = nn.Dropout(self.drop_rate)(w_BHTT, deterministic=deterministic)
         self.sow("intermediates", "attn_weights", w_BHTT)

@@ -1,13 +1,10 @@
 """How fast the jitted steps run: compile time, step time, tokens/s, model FLOPs and MFU, memory,
 decode speed with and without the KV cache, and PyTorch (transformers' GPT2LMHeadModel) side by side.
 
-Timings alternate between the programs compared (a round runs each once), so a machine shared with
-other work slows them alike; each number is a median over rounds after warm-up. On CPU, PyTorch's
-train rows run after gptjax's in a process of their own (`BenchConfig.torch_process`): alternated
-in one process, the two frameworks' thread pools slowed each other on the same cores.
-
-The measuring tools (FLOPs, peaks, timing, bandwidth, traces) are in gptjax.measure; PyTorch's
-runners in gptjax.bench_torch.
+The programs compared alternate (a round runs each once), so a shared machine slows them alike; each
+number is a median over rounds after warm-up. On CPU, PyTorch's train rows run after gptjax's in a
+process of their own (`BenchConfig.torch_process`): the two frameworks' thread pools slow each other.
+Measuring tools are in gptjax.measure, PyTorch's runners in gptjax.bench_torch.
 """
 from __future__ import annotations
 
@@ -31,13 +28,12 @@ from jax._src import monitoring as jax_monitoring  # its unregister functions: n
 
 from gptjax import runs
 from gptjax.bench_report import format_table, plot
-from gptjax.bench_torch import (Timed, torch_generate_model, torch_runners, torch_train_apart, torch_train_probe,
-                                torch_version)
+from gptjax.bench_torch import Timed, torch_generate_model, torch_runners, torch_train_apart, torch_version
 from gptjax.config import GPTConfig, get_config
 from gptjax.engine import mean_metrics
 from gptjax.measure import (alternate, decode_bytes_per_step, device_info, device_peak_bytes, flops_per_token,
                             in_fresh_process, load_average, memory_bandwidth, peak_flops, random_batch,
-                            roofline_bandwidth, xla_memory_bytes)
+                            roofline_bandwidth, timed, xla_memory_bytes)
 from gptjax.optim import OptimConfig
 from gptjax.model import count_params, init_params
 from gptjax.options import WEIGHT_DTYPES, Options
@@ -77,9 +73,8 @@ class BenchConfig:
     weight_dtypes: tuple[str, ...] = WEIGHT_DTYPES
     torch: bool = True
     torch_compile: bool = True
-    # PyTorch's train rows alternated with gptjax's in this process ("same"), or after them in their own
-    # ("apart"); "auto": apart on CPU (gptjax's (out, in) step slows most under the other's threads), else same
-    torch_process: str = "auto"
+    # PyTorch's train rows alternated with gptjax's ("same"), or after them in a process of their own ("apart")
+    torch_process: str = "auto"  # auto: apart on CPU, else same
     parts: tuple[str, ...] = ("bandwidth", "train", "compile", "decode")
     linear_layout: str = "in_out"  # kernel storage of the gptjax train rows (the CLI's auto: out_in on CPU)
     # more gptjax train configs timed in the same rounds (GPTConfig or Options keys), e.g. {"scan_layers": False}
@@ -98,15 +93,13 @@ class BenchConfig:
                   tie_embeddings=self.tie_embeddings)
         if self.n_layers:
             kw["n_layers"] = self.n_layers
-        kw.update(self.model_overrides)
-        kw.update({k: v for k, v in overrides.items() if k not in _OPTION_KEYS})
-        return get_config(self.preset, **kw)
+        model_kw = {k: v for k, v in overrides.items() if k not in _OPTION_KEYS}
+        return get_config(self.preset, **{**kw, **self.model_overrides, **model_kw})
 
     def options(self, **overrides) -> Options:
         """How the gptjax rows run (Options.for_backend: CPU's defaults on CPU); `overrides` may also
         hold GPTConfig keys (ignored here, see `model_config`)."""
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _OPTION_KEYS}
-        return Options.for_backend(**{**kw, **{k: v for k, v in overrides.items() if k in _OPTION_KEYS}})
+        return Options.for_backend(**{k: v for k, v in {**vars(self), **overrides}.items() if k in _OPTION_KEYS})
 
     def setup(self, **overrides) -> tuple[GPTConfig, Options]:
         return self.model_config(**overrides), self.options(**overrides)
@@ -116,8 +109,7 @@ _OPTION_KEYS = {f.name for f in dataclasses.fields(Options)}
 
 
 class JaxTrain:
-    """One jitted train step of gptjax (the pretraining task's engine steps) on `cfg` under `opts`, compiled
-    ahead of time."""
+    """gptjax's jitted train step (the pretraining task's engine steps) on `cfg` under `opts`, compiled AOT."""
 
     def __init__(self, cfg: GPTConfig, opts: Options, bc: BenchConfig):
         self.cfg, self.opts = cfg, opts
@@ -126,12 +118,8 @@ class JaxTrain:
         self.state = init_state(self.steps, cfg, bc.seed, opts=opts)
         self.n_params = count_params(self.state.params)
         self.batch = random_batch(cfg, bc.batch_size, bc.seed)
-        t0 = time.perf_counter()
-        lowered = self.steps.lower(self.state, self.batch)
-        t1 = time.perf_counter()
-        self.step_fn = lowered.compile()
-        t2 = time.perf_counter()
-        self.lower_s, self.compile_s = t1 - t0, t2 - t1
+        lowered, self.lower_s = timed(self.steps.lower, self.state, self.batch)
+        self.step_fn, self.compile_s = timed(lowered.compile)
         self.xla_bytes = xla_memory_bytes(self.step_fn)
 
     def __call__(self) -> None:
@@ -145,9 +133,11 @@ def torch_apart(bc: BenchConfig) -> bool:
 
 
 def _torch_train_probe(spec: dict) -> dict:
-    """Run in a fresh process (bench_torch.torch_train_apart's): PyTorch's train runners alone, alternated."""
+    """In the fresh process of bench_torch.torch_train_apart: PyTorch's train runners alone, alternated."""
     bc = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["bc"].items()})
-    return torch_train_probe(GPTConfig.from_dict(spec["cfg"]), bc)
+    runners, errors = torch_runners(GPTConfig.from_dict(spec["cfg"]), bc, lambda m: print(m, file=sys.stderr), "cpu")
+    return {"runners": {k: {"n_params": r.n_params, "first_step_s": r.first_step_s} for k, r in runners.items()},
+            "times": alternate(runners, rounds=bc.steps, warmup=bc.warmup), "errors": errors}
 
 
 def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
@@ -173,19 +163,17 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
     rows = []
     for name, r in runners.items():
         c, o = cfgs.get(name, (cfg, opts))  # a variant's own shape and dtype; PyTorch runs the base config
-        tokens, fpt, peak = bc.batch_size * c.context_length, flops_per_token(c, c.context_length), \
-            peak_flops(device_kind, o.dtype)
-        med = statistics.median(times[name])
+        tokens, med = bc.batch_size * c.context_length, statistics.median(times[name])
+        fpt, peak = flops_per_token(c, c.context_length), peak_flops(device_kind, o.dtype)
         achieved = fpt * tokens / med
-        row = {"part": "train", "framework": name.split()[0],
-               "variant": _describe(c, o, (cfg, opts)) if name in cfgs else
-               name.split()[1] + " sdpa fusedAdamW" + (" matmuls medium" if opts.matmul_precision != "float32" else "")
-               + (" own-process" if isinstance(r, Timed) else ""),
-               "model": bc.preset, "params": r.n_params, "batch": bc.batch_size, "T": c.context_length,
-               "dtype": o.dtype, "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
-               "steps": len(times[name]), "tokens_per_s": round(tokens / med, 1),
-               "flops_per_token": fpt, "achieved_GFLOPs": round(achieved / 1e9, 1),
-               "mfu": None if peak is None else round(achieved / peak, 4)}
+        variant = _describe(c, o, (cfg, opts)) if name in cfgs else (
+            name.split()[1] + " sdpa fusedAdamW" + (" matmuls medium" if opts.matmul_precision != "float32" else "")
+            + (" own-process" if isinstance(r, Timed) else ""))
+        row = {"part": "train", "framework": name.split()[0], "variant": variant, "model": bc.preset,
+               "params": r.n_params, "batch": bc.batch_size, "T": c.context_length, "dtype": o.dtype,
+               "step_ms": round(1e3 * med, 1), "step_ms_min": round(1e3 * min(times[name]), 1),
+               "steps": len(times[name]), "tokens_per_s": round(tokens / med, 1), "flops_per_token": fpt,
+               "achieved_GFLOPs": round(achieved / 1e9, 1), "mfu": None if peak is None else round(achieved / peak, 4)}
         if isinstance(r, JaxTrain):
             row.update(lower_s=round(r.lower_s, 2), compile_s=round(r.compile_s, 2), xla_memory_MB=_mb(r.xla_bytes),
                        peak_memory_MB=_mb(device_peak_bytes()))
@@ -203,8 +191,7 @@ def bench_train(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dic
 
 
 def count_compilations(runner: JaxTrain, bc: BenchConfig, steps: int = 6) -> dict:
-    """Programs a training run compiles: fresh jitted train/eval steps over a few batches of one shape, carrying
-    `runner`'s state on."""
+    """Programs a training run compiles: fresh train/eval steps over batches of one shape, continuing `runner`."""
     cfg, state = runner.cfg, runner.state
     engine_steps = make_steps(cfg, OptimConfig(lr=bc.lr, weight_decay=bc.weight_decay), opts=runner.opts, share=False)
     events: list[str] = []
@@ -215,14 +202,16 @@ def count_compilations(runner: JaxTrain, bc: BenchConfig, steps: int = 6) -> dic
         for i in range(steps):
             state, metrics = engine_steps.train_step(state, random_batch(cfg, bc.batch_size, seed=i))
             if i % 3 == 0:
-                mean_metrics(engine_steps, state.params, [random_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)])
+                evals = [random_batch(cfg, bc.batch_size, seed=100 + j) for j in range(2)]
+                mean_metrics(engine_steps, state.params, evals)
         float(metrics["loss"])
     finally:
         with contextlib.suppress(AttributeError, ValueError, AssertionError):  # not in every jax version
             jax_monitoring.unregister_event_duration_listener(record)
             jax_monitoring.unregister_event_listener(record)
     runner.state = state
-    return {"train_step_programs": engine_steps.train_jit._cache_size(), "eval_step_programs": engine_steps.eval_jit._cache_size(),
+    return {"train_step_programs": engine_steps.train_jit._cache_size(),
+            "eval_step_programs": engine_steps.eval_jit._cache_size(),
             "xla_compiles_in_loop": sum(e.endswith("backend_compile_duration") for e in events),
             "cache_loads_in_loop": sum(e.endswith("cache_hits") for e in events), "loop_steps": steps}
 
@@ -233,22 +222,17 @@ _DESCRIBED = ("attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multipl
 
 def _describe(cfg: GPTConfig, opts: Options, base: tuple[GPTConfig, Options] | None = None) -> str:
     """A train config in a few words; with `base`, also every other field a variant changes."""
-    bits = [f"attn={opts.attn_impl}"]
-    if opts.scan_layers:
-        bits.append(f"scan(unroll={opts.scan_unroll})")
-    if opts.remat != "none":
-        bits.append(f"remat={opts.remat}")
-    if opts.vocab_multiple > 1:
-        bits.append(f"vocab->{opts.padded_vocab_size(cfg.vocab_size)}")
-    if opts.linear_layout != "in_out":
-        bits.append(f"kernels {opts.linear_layout}")
-    if opts.matmul_precision != "float32":
-        bits.append(f"matmuls {opts.matmul_precision}")
+    bits = [f"attn={opts.attn_impl}",
+            opts.scan_layers and f"scan(unroll={opts.scan_unroll})",
+            opts.remat != "none" and f"remat={opts.remat}",
+            opts.vocab_multiple > 1 and f"vocab->{opts.padded_vocab_size(cfg.vocab_size)}",
+            opts.linear_layout != "in_out" and f"kernels {opts.linear_layout}",
+            opts.matmul_precision != "float32" and f"matmuls {opts.matmul_precision}"]
     if base is not None:
         bits += [f"{f.name}={getattr(new, f.name)}" for new, old in zip((cfg, opts), base)
                  for f in dataclasses.fields(new)
                  if f.name not in _DESCRIBED and getattr(new, f.name) != getattr(old, f.name)]
-    return " ".join(bits)
+    return " ".join(b for b in bits if b)
 
 
 def _mb(n: int | None) -> float | None:
@@ -257,8 +241,7 @@ def _mb(n: int | None) -> float | None:
 
 def _ratios(rows: list[dict], key: str) -> None:
     """gptjax / best PyTorch for each gptjax row; each PyTorch row gets gptjax / that row."""
-    torch_rows = [r for r in rows if r["framework"] == "pytorch" and r.get(key)]
-    jax_rows = [r for r in rows if r["framework"] == "gptjax" and r.get(key)]
+    torch_rows, jax_rows = ([r for r in rows if r["framework"] == fw and r.get(key)] for fw in ("pytorch", "gptjax"))
     if not torch_rows or not jax_rows:
         return
     best = max(r[key] for r in torch_rows)
@@ -272,17 +255,14 @@ def _ratios(rows: list[dict], key: str) -> None:
 
 def _compile_probe(spec: dict) -> dict:
     """Run in a fresh process: AOT lower + compile of the train step from abstract shapes."""
-    if spec.get("cache_dir"):
-        enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
+    enable_compilation_cache(spec["cache_dir"], min_compile_time_s=0.0)
     cfg, opts = GPTConfig.from_dict(spec["cfg"]), Options.from_dict(spec["opts"])
     steps = make_steps(cfg, OptimConfig(), opts=opts)
     x = jax.ShapeDtypeStruct((spec["batch"], cfg.context_length), jnp.int32)
-    t0 = time.perf_counter()
-    lowered = steps.lower(steps.abstract, (x, x))
-    t1 = time.perf_counter()
-    lowered.compile()
-    t2 = time.perf_counter()
-    return {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
+    lowered, lower_s = timed(steps.lower, steps.abstract, (x, x))
+    _, compile_s = timed(lowered.compile)
+    lower_s, compile_s = round(lower_s, 2), round(compile_s, 2)
+    return {"lower_s": lower_s, "compile_s": compile_s, "lower_plus_compile_s": round(lower_s + compile_s, 2)}
 
 
 def bench_compile(bc: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
@@ -294,12 +274,9 @@ def bench_compile(bc: BenchConfig, log: Callable[[str], None] = print) -> list[d
             for attempt in ("cold", "persistent cache"):
                 log(f"compile probe: scan_layers={scan}, {attempt} ...")
                 spec = {"cfg": cfg.to_dict(), "opts": opts.to_dict(), "batch": bc.batch_size, "cache_dir": cache_dir}
-                row = {"part": "compile", "framework": "gptjax", "variant": _describe(cfg, opts), "model": bc.preset,
-                       "batch": bc.batch_size, "T": cfg.context_length, "dtype": opts.dtype, "cache": attempt,
-                       **in_fresh_process("gptjax.bench", "--compile-probe", json.dumps(spec))}
-                if "error" not in row:
-                    row["lower_plus_compile_s"] = round(row["lower_s"] + row["compile_s"], 2)
-                rows.append(row)
+                rows.append({"part": "compile", "framework": "gptjax", "variant": _describe(cfg, opts),
+                             "model": bc.preset, "batch": bc.batch_size, "T": cfg.context_length, "dtype": opts.dtype,
+                             "cache": attempt, **in_fresh_process("gptjax.bench", "--compile-probe", json.dumps(spec))})
     return rows
 
 
@@ -308,12 +285,10 @@ def bench_compile(bc: BenchConfig, log: Callable[[str], None] = print) -> list[d
 def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[str], None] = print) -> list[dict]:
     """New tokens/s of greedy decoding at each batch size: KV cache, no cache, and transformers' generate."""
     cfg, opts = bc.setup(drop_rate=0.0, scan_layers=False, remat="none")
-    params = init_params(cfg, jax.random.key(bc.seed), opts)
     # laid out for decoding once, as a caller decoding repeatedly would (on CPU: (out, in) kernels)
-    params, opts = decoding_model(params, cfg, opts)
+    params, opts = decoding_model(init_params(cfg, jax.random.key(bc.seed), opts), cfg, opts)
     rng = np.random.default_rng(bc.seed)
-    rows = []
-    hf = None
+    rows, hf = [], None
     with contextlib.suppress(ImportError):  # without torch or transformers: gptjax's rows alone
         hf = torch_generate_model(cfg) if bc.torch else None
     # as `gptjax generate --weight-dtype`: weight-only bfloat16 where the CPU kernel reads it, int8
@@ -321,12 +296,11 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
                for wd in bc.weight_dtypes}
     for B in bc.decode_batches:
         prompt_BT = rng.integers(0, cfg.vocab_size, (B, bc.decode_prompt), dtype=np.int32)
-        # same work budget per batch size: the window loop costs B x window per token
-        nocache = max(4, bc.nocache_tokens // B)
+        nocache = max(4, bc.nocache_tokens // B)  # the window loop costs B x window per token: same budget per B
         fns, entry_bytes = {}, {}  # bytes per weight and per KV-cache entry, where not float32's (4, 4)
         for wd, (p, o) in weights.items():
-            name = "gptjax kv-cache" + ("" if wd == "float32" else f" {wd}-weights") + \
-                (f" {o.dtype}-compute" if o.dtype != wd and wd != "float32" else "")
+            name = "gptjax kv-cache" + ("" if wd == "float32" else
+                                        f" {wd}-weights" + (f" {o.dtype}-compute" if o.dtype != wd else ""))
             fns[name] = lambda p=p, o=o, x=prompt_BT: generate(p, cfg, x, bc.decode_tokens, opts=o)
             entry_bytes[name] = (jnp.dtype(wd).itemsize, jnp.dtype(o.dtype).itemsize)
         if opts.matvec == "kernel":  # the kernel's effect: the same decode on XLA's dot
@@ -336,29 +310,27 @@ def bench_decode(bc: BenchConfig, bandwidth_GBps: float | None, log: Callable[[s
         if hf is not None:
             fns["pytorch generate kv-cache"] = lambda x=prompt_BT: hf(x, bc.decode_tokens, True)
             fns["pytorch generate no-cache"] = lambda x=prompt_BT, n=nocache: hf(x, n, False)
-        log(f"decode B={B}: warm-up/compile, then {bc.decode_rounds} alternating rounds of {list(fns)} (load {load_average()}) ...")
-        times = alternate(fns, rounds=bc.decode_rounds, warmup=1)
-        batch_rows = []
-        for name, ts in times.items():
+        log(f"decode B={B}: warm-up/compile, then {bc.decode_rounds} alternating rounds of {list(fns)} "
+            f"(load {load_average()}) ...")
+        by_name = {}
+        for name, ts in alternate(fns, rounds=bc.decode_rounds, warmup=1).items():
             med = statistics.median(ts)
             n = nocache if "no-cache" in name else bc.decode_tokens
-            row = {"part": "decode", "framework": name.split()[0], "variant": name.split(" ", 1)[1], "model": bc.preset,
-                   "batch": B, "prompt": bc.decode_prompt, "new_tokens": n, "s_per_call": round(med, 3),
-                   "tokens_per_s": round(B * n / med, 1)}
+            framework, variant = name.split(" ", 1)
+            row = by_name[name] = {"part": "decode", "framework": framework, "variant": variant, "model": bc.preset,
+                                   "batch": B, "prompt": bc.decode_prompt, "new_tokens": n, "s_per_call": round(med, 3),
+                                   "tokens_per_s": round(B * n / med, 1)}
             if "kv-cache" in name and bandwidth_GBps:
                 need = decode_bytes_per_step(cfg, B, bc.decode_prompt + n, *entry_bytes.get(name, (4, 4)))
                 roof = B * bandwidth_GBps * 1e9 / need
                 row.update(roofline_tokens_per_s=round(roof, 1), roofline_fraction=round(B * n / med / roof, 3))
-            batch_rows.append(row)
-        cached = next(r for r in batch_rows if r["variant"] == "kv-cache")
-        window = next(r for r in batch_rows if r["variant"] == "no-cache")
-        cached["vs_no_cache"] = round(cached["tokens_per_s"] / window["tokens_per_s"], 2)
-        for r in batch_rows:
-            if r["framework"] == "gptjax" and hf is not None:
-                ref = next(t for t in batch_rows if t["framework"] == "pytorch" and
-                           ("no-cache" in t["variant"]) == ("no-cache" in r["variant"]))
+        cached = by_name["gptjax kv-cache"]
+        cached["vs_no_cache"] = round(cached["tokens_per_s"] / by_name["gptjax no-cache"]["tokens_per_s"], 2)
+        for name, r in by_name.items():
+            if r["framework"] == "gptjax" and hf is not None:  # against PyTorch's row with or without the cache
+                ref = by_name["pytorch generate " + ("no-cache" if "no-cache" in name else "kv-cache")]
                 r["vs_pytorch"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 3)
-        rows += batch_rows
+        rows += by_name.values()
     return rows
 
 
@@ -384,18 +356,17 @@ def run(bc: BenchConfig, out: str | Path | None = None, log: Callable[[str], Non
 
 def _measure(bc: BenchConfig, log: Callable[[str], None]) -> dict:
     t0 = time.time()
-    info = device_info()
-    info.update(torch=torch_version(), load_at_start=load_average(), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
+    info = {**device_info(), "torch": torch_version(), "load_at_start": load_average(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     result: dict[str, Any] = {"device": info, "config": dataclasses.asdict(bc), "rows": []}
     bw = None
     if "bandwidth" in bc.parts:
         log("memory bandwidth ...")
         result["bandwidth"] = memory_bandwidth()
         bw = result["bandwidth"]["roofline_GBps"] = roofline_bandwidth(result["bandwidth"])
-    if "train" in bc.parts:
-        result["rows"] += bench_train(bc, log)
-    if "compile" in bc.parts:
-        result["rows"] += bench_compile(bc, log)
+    for part, bench_part in (("train", bench_train), ("compile", bench_compile)):
+        if part in bc.parts:
+            result["rows"] += bench_part(bc, log)
     if "decode" in bc.parts:
         if bw is not None and ("train" in bc.parts or "compile" in bc.parts):
             log("memory bandwidth again, next to the decode measurements ...")

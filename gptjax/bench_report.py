@@ -39,8 +39,8 @@ def format_table(result: dict) -> str:
         if r.get("variant") == "compilations in a run":
             lines.append(f"\ncompilations in a training loop of {r['loop_steps']} steps with evals: train_step "
                          f"{r['train_step_programs']}, eval_step {r['eval_step_programs']} program(s); "
-                         f"{r['xla_compiles_in_loop']} XLA compiles + {r['cache_loads_in_loop']} persistent-cache loads "
-                         f"in the loop (all programs, small ones included)")
+                         f"{r['xla_compiles_in_loop']} XLA compiles + {r['cache_loads_in_loop']} persistent-cache "
+                         f"loads in the loop (all programs, small ones included)")
         elif "error" in r:
             lines.append(f"\n{r['framework']} {r.get('variant', '')}: {r['error']}")
     return "\n".join(lines)

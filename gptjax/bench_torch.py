@@ -1,16 +1,11 @@
-"""The benchmark's PyTorch side: transformers' GPT2LMHeadModel train steps (eager or torch.compile'd)
-and greedy generation, shaped as gptjax's rows. torch and transformers are optional: each function
-imports them itself, and a missing one raises ImportError there.
-
-`bc` below is a `gptjax.bench.BenchConfig` (its seed, batch_size, dtype, matmul_precision, lr,
-weight_decay and torch_compile are read).
+"""The benchmark's PyTorch side: transformers' GPT2LMHeadModel train steps (eager or torch.compile'd) and
+greedy generation. torch and transformers are optional: each function imports them itself, so a missing one
+raises ImportError there. `bc` below is a `gptjax.bench.BenchConfig`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,7 +13,7 @@ import jax
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.measure import alternate, in_fresh_process, load_average, random_batch
+from gptjax.measure import in_fresh_process, load_average, random_batch, timed
 
 
 def _hf_gpt2(cfg: GPTConfig, drop_rate: float) -> Any:
@@ -53,14 +48,10 @@ class TorchTrain:
         except (RuntimeError, TypeError):
             self.opt = torch.optim.AdamW(model.parameters(), **kw)
         self.model = torch.compile(model) if compiled else model
-        x_BT, y_BT = random_batch(cfg, bc.batch_size, bc.seed)
-        self.x = torch.tensor(np.asarray(x_BT), dtype=torch.long, device=device)
-        self.y = torch.tensor(np.asarray(y_BT), dtype=torch.long, device=device)
-        self.autocast = bc.dtype != "float32"
-        self.amp_dtype = getattr(torch, bc.dtype)
-        t0 = time.perf_counter()
-        self()  # eager warm-up, or torch.compile's compilation
-        self.first_step_s = time.perf_counter() - t0
+        self.x, self.y = (torch.tensor(np.asarray(a), dtype=torch.long, device=device)
+                          for a in random_batch(cfg, bc.batch_size, bc.seed))
+        self.autocast, self.amp_dtype = bc.dtype != "float32", getattr(torch, bc.dtype)
+        _, self.first_step_s = timed(self)  # eager warm-up, or torch.compile's compilation
         if device == "cuda":  # hand back what the warm-up cached, for the other runners in this process
             torch.cuda.empty_cache()
 
@@ -108,24 +99,15 @@ def torch_runners(cfg: GPTConfig, bc: Any, log: Callable[[str], None], device: s
     return runners, errors
 
 
-def torch_train_probe(cfg: GPTConfig, bc: Any) -> dict:
-    """In the probe's fresh process: PyTorch's train runners alone, alternated; their step times."""
-    runners, errors = torch_runners(cfg, bc, log=lambda m: print(m, file=sys.stderr), device="cpu")
-    times = alternate(runners, rounds=bc.steps, warmup=bc.warmup)
-    return {"runners": {k: {"times": times[k], "n_params": r.n_params, "first_step_s": r.first_step_s}
-                        for k, r in runners.items()}, "errors": errors}
-
-
 def torch_train_apart(cfg: GPTConfig, bc: Any, log: Callable[[str], None]) -> tuple[dict, dict, dict]:
-    """PyTorch's train runners timed in a process of their own (`python -m gptjax.bench --torch-train-probe`,
-    which calls `torch_train_probe`): Timed records, their step times, and the errors."""
+    """PyTorch's train runners timed in a process of their own (`python -m gptjax.bench --torch-train-probe`):
+    Timed records, their step times, and the errors."""
     log(f"PyTorch train rows in a process of their own, {bc.steps} steps each (load {load_average()}) ...")
     spec = {"bc": dataclasses.asdict(bc), "cfg": cfg.to_dict()}
     got = in_fresh_process("gptjax.bench", "--torch-train-probe", json.dumps(spec))
     if "error" in got:
         return {}, {}, {"pytorch": "its process failed: " + got["error"]}
-    runners = {k: Timed(v["n_params"], v["first_step_s"]) for k, v in got["runners"].items()}
-    return runners, {k: v["times"] for k, v in got["runners"].items()}, got["errors"]
+    return {k: Timed(**v) for k, v in got["runners"].items()}, got["times"], got["errors"]
 
 
 def torch_generate_model(cfg: GPTConfig) -> Callable:

@@ -1,20 +1,18 @@
-"""`gptjax chat`: talk to an instruction-tuned GPT; each message is wrapped in the training prompt template
-and the answer is printed token by token as it is generated.
+"""`gptjax chat`: talk to an instruction-tuned GPT; each message goes in the training prompt template and the
+answer is printed token by token as `gptjax.generate.stream_generate` decodes it.
 
-The conversation so far goes before each new message, one template block per turn, as much of it as
-fits in the context window with room for the answer (the oldest turns drop out first); /reset starts
-over. Tokens come from `gptjax.generate.stream_generate` (KV cache; the book's window past the context).
+The conversation so far goes before each new message, one template block per turn, as much of it as fits
+in the context window with room for the answer (the oldest turns drop out first); /reset starts over.
 """
 from __future__ import annotations
 
-import codecs
 import sys
 from typing import Any, Callable, TextIO
 
 import jax
 
 from gptjax.config import GPTConfig
-from gptjax.generate import decoding_model, stream_generate, token_bytes
+from gptjax.generate import decoding_model, stream_generate, text_pieces
 from gptjax.options import Options
 from gptjax.tasks.finetune import PAD_TOKEN_ID, encode
 from gptjax.tasks.instruct_data import format_input, response_prefix
@@ -46,9 +44,8 @@ def chat(params: dict, cfg: GPTConfig, tokenizer: Any, *, style: str = "alpaca",
          eos_id: int | None = PAD_TOKEN_ID, input_fn: Callable[[str], str] = input, out: TextIO | None = None,
          opts: Options | None = None) -> int:
     """Read messages until EOF or /quit; answer each one, streamed, after as much of the conversation as fits
-    the context window; /reset forgets it. Returns the number of answered messages.
-
-    `params` are laid out by `opts` (default: canonical); they are laid out for decoding once here."""
+    the context window; /reset forgets it. Returns the number of answered messages. `params` are laid out
+    by `opts` (default: canonical)."""
     out = out or sys.stdout
     params, opts = decoding_model(params, cfg, opts)  # once for the session, not per answer
     key = jax.random.key(seed)
@@ -61,11 +58,10 @@ def chat(params: dict, cfg: GPTConfig, tokenizer: Any, *, style: str = "alpaca",
           f"forget the conversation; {QUIT[0]} or Ctrl-D: quit.", file=out, flush=True)
     while True:
         try:
-            message = input_fn("You: ")
+            message = input_fn("You: ").strip()
         except (EOFError, KeyboardInterrupt):
             print(file=out)
             return answered
-        message = message.strip()
         if not message:
             continue
         if message.lower() in QUIT:
@@ -81,13 +77,12 @@ def chat(params: dict, cfg: GPTConfig, tokenizer: Any, *, style: str = "alpaca",
             continue
         history = history[len(history) - kept:] if kept else []
         print("Model: ", end="", file=out, flush=True)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens = stream_generate(params, cfg, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 eos_id=eos_id, key=jax.random.fold_in(key, answered), opts=opts)
         answer = []
-        for t in stream_generate(params, cfg, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, eos_id=eos_id, key=jax.random.fold_in(key, answered), opts=opts):
-            answer.append(decoder.decode(token_bytes(tokenizer, t)))
-            print(answer[-1], end="", file=out, flush=True)
-        answer.append(decoder.decode(b"", final=True))
-        print(answer[-1], file=out, flush=True)
+        for piece in text_pieces(tokenizer, tokens):
+            answer.append(piece)
+            print(piece, end="", file=out, flush=True)
+        print(file=out, flush=True)
         history.append((message, "".join(answer).strip()))
         answered += 1

@@ -1,15 +1,6 @@
-"""Orbax checkpoints: run directories, resumable training checkpoints, and the guards that keep a run safe.
-
-A run directory (`gptjax pretrain --out RUN`):
-    config.json    model, train and data settings (what `--resume RUN` reads)
-    checkpoints/   Orbax CheckpointManager, one folder per step: params/ train_state/ meta/;
-                   the last K plus the best by validation loss are kept
-    params/        the final params, for inference
-    metrics.jsonl  loss.png  samples.json
-
-Every piece here works on any pytree, so a fine-tuning loop with its own step function reuses
-`TrainCheckpoints` (save/restore/keep-best), `GracefulStop` (SIGINT/SIGTERM) and `all_finite`.
-"""
+"""Orbax checkpoints of a run (its `checkpoints/` folder: one folder per step, params/ train_state/ meta/)
+and the guards that keep a run safe. Everything works on any pytree, so a fine-tuning loop with its own step
+function reuses `TrainCheckpoints` (save/restore/keep-best), `GracefulStop` (SIGINT/SIGTERM) and `all_finite`."""
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,27 +24,24 @@ import orbax.checkpoint as ocp
 from gptjax.runtime import release_free_memory
 
 
-class _NotPrintedYet(logging.Filter):
-    """Passes a record only when no logger between its own and the root has a handler of its own."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        logger = logging.getLogger(record.name)
-        while logger.parent is not None and not logger.handlers:
-            logger = logger.parent
-        return logger.parent is None
+def _not_printed_yet(record: logging.LogRecord) -> bool:
+    """A logging filter: True when no logger between the record's own and the root has a handler of its own."""
+    logger = logging.getLogger(record.name)
+    while logger.parent is not None and not logger.handlers:
+        logger = logger.parent
+    return logger.parent is None
 
 
 # Orbax logs through absl while it is imported, and absl's first log call runs logging.basicConfig(): a
 # root handler that printed every warning a second time after the library's own handler (huggingface_hub's).
 for _handler in logging.root.handlers:
     if type(_handler) is logging.StreamHandler and getattr(_handler.formatter, "_fmt", None) == logging.BASIC_FORMAT:
-        _handler.addFilter(_NotPrintedYet())
+        _handler.addFilter(_not_printed_yet)
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 _TRASH = "trash"  # Orbax moves dropped steps here first, so a kill mid-delete never leaves half a step
-_ITEMS = ("params", "train_state", "meta")
 # GPTConfig keys that decide what the params are (drop_rate and init do not)
 SHAPE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings",
               "n_classes")
@@ -95,8 +83,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         return 128 + (self.signum or signal.SIGINT)
 
 
-# ----------------------------------------------------------------------------------------------- guards
-
 @jax.jit
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
@@ -134,13 +120,10 @@ def numpy_written_in_place():
 
 class GracefulStop:
     """Context manager: SIGINT/SIGTERM set `.signum` instead of killing, so a loop stops at a step boundary.
+    A second signal raises KeyboardInterrupt at once (the checkpoint being written is then dropped, and the
+    previous one stays restorable). Outside the main thread it installs nothing and never fires."""
 
-    A second signal raises KeyboardInterrupt at once (the checkpoint being written is then dropped, and
-    the previous one stays restorable). Outside the main thread it installs nothing and never fires.
-    """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), quiet: bool = False):
-        self.signals, self.quiet = signals, quiet
+    def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -156,13 +139,12 @@ class GracefulStop:
         if self.signum is not None:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
         self.signum = signum
-        if not self.quiet:
-            print(f"\ngptjax: got {signal.Signals(signum).name}; finishing the current step and saving a checkpoint "
-                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        print(f"\ngptjax: got {signal.Signals(signum).name}; finishing the current step and saving a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
-            for s in self.signals:
+            for s in (signal.SIGINT, signal.SIGTERM):
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -172,17 +154,8 @@ class GracefulStop:
         self._previous.clear()
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
-
-def _errno_of(e: BaseException) -> int | None:
-    if isinstance(e, OSError) and e.errno:
-        return e.errno
-    m = re.search(r"os_error_code='?(\d+)", str(e))  # tensorstore reports OS errors inside a ValueError
-    return int(m.group(1)) if m else None
-
-
 def short_error(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {text[:300]}"
 
 
@@ -202,42 +175,34 @@ def config_diff(saved: dict, want: dict) -> list[str]:
 
 class TrainCheckpoints:
     """Orbax CheckpointManager for one run: per step `params`, `train_state` (any pytree) and JSON `meta`.
-
     Keeps the last `keep` steps plus, with `keep_best`, the one with the lowest validation loss. Saves are
-    atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it), so a kill mid-save leaves the
-    previous step restorable; leftovers of such a kill are removed when a writer opens the directory.
-    """
+    atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it): a kill mid-save leaves the previous
+    step restorable, and a writer opening the directory removes what it left."""
 
     def __init__(self, directory: str | Path, *, keep: int = 2, keep_best: bool = True, async_save: bool = True,
                  read_only: bool = False):
         if keep < 1:
             raise ValueError(f"keep must be >= 1 checkpoint, got {keep!r}")
         self.directory = Path(directory).absolute()
-        self.read_only = read_only
+        self.keep_best, self.async_save, self.read_only = keep_best, async_save, read_only
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoints at {str(self.directory)!r} (no such directory); pass the --out "
                                     f"directory of a `gptjax pretrain` run")
-        self.keep_best, self.async_save = keep_best, async_save
         pp = ocp.checkpoint_managers
-        policies = [pp.LatestN(n=keep)]
-        if keep_best:
-            policies.append(pp.BestN(get_metric_fn=_val_loss, reverse=True, n=1,
-                                     keep_checkpoints_without_metrics=False))
+        best = pp.BestN(get_metric_fn=_val_loss, reverse=True, n=1, keep_checkpoints_without_metrics=False)
         options = ocp.CheckpointManagerOptions(
             read_only=read_only, create=not read_only, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only, todelete_subdir=None if read_only else _TRASH,
-            preservation_policy=pp.AnyPreservationPolicy(policies),
+            preservation_policy=pp.AnyPreservationPolicy([pp.LatestN(n=keep)] + ([best] if keep_best else [])),
             # best_fn also makes Orbax write the metrics, so best survives a restart
             best_fn=_val_loss if keep_best else None, best_mode="min")
         self._pending: int | None = None
-        if not read_only and self.directory.is_dir():  # what a kill left half-written, gone before this returns
-            for child in self.directory.iterdir():
-                if ".orbax-checkpoint-tmp" in child.name:
-                    shutil.rmtree(child, ignore_errors=True)
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        if not read_only:  # what a kill left half-written, gone before this returns
+            for child in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(child, ignore_errors=True)
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("params", "train_state", "meta"))
         self._empty_trash()
 
-    # -- queries
     def steps(self) -> list[int]:
         return list(self._mgr.all_steps())
 
@@ -253,7 +218,6 @@ class TrainCheckpoints:
     def describe(self, step: int | None) -> str:
         return "none yet" if step is None else f"{self.step_dir(step)} (after {step} steps)"
 
-    # -- save
     def save(self, step: int, params: Any, train_state: Any, meta: dict, val_loss: float | None = None) -> Path:
         """Start writing `step` (async when enabled); raises CheckpointSaveError, never half-writes a step."""
         if not all_finite((params, train_state)):
@@ -308,7 +272,8 @@ class TrainCheckpoints:
         with contextlib.suppress(Exception):
             self._mgr.wait_until_finished()  # an earlier background save may still be committing
         self._mgr.reload()  # forget the step that did not commit
-        err = _errno_of(e)
+        m = re.search(r"os_error_code='?(\d+)", str(e))  # tensorstore reports OS errors inside a ValueError
+        err = e.errno if isinstance(e, OSError) and e.errno else int(m.group(1)) if m else None
         reason = f"[Errno {err}] {os.strerror(err)}" if err else short_error(e)
         hint = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
                 errno.EFBIG: "free some disk space or raise the file-size limit (ulimit -f)",
@@ -320,9 +285,8 @@ class TrainCheckpoints:
                  f"{hint}, then resume from the latest complete checkpoint", step=step)
 
     def _empty_trash(self) -> None:
-        trash = self.directory / _TRASH
-        if not self.read_only and trash.is_dir():
-            for child in trash.iterdir():
+        if not self.read_only:
+            for child in (self.directory / _TRASH).glob("*"):
                 shutil.rmtree(child, ignore_errors=True)
 
     def delete_after(self, step: int) -> None:
@@ -340,7 +304,6 @@ class TrainCheckpoints:
         self._mgr.reload()
         self._empty_trash()
 
-    # -- restore
     def _resolve(self, step: int | str | None) -> int:
         steps = self.steps()
         if not steps:
@@ -366,16 +329,13 @@ class TrainCheckpoints:
                 f"Delete that folder{fallback}") from None
 
     def meta(self, step: int | str | None = None) -> dict:
-        step = self._resolve(step)
-        return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
+        return self._restore(self._resolve(step), meta=ocp.args.JsonRestore())["meta"]
 
     def restore(self, params_target: Any, train_state_target: Any = None, step: int | str | None = None,
                 expect: dict | None = None) -> tuple[Any, Any, dict]:
-        """(params, train_state, meta) of `step` (default latest) into the targets' structure.
-
-        `expect` maps meta keys to the values this run needs (e.g. {"model": cfg.to_dict()}); a
-        difference raises CheckpointMismatchError naming every key that differs.
-        """
+        """(params, train_state, meta) of `step` (default latest) into the targets' structure. `expect` maps
+        meta keys to the values this run needs (e.g. {"model": cfg.to_dict()}); a difference raises
+        CheckpointMismatchError naming every key that differs."""
         step = self._resolve(step)
         meta = self.meta(step)
         for key, want in (expect or {}).items():
@@ -392,15 +352,14 @@ class TrainCheckpoints:
         out = self._restore(step, **args)
         return out["params"], out.get("train_state"), meta
 
-    def restore_newest_intact(self, params_target: Any, train_state_target: Any, expect: dict,
-                              log: Callable[[str], None] = print) -> tuple[Any, Any, dict]:
+    def restore_newest_intact(self, params_target: Any, train_state_target: Any, expect: dict) -> tuple[Any, Any, dict]:
         """`restore` of the newest checkpoint that reads back: a damaged newer one is passed over, and said so."""
         damaged = []
         for step in sorted(self.steps(), reverse=True):
             try:
                 return self.restore(params_target, train_state_target, step=step, expect=expect)
             except CheckpointCorruptError as e:
-                log(f"{e}; trying the checkpoint before it")
+                print(f"{e}; trying the checkpoint before it")
                 damaged.append(step)
         self._resolve(None)  # no checkpoint at all: its own message
         raise CheckpointCorruptError(f"every checkpoint in {str(self.directory)!r} is damaged ({damaged}); start the "

@@ -49,8 +49,7 @@ def _model_config(args) -> GPTConfig:
 
 
 def _options(args, lora: bool = False) -> Options:
-    """The execution options of the flags, for this backend; --linear-layout auto: out_in on CPU (in_out with LoRA,
-    whose adapters are (in, out))."""
+    """The execution options of the flags for this backend (--linear-layout auto: out_in on CPU, in_out with LoRA)."""
     layout = args.linear_layout
     if lora and layout == "out_in":
         raise ValueError("LoRA adapters train on (in, out) kernels; drop --linear-layout out_in (or --lora-rank)")
@@ -61,9 +60,8 @@ def _options(args, lora: bool = False) -> Options:
 
 def _optim(args, tcfg_cls, **kw) -> OptimConfig:
     """The optimizer flags given to `tcfg_cls`' training (its default optimizer for the flags it lacks)."""
-    base = tcfg_cls().optim
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(OptimConfig) if hasattr(args, f.name)}
-    return dataclasses.replace(base, **{**given, **kw})
+    return dataclasses.replace(tcfg_cls().optim, **{**given, **kw})
 
 
 def _train(args, fn) -> int:
@@ -103,14 +101,16 @@ _RESUME_FLAGS = {"sharding", "fsdp", "resume", "step", "quiet", "data", "bpe_dir
                  "tracker", *OPTION_FLAGS}
 
 
-def _check_resume_flags(args, run: str, run_values: dict) -> None:
+def _resume_options(args, run: str, run_values: dict) -> dict:
+    """The execution options given to a pretrain --resume; refuses the flags that would change what is trained."""
     parser = PARSERS[args.command]
-    given = [(k, v) for k, v in vars(args).items() if k not in _RESUME_FLAGS and v != parser.get_default(k)]
-    if given:
+    given = {k: v for k, v in vars(args).items() if v != parser.get_default(k)}
+    if refused := [(k, v) for k, v in given.items() if k not in _RESUME_FLAGS]:
         names = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") +
-                          (f" (the run has {k}={run_values[k]!r})" if k in run_values else "") for k, v in given)
+                          (f" (the run has {k}={run_values[k]!r})" if k in run_values else "") for k, v in refused)
         raise ValueError(f"--resume continues {run!r} with the settings saved in its config.json; drop {names} "
                          f"(or start a new run with another --out)")
+    return {k: v for k, v in given.items() if k in OPTION_FLAGS}
 
 
 def cmd_pretrain(args) -> int:
@@ -119,26 +119,23 @@ def cmd_pretrain(args) -> int:
     data: dict = {}
     if resume:
         run_cfg, run_tcfg, data, run_opts = run_settings(out)
-        _check_resume_flags(args, out, {**data, **run_opts.to_dict(), **run_cfg.to_dict(), **run_tcfg.to_dict(),
-                                        **run_tcfg.to_dict()["optim"]})
         # execution options given: the run continues under them (the checkpoints hold the canonical layout)
-        given = {k: getattr(args, k) for k in OPTION_FLAGS
-                 if getattr(args, k) != PARSERS[args.command].get_default(k)}
+        given = _resume_options(args, out, {**data, **run_opts.to_dict(), **run_cfg.to_dict(), **run_tcfg.to_dict(),
+                                            **run_tcfg.to_dict()["optim"]})
         opts = run_opts.replace(**given) if given else None
     else:
         cfg, opts = _model_config(args), _options(args)
         tcfg = from_args(PretrainConfig, args)
         _pretrain_optim(args, updates=1)  # checked before the corpus is read; the schedule needs the batch count
 
-        def optim_for(steps: int):
+        def optim_for(steps: int):  # pretrain_corpus counts micro-steps
             return _pretrain_optim(args, updates=steps // max(args.grad_accum, 1))
 
     # a resume keeps the run's tracker unless --tracker names another
     tracker = args.tracker if not resume or args.tracker != "none" else None
     common = dict(bpe_dir=args.bpe_dir, resume=resume, progress=not args.quiet, overwrite=args.overwrite,
-                  sharding=args.sharding, fsdp=args.fsdp, opts=opts, init_from=args.init_from, optim_for=optim_for,
-                  tracker=tracker)
-    shard_dir = data["shards"] if resume and "shards" in data else args.data
+                  sharding=args.sharding, fsdp=args.fsdp, opts=opts, init_from=args.init_from, tracker=tracker)
+    shard_dir = data.get("shards", args.data)
     on_shards = shard_dir is not None and (Path(shard_dir) / shards.META).is_file()
     if not on_shards and (args.max_steps or args.tokens or args.batch_tokens):
         raise ValueError("--max-steps, --tokens and --batch-tokens budget a run on token shards: give --data the "
@@ -147,10 +144,11 @@ def cmd_pretrain(args) -> int:
     def go():
         if on_shards:
             r = pretrain_shards(args.data or shard_dir, out, cfg, tcfg, max_steps=args.max_steps, tokens=args.tokens,
-                                batch_tokens=args.batch_tokens, mode=args.sampling, **{
-                                    **common, "optim_for": None if resume else partial(_pretrain_optim, args)})
+                                batch_tokens=args.batch_tokens, mode=args.sampling,
+                                optim_for=None if resume else partial(_pretrain_optim, args), **common)
         else:
-            r = pretrain_corpus(args.data, out, cfg, tcfg, stride=args.stride, train_ratio=args.train_frac, **common)
+            r = pretrain_corpus(args.data, out, cfg, tcfg, stride=args.stride, train_ratio=args.train_frac,
+                                optim_for=optim_for, **common)
         h = r["history"]
         print(f"done in {r['wall_s']:.0f} s: final train loss {h['train_loss'][-1]:.3f}, val loss "
               f"{h['val_loss'][-1]:.3f} (best {min(h['val_loss']):.3f}); run saved in {out} (loss plot: "
@@ -289,9 +287,9 @@ def cmd_finetune_instruct(args) -> int:
         inputs = _ch7_inputs(args, "instruct", load_instruction_data, InstructTrainConfig)
         r = finetune_instruct(style=args.style or "alpaca", mask=args.mask, **inputs)
         f = r["final"]
-        print(f"done: train loss {f.get('train_loss', float('nan')):.3f}, val loss {f.get('val_loss', float('nan')):.3f}"
-              f" after {r['steps']} steps ({r['wall_s']:.0f} s); run saved in {args.out}"
-              + (f"; test responses in {Path(args.out) / 'test-responses.json'}" if "eval" in r else "")
+        print(f"done: train loss {f.get('train_loss', float('nan')):.3f}, val loss "
+              f"{f.get('val_loss', float('nan')):.3f} after {r['steps']} steps ({r['wall_s']:.0f} s); run saved in "
+              f"{args.out}" + (f"; test responses in {Path(args.out) / 'test-responses.json'}" if "eval" in r else "")
               + f"\ntry: gptjax chat --model {args.out}")
     return _train(args, go)
 
@@ -370,8 +368,7 @@ def cmd_export(args) -> None:
 
 
 def parse_variant(text: str) -> dict:
-    """"scan_layers=false,remat=dots" -> {"scan_layers": False, "remat": "dots"} (typed as GPTConfig's and
-    Options' fields)."""
+    """"scan_layers=false,remat=dots" -> {"scan_layers": False, "remat": "dots"}, typed as GPTConfig's / Options'."""
     types = {f.name: type(getattr(c(), f.name)) for c in (GPTConfig, Options) for f in dataclasses.fields(c)}
     out = {}
     for item in filter(None, text.split(",")):

@@ -2,17 +2,16 @@
 presets. How a model runs (precision, layouts, scan, ...) is gptjax.options.Options."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from gptjax.options import LEGACY_KEYS
+from gptjax.options import LEGACY_KEYS, Settings
 
 INITS = ("gpt2", "book")
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(Settings):
     vocab_size: int = 50257
     context_length: int = 1024
     emb_dim: int = 768
@@ -49,22 +48,9 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
-    def replace(self, **overrides: Any) -> "GPTConfig":
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            legacy = sorted(unknown & set(LEGACY_KEYS))
-            hint = f" ({legacy}: how the model runs, now gptjax.options.Options)" if legacy else ""
-            raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}{hint}; valid keys: "
-                             f"{[f.name for f in dataclasses.fields(self)]}")
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
-        """From `to_dict`'s output; the execution keys that older runs stored here (dtype, linear_layout,
-        ...: now Options) are dropped."""
+        """From `to_dict`'s output, dropping the execution keys older runs stored here (now Options)."""
         return cls().replace(**{k: v for k, v in d.items() if k not in LEGACY_KEYS})
 
 

@@ -1,9 +1,9 @@
-"""Corpora (the book's the-verdict, shipped; a file; a URL with cache and checksum; HF datasets), sliding windows, batches.
-"""
+"""Corpora (the book's the-verdict, a file, a URL with cache and checksum, HF datasets), sliding windows, batches."""
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -26,24 +26,16 @@ _SOURCES_HELP = "a local UTF-8 text file, an http(s) URL, 'hf:NAME[:CONFIG][:SPL
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _cache_path(url: str, cache_dir: Path) -> Path:
-    # The URL's hash in the name keeps two files called e.g. input.txt from different hosts apart.
-    name = Path(urllib.parse.urlparse(url).path).name or "download"
-    stem, suffix = os.path.splitext(name)
-    return cache_dir / f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:10]}{suffix}"
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cached_download(url: str, *, cache_dir: str | os.PathLike | None = None, sha256: str | None = None) -> Path:
     """Download `url` once into the cache (verified against sha256 when given) and return the local path."""
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else gptjax_cache_dir()
-    path = _cache_path(url, cache_dir)
+    # The URL's hash in the name keeps two files called e.g. input.txt from different hosts apart.
+    stem, suffix = os.path.splitext(Path(urllib.parse.urlparse(url).path).name or "download")
+    path = cache_dir / f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:10]}{suffix}"
     if path.is_file() and (sha256 is None or file_sha256(path) == sha256.lower()):
         return path
     if is_offline() and not url.startswith("file:"):
@@ -51,17 +43,14 @@ def cached_download(url: str, *, cache_dir: str | os.PathLike | None = None, sha
                            f"download it, or download it yourself and pass the local file path instead")
 
     def download(tmp: Path) -> None:  # a crash or a bad checksum never leaves a half-written cache entry
-        h = hashlib.sha256()
         with open(tmp, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=30) as resp:
-                    for chunk in iter(lambda: resp.read(1 << 20), b""):
-                        h.update(chunk)
-                        out.write(chunk)
+                    shutil.copyfileobj(resp, out)
             except Exception as e:
                 raise RuntimeError(f"could not download {url}: {type(e).__name__}: {e}; check the URL and your "
                                    f"network, or download it yourself and pass the local file path instead") from e
-        if sha256 is not None and (got := h.hexdigest()) != sha256.lower():
+        if sha256 is not None and (got := file_sha256(tmp)) != sha256.lower():
             raise ValueError(f"sha256 mismatch for {url}: expected {sha256.lower()}, got {got}; the download was "
                              f"deleted. If the file changed on purpose, pass the new sha256 (or sha256=None)")
 
@@ -90,22 +79,9 @@ def load_hf_text(name: str, config: str | None = None, split: str = "train", tex
     return separator.join(str(t) for t in ds[text_column] if t is not None)
 
 
-def _check_text(text: str, source: str) -> str:
-    if not text.strip():
-        raise ValueError(f"corpus {source!r} is empty; use {_SOURCES_HELP} that holds some text")
-    return text
-
-
-def _read_text(path: Path, source: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"corpus {source!r} is not UTF-8 text ({e}); convert it to UTF-8 first") from None
-
-
 def load_corpus(source: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
                 sha256: str | None = None) -> str:
-    """Text of None/'default' (the book's the-verdict, shipped with gptjax), a path, a URL, 'hf:NAME[:CONFIG][:SPLIT]'."""
+    """Text of None/'default' (the book's the-verdict), a path, a URL, or 'hf:NAME[:CONFIG][:SPLIT]'."""
     if source is None or source == "default":
         source, sha256 = VERDICT_PATH, VERDICT_SHA256
     source_str = os.fspath(source)
@@ -115,16 +91,23 @@ def load_corpus(source: str | os.PathLike | None = None, *, cache_dir: str | os.
             raise ValueError(f"corpus {source_str!r} names no dataset; use 'hf:NAME[:CONFIG][:SPLIT]', "
                              f"e.g. 'hf:wikitext:wikitext-2-raw-v1:train'")
         hf_cache = None if cache_dir is None else Path(cache_dir) / "hf"
-        return _check_text(load_hf_text(name, config or None, split or "train", cache_dir=hf_cache), source_str)
-    if urllib.parse.urlparse(source_str).scheme in ("http", "https", "file"):
-        path = cached_download(source_str, cache_dir=cache_dir, sha256=sha256)
-        return _check_text(_read_text(path, source_str), source_str)
-    path = Path(source_str).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus {source_str!r} is not an existing file; pass {_SOURCES_HELP}")
-    if sha256 is not None and (got := file_sha256(path)) != sha256.lower():
-        raise ValueError(f"sha256 mismatch for {path}: expected {sha256.lower()}, got {got}")
-    return _check_text(_read_text(path, source_str), source_str)
+        text = load_hf_text(name, config or None, split or "train", cache_dir=hf_cache)
+    else:
+        if urllib.parse.urlparse(source_str).scheme in ("http", "https", "file"):
+            path = cached_download(source_str, cache_dir=cache_dir, sha256=sha256)
+        else:
+            path = Path(source_str).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"corpus {source_str!r} is not an existing file; pass {_SOURCES_HELP}")
+            if sha256 is not None and (got := file_sha256(path)) != sha256.lower():
+                raise ValueError(f"sha256 mismatch for {path}: expected {sha256.lower()}, got {got}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"corpus {source_str!r} is not UTF-8 text ({e}); convert it to UTF-8 first") from None
+    if not text.strip():
+        raise ValueError(f"corpus {source_str!r} is empty; use {_SOURCES_HELP} that holds some text")
+    return text
 
 
 def split_text(text: str, train_ratio: float = 0.9) -> tuple[str, str]:
@@ -205,8 +188,7 @@ class Batches:
 
     def epoch(self, epoch_index: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Iterate epoch `epoch_index` from batch `start` (to resume mid-epoch)."""
-        for i in range(start, len(self)):
-            yield self.batch_at(epoch_index, i)
+        return (self.batch_at(epoch_index, i) for i in range(start, len(self)))
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return self.epoch(0)

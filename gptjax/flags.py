@@ -1,10 +1,9 @@
-"""The `gptjax` command's flags: generated from the config dataclasses (GPTConfig, Options, OptimConfig,
-the tasks' TrainConfigs, BenchConfig), one help text per name for every command, and config files.
+"""The `gptjax` command's flags, generated from the config dataclasses (GPTConfig, Options, OptimConfig, the
+tasks' TrainConfigs, BenchConfig) with one help text per name, and config files.
 
-A flag is a dataclass field with dashes (`batch_size` -> `--batch-size`); its default is the field's
-default for that command's config; `from_args` builds the dataclass back from the parsed flags.
-`--config FILE.toml` gives flags from a file (keys are flag names, with dashes or underscores); flags
-on the command line win. Training commands save theirs to RUN/command.toml, which `--config` takes.
+A flag is a dataclass field with dashes (`batch_size` -> `--batch-size`), defaulting to the field's default in that
+command's config; `from_args` builds the dataclass back. `--config FILE.toml` gives flags from a file (keys: flag
+names, with dashes or underscores; the command line wins); training runs save theirs to RUN/command.toml.
 """
 from __future__ import annotations
 
@@ -112,8 +111,7 @@ HELP = {
     "config": "read flags from this TOML file, or a recipe shipped with gptjax by name (gpt2-124m); keys are flag "
               f"names, flags given here win; a training run saves its own as RUN/{SAVE_FILE}",
     # fine-tuning
-    "lora_rank": "train LoRA adapters of this rank instead of every weight (appendix E: 16); base weights stay "
-                 "frozen",
+    "lora_rank": "train LoRA adapters of this rank instead of every weight (appendix E: 16); base weights stay frozen",
     "lora_alpha": "LoRA alpha (default: the rank); scale = alpha / rank",
     "lora_targets": "comma-separated globs of Dense layers to adapt, e.g. '*/attn/*,cls_head' (default: every "
                     "Dense layer)",
@@ -176,6 +174,15 @@ def add(g, name: str, default: Any = None, *, type: Any = None, help: str | None
     g.add_argument(*opts, dest=name, default=default, help=help or HELP[name], **kw)
 
 
+def add_flags(g, **flags) -> None:
+    """A flag per keyword, in order: its default, or its type (`int`, `positive_int`, ...) if it defaults to None."""
+    for name, value in flags.items():
+        if callable(value):
+            add(g, name, type=value)
+        else:
+            add(g, name, value)
+
+
 def add_fields(g, cls, *, skip: Sequence[str] = (), only: Sequence[str] | None = None, **defaults) -> None:
     """A flag per field of dataclass `cls` (those in `only`, less `skip`), with the field's default or `defaults`."""
     base = cls()
@@ -207,7 +214,7 @@ def config_tokens(path: str, parser: argparse.ArgumentParser, command: str) -> l
         raise ValueError(f"--config {path!r}: no such file (or shipped recipe: {shipped})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path!r} is not a TOML file: {e}") from None
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    actions = {a.dest: a for a in reversed(parser._actions) if a.option_strings}  # a dest's first flag
     tokens: list[str] = []
     for key, value in table.items():
         action = actions.get(key.replace("-", "_"))
@@ -219,11 +226,9 @@ def config_tokens(path: str, parser: argparse.ArgumentParser, command: str) -> l
             raise ValueError(f"--config {path!r}: {key!r} is not a flag of this command; its flags: "
                              f"{sorted(k for k in actions if k not in ('help', 'config'))}")
         flag = action.option_strings[0]
-        if isinstance(value, bool) and action.nargs == 0:  # a switch
-            if isinstance(action, argparse.BooleanOptionalAction):
+        if isinstance(value, bool) and action.nargs == 0:  # a switch: --flag, --no-flag or nothing
+            if value or isinstance(action, argparse.BooleanOptionalAction):
                 tokens.append(flag if value else "--no-" + flag[2:])
-            elif value:
-                tokens.append(flag)
         elif isinstance(value, list):
             tokens += [flag, *map(str, value)] if action.nargs in ("+", "*") else \
                 [t for v in value for t in (flag, str(v))]
@@ -233,13 +238,8 @@ def config_tokens(path: str, parser: argparse.ArgumentParser, command: str) -> l
 
 
 def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(v) if isinstance(v, str) else repr(v)
+    """A flag's value in TOML: JSON's spelling, but nan and inf bare."""
+    return repr(v) if isinstance(v, float) and not math.isfinite(v) else json.dumps(v)
 
 
 def resolved_toml(args: argparse.Namespace) -> str:

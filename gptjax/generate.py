@@ -1,26 +1,24 @@
 """Text generation: the book's greedy loop and sampling (temperature, top-k, top-p, eos), with a KV cache.
 
 Two decoders give the same tokens:
-- KV cache (the default): a jitted prefill writes the prompt's keys/values into a static
-  cache per layer (`model.init_cache`), then each step feeds one token per row. `generate` runs the whole
-  loop in one jitted `lax.while_loop`; `stream_generate` calls a jitted decode step with the cache
-  donated and yields each token as it comes. Rows may have prompts of different lengths
-  (right-padded; row b's tokens sit at positions 0..n_b-1 and its new tokens follow).
-- No cache, as the book: each step re-reads a window of up to `context_length` tokens in one
-  jitted `lax.while_loop` over a fixed-size token buffer.
-A KV cache cannot crop from the left (every position would shift), so tokens past the context
-length always come from the windowed loop, which is exactly the book's semantics.
-The decoders take `opts` (gptjax.options.Options): how the model runs and how `params` are laid out
-(default: the canonical layout a checkpoint holds); `decoding_model` picks the fastest for decoding.
+- KV cache (the default): a jitted prefill fills a static cache per layer (`model.init_cache`), then each
+  step feeds one token per row: `generate` runs the whole loop in one jitted `lax.while_loop`,
+  `stream_generate` yields the tokens of jitted decode chunks (cache donated). Rows may have prompts of
+  different lengths (right-padded; row b's new tokens follow its n_b prompt tokens).
+- No cache, as the book: each step re-reads a window of up to `context_length` tokens.
+A KV cache cannot crop from the left (every position would shift), so tokens past the context length
+always come from the window, as in the book. `opts` (gptjax.options.Options): how the model runs and how
+`params` are laid out (default: canonical); `decoding_model` picks the fastest layout for decoding.
 Shape letters: gptjax.model's legend; T0 is the prompt's length.
 """
 from __future__ import annotations
 
 import codecs
+import itertools
 import math
 from functools import partial
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +81,7 @@ def _sampling_key(temperature: float, key: jax.Array | None) -> jax.Array:
 
 
 def _per_layer(params: Any, opts: Options) -> tuple[Any, Options]:
-    """What every decoding call needs: per-layer params (the KV cache walks the layers one by one), no
-    remat. The kernel layout stays as given (see `decoding_model`)."""
+    """Per-layer params (the KV cache walks the layers one by one) and no remat; the kernel layout stays."""
     if opts.scan_layers or opts.remat != "none":
         params, opts = unstack_layers(params), opts.replace(scan_layers=False, remat="none")
     return params, opts
@@ -93,12 +90,9 @@ def _per_layer(params: Any, opts: Options) -> tuple[Any, Options]:
 def decoding_model(params: Any, cfg: GPTConfig, opts: Options | None = None, linear_layout: str | None = None,
                    matvec: str | None = None) -> tuple[Any, Options]:
     """Params (laid out by `opts`, default: canonical) and the Options to decode them with: per-layer
-    params, no remat, and on CPU kernels stored (out, in) with gptjax's C++ matrix-vector kernel for
-    the decode steps' products (`gptjax.cpu.matvec`, where it builds), each faster there
-    (experiments/decode_layout_cpu.py, experiments/cpu_matvec_chain.py). `linear_layout`
-    ("in_out"|"out_in") and `matvec` ("xla"|"kernel") override the choice. The conversion copies the
-    weights, so the decoding functions do not do it per call: convert once before decoding (as
-    `gptjax generate`, `chat` and `generate_responses` do)."""
+    params, no remat, and on CPU (out, in) kernels with the C++ matrix-vector kernel (`gptjax.cpu.matvec`,
+    where it builds). `linear_layout` ("in_out"|"out_in") and `matvec` ("xla"|"kernel") override the
+    choice. This copies the weights: convert once before decoding, not per call."""
     params, opts = _per_layer(params, opts or Options())
     on_cpu = cpu.fastest_linear_layout() == "out_in"
     target = linear_layout or ("out_in" if on_cpu else opts.linear_layout)
@@ -111,15 +105,13 @@ def decoding_model(params: Any, cfg: GPTConfig, opts: Options | None = None, lin
 
 
 def decoding_weights(params: Any, cfg: GPTConfig, opts: Options, weight_dtype: str | None) -> tuple[Any, Options]:
-    """Params and Options to decode with from weights stored in `weight_dtype` (None: as they are), for
-    params already laid out by `decoding_model` (with its `opts`).
+    """Params and Options to decode with, the weights in `weight_dtype` (None: as they are); `params` are
+    laid out by `decoding_model` (with its `opts`).
 
-    - "bfloat16": under the CPU kernel (opts.matvec == "kernel"), which reads bfloat16 weights itself,
-      weight-only: the compute is float32 (faster than bfloat16 compute: experiments/cpu_decode_bf16.py);
-      elsewhere the compute follows (no per-step up-cast).
-    - "int8": weight-only int8, a scale per out row (`gptjax.cpu.quantize_weights`; kernels are put
-      (out, in) first if they are not). Under the CPU kernel the compute is float32; elsewhere it
-      stays opts.dtype (XLA widens each int8 weight to it, then scales the product).
+    - "bfloat16": weight-only (float32 compute) under the CPU kernel (opts.matvec == "kernel"), which
+      reads bfloat16 weights itself; elsewhere the compute is bfloat16 too.
+    - "int8": weight-only, a scale per out row (`gptjax.cpu.quantize_weights`; kernels put (out, in)
+      first). The compute is float32 under the CPU kernel, else opts.dtype.
     - "float32": the weights and compute in float32.
     """
     if weight_dtype is None:
@@ -152,10 +144,6 @@ def _generate_loop(params, idx_BT, key, done_B, *, cfg: GPTConfig, opts: Options
     buf_BT = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(idx_BT)
     fill = 0 if eos_id is None else eos_id
 
-    def cond(carry):
-        t, _, done_B = carry
-        return (t < total) & ~jnp.all(done_B)
-
     def body(carry):
         t, buf_BT, done_B = carry
         start = jnp.maximum(t - window, 0)  # crop from the left to the last context_length tokens
@@ -170,39 +158,37 @@ def _generate_loop(params, idx_BT, key, done_B, *, cfg: GPTConfig, opts: Options
         buf_BT = jax.lax.dynamic_update_index_in_dim(buf_BT, nxt_B, t, axis=1)
         return t + 1, buf_BT, done_B
 
-    t, buf_BT, _ = jax.lax.while_loop(cond, body, (jnp.int32(T0), buf_BT, done_B))
+    running = lambda carry: (carry[0] < total) & ~jnp.all(carry[-1])  # tokens left, and a row not done
+    t, buf_BT, _ = jax.lax.while_loop(running, body, (jnp.int32(T0), buf_BT, done_B))
     return buf_BT, t
 
 
 # --- KV cache -------------------------------------------------------------------------------
 
+def _decode(params, cfg: GPTConfig, opts: Options, cache, idx_BT, pos_B, last_B=None):
+    """Tokens at position pos_B ((B,), or a scalar for all rows) through the cache -> (logits (B, V) at
+    each row's last token, or at its index last_B[b]; cache)."""
+    logits_B1V, state = GPT(cfg, opts).apply({"params": params, "cache": cache}, idx_BT, pos_B=pos_B, last_B=last_B,
+                                             mutable=["cache"])
+    return logits_B1V[:, 0], state["cache"]
+
+
 def _prefill(params, cfg: GPTConfig, opts: Options, idx_BT, lens_B, max_len: int):
-    """Prompt -> (logits at each row's last prompt token (B, V), filled cache of max_len slots).
-    lens_B: (B,) prompt lengths, or a scalar when all rows have the same length."""
+    """Prompts of lengths lens_B ((B,), or a scalar) -> (logits at each row's last prompt token (B, V),
+    filled cache of max_len slots)."""
     B, T = idx_BT.shape
     if max_len < T:
         raise ValueError(f"max_len={max_len} cache slots cannot hold the {T}-token prompt: pass max_len >= {T} "
                          f"(prompt plus the tokens to decode)")
-    cache = init_cache(cfg, B, max_len, opts.dtype)
-    logits_B1V, state = GPT(cfg, opts).apply({"params": params, "cache": cache}, idx_BT, pos_B=jnp.int32(0),
-                                       last_B=jnp.broadcast_to(lens_B - 1, (B,)), mutable=["cache"])
-    return logits_B1V[:, 0], state["cache"]
-
-
-def _decode(params, cfg: GPTConfig, opts: Options, cache, tok_B, pos_B):
-    """One token per row at position pos_B ((B,) or one scalar for all rows) -> (logits (B, V), cache)."""
-    logits_B1V, state = GPT(cfg, opts).apply({"params": params, "cache": cache}, tok_B[:, None], pos_B=pos_B,
-                                       mutable=["cache"])
-    return logits_B1V[:, 0], state["cache"]
+    return _decode(params, cfg, opts, init_cache(cfg, B, max_len, opts.dtype), idx_BT, jnp.int32(0),
+                   jnp.broadcast_to(lens_B - 1, (B,)))
 
 
 @partial(jax.jit, static_argnames=("cfg", "opts", "max_len", "temperature", "top_k", "top_p"))
 def prefill(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_len: int, temperature: float = 0.0,
             top_k: int | None = None, top_p: float | None = None, opts: Options = Options()):
     """Jitted prefill + first sample: (B, T) right-padded prompts of lengths lens_B -> (tokens (B,), cache).
-
-    lens_B: (B,) lengths, or a scalar when all prompts have one length (then decode with a scalar
-    position too: the cache is written in place)."""
+    lens_B: (B,), or a scalar when all prompts share it (then decode with a scalar position too: in place)."""
     logits_BV, cache = _prefill(params, cfg, opts, idx_BT, lens_B, max_len)
     return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
@@ -211,7 +197,7 @@ def prefill(params, idx_BT, lens_B, key, *, cfg: GPTConfig, max_len: int, temper
 def decode_step(params, cache, tok_B, pos_B, key, *, cfg: GPTConfig, temperature: float = 0.0,
                 top_k: int | None = None, top_p: float | None = None, opts: Options = Options()):
     """Jitted decode step, cache donated: token at pos_B ((B,), or a scalar for all rows) -> (next tokens (B,), cache)."""
-    logits_BV, cache = _decode(params, cfg, opts, cache, tok_B, pos_B)
+    logits_BV, cache = _decode(params, cfg, opts, cache, tok_B[:, None], pos_B)
     return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p), cache
 
 
@@ -223,7 +209,7 @@ def decode_chunk(params, cache, tok_B, pos, key, *, cfg: GPTConfig, n: int, temp
     Steps past the cache's last slot compute garbage: callers keep only the tokens that fit."""
     def body(i, carry):
         cache, tok_B, out_BG = carry
-        logits_BV, cache = _decode(params, cfg, opts, cache, tok_B, pos + i)
+        logits_BV, cache = _decode(params, cfg, opts, cache, tok_B[:, None], pos + i)
         nxt_B = sample_logits(logits_BV, jax.random.fold_in(key, pos + i + 1), temperature=temperature, top_k=top_k,
                               top_p=top_p)
         return cache, nxt_B, jax.lax.dynamic_update_index_in_dim(out_BG, nxt_B, i, axis=1)
@@ -248,20 +234,17 @@ def _generate_cached(params, idx_BT, lens_B, key, *, cfg: GPTConfig, opts: Optio
     done_B = jnp.zeros((B,), bool) if eos_id is None else tok_B == eos_id
     out_BG = jnp.full((B, G), fill, jnp.int32).at[:, 0].set(tok_B)
 
-    def cond(carry):
-        s, _, _, done_B = carry
-        return (s < G) & ~jnp.all(done_B)
-
     def body(carry):
         s, cache, out_BG, done_B = carry
         prev_B = jax.lax.dynamic_index_in_dim(out_BG, s - 1, axis=1, keepdims=False)
-        logits_BV, cache = _decode(params, cfg, opts, cache, prev_B, lens_B + s - 1)
+        logits_BV, cache = _decode(params, cfg, opts, cache, prev_B[:, None], lens_B + s - 1)
         nxt_B = jnp.where(done_B, fill, sample(logits_BV, jax.random.fold_in(key, T0 + s)))
         if eos_id is not None:
             done_B = done_B | (nxt_B == eos_id)
         return s + 1, cache, jax.lax.dynamic_update_index_in_dim(out_BG, nxt_B, s, axis=1), done_B
 
-    s, _, out_BG, done_B = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, out_BG, done_B))
+    running = lambda carry: (carry[0] < G) & ~jnp.all(carry[-1])
+    s, _, out_BG, done_B = jax.lax.while_loop(running, body, (jnp.int32(1), cache, out_BG, done_B))
     return out_BG, s, done_B
 
 
@@ -276,8 +259,7 @@ def generate(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, *, temperature
     both give the same tokens. `params` are laid out by `opts` (default: canonical).
     """
     idx_BT = np.asarray(idx_BT, dtype=np.int32)
-    if idx_BT.ndim == 1:
-        idx_BT = idx_BT[None]
+    idx_BT = idx_BT[None] if idx_BT.ndim == 1 else idx_BT
     _check(cfg, idx_BT, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return idx_BT
@@ -318,9 +300,7 @@ def generate_batch(params, cfg: GPTConfig, prompts: Sequence[Sequence[int]], max
                                      top_p=top_p, eos_id=eos_id, key=key, opts=opts)[0, n:], eos_id)
                 for p, n in zip(prompts, lens)]
     T = _bucket(max(lens), pad_multiple, cfg.context_length - max_new_tokens)
-    idx_BT = np.zeros((len(prompts), T), np.int32)
-    for b, p in enumerate(prompts):
-        idx_BT[b, :len(p)] = p
+    idx_BT = np.asarray([list(p) + [0] * (T - len(p)) for p in prompts], np.int32)
     _check(cfg, idx_BT, max_new_tokens, temperature, top_k, top_p)
     if max_new_tokens == 0:
         return [[] for _ in prompts]
@@ -336,13 +316,12 @@ def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: 
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, key: jax.Array | None = None,
                     pad_multiple: int = 64, chunk: int | None = None, opts: Options = Options()) -> Iterator[int]:
-    """Yield new token ids as they are decoded (eos ends the stream and is not yielded).
+    """Yield new token ids as they are decoded (eos ends the stream and is not yielded): `generate`'s tokens.
 
-    Same tokens as `generate`. The KV-cache decode runs `chunk` tokens per device program
-    (`decode_chunk`): the host reads a chunk while the next one runs, so there is one round trip per
-    chunk, not per token; the last chunk may compute up to chunk - 1 tokens that are dropped. Default:
-    1 on CPU, where a dispatch costs little next to a token (experiments/decode_stream.py), 8 elsewhere.
-    The prompt is padded to a multiple of `pad_multiple` (few compiles across prompts).
+    The KV-cache decode runs `chunk` tokens per device program (`decode_chunk`; default 1 on CPU, where a
+    dispatch is cheap next to a token, 8 elsewhere): the host reads a chunk while the next one runs, and
+    the last chunk may compute up to chunk - 1 tokens that are dropped. The prompt is padded to a multiple
+    of `pad_multiple` (few compiles across prompts).
     """
     ids = [int(i) for i in ids]
     chunk = chunk or (1 if jax.default_backend() == "cpu" else 8)
@@ -356,32 +335,26 @@ def stream_generate(params, cfg: GPTConfig, ids: Sequence[int], max_new_tokens: 
     sampling = dict(cfg=cfg, opts=opts, temperature=float(temperature), top_k=top_k, top_p=top_p)
     ctx, n = cfg.context_length, len(ids)
     m = min(max_new_tokens, ctx - n)  # tokens the cache can hold
-    if m > 0:
+
+    def cached() -> Iterator[int]:  # every token of every chunk: the caller keeps the first m
         T, S = _bucket(n, pad_multiple, ctx), _bucket(n + m, pad_multiple, ctx)
-        buf_1T = np.zeros((1, T), np.int32)
-        buf_1T[0, :n] = ids
-        tok_1, cache = prefill(params, jnp.asarray(buf_1T), jnp.int32(n), jax.random.fold_in(key, n),
-                               max_len=S, **sampling)
-        pending, s = tok_1[:, None], 0  # tokens decoded, not yet read; s tokens yielded so far
-        while s < m:
-            last, cache_in = pending[:, -1], cache
-            if s + pending.shape[1] < m:  # dispatch the next chunk first: it runs while the host reads this one
-                nxt, cache = decode_chunk(params, cache_in, last, jnp.int32(n + s + pending.shape[1] - 1), key,
-                                          n=chunk, **sampling)
-            for t in np.asarray(pending[0])[: m - s].tolist():
-                if eos_id is not None and t == eos_id:
-                    return
-                ids.append(t)
-                yield t
-                s += 1
-            if s < m:
-                pending = nxt
-    # past the context: the book's window of the last context_length tokens, one step at a time
-    while len(ids) - n < max_new_tokens:
-        win = ids[-ctx:]
-        tok_1, _ = prefill(params, jnp.asarray([win], np.int32), jnp.int32(len(win)),
-                           jax.random.fold_in(key, len(ids)), max_len=len(win), **sampling)
-        t = int(tok_1[0])
+        prompt_1T = jnp.asarray(np.asarray([ids + [0] * (T - n)], np.int32))
+        tok_1, cache = prefill(params, prompt_1T, jnp.int32(n), jax.random.fold_in(key, n), max_len=S, **sampling)
+        pending_1G = tok_1[:, None]  # decoded, not yet read
+        for pos in range(n, n + m - 1, chunk):  # dispatch the next chunk first: it runs while the host reads this one
+            nxt_1G, cache = decode_chunk(params, cache, pending_1G[:, -1], jnp.int32(pos), key, n=chunk, **sampling)
+            yield from np.asarray(pending_1G[0]).tolist()
+            pending_1G = nxt_1G
+        yield from np.asarray(pending_1G[0]).tolist()
+
+    def windowed() -> Iterator[int]:  # past the context: the book's window of the last context_length tokens
+        while len(ids) - n < max_new_tokens:
+            win = ids[-ctx:]
+            tok_1, _ = prefill(params, jnp.asarray([win], np.int32), jnp.int32(len(win)),
+                               jax.random.fold_in(key, len(ids)), max_len=len(win), **sampling)
+            yield int(tok_1[0])
+
+    for t in itertools.chain(itertools.islice(cached(), m) if m > 0 else (), windowed()):
         if eos_id is not None and t == eos_id:
             return
         ids.append(t)
@@ -399,13 +372,14 @@ def stream_text(params, cfg: GPTConfig, tokenizer: Any, prompt: str, max_new_tok
     """`stream_generate` as text: yields each decoded piece as soon as it forms whole UTF-8 characters."""
     ids = tokenizer.encode(prompt, allowed_special={"<|endoftext|>"}) if hasattr(tokenizer, "eot_token") \
         else tokenizer.encode(prompt)
+    yield from text_pieces(tokenizer, stream_generate(params, cfg, ids, max_new_tokens, **kwargs))
+
+
+def text_pieces(tokenizer: Any, tokens: Iterable[int]) -> Iterator[str]:
+    """Decode a stream of token ids, yielding each piece as soon as it forms whole UTF-8 characters."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for t in stream_generate(params, cfg, ids, max_new_tokens, **kwargs):
-        piece = decoder.decode(token_bytes(tokenizer, t))
-        if piece:
-            yield piece
-    tail = decoder.decode(b"", final=True)
-    if tail:
+    yield from filter(None, (decoder.decode(token_bytes(tokenizer, t)) for t in tokens))
+    if tail := decoder.decode(b"", final=True):
         yield tail
 
 
@@ -421,16 +395,13 @@ def generate_text_simple(params, cfg: GPTConfig, idx_BT, max_new_tokens: int, co
 
 def trim_at_eos(ids: np.ndarray, eos_id: int | None) -> list[int]:
     ids = [int(i) for i in ids]
-    if eos_id is not None and eos_id in ids:
-        ids = ids[: ids.index(eos_id)]
-    return ids
+    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
 def load_for_decoding(spec: str | os.PathLike, weight_dtype: str | None = None, *, attn_impl: str = "auto",
                       linear_layout: str | None = None, matvec: str | None = None) -> tuple[Any, GPTConfig, Options]:
-    """(params, cfg, opts): `model_io.load_model(spec)` laid out for decoding (`decoding_model`: on CPU
-    (out, in) kernels and the C++ matvec kernel, unless `linear_layout` / `matvec` say otherwise), the weights
-    in `weight_dtype` (`decoding_weights`)."""
+    """(params, cfg, opts): `model_io.load_model(spec)` laid out for decoding (`decoding_model`, which
+    `linear_layout` / `matvec` override), the weights in `weight_dtype` (`decoding_weights`)."""
     # bfloat16 is cast as it loads (half the memory); int8 is quantized from float32
     params, cfg = load_model(spec, dtype=None if weight_dtype == "int8" else weight_dtype)
     params, opts = decoding_model(params, cfg, Options(attn_impl=attn_impl), linear_layout=linear_layout,
@@ -444,10 +415,9 @@ def generate_text(model: Any, prompt: str, max_new_tokens: int = 50, *, temperat
                   use_cache: bool = True, tokenizer: Any = None, opts: Options | None = None) -> str:
     """The book's text_to_token_ids -> generate -> token_ids_to_text in one call: the prompt and its continuation.
 
-    `model`: what `load_model` returns ((params, cfg), canonical params unless `opts` says how they are
-    laid out), or anything it accepts (a run directory, a GPT-2 size, a safetensors path), then laid out
-    for decoding. Greedy by default; `temperature`/`top_k`/`top_p` sample with `seed`. `tokenizer`:
-    default GPT-2's. Generation stops at <|endoftext|> unless `stop_at_eos=False`."""
+    `model`: what `load_model` returns ((params, cfg), laid out by `opts`, default canonical), or anything it
+    accepts (a run directory, a GPT-2 size, a safetensors path). Greedy by default; `temperature`/`top_k`/
+    `top_p` sample with `seed`. `tokenizer`: default GPT-2's. Stops at <|endoftext|> unless `stop_at_eos=False`."""
     if isinstance(model, (str, os.PathLike)):
         params, cfg, opts = load_for_decoding(model)
     else:

@@ -118,8 +118,8 @@ def export_hf(params: dict, cfg: GPTConfig, out_dir: str | os.PathLike, *,
         raise PermissionError(f"cannot write {str(out)!r}: {e}; choose a writable output directory") from e
     try:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        for made, mode in ((staging, 0o755), (staging / "model.safetensors", 0o644)):  # not 0o700 / 0o600
-            os.chmod(made, mode)
+        os.chmod(staging, 0o755)  # not 0o700 / 0o600
+        os.chmod(staging / "model.safetensors", 0o644)
         (staging / "config.json").write_text(json.dumps(hf_config(cfg, dtype.name), indent=2) + "\n")
         written = ["model.safetensors", "config.json", *_write_tokenizer(staging, cfg, bpe_dir)]
         if out.exists():

@@ -1,11 +1,9 @@
-"""Load GPT-2 weights from safetensors (no TensorFlow; torch only to read a .pth); gptjax.hub fetches
+"""Load GPT-2 weights from safetensors (or the book's .pth, with torch) into Flax params; gptjax.hub fetches
 them, gptjax.gpt2_export writes them back.
 
-Two checkpoint namings load into the same Flax params:
-  * OpenAI's / Hugging Face's GPT-2 (`wte.weight`, `h.{i}.attn.c_attn.weight`, ...; optionally under
-    `transformer.`), as on the hub and as `GPT2LMHeadModel.save_pretrained` writes it;
-  * the book's PyTorch `GPTModel` state dict (`tok_emb.weight`, `trf_blocks.{i}.att.W_query.weight`, ...).
-Both are a rename table away from gptjax's names (`_TOP`, `_BLOCK`); exporting runs `rename_rules` backwards.
+Two checkpoint namings load into the same params: OpenAI's / Hugging Face's GPT-2 (`wte.weight`,
+`h.{i}.attn.c_attn.weight`, ...; optionally under `transformer.`) and the book's PyTorch `GPTModel` state
+dict (`tok_emb.weight`, `trf_blocks.{i}.att.W_query.weight`, ...). `rename_rules` maps both to gptjax's names.
 """
 from __future__ import annotations
 
@@ -27,36 +25,37 @@ from gptjax.hub import HUB_REPOS, TORCH_SUFFIXES, check_gpt2_architecture, downl
 from gptjax.model import abstract_params
 from gptjax.options import DTYPES
 
-# How checkpoint tensor(s) become one Flax leaf (and, run backwards, how the leaf is exported).
-COPY, T, QKV, CAT = "copy", "T", "qkv", "cat"
+# How checkpoint tensor(s) become one Flax leaf: (tensors joined along the leaf's last axis, each transposed?).
+COPY, T, QKV, CAT = (1, False), (1, True), (3, True), (3, False)
 
-# (Flax leaf, OpenAI/HF name, HF transform, book name(s), book transform).
+# (Flax leaf, OpenAI/HF name(s), HF transform, book name(s), book transform).
 # HF's Conv1D already stores (in, out) like a Flax kernel; the book's nn.Linear stores (out, in)
 # and splits c_attn into three projections.
 _TOP = [
-    ("wte/embedding", "wte.weight", COPY, ("tok_emb.weight",), COPY),
-    ("wpe/embedding", "wpe.weight", COPY, ("pos_emb.weight",), COPY),
-    ("ln_f/scale", "ln_f.weight", COPY, ("final_norm.scale",), COPY),
-    ("ln_f/bias", "ln_f.bias", COPY, ("final_norm.shift",), COPY),
-    ("lm_head/kernel", "lm_head.weight", T, ("out_head.weight",), T),  # only when untied
+    ("wte/embedding", ("wte.weight",), COPY, ("tok_emb.weight",), COPY),
+    ("wpe/embedding", ("wpe.weight",), COPY, ("pos_emb.weight",), COPY),
+    ("ln_f/scale", ("ln_f.weight",), COPY, ("final_norm.scale",), COPY),
+    ("ln_f/bias", ("ln_f.bias",), COPY, ("final_norm.shift",), COPY),
+    ("lm_head/kernel", ("lm_head.weight",), T, ("out_head.weight",), T),  # only when untied
     # the book's chapter-6 classifier replaces out_head by Linear(emb_dim, n_classes); GPT2LMHeadModel has no such head
     ("cls_head/kernel", None, None, ("out_head.weight",), T),
     ("cls_head/bias", None, None, ("out_head.bias",), COPY),
 ]
 _BLOCK = [
-    ("ln_1/scale", "ln_1.weight", COPY, ("norm1.scale",), COPY),
-    ("ln_1/bias", "ln_1.bias", COPY, ("norm1.shift",), COPY),
-    ("attn/c_attn/kernel", "attn.c_attn.weight", COPY,
+    ("ln_1/scale", ("ln_1.weight",), COPY, ("norm1.scale",), COPY),
+    ("ln_1/bias", ("ln_1.bias",), COPY, ("norm1.shift",), COPY),
+    ("attn/c_attn/kernel", ("attn.c_attn.weight",), COPY,
      ("att.W_query.weight", "att.W_key.weight", "att.W_value.weight"), QKV),
-    ("attn/c_attn/bias", "attn.c_attn.bias", COPY, ("att.W_query.bias", "att.W_key.bias", "att.W_value.bias"), CAT),
-    ("attn/c_proj/kernel", "attn.c_proj.weight", COPY, ("att.out_proj.weight",), T),
-    ("attn/c_proj/bias", "attn.c_proj.bias", COPY, ("att.out_proj.bias",), COPY),
-    ("ln_2/scale", "ln_2.weight", COPY, ("norm2.scale",), COPY),
-    ("ln_2/bias", "ln_2.bias", COPY, ("norm2.shift",), COPY),
-    ("mlp/c_fc/kernel", "mlp.c_fc.weight", COPY, ("ff.layers.0.weight",), T),
-    ("mlp/c_fc/bias", "mlp.c_fc.bias", COPY, ("ff.layers.0.bias",), COPY),
-    ("mlp/c_proj/kernel", "mlp.c_proj.weight", COPY, ("ff.layers.2.weight",), T),
-    ("mlp/c_proj/bias", "mlp.c_proj.bias", COPY, ("ff.layers.2.bias",), COPY),
+    ("attn/c_attn/bias", ("attn.c_attn.bias",), COPY,
+     ("att.W_query.bias", "att.W_key.bias", "att.W_value.bias"), CAT),
+    ("attn/c_proj/kernel", ("attn.c_proj.weight",), COPY, ("att.out_proj.weight",), T),
+    ("attn/c_proj/bias", ("attn.c_proj.bias",), COPY, ("att.out_proj.bias",), COPY),
+    ("ln_2/scale", ("ln_2.weight",), COPY, ("norm2.scale",), COPY),
+    ("ln_2/bias", ("ln_2.bias",), COPY, ("norm2.shift",), COPY),
+    ("mlp/c_fc/kernel", ("mlp.c_fc.weight",), COPY, ("ff.layers.0.weight",), T),
+    ("mlp/c_fc/bias", ("mlp.c_fc.bias",), COPY, ("ff.layers.0.bias",), COPY),
+    ("mlp/c_proj/kernel", ("mlp.c_proj.weight",), COPY, ("ff.layers.2.weight",), T),
+    ("mlp/c_proj/bias", ("mlp.c_proj.bias",), COPY, ("ff.layers.2.bias",), COPY),
 ]
 _BLOCK_PREFIX = {"hf": "h.{i}.", "book": "trf_blocks.{i}."}
 # Non-parameter buffers some checkpoints carry (causal masks): never loaded.
@@ -66,11 +65,9 @@ _MAX_LISTED = 10
 
 
 class _Reader:
-    """Names, shapes and dtypes of a (possibly sharded) safetensors checkpoint; reads one tensor at a time.
-
-    Each read opens and closes the file: safe_open memory-maps it, and the mapped pages it touched
-    would otherwise stay resident until the end, doubling peak memory for a big model.
-    """
+    """Names, shapes and dtypes of a (possibly sharded) safetensors checkpoint; reads one tensor at a time,
+    opening and closing the file each time (safe_open memory-maps it, and the pages it touched would
+    otherwise stay resident until the end, doubling peak memory for a big model)."""
 
     def __init__(self, files: list[Path]):
         self.where: dict[str, Path] = {}
@@ -148,14 +145,13 @@ def _checkpoint_files(source: Path) -> tuple[list[Path], Path | None]:
                                 f"({', '.join(HUB_REPOS)}, 'gpt2', '124M'...), a Hugging Face hub repo id (owner/name), "
                                 f"a directory with model.safetensors (+ config.json), a .safetensors file or the "
                                 f"book's model.pth")
+    config = (source.parent if source.is_file() else source) / "config.json"
+    config = config if config.is_file() else None
     if source.is_file():
         if source.suffix not in (".safetensors",) + TORCH_SUFFIXES:
             raise ValueError(f"{str(source)!r} is neither a .safetensors file nor a PyTorch state dict "
                              f"({', '.join(TORCH_SUFFIXES)})")
-        config = source.parent / "config.json"
-        return [source], config if config.is_file() else None
-    config = source / "config.json"
-    config = config if config.is_file() else None
+        return [source], config
     if (source / "model.safetensors").is_file():
         return [source / "model.safetensors"], config
     index = source / "model.safetensors.index.json"
@@ -254,50 +250,38 @@ def _resolve_config(reader: _Reader, naming: str, config_path: Path | None, n_he
     return kw
 
 
-def _ckpt_shapes(kind: str, flax_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    if kind == COPY:
-        return [flax_shape]
-    if kind == T:
-        return [flax_shape[::-1]]
-    if kind == QKV:  # Flax (D, 3D) <- three nn.Linear weights (D_out, D_in)
-        return [(flax_shape[1] // 3, flax_shape[0])] * 3
-    return [(flax_shape[0] // 3,)] * 3  # CAT
+def _ckpt_shapes(kind: tuple[int, bool], flax_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    parts, transposed = kind
+    shape = (*flax_shape[:-1], flax_shape[-1] // parts)
+    return [shape[::-1] if transposed else shape] * parts
 
 
-def _to_flax(kind: str, arrays: list[np.ndarray]) -> np.ndarray:
-    if kind == COPY:
-        return arrays[0]
-    if kind == T:
-        return arrays[0].T
-    if kind == QKV:
-        return np.concatenate([a.T for a in arrays], axis=1)
-    return np.concatenate(arrays)
+def _to_flax(kind: tuple[int, bool], arrays: list[np.ndarray]) -> np.ndarray:
+    if kind[1]:
+        arrays = [a.T for a in arrays]
+    return np.concatenate(arrays, axis=-1) if len(arrays) > 1 else arrays[0]
 
 
-def from_flax(kind: str, x: np.ndarray) -> list[np.ndarray]:
+def from_flax(kind: tuple[int, bool], x: np.ndarray) -> list[np.ndarray]:
     """A Flax leaf as its checkpoint tensor(s): `_to_flax` run backwards."""
-    if kind == COPY:
-        return [x]
-    if kind == T:
-        return [np.ascontiguousarray(x.T)]
-    if kind == QKV:
-        return [np.ascontiguousarray(p.T) for p in np.split(x, 3, axis=1)]
-    return [np.ascontiguousarray(p) for p in np.split(x, 3)]
+    parts, transposed = kind
+    return [np.ascontiguousarray(p.T if transposed else p) for p in np.split(x, parts, axis=-1)]
 
 
 def rename_rules(cfg: GPTConfig, naming: str) -> list[tuple]:
     """(Flax path, checkpoint names, transform, checkpoint shapes) for every leaf of `cfg`'s params."""
-    table = {flax: ((hf,), hf_kind) if naming == "hf" else (book, book_kind)
-             for flax, hf, hf_kind, book, book_kind in _TOP if naming == "book" or hf is not None}
-    for i in range(cfg.n_layers):
-        pre = _BLOCK_PREFIX[naming].format(i=i)
-        for flax, hf, hf_kind, book, book_kind in _BLOCK:
-            table[f"h_{i}/{flax}"] = ((pre + hf,), hf_kind) if naming == "hf" else (tuple(pre + b for b in book), book_kind)
+    blocks = [(f"h_{i}/", _BLOCK_PREFIX[naming].format(i=i), _BLOCK) for i in range(cfg.n_layers)]
+    table = {}
+    for flax_pre, pre, rows in [("", "", _TOP), *blocks]:
+        for flax, hf, hf_kind, book, book_kind in rows:
+            names, kind = (hf, hf_kind) if naming == "hf" else (book, book_kind)
+            if names is not None:
+                table[flax_pre + flax] = (tuple(pre + n for n in names), kind)
     rules = []
     for path, leaf in traverse_util.flatten_dict(abstract_params(cfg)).items():
-        if "/".join(path) not in table:
-            raise ValueError(f"param {'/'.join(path)!r} has no name in a {naming} checkpoint")
-        names, kind = table["/".join(path)]
+        if (name := "/".join(path)) not in table:
+            raise ValueError(f"param {name!r} has no name in a {naming} checkpoint")
+        names, kind = table[name]
         rules.append((path, names, kind, _ckpt_shapes(kind, tuple(leaf.shape))))
     return rules
 

@@ -3,6 +3,7 @@ from huggingface_hub's cache (HF_HOME / HF_HUB_CACHE) without network when they 
 downloaded; offline, one quick error naming HF_HUB_OFFLINE=1 and the local-path option."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,12 +14,8 @@ from gptjax import runs
 from gptjax.config import ALIASES, PRESETS
 from gptjax.tokenizer import is_offline
 
-HUB_REPOS: dict[str, str] = {
-    "gpt2-small": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
+HUB_REPOS: dict[str, str] = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+                             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 _PRESET_ALIASES = {
     **{k.lower(): v for k, v in ALIASES.items()},
     **{f"gpt2-{k.lower()}": v for k, v in ALIASES.items()},  # gpt2-124m
@@ -96,10 +93,8 @@ def download_gpt2(spec: str, cache_dir: str | os.PathLike | None = None, *, loca
                 get(shard)
         return config.parent
 
-    try:
+    with contextlib.suppress(EntryNotFoundError):
         return fetch(local=True)
-    except EntryNotFoundError:
-        pass
     where = f"not in the Hugging Face cache {cache or constants.HF_HUB_CACHE}" + \
         ("" if resolve_preset(spec) else ", nor a local path")
     if is_offline("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):

@@ -44,15 +44,12 @@ def _fit_vocab(params: dict, vocab_size: int, rows: int) -> dict:
             raise ValueError(f"params hold {n} vocab rows but cfg.vocab_size is {vocab_size}")
         if n < rows:
             return jnp.pad(a, [(0, rows - n) if ax == axis % a.ndim else (0, 0) for ax in range(a.ndim)])
-        index = [slice(None)] * a.ndim
-        index[axis] = slice(0, rows)
-        return a[tuple(index)] if n > rows else a
+        return a[(slice(None),) * (axis % a.ndim) + (slice(0, rows),)] if n > rows else a
 
     out = dict(params)
-    if "wte" in out:
-        out["wte"] = {**out["wte"], "embedding": fit(out["wte"]["embedding"], 0)}
-    if "lm_head" in out:
-        out["lm_head"] = {**out["lm_head"], "kernel": fit(out["lm_head"]["kernel"], -1)}
+    for name, leaf, axis in (("wte", "embedding", 0), ("lm_head", "kernel", -1)):
+        if name in out:
+            out[name] = {**out[name], leaf: fit(out[name][leaf], axis)}
     return out
 
 

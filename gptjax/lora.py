@@ -1,13 +1,12 @@
 """LoRA (the book's appendix E) as a params tree beside the frozen base params.
 
 W' = W + (alpha / r) * A @ B, with A (in, r) initialised like torch's Linear (kaiming-uniform, a=sqrt(5))
-and B (r, out) zeros, so a fresh adapter leaves the model unchanged. The adapters are merged into the
-kernels inside the jitted forward (`merge`), which keeps model.py free of LoRA code and makes
-"merge for inference" the very same function.
+and B (r, out) zeros, so a fresh adapter leaves the model unchanged. `merge` folds the adapters into the
+kernels inside the jitted forward (model.py has no LoRA code) and is also "merge for inference".
 
 Every adapted Dense gets one leaf pair {"A": (parts, I, R), "B": (parts, R, O/parts)}: parts is 3 for
-the fused `c_attn` (one adapter each for q, k, v, as the book's separate W_query/W_key/W_value) and 1
-otherwise. Blocks stacked for scan_layers (kernel (L, I, O)) get adapters with the same leading L axis.
+the fused `c_attn` (one adapter each for q, k, v, as the book's W_query/W_key/W_value) and 1 otherwise.
+Blocks stacked for scan_layers (kernel (L, I, O)) get adapters with the same leading L axis.
 """
 from __future__ import annotations
 
@@ -53,9 +52,7 @@ class LoRAConfig:
         return self.alpha / self.rank
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["targets"] = None if self.targets is None else list(self.targets)
-        return d
+        return {**asdict(self), "targets": None if self.targets is None else list(self.targets)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
@@ -64,10 +61,8 @@ class LoRAConfig:
 
 
 def dense_layers(params: Any) -> dict[str, tuple[int, ...]]:
-    """'h_0/attn/c_attn' -> kernel shape (in, out) for every Dense in `params` (arrays or shape structs).
-
-    Blocks stacked for scan_layers ("h/attn/c_attn", kernel (L, in, out)) get one adapter per layer.
-    """
+    """'h_0/attn/c_attn' -> kernel shape (in, out) for every Dense in `params` (arrays or shape structs);
+    (L, in, out) for blocks stacked for scan_layers ("h/attn/c_attn")."""
     flat = traverse_util.flatten_dict(params)
     return {"/".join(path[:-1]): tuple(x.shape) for path, x in flat.items()
             if path[-1] == "kernel" and len(x.shape) >= 2}
@@ -120,17 +115,12 @@ def merge(params: Any, lora: Any, scale: float) -> dict:
     """Base params with every adapter folded into its kernel (jit-friendly; also the inference export)."""
     if not lora:
         return params
-    flat = dict(traverse_util.flatten_dict(params))
-    flat_lora = traverse_util.flatten_dict(lora)
-    for path, a in flat_lora.items():
-        if path[-1] != "A":
-            continue
-        kpath = path[:-1] + ("kernel",)
-        if kpath not in flat:
-            raise ValueError(f"LoRA adapter {'/'.join(path[:-1])!r} has no Dense kernel in the base params")
-        kernel = flat[kpath]
-        flat[kpath] = (kernel.astype(jnp.float32) + lora_delta(a, flat_lora[path[:-1] + ("B",)], scale)
-                       ).astype(kernel.dtype)
+    flat, flat_lora = dict(traverse_util.flatten_dict(params)), traverse_util.flatten_dict(lora)
+    for layer in [path[:-1] for path in flat_lora if path[-1] == "A"]:
+        if (kpath := (*layer, "kernel")) not in flat:
+            raise ValueError(f"LoRA adapter {'/'.join(layer)!r} has no Dense kernel in the base params")
+        kernel, a, b = flat[kpath], flat_lora[(*layer, "A")], flat_lora[(*layer, "B")]
+        flat[kpath] = (kernel.astype(jnp.float32) + lora_delta(a, b, scale)).astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -191,5 +181,4 @@ def combine(*trees: dict) -> dict:
 def full_params(trainable: dict, frozen: dict, lora_scale: float = 1.0) -> dict:
     """The model's params from what trains and what does not: `trainable` {"params": weights that train,
     "lora": adapters} over the `frozen` weights, the adapters merged in (every fine-tuning task)."""
-    params = combine(frozen, trainable.get("params", {}))
-    return merge(params, trainable.get("lora"), lora_scale)
+    return merge(combine(frozen, trainable.get("params", {})), trainable.get("lora"), lora_scale)

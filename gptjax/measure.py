@@ -1,12 +1,11 @@
-"""Measurement tools, usable without the benchmark: model FLOPs and device peaks (MFU), the device
-and host, alternated timing, probes in a fresh process, memory bandwidth and the decode roofline,
-per-op XLA traces, compiled and device memory, and random token batches.
-
-`gptjax.bench` builds the benchmark on these; experiments use them on their own.
+"""Measurement tools, usable without the benchmark (`gptjax.bench` builds on them): model FLOPs and
+device peaks (MFU), the device and host, alternated timing, probes in a fresh process, memory bandwidth
+and the decode roofline, per-op XLA traces, compiled and device memory, and random token batches.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -61,11 +60,8 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 
 
 def matmul_params(cfg: GPTConfig) -> int:
-    """N for FLOPs: parameters that enter a matmul (blocks + LM head at the real vocab size).
-
-    Embedding lookups do no FLOPs, so wte counts only as the tied head and wpe never; with a tied
-    head this is nanoGPT's N (all params minus wpe).
-    """
+    """N for FLOPs: parameters that enter a matmul (blocks + LM head at the real vocab size). Lookups do
+    no FLOPs: wte counts only as the tied head, wpe never; with a tied head this is nanoGPT's N."""
     shapes = abstract_params(cfg)
     n = count_params(shapes) - count_params(shapes["wpe"])
     tied_head = cfg.tie_embeddings and not cfg.n_classes
@@ -87,43 +83,43 @@ def device_info() -> dict:
 
 
 def _cpu_model() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
 def load_average() -> float | None:
     """The 1-minute load average, or None where the OS has none."""
-    try:
+    with contextlib.suppress(OSError):
         return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
+    return None
 
 
 # --- timing ---------------------------------------------------------------------------------
 
-def alternate(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run every fn once per round, round after round; seconds per call (warm-up rounds dropped).
+def timed(fn: Callable[..., Any], *args) -> tuple[Any, float]:
+    """`fn(*args)` and the seconds it took."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
 
-    Each fn must block until its work is done. Alternating spreads a shared machine's noise evenly.
-    """
+
+def alternate(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run every fn once per round, round after round; seconds per call (warm-up rounds dropped). Each fn
+    must block until its work is done. Alternating spreads a shared machine's noise evenly."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
+            _, seconds = timed(fn)
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
     return times
 
 
 def in_fresh_process(module: str, *args: str) -> dict:
-    """`python -m MODULE ARGS` in a fresh process: the JSON its last output line holds, or {"error": its last
-    error line}."""
+    """`python -m MODULE ARGS` in a fresh process: the JSON of its last output line, or {"error": last error line}."""
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
@@ -132,30 +128,21 @@ def in_fresh_process(module: str, *args: str) -> dict:
 
 def memory_bandwidth(mb: int = 1024, reps: int = 8) -> dict:
     """This device's memory bandwidth (GB/s): read (a sum) and copy (read + write, in place, donated).
-
-    1 GiB by default: larger than server CPUs' last-level caches, which would otherwise be measured.
-    """
+    1 GiB by default: larger than server CPUs' last-level caches, which would otherwise be measured."""
     n = mb * 2**20 // 4
-    x = jnp.ones((n,), jnp.float32)
+    x = [jnp.ones((n,), jnp.float32)]
     total = jax.jit(jnp.sum)
     bump = jax.jit(lambda a: a + 1.0, donate_argnums=0)  # in place: no fresh pages to fault in
-    total(x).block_until_ready()
-    x = bump(x)
-    x.block_until_ready()
-    read, copy = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        read.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        x = bump(x)
-        x.block_until_ready()
-        copy.append(time.perf_counter() - t0)
-    nbytes = n * 4
-    return {"read_GBps": round(nbytes / statistics.median(read) / 1e9, 2),
-            "copy_GBps": round(2 * nbytes / statistics.median(copy) / 1e9, 2),
-            "read_best_GBps": round(nbytes / min(read) / 1e9, 2),
-            "copy_best_GBps": round(2 * nbytes / min(copy) / 1e9, 2), "array_MB": mb}
+
+    def copy():
+        x[0] = bump(x[0])
+        x[0].block_until_ready()
+
+    times = alternate({"read": lambda: total(x[0]).block_until_ready(), "copy": copy}, rounds=reps)
+    moved = {"read": n * 4, "copy": 2 * n * 4}  # bytes per call
+    gbps = lambda k, stat: round(moved[k] / stat(times[k]) / 1e9, 2)
+    return {"read_GBps": gbps("read", statistics.median), "copy_GBps": gbps("copy", statistics.median),
+            "read_best_GBps": gbps("read", min), "copy_best_GBps": gbps("copy", min), "array_MB": mb}
 
 
 def roofline_bandwidth(*measurements: dict) -> float:
@@ -208,14 +195,12 @@ def random_batch(cfg: GPTConfig, B: int, seed: int = 0) -> tuple[jax.Array, jax.
 
 def xla_memory_bytes(compiled) -> int | None:
     """What a compiled program holds (arguments + outputs + temporaries - aliased), or None if unreported."""
-    try:
+    with contextlib.suppress(Exception):  # not every backend/version reports it
         m = compiled.memory_analysis()
         return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-    except Exception:  # not every backend/version reports it
-        return None
+    return None
 
 
 def device_peak_bytes() -> int | None:
     """The first device's peak bytes in use, where it reports memory stats."""
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")

@@ -47,10 +47,6 @@ def _inits(cfg: GPTConfig, std: float, fan_in: int | None = None) -> dict:
     return dict(kernel_init=nn.initializers.normal(stddev=std))
 
 
-def _embed_init(cfg: GPTConfig, std: float):
-    return nn.initializers.normal(1.0) if cfg.init == "book" else nn.initializers.normal(std)
-
-
 def _dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
     # attention.dropout, not nn.Dropout: its mask is drawn once instead of re-derived in the backward pass
     if deterministic or rate == 0.0:
@@ -61,9 +57,8 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) 
 def dropout_rngs(key: jax.Array | None) -> dict | None:
     """The `rngs` for `GPT.apply` in training: {"dropout": key}, or None (deterministic) for no key.
 
-    The key is re-seeded as an "unsafe_rbg" key, so Flax's per-layer fold-ins and each dropout's
-    bits come from XLA's RngBitGenerator. From threefry keys, every fold-in is a rolled while loop on
-    XLA:CPU: 112 of them took 0.2 s of a 3.1 s gpt2-small train step (experiments/cpu_step_profile.py).
+    The key is re-seeded as an "unsafe_rbg" key, so Flax's per-layer fold-ins and each dropout's bits come
+    from XLA's RngBitGenerator (threefry fold-ins are rolled loops on XLA:CPU; experiments/cpu_step_profile.py).
     """
     if key is None:
         return None
@@ -161,8 +156,10 @@ class GPT(nn.Module):
         if T > cfg.context_length:
             raise ValueError(f"input has {T} tokens but context_length is {cfg.context_length}; crop the input "
                              f"to its last {cfg.context_length} tokens")
-        wte = cpu.Embed(opts.padded_vocab_size(cfg.vocab_size), cfg.emb_dim, _embed_init(cfg, 0.02), name="wte")
-        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_embed_init(cfg, 0.01),
+        book = cfg.init == "book"  # the book's nn.Embedding: N(0, 1)
+        wte = cpu.Embed(opts.padded_vocab_size(cfg.vocab_size), cfg.emb_dim, nn.initializers.normal(1.0 if book else 0.02),
+                        name="wte")
+        wpe = nn.Embed(cfg.context_length, cfg.emb_dim, embedding_init=nn.initializers.normal(1.0 if book else 0.01),
                        dtype=jnp.float32, param_dtype=jnp.float32, name="wpe")
         pos_BT = jnp.arange(T)[None, :] if pos_B is None else jnp.reshape(pos_B, (-1, 1)) + jnp.arange(T)[None, :]
         x_BTD = _dropout(self, wte(idx_BT) + wpe(pos_BT), cfg.drop_rate, deterministic)

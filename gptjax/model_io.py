@@ -8,7 +8,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from gptjax import runs
 from gptjax.checkpoint import (CHECKPOINTS_DIR, CONFIG_FILE, PARAMS_DIR, SHAPE_KEYS, CheckpointCorruptError,
@@ -18,6 +17,7 @@ from gptjax.gpt2_weights import load_gpt2
 from gptjax.layout import to_canonical
 from gptjax.model import abstract_params, init_params
 from gptjax.options import LEGACY_KEYS, Options
+from gptjax.sharding import restore_state, save_state
 
 
 def begin_run(out_dir: str | Path, header: dict, *, resume: bool | int) -> Path:
@@ -27,25 +27,20 @@ def begin_run(out_dir: str | Path, header: dict, *, resume: bool | int) -> Path:
     if resume:
         runs.check_resume_inputs(out_dir, header)
     out_dir = runs.prepare_out_dir(out_dir)
-    if not resume:
-        runs.write_json_atomic(out_dir / CONFIG_FILE, {**header, "status": "running"})
-    else:
+    if resume:
         runs.set_status(out_dir, "running", resumed=True)
+    else:
+        runs.write_json_atomic(out_dir / CONFIG_FILE, {**header, "status": "running"})
     return out_dir
 
 
 def save_run(run_dir: str | Path, params: Any, cfg: GPTConfig, extra: dict | None = None) -> Path:
-    """Write `run_dir/params` (Orbax) and `run_dir/config.json` (model config + `extra`).
-
-    `params` in the canonical layout (`layout.to_canonical` converts from the layout Options built):
-    what `load_run` hands back under any options. The Options a run trained with go in `extra` under
-    "options", for information only."""
+    """Write `run_dir/params` (Orbax; canonical layout: `layout.to_canonical` converts) and `run_dir/config.json`
+    (model config + `extra`, e.g. the Options the run trained with under "options", for information only)."""
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
     with numpy_written_in_place():  # numpy views (of a training state) are written as they are: no copy
-        ckptr.save(run_dir / PARAMS_DIR, params, force=True)
-        ckptr.wait_until_finished()
+        save_state(run_dir / PARAMS_DIR, params)
     runs.write_json_atomic(run_dir / CONFIG_FILE, {"model": cfg.to_dict(), **(extra or {})})
     return run_dir
 
@@ -77,21 +72,16 @@ def load_run_config(run_dir: str | Path) -> tuple[GPTConfig, dict]:
 
 
 def load_run(run_dir: str | Path, dtype: str | None = None, step: int | str | None = None) -> tuple[Any, GPTConfig]:
-    """Params for inference from a run directory; `dtype` casts them (e.g. "bfloat16").
-
-    Params come in the canonical layout (OpenAI's: per-layer, kernels (in, out), vocab unpadded), also
-    from runs of older gptjax versions that saved them in their training layout.
-
-    Reads the final `params/`, or a training checkpoint (`step`: an int, "latest" or "best"; an
-    interrupted run without `params/` falls back to its latest checkpoint).
-    """
+    """Canonical params for inference (also from older runs saved in their training layout), cast to `dtype`
+    if given: the final `params/`, or a training checkpoint when `step` is given (an int, "latest" or "best")
+    or the run has no `params/` (then its latest)."""
     cfg, meta = load_run_config(run_dir)
     run_dir = Path(run_dir).absolute()
     params_dir = run_dir / PARAMS_DIR
     if step is None and params_dir.is_dir():
         saved_as = _saved_layout(meta)
         try:
-            params = ocp.StandardCheckpointer().restore(params_dir, abstract_params(cfg, saved_as))
+            params = restore_state(params_dir, abstract_params(cfg, saved_as))
         except Exception as e:
             raise CheckpointCorruptError(f"{params_dir} is damaged or was written for another model "
                                          f"({short_error(e)}); its {CONFIG_FILE} says {cfg}") from None
@@ -133,10 +123,8 @@ def load_model(spec: str | Path, dtype: str | None = None) -> Model:
 
 def load_base_model(spec: str, *, random_cfg: GPTConfig | None = None, seed: int = 123,
                     language_model: bool = False) -> tuple[Any, GPTConfig]:
-    """A fine-tuning base: 'random' (a fresh GPT of `random_cfg`) or anything `load_model` accepts.
-
-    `language_model=True` refuses a classifier run (instruction tuning needs the LM head).
-    """
+    """A fine-tuning base: 'random' (a fresh GPT of `random_cfg`) or anything `load_model` accepts;
+    `language_model=True` refuses a classifier run (instruction tuning needs the LM head)."""
     if spec == "random":
         if random_cfg is None:
             raise ValueError("--model random needs a model config (--preset and the size options)")

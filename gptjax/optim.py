@@ -51,11 +51,9 @@ class OptimConfig:
         if self.warmup_steps == 0 and self.decay_steps == 0:
             return optax.constant_schedule(self.lr)
         warm = optax.linear_schedule(self.initial_lr, self.lr, max(self.warmup_steps, 1))
-        if self.decay_steps == 0:
-            rest = optax.constant_schedule(self.lr)
-        else:
-            # half-cosine from lr to min_lr, as the book's appendix D
-            rest = optax.cosine_decay_schedule(self.lr, self.decay_steps, alpha=self.min_lr / self.lr)
+        # then constant, or a half-cosine from lr to min_lr as the book's appendix D
+        rest = (optax.constant_schedule(self.lr) if self.decay_steps == 0
+                else optax.cosine_decay_schedule(self.lr, self.decay_steps, alpha=self.min_lr / self.lr))
         return optax.join_schedules([warm, rest], [self.warmup_steps])
 
     def logged_schedule(self) -> optax.Schedule:

@@ -1,17 +1,16 @@
 """How a model runs: precision, attention implementation, scan/remat, vocab padding, kernel layout.
 
-`GPTConfig` says what a model is and is saved with a run; `Options` are chosen per command (given
-when steps or decoders are built) and never stored in a checkpoint, so any checkpoint trains, resumes
-and decodes under any options. Params in a checkpoint are in one canonical layout (OpenAI's: per-layer
-`h_0..`, kernels (in, out), vocab unpadded); `layout.to_layout` / `layout.to_canonical` convert to and
-from the layout an `Options` builds. None of them changes the math (tests check each against the
-plain model), except `dtype` and `matmul_precision`, which set the precision.
+`GPTConfig` says what a model is and is saved with a run; `Options` are chosen per command and never
+stored in a checkpoint, so any checkpoint trains, resumes and decodes under any options. Checkpoints hold
+params in one canonical layout (per-layer `h_0..`, kernels (in, out), vocab unpadded); `layout.to_layout` /
+`layout.to_canonical` convert to and from an `Options`' layout. Only `dtype` and `matmul_precision`
+change the math.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import jax
 
@@ -25,16 +24,39 @@ MATVECS = ("xla", "kernel")
 MATMUL_PRECISIONS = ("float32", "bfloat16")
 # the weights decoding reads (generate.decoding_weights, --weight-dtype)
 WEIGHT_DTYPES = ("float32", "bfloat16", "int8")
+# The keys GPTConfig carried before Options existed: old run directories' config.json still hold them
+LEGACY_KEYS = ("dtype", "matmul_precision", "attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple",
+               "linear_layout", "matvec")
+
+
+class Settings:
+    """replace / to_dict / from_dict of a frozen settings dataclass (Options, config.GPTConfig)."""
+
+    def replace(self, **overrides: Any) -> Self:
+        """dataclasses.replace, with a clear error for unknown keys."""
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            legacy = sorted(set(unknown) & set(LEGACY_KEYS))  # only a GPTConfig can lack these
+            hint = f" ({legacy}: how the model runs, now gptjax.options.Options)" if legacy else ""
+            raise ValueError(f"unknown {type(self).__name__} keys {unknown}{hint}; valid keys: {names}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls().replace(**d)
 
 
 @dataclass(frozen=True)
-class Options:
+class Options(Settings):
     # compute dtype; params stay float32, softmax, logits and loss float32
     dtype: str = "float32"
     # "bfloat16": every weight matmul (not attention's) rounds its operands to bfloat16 and accumulates
-    # and returns float32, also in the backward pass; the rest of the step stays in `dtype`. What
-    # jax.default_matmul_precision("bfloat16") means on a TPU and torch's "medium" float32 matmul
-    # precision, which XLA:CPU does not implement (experiments/cpu_train_matmul_bf16.py)
+    # and returns float32, also in the backward pass (torch's "medium" float32 matmul precision, which
+    # XLA:CPU does not implement); the rest of the step stays in `dtype`
     matmul_precision: str = "float32"
     attn_impl: str = "auto"  # auto: cuDNN flash attention on NVIDIA GPUs in half precision, XLA elsewhere
     # one nn.scan over the blocks, params stacked under "h"; compiles one block instead of n_layers.
@@ -64,13 +86,11 @@ class Options:
                               ("remat", REMAT_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Options.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("scan_unroll", "vocab_multiple"):
+        for name, low, note in (("scan_unroll", 1, ""), ("vocab_multiple", 1, ""),
+                                ("loss_chunk", 0, " (0: the whole sequence)")):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Options.{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
-            raise ValueError(f"Options.loss_chunk must be an integer >= 0 (0: the whole sequence), got "
-                             f"{self.loss_chunk!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"Options.{name} must be an integer >= {low}{note}, got {value!r}")
         for name in ("scan_layers", "grad_barrier"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Options.{name} must be True or False, got {getattr(self, name)!r}")
@@ -79,35 +99,13 @@ class Options:
     def for_backend(cls, backend: str | None = None, **overrides: Any) -> "Options":
         """Options for running on `backend` (default: JAX's default backend, asked now, not at trace
         time): the gradient barrier on for "cpu" (keeps its train step fast), off elsewhere."""
-        if backend is None:
-            backend = jax.default_backend()
-        return cls(**{"grad_barrier": backend == "cpu", **overrides})
+        return cls(**{"grad_barrier": (jax.default_backend() if backend is None else backend) == "cpu", **overrides})
 
     def padded_vocab_size(self, vocab_size: int) -> int:
         """Rows of wte (and columns of lm_head): vocab_size rounded up to vocab_multiple."""
-        m = self.vocab_multiple
-        return -(-vocab_size // m) * m
+        return -(-vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def canonical_layout(self) -> bool:
         """Whether params in this layout are already the canonical ones (nothing to convert)."""
         return not self.scan_layers and self.vocab_multiple == 1 and self.linear_layout == "in_out"
-
-    def replace(self, **overrides: Any) -> "Options":
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown Options keys {sorted(unknown)}; valid keys: "
-                             f"{[f.name for f in dataclasses.fields(self)]}")
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Options":
-        return cls().replace(**d)
-
-
-# The keys GPTConfig carried before Options existed: old run directories' config.json still hold them
-LEGACY_KEYS = ("dtype", "matmul_precision", "attn_impl", "scan_layers", "scan_unroll", "remat", "vocab_multiple",
-               "linear_layout", "matvec")

@@ -9,7 +9,7 @@ import jax
 from gptjax import __version__, flags
 from gptjax.bench import BenchConfig
 from gptjax.config import GPTConfig
-from gptjax.flags import add, add_fields, positive_int
+from gptjax.flags import add, add_fields, add_flags, positive_int
 from gptjax.optim import OptimConfig
 from gptjax.options import Options
 from gptjax.tasks.classify import ClassifierTrainConfig
@@ -38,18 +38,15 @@ def _model_flags(p, *, context_length: int | None, drop_rate: float, init: str, 
     g = p.add_argument_group("model")
     if model is not None:
         add(g, "model", model or None, required=not model, help="base model: a GPT-2 size (gpt2-small|medium|large|"
-            "xl, downloaded), a GPT-2 hub id (owner/name), a local HF-format directory, .safetensors file or the book's "
-            ".pth, a gptjax run directory, or 'random' (a fresh GPT of the flags below)")
+            "xl, downloaded), a GPT-2 hub id (owner/name), a local HF-format directory, .safetensors file or the "
+            "book's .pth, a gptjax run directory, or 'random' (a fresh GPT of the flags below)")
     add(g, "preset", "gpt2-small")
-    add_fields(g, GPTConfig, only=("context_length", "emb_dim", "n_layers", "n_heads"), context_length=context_length,
-               emb_dim=None, n_layers=None, n_heads=None)
-    add_fields(g, GPTConfig, only=("drop_rate", "qkv_bias", "tie_embeddings", "init"), drop_rate=drop_rate, init=init)
+    add_fields(g, GPTConfig, skip=("vocab_size", "n_classes"), context_length=context_length, emb_dim=None,
+               n_layers=None, n_heads=None, drop_rate=drop_rate, init=init)
     add_fields(p.add_argument_group(OPTIONS_GROUP), Options, only=OPTION_FLAGS, linear_layout="auto")
     if lora:
-        g = p.add_argument_group("LoRA (the book's appendix E)")
-        add(g, "lora_rank", type=int)
-        add(g, "lora_alpha", type=float)
-        add(g, "lora_targets", type=str)
+        add_flags(p.add_argument_group("LoRA (the book's appendix E)"), lora_rank=int, lora_alpha=float,
+                  lora_targets=str)
 
 
 def _training_flags(p, tcfg_cls, out: str, skip_optim: tuple = ("decay_steps", "min_lr", "clip_after_warmup"),
@@ -61,27 +58,14 @@ def _training_flags(p, tcfg_cls, out: str, skip_optim: tuple = ("decay_steps", "
     g = p.add_argument_group("run directory, checkpoints, devices")
     add(g, "out", out)
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR", help=flags.HELP["resume"])
-    add(g, "step", type=positive_int)
-    add(g, "overwrite", False)
-    add(g, "quiet", False)
-    add(g, "sharding", "none")
-    add(g, "fsdp", type=int)
+    add_flags(g, step=positive_int, overwrite=False, quiet=False, sharding="none", fsdp=int)
 
 
 def _sampling_flags(p, max_new_tokens: int = 256) -> None:
     """Sampling, and the execution options of decoding (auto: the fastest for this backend)."""
-    g = p.add_argument_group(OPTIONS_GROUP)
-    add(g, "attn_impl", "auto")
-    add(g, "linear_layout", "auto")
-    add(g, "matvec", "auto")
-    g = p.add_argument_group("sampling")
-    add(g, "max_new_tokens", max_new_tokens)
-    add(g, "temperature", 0.0)
-    add(g, "top_k", type=int)
-    add(g, "top_p", type=float)
-    add(g, "seed", 123)
-    add(g, "weight_dtype", type=str)
-    add(g, "bpe_dir", type=str)
+    add_flags(p.add_argument_group(OPTIONS_GROUP), attn_impl="auto", linear_layout="auto", matvec="auto")
+    add_flags(p.add_argument_group("sampling"), max_new_tokens=max_new_tokens, temperature=0.0, top_k=int, top_p=float,
+              seed=123, weight_dtype=str, bpe_dir=str)
 
 
 def _add_pretrain(sub) -> None:
@@ -89,9 +73,7 @@ def _add_pretrain(sub) -> None:
     g = p.add_argument_group("data")
     add(g, "data", None, aliases=["--corpus"], help="text file, http(s) URL or 'hf:NAME[:CONFIG][:SPLIT]'; default: "
         "the book's the-verdict, shipped with gptjax")
-    add(g, "stride", type=int)
-    add(g, "train_frac", 0.9)
-    add(g, "bpe_dir", type=str)
+    add_flags(g, stride=int, train_frac=0.9, bpe_dir=str)
     g.add_argument("--model", "--init-from", dest="init_from", default=None, help="start from these weights instead "
                    "of a fresh init (continued pretraining): a GPT-2 size, hub id, local directory, the book's .pth or "
                    "a run; their architecture, cut to --context-length")
@@ -123,9 +105,7 @@ def _add_prepare(sub) -> None:
     add(p, "val_fraction", 0.005, help="fraction of the documents that go to the val split")
     add(p, "workers", type=int, help="tokenizing processes (default: the CPUs; 0: this process)")
     add(p, "text_field", "text", help="the text field of JSONL / Parquet records")
-    add(p, "bpe_dir", type=str)
-    add(p, "overwrite", False)
-    add(p, "quiet", False)
+    add_flags(p, bpe_dir=str, overwrite=False, quiet=False)
 
 
 def _add_evaluate(sub) -> None:
@@ -133,14 +113,14 @@ def _add_evaluate(sub) -> None:
     add(p, "model", required=True, help="a gptjax run directory, a GPT-2 size, hub id or local directory")
     add(p, "data", None, help="text file, http(s) URL, 'hf:NAME[:CONFIG][:SPLIT]' or a directory of token shards "
         "(`gptjax prepare`: its --split); default: the book's the-verdict, unless only --hellaswag is given")
-    add(p, "hellaswag", type=str)
+    add(p, "hellaswag")
     add(p, "limit", type=positive_int, help="with --hellaswag: score only the first N items")
     add(p, "split", "val", choices=["train", "val"], help="with token shards: the split to evaluate")
     add(p, "context_length", type=int, help="tokens per window (default: the model's)")
     add(p, "batch_size", 8)
     add(p, "max_batches", type=positive_int, help="evaluate only the first N batches")
-    add(p, "bpe_dir", type=str)
-    add(p, "out", type=str, help="also write the result to this JSON file")
+    add(p, "bpe_dir")
+    add(p, "out", help="also write the result to this JSON file")
     add(p, "overwrite", False)
 
 
@@ -158,8 +138,7 @@ def _add_model_commands(sub) -> None:
                 "hub into its cache", config=False)
     p.add_argument("size", help="gpt2-small|gpt2-medium|gpt2-large|gpt2-xl (or 124M|355M|774M|1558M), or the hub "
                    "repo id of any GPT-2-architecture model (e.g. distilbert/distilgpt2)")
-    add(p, "cache_dir", type=str, help="where to put them (default: the Hugging Face cache, $HF_HUB_CACHE or "
-        "$HF_HOME/hub)")
+    add(p, "cache_dir", help="where to put them (default: the Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub)")
 
     p = _parser(sub, "export", "export a model to a Hugging Face GPT-2 directory or the book's "
                 "safetensors", config=False)
@@ -176,9 +155,7 @@ def _add_bench(sub) -> None:
     skip = ("model_overrides", "variants", "qkv_bias", "lr", "weight_decay", "seed", "torch_process", "parts",
             "decode_batches", "weight_dtypes", "linear_layout")
     add_fields(p, BenchConfig, skip=skip)
-    add(p, "linear_layout", "auto")
-    add(p, "emb_dim", type=int)
-    add(p, "n_heads", type=int)
+    add_flags(p, linear_layout="auto", emb_dim=int, n_heads=int)
     add(p, "decode_batches", [1, 8], type=int, nargs="+", aliases=["--decode-batch"],
         help="batch sizes of the decode rows")
     add(p, "weight_dtypes", list(BenchConfig.weight_dtypes), nargs="+", choices=flags.WEIGHT_DTYPES,
@@ -189,7 +166,7 @@ def _add_bench(sub) -> None:
         "gptjax's in this process (same), or after them in their own process (apart); auto: apart on CPU")
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VAL[,KEY=VAL]",
                    help="another gptjax train config timed alongside, e.g. scan_layers=false (repeatable)")
-    add(p, "out", type=str, help="write OUT.json/.md/.png (default checkpoints/bench/bench_<platform>)")
+    add(p, "out", help="write OUT.json/.md/.png (default checkpoints/bench/bench_<platform>)")
 
 
 def _add_ch6(sub) -> None:
@@ -198,18 +175,17 @@ def _add_ch6(sub) -> None:
     g = p.add_argument_group("data")
     add(g, "data", "sms-spam", help="'sms-spam' (the UCI SMS Spam Collection, downloaded once), a CSV/TSV file, or "
         "'hf:NAME[:CONFIG][:SPLIT]'")
-    add(g, "labels", type=str, help="comma-separated label names in class order (default: ham,spam for sms-spam, "
+    add(g, "labels", help="comma-separated label names in class order (default: ham,spam for sms-spam, "
         "else the sorted label values)")
-    add(g, "label_col", type=str, help="label column: 0-based index or header name (default 0; 'label' for hf:)")
-    add(g, "text_col", type=str, help="text column: 0-based index or header name (default 1; 'text' for hf:)")
-    add(g, "sep", type=str, help="field separator (default: tab if the first line has one, else comma)")
+    add(g, "label_col", help="label column: 0-based index or header name (default 0; 'label' for hf:)")
+    add(g, "text_col", help="text column: 0-based index or header name (default 1; 'text' for hf:)")
+    add(g, "sep", help="field separator (default: tab if the first line has one, else comma)")
     add(g, "no_balance", False, help="keep all examples instead of undersampling to the smallest class")
-    add(g, "train_frac", 0.7)
-    add(g, "val_frac", 0.1)
+    add_flags(g, train_frac=0.7, val_frac=0.1)
     add(g, "max_length", type=int, help="pad/truncate to this many tokens (default: the longest training example, "
         "capped at the context length)")
-    add(g, "bpe_dir", type=str)
-    add(g, "train", type=str, help="base parameters to train: last-block (the book: last block, final LayerNorm, "
+    add(g, "bpe_dir")
+    add(g, "train", help="base parameters to train: last-block (the book: last block, final LayerNorm, "
         "head), last-N, all, head, or none; default last-block, or none with --lora-rank")
     _model_flags(p, context_length=None, drop_rate=0.0, init="gpt2", model="gpt2-small", lora=True)
     _training_flags(p, ClassifierTrainConfig, "checkpoints/classifier", lr=None)
@@ -218,17 +194,15 @@ def _add_ch6(sub) -> None:
     add(p, "model", required=True, aliases=["--run"], help="run directory of `gptjax finetune-classifier`")
     p.add_argument("text", nargs="*", help="texts to classify (default: one per line on stdin); prints "
                    "label<TAB>probability<TAB>text")
-    add(p, "bpe_dir", type=str)
+    add(p, "bpe_dir")
 
 
 def _ch7_training(p, tcfg_cls, *, model: str, out: str) -> None:
     g = p.add_argument_group("batches")
-    add(g, "style", type=str)
+    add(g, "style")
     add(g, "pad_multiple", 64, type=positive_int)
     add(g, "allowed_max_length", 1024, type=positive_int)
-    add(g, "limit", type=positive_int)
-    add(g, "bpe_dir", type=str)
-    add(g, "no_respond", False)
+    add_flags(g, limit=positive_int, bpe_dir=str, no_respond=False)
     add(g, "max_new_tokens", 256, help="tokens per test-set response")
     _model_flags(p, context_length=None, drop_rate=0.0, init="gpt2", model=model, lora=True)
     _training_flags(p, tcfg_cls, out)
@@ -243,8 +217,7 @@ def _add_ch7(sub) -> None:
         "'instruction' (exercise 7.2) or 'prompt' (the response header too)")
     _ch7_training(p, InstructTrainConfig, model="gpt2-medium", out="checkpoints/instruct")
 
-    p = _parser(sub, "dpo", "preference tuning with DPO (the book's chapter-7 bonus), from an "
-                "instruction-tuned model")
+    p = _parser(sub, "dpo", "preference tuning with DPO (the book's chapter-7 bonus), from an instruction-tuned model")
     add(p, "data", "default", help="'default' (the book's instruction-data-with-preference.json), or a JSON "
         "file/URL of {instruction, input, chosen, rejected} records, or 'hf:NAME'")
     add(p, "no_mask_prompt", False, help="score the prompt tokens too (the book masks them)")
@@ -254,14 +227,12 @@ def _add_ch7(sub) -> None:
                 "instruction-data-with-response.json")
     add(p, "model", required=True, aliases=["--run"], help="a finetune-instruct/dpo run directory (or any --model "
         "of generate)")
-    add(p, "data", type=str, help="JSON of {instruction, input[, output]} records to answer (default: the test "
+    add(p, "data", help="JSON of {instruction, input[, output]} records to answer (default: the test "
         "split of the run's data)")
-    add(p, "out", type=str, help="output JSON (default: MODEL/responses.json)")
-    add(p, "overwrite", False)
-    add(p, "style", type=str)
+    add(p, "out", help="output JSON (default: MODEL/responses.json)")
+    add_flags(p, overwrite=False, style=str)
     add(p, "batch_size", 8, type=positive_int, help="prompts decoded together")
-    add(p, "limit", type=positive_int)
-    add(p, "quiet", False)
+    add_flags(p, limit=positive_int, quiet=False)
     _sampling_flags(p)
 
     p = _parser(sub, "judge", "score responses 0-100 with an LLM judge (the book's prompt; Ollama or "
@@ -272,20 +243,17 @@ def _add_ch7(sub) -> None:
     add(p, "url", "http://localhost:11434", help="the judge: an Ollama server (the book's; or its /api/chat URL), "
         "or an OpenAI-compatible server's .../v1 URL (vLLM, llama.cpp's server; sends $OPENAI_API_KEY when set)")
     add(p, "offline", False, help="no judge: only exact match and ROUGE-L (and, with --model, the reference loss)")
-    add(p, "model", type=str, aliases=["--run"], help="also report the loss/perplexity of the reference answers "
+    add(p, "model", aliases=["--run"], help="also report the loss/perplexity of the reference answers "
         "under this gptjax model")
-    add(p, "style", type=str)
-    add(p, "limit", type=positive_int)
+    add_flags(p, style=str, limit=positive_int)
     add(p, "timeout", 60.0, help="seconds to wait for each judge reply")
-    add(p, "out", type=str, help="scores JSON (default: DATA-scores.json)")
-    add(p, "overwrite", False)
-    add(p, "bpe_dir", type=str)
-    add(p, "quiet", False)
+    add(p, "out", help="scores JSON (default: DATA-scores.json)")
+    add_flags(p, overwrite=False, bpe_dir=str, quiet=False)
 
     p = _parser(sub, "chat", "talk to an instruction-tuned model; answers stream token by token")
     add(p, "model", required=True, help="a finetune-instruct/dpo run directory, a GPT-2 size or hub id, or local "
         "weights")
-    add(p, "style", type=str)
+    add(p, "style")
     _sampling_flags(p)
 
 
@@ -294,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(From Scratch)' in JAX.")
     parser.add_argument("--version", action="version", version=f"gptjax {__version__} (jax {jax.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add_commands in (_add_prepare, _add_pretrain, _add_evaluate, _add_model_commands, _add_bench, _add_ch6, _add_ch7):
+    for add_commands in (_add_prepare, _add_pretrain, _add_evaluate, _add_model_commands, _add_bench, _add_ch6,
+                         _add_ch7):
         add_commands(sub)
     return parser

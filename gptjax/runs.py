@@ -28,26 +28,20 @@ class RunLockedError(RuntimeError):
     """Another live process holds the run directory."""
 
 
-def _locked_by(out_dir: Path) -> str | None:
-    """The process id another live process wrote in out_dir's lock file, if it holds the lock."""
-    path = out_dir / LOCK_FILE
-    if out_dir.resolve() in _held or not path.is_file():
-        return None
+def check_not_running(out_dir: str | Path) -> None:
+    """Raise RunLockedError, naming its process id, when another live process holds `out_dir` (takes nothing)."""
+    path = Path(out_dir) / LOCK_FILE
+    if Path(out_dir).resolve() in _held or not path.is_file():
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        raise RunLockedError(f"{str(out_dir)!r} is in use by a live run (process {pid}); wait for it to finish or "
+                             f"stop it (kill -INT {pid} saves a checkpoint), or choose another --out") from None
     finally:
         os.close(fd)
-    return None
-
-
-def check_not_running(out_dir: str | Path) -> None:
-    """Raise RunLockedError when a live process runs in `out_dir` (read-only: takes nothing)."""
-    if (pid := _locked_by(Path(out_dir))) is not None:
-        raise RunLockedError(f"{str(out_dir)!r} is in use by a live run (process {pid}); wait for it to finish or "
-                             f"stop it (kill -INT {pid} saves a checkpoint), or choose another --out")
 
 
 def lock_run_dir(out_dir: str | Path) -> None:
@@ -76,13 +70,10 @@ def release_run_dir(out_dir: str | Path) -> None:
 
 def check_output(out: str | Path, inputs: Sequence[str | Path | None], *, directory: bool = False,
                  overwrite: bool = False) -> Path:
-    """`out` unless it is one of the command's `inputs` (or, for a `directory` output that replaces what
-    it holds, one inside the other), or an existing file (a file output) and not `overwrite`: then one clear
-    error, before anything is written."""
+    """`out`, checked before anything is written: one clear error when it is one of the command's `inputs` (for
+    a `directory` output, also one inside the other) or, unless `overwrite`, an existing file or non-empty directory."""
     target = Path(out).resolve()
-    for source in inputs:
-        if source is None:
-            continue
+    for source in (i for i in inputs if i is not None):
         s = Path(source).resolve()
         if target == s or (directory and (s in target.parents or target in s.parents)):
             raise ValueError(f"--out {str(out)!r} would overwrite the input {str(source)!r}; choose another --out")
@@ -92,17 +83,9 @@ def check_output(out: str | Path, inputs: Sequence[str | Path | None], *, direct
     return Path(out)
 
 
-def ended_status(e: BaseException) -> str:
-    """config.json's status for a run that raised `e`."""
-    if isinstance(e, KeyboardInterrupt):  # gptjax.checkpoint.TrainingInterrupted is one
-        return "interrupted"
-    return "diverged" if isinstance(e, FloatingPointError) else "failed"
-
-
 def run_task(fn: Callable) -> Callable:
-    """A task's entry point (its `out_dir` argument is the run directory): the directory's lock, taken when
-    the task creates it (`prepare_out_dir`), is released when the task returns or raises, and a run that
-    raises leaves its config.json saying how it ended."""
+    """Decorates a task's entry point (its `out_dir` argument is the run directory): the lock the task takes
+    (`prepare_out_dir`) is released when it returns or raises, and a run that raises records how it ended."""
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -112,8 +95,9 @@ def run_task(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except BaseException as e:
-            if out_dir.resolve() in _held:  # this run wrote the directory: say how it ended
-                set_status(out_dir, ended_status(e))
+            if out_dir.resolve() in _held:  # this run wrote the directory (TrainingInterrupted is a KeyboardInterrupt)
+                set_status(out_dir, "interrupted" if isinstance(e, KeyboardInterrupt) else
+                           "diverged" if isinstance(e, FloatingPointError) else "failed")
             raise
         finally:
             if not held_before:
@@ -222,11 +206,12 @@ def check_resume_inputs(out_dir: str | Path, header: dict[str, Any]) -> None:
         if a and b and a != b:
             changed.append(f"the data differs from what it was trained on (sha256 {a[:12]}... vs {b[:12]}...)")
         a, b = now.get("base_model"), was.get("base_model")
-        same_weights = now.get("base_sha256") and now.get("base_sha256") == was.get("base_sha256")
-        if now.get("base_sha256") and was.get("base_sha256") and not same_weights:
+        sha, sha_was = now.get("base_sha256"), was.get("base_sha256")
+        if sha and sha_was and sha != sha_was:
             changed.append(f"the base model's weights differ from those it was trained from ({a!r}, sha256 "
-                           f"{now['base_sha256'][:12]}... vs {was['base_sha256'][:12]}...)")
-        elif a and b and a != b and not same_weights and not (Path(a).exists() and Path(a).resolve() == Path(b).resolve()):
+                           f"{sha[:12]}... vs {sha_was[:12]}...)")
+        elif a and b and a != b and not (sha and sha == sha_was) and not (
+                Path(a).exists() and Path(a).resolve() == Path(b).resolve()):
             changed.append(f"the base model is {a!r} but it was trained from {b!r}")
     if changed:
         raise ValueError(f"cannot resume {str(out_dir)!r}: {'; '.join(changed)}. Resume with the original data and "
@@ -252,7 +237,7 @@ def truncate_jsonl(path: str | Path, steps_done: int) -> None:
 
 
 def plot_curves(x: Sequence[float], curves: dict[str, Sequence[float]], path: str | Path, *, xlabel: str = "Steps",
-                ylabel: str = "Loss", twin: tuple[Sequence[float], str] | None = None, title: str | None = None) -> None:
+                ylabel: str = "Loss", twin: tuple[Sequence[float], str] | None = None) -> None:
     """The book's plot_losses / plot_values: curves against `x`, with a second x-axis (`twin`: values
     and label, e.g. tokens or examples seen) on top."""
     import matplotlib
@@ -269,17 +254,14 @@ def plot_curves(x: Sequence[float], curves: dict[str, Sequence[float]], path: st
         ax2 = ax1.twiny()
         ax2.plot(twin[0], next(iter(curves.values())), alpha=0)
         ax2.set_xlabel(twin[1])
-    if title:
-        ax1.set_title(title)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:], dpi=100))
     plt.close(fig)
 
 
 def plot_history(history: dict, path: str | Path, keys: Sequence[tuple[str, str]] = (
-        ("train_loss", "Training loss"), ("val_loss", "Validation loss")), ylabel: str = "Loss",
-        title: str | None = None) -> None:
+        ("train_loss", "Training loss"), ("val_loss", "Validation loss")), ylabel: str = "Loss") -> None:
     """Metrics of a run's eval records against steps, tokens seen on a twin x-axis."""
     curves = {label: history[k] for k, label in keys if k in history}
-    plot_curves(history["step"], curves, path, ylabel=ylabel, title=title,
+    plot_curves(history["step"], curves, path, ylabel=ylabel,
                 twin=(history["tokens_seen"], "Tokens seen") if history.get("tokens_seen") else None)

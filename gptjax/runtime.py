@@ -19,6 +19,9 @@ import jax
 from gptjax.cache import cache_dir as gptjax_cache_dir
 from gptjax.cpu.flags import set_cpu_flags
 
+_CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes")
+
 
 def default_cache_dir() -> Path:
     """The persistent compilation cache's default: jax/ in gptjax's cache root (gptjax.cache)."""
@@ -26,10 +29,8 @@ def default_cache_dir() -> Path:
 
 
 def enable_compilation_cache(cache_dir: str | Path | None = None, min_compile_time_s: float = 0.5) -> Path | None:
-    """Persist compiled programs across processes (a re-run skips XLA compilation).
-
-    `cache_dir` defaults to $GPTJAX_CACHE_DIR or jax/ in the cache root; GPTJAX_CACHE_DIR="" turns it off.
-    """
+    """Persist compiled programs across processes (a re-run skips XLA compilation). `cache_dir` defaults to
+    $GPTJAX_CACHE_DIR or jax/ in the cache root; GPTJAX_CACHE_DIR="" turns it off."""
     if cache_dir is None:
         env = os.environ.get("GPTJAX_CACHE_DIR")
         if env == "":
@@ -43,22 +44,16 @@ def enable_compilation_cache(cache_dir: str | Path | None = None, min_compile_ti
                       f"set GPTJAX_CACHE_DIR to a writable directory", stacklevel=2)
         return None
     _reset_opened_cache()
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    for key, value in zip(_CACHE_KEYS, (str(path), min_compile_time_s, 0)):
+        jax.config.update(key, value)
     return path
 
 
-_CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-               "jax_persistent_cache_min_entry_size_bytes")
-
-
 def _reset_opened_cache() -> None:
-    try:  # a cache already opened in this process keeps its directory until reset
+    # a cache already opened in this process keeps its directory until reset (errors: the private API moved)
+    with contextlib.suppress(ImportError, AttributeError):
         from jax._src import compilation_cache
         compilation_cache.reset_cache()
-    except (ImportError, AttributeError):  # private API moved
-        pass
 
 
 @contextlib.contextmanager

@@ -1,14 +1,11 @@
 """Device mesh, data-parallel and FSDP shardings, sharded checkpoints, multi-host start.
 
-The mesh has two axes, `data` x `fsdp`. The batch is split over both (each device gets B / n_devices
-rows). Parameters and optimizer state are either replicated ("dp": every device holds the whole state,
-gradients are all-reduced) or sharded over `fsdp` ("fsdp", ZeRO-3: each array split along its largest
-dimension divisible by the fsdp axis size; XLA all-gathers weights where they are used and
-reduce-scatters gradients). `make_mesh("dp")` is n x 1, `make_mesh("fsdp")` is 1 x n, and
-`make_mesh("fsdp", fsdp=8)` on 32 devices is hybrid: FSDP inside groups of 8, data parallel across them.
-
-Nothing here communicates by hand: the engine (gptjax.engine.Steps) jits its steps with these in/out
-shardings and XLA inserts the collectives; jax.distributed runs the processes.
+The mesh has two axes, `data` x `fsdp`; the batch is split over both (B / n_devices rows per device).
+Parameters and optimizer state are replicated ("dp": gradients are all-reduced) or sharded over `fsdp`
+("fsdp", ZeRO-3: each array split along its largest dimension divisible by the fsdp axis size; XLA
+all-gathers weights where they are used and reduce-scatters gradients). Nothing here communicates by
+hand: the engine (gptjax.engine.Steps) jits its steps with these in/out shardings and XLA inserts the
+collectives; jax.distributed runs the processes.
 """
 from __future__ import annotations
 
@@ -26,27 +23,20 @@ BATCH_AXES = (DATA, FSDP)  # the batch dimension is split over every device of t
 STRATEGIES = ("dp", "fsdp")
 
 
-# ---------------------------------------------------------------------------------------- multi-host
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, force: bool = False) -> bool:
-    """Join a multi-process run through `jax.distributed.initialize`; True when this is one.
-
-    Call it first, before anything touches a device. The settings come from the arguments, else from
-    JAX_COORDINATOR_ADDRESS ("host:port" of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID; on SLURM
-    (srun, one task per GPU or host) and Open MPI jax finds them itself, and `force` (or GPTJAX_DISTRIBUTED=1)
-    asks it to, as on a Cloud TPU pod slice. With none of these it does nothing: one process, all local devices.
-    """
+def initialize_distributed() -> bool:
+    """Join a multi-process run through `jax.distributed.initialize` (call it before anything touches a device);
+    True when this is one. JAX_COORDINATOR_ADDRESS ("host:port" of process 0), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID give the settings; on SLURM (srun) and Open MPI jax finds them itself, and GPTJAX_DISTRIBUTED=1
+    asks it to, as on a Cloud TPU pod slice. With none of these: one process, all local devices."""
     if jax.distributed.is_initialized():
         return True
     env = os.environ
-    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
-    num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
-    process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    coordinator_address = env.get("JAX_COORDINATOR_ADDRESS")
+    num_processes, process_id = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
     slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env
     mpi = int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    force = force or env.get("GPTJAX_DISTRIBUTED", "") not in ("", "0")
+    force = env.get("GPTJAX_DISTRIBUTED", "") not in ("", "0")
     if explicit:
         if None in (coordinator_address, num_processes, process_id):
             raise ValueError(
@@ -66,22 +56,16 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
-    if value is None:
-        return None
     try:
-        return int(value)
+        return None if value is None else int(value)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
-# ------------------------------------------------------------------------------------ mesh, shardings
-
 def make_mesh(strategy: str = "dp", fsdp: int | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: every device of every process).
-
-    `fsdp` is the size of the parameter-sharding axis: 1 for "dp", all devices for "fsdp" unless given
-    (a divisor of the device count gives hybrid sharding: FSDP inside a group, replicas across groups).
-    """
+    """A (data, fsdp) mesh over `devices` (default: every device of every process). `fsdp` is the size of the
+    parameter-sharding axis: 1 for "dp", all devices for "fsdp" unless given (a divisor of the device count
+    gives hybrid sharding: FSDP inside a group, replicas across groups)."""
     _check_strategy(strategy)
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -96,13 +80,12 @@ def make_mesh(strategy: str = "dp", fsdp: int | None = None, devices: Sequence[A
     return jax.make_mesh((n // fsdp, fsdp), (DATA, FSDP), axis_types=auto, devices=devices)
 
 
-def mesh_for(strategy: str, fsdp: int | None = None, batch_size: int | None = None) -> Mesh | None:
+def mesh_for(strategy: str, fsdp: int | None, batch_size: int) -> Mesh | None:
     """The mesh a run over every device uses ("dp" / "fsdp"), checked against its batch; None for "none"."""
     if strategy == "none":
         return None
     mesh = make_mesh(strategy, fsdp=fsdp)
-    if batch_size is not None:
-        check_batch(batch_size, mesh)
+    check_batch(batch_size, mesh)
     return mesh
 
 
@@ -132,12 +115,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def state_shardings(abstract: Any, mesh: Mesh, strategy: str) -> Any:
-    """Shardings of a TrainState: params and optimizer state by `strategy`, step and PRNG key replicated.
-
-    Adam's moments have the params' shapes, so the shape rule gives them the params' shardings and the
-    update is local to each shard.
-    """
-    _check_strategy(strategy)
+    """Shardings of a TrainState: params and optimizer state by `strategy` (Adam's moments, shaped like the
+    params, get their shardings, so the update is local to each shard), step and PRNG key replicated."""
     if strategy == "fsdp" and mesh.shape[FSDP] == 1 and mesh.size > 1:
         raise ValueError("strategy 'fsdp' needs a mesh with an fsdp axis > 1; build it with make_mesh('fsdp')")
     return abstract.replace(step=replicated(mesh), key=replicated(mesh),
@@ -178,11 +157,8 @@ def local_rows(global_batch: int, mesh: Mesh) -> slice:
 
 def shard_batch(batch: Any, mesh: Mesh, local: bool = False) -> Any:
     """Global arrays split over the batch axes, from host arrays (B, ...) (a tuple (x, y), any pytree).
-
-    `local=False`: every process passes the same global batch (the book's loaders, seeded, give that) and
-    keeps its own rows; `local=True`: each process passes only its rows (B / n_processes of them), as a
-    loader that reads just `local_rows` of the data does.
-    """
+    `local=False`: every process passes the same global batch (the book's seeded loaders give that) and keeps
+    its own rows; `local=True`: each process passes only its B / n_processes rows (a `local_rows` loader)."""
     sharding = batch_sharding(mesh)
 
     def put(a):
@@ -212,13 +188,9 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-# ------------------------------------------------------------------------------------- checkpoints
-
 def save_state(path: str | Path, state: Any) -> Path:
     """Write a sharded pytree with Orbax: every process writes its own shards, nothing is gathered.
-
-    All processes must call it (same path, a file system they share).
-    """
+    All processes must call it (same path, a file system they share)."""
     path = Path(path).absolute()
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(path, state, force=True)
@@ -227,8 +199,6 @@ def save_state(path: str | Path, state: Any) -> Path:
 
 
 def restore_state(path: str | Path, target: Any) -> Any:
-    """Read a checkpoint into `target`'s shardings (e.g. `engine.Steps.restore_target()` of another mesh).
-
-    Each device reads only its own shard, so a state written on 8 devices restores onto 1 or 4.
-    """
+    """Read a checkpoint into `target`'s shardings (e.g. `engine.Steps.restore_target()` of another mesh);
+    each device reads only its own shard, so a state written on 8 devices restores onto 1 or 4."""
     return ocp.StandardCheckpointer().restore(Path(path).absolute(), target)

@@ -11,6 +11,7 @@ import contextlib
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import multiprocessing
 import os
@@ -53,8 +54,7 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | Sequence[int]) -> 
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(memoryview(data).cast("B"))
+            f.writelines((header, memoryview(data).cast("B")))
 
     runs.write_atomic(path, write)
     return h.hexdigest()
@@ -93,9 +93,8 @@ def _resolve(sources: Sequence[str | os.PathLike]) -> list[dict]:
             entries.append({"hf": s})
             continue
         pattern = os.path.expanduser(s)
-        paths = (sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-                 if any(c in pattern for c in "*?[") else [pattern] if os.path.isfile(pattern) else [])
-        if not paths:
+        paths = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
+        if not (paths := [p for p in paths if os.path.isfile(p)]):
             raise FileNotFoundError(f"source {s!r} is no file and no glob that matches files; pass text files, "
                                     f".jsonl, .parquet, globs of them, or 'hf:NAME[:CONFIG][:SPLIT]'")
         for p in (p for p in map(os.path.abspath, paths) if p not in seen):
@@ -161,17 +160,10 @@ def _documents(entries: list[dict], field: str) -> Iterator[str]:
             raise ValueError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8 first") from None
 
 
-_ENC = None
-
-
-def _init_worker(bpe_dir: str | None) -> None:
-    global _ENC
-    _ENC = get_gpt2_tokenizer(bpe_dir)
-
-
-def _encode(texts: list[str], enc: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def _encode(texts: list[str], bpe_dir: Any) -> tuple[np.ndarray, np.ndarray]:
     """All documents' ids, each led by <|endoftext|>, as one uint16 array, and each document's length."""
-    docs = [[EOT, *(enc or _ENC).encode_ordinary(t)] for t in texts]
+    enc = get_gpt2_tokenizer(bpe_dir)  # cached: loaded once per worker process
+    docs = [[EOT, *enc.encode_ordinary(t)] for t in texts]
     return np.array([i for doc in docs for i in doc], np.uint16), np.array([len(doc) for doc in docs], np.int64)
 
 
@@ -215,14 +207,11 @@ def _read_record(out_dir: Path) -> dict | None:
 
 def _kept_shards(out_dir: Path, record: dict | None) -> dict[str, list[dict]]:
     """Per split, the longest prefix of the record's shards that are on disk with their recorded sha256."""
-    kept = {s: [] for s in SPLITS}
-    for split in SPLITS:
-        for sh in (record or {}).get("splits", {}).get(split, {}).get("shards", []):
-            p = out_dir / sh["name"]
-            if not (p.is_file() and file_sha256(p) == sh["sha256"]):
-                break
-            kept[split].append(sh)
-    return kept
+    def intact(sh: dict) -> bool:
+        return (out_dir / sh["name"]).is_file() and file_sha256(out_dir / sh["name"]) == sh["sha256"]
+
+    splits = (record or {}).get("splits", {})
+    return {s: list(itertools.takewhile(intact, splits.get(s, {}).get("shards", []))) for s in SPLITS}
 
 
 def _is_val(i: int, frac: Fraction) -> bool:
@@ -237,20 +226,18 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
             progress: bool = True) -> dict:
     """Tokenize `sources` into GPT-2 shards in `out_dir`; returns (and writes last) meta.json.
 
-    Sources: text files (one document each), .jsonl (`text_field` per line), .parquet (`text_field`
-    column), globs of them, or 'hf:NAME[:CONFIG][:SPLIT]' (streamed). Every document is led by
-    <|endoftext|>; documents 0, 1/f, 2/f, ... (f = val_fraction) validate. Each split's token stream is cut
-    into train_NNNNNN.bin / val_NNNNNN.bin of `shard_tokens` tokens (the last shorter). `workers` processes
-    tokenize (default: one per CPU; 0: this process). Memory: two shard buffers (2 bytes a token) and
-    ~2*workers batches of ~1 MB of text in flight.
+    Sources: text files (one document each), .jsonl (`text_field` per line), .parquet (`text_field` column),
+    globs of them, or 'hf:NAME[:CONFIG][:SPLIT]' (streamed). Every document is led by <|endoftext|>; documents
+    0, 1/f, 2/f, ... (f = val_fraction) validate. Each split's token stream is cut into {train,val}_NNNNNN.bin
+    of `shard_tokens` tokens (the last shorter). `workers` processes tokenize (default: one per CPU; 0: this
+    process); memory: two shard buffers and ~2*workers batches of ~1 MB of text in flight.
 
-    Resume: after each full shard, prepare-progress.json records the shards so far (sha256, and where
-    the next one starts in the document stream). A re-run with the same sources and settings keeps the
-    recorded shards whose sha256 still match, deletes the rest (and temp files), skips the documents
-    before the resume point without tokenizing them, and writes byte-identical shards to an
-    uninterrupted run (an `hf:` stream is read again from its start, but not tokenized up to there). A
-    finished out_dir with the same sources (paths, sizes, mtimes) and settings is a no-op; one with
-    others is refused unless `overwrite` (a partial one is restarted). One prepare per out_dir at a time.
+    Resume: after each full shard, prepare-progress.json records the shards so far and where the next one
+    starts in the document stream. A re-run with the same sources and settings keeps the recorded shards whose
+    sha256 still match, deletes the rest, skips the documents before the resume point without tokenizing
+    them, and writes the same bytes as an uninterrupted run. A finished out_dir with the same sources (paths,
+    sizes, mtimes) and settings is a no-op; one with others is refused unless `overwrite`. One prepare per
+    out_dir at a time.
     """
     out_dir = Path(out_dir)
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
@@ -307,13 +294,12 @@ def _tokenize(docs: Iterator[str], writers: dict, n_docs: dict, frac: Fraction, 
               progress: bool) -> None:
     """Documents -> batches of ~1 MB -> `workers` processes -> the split writers, in document order."""
     from tqdm.auto import tqdm
-    enc = None if workers else get_gpt2_tokenizer(bpe_dir)
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (bpe_dir,)) if workers else None
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers else None
     bar = tqdm(disable=not progress, desc="prepare", unit="tok", unit_scale=True)
     pending: collections.deque = collections.deque()  # bounded: Pool.imap would read the whole corpus ahead
 
     def submit(plan: list, texts: list, drain: bool = False) -> None:
-        pending.append((plan, pool.apply_async(_encode, (texts,)) if pool else _encode(texts, enc)))
+        pending.append((plan, pool.apply_async(_encode, (texts, bpe_dir)) if pool else _encode(texts, bpe_dir)))
         while len(pending) > (0 if drain else 2 * workers):
             plan, job = pending.popleft()
             ids, lens = job.get() if pool else job
@@ -417,8 +403,7 @@ class ShardDataset:
         return self.batch(epoch * len(self) + i)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for i in range(start, len(self)):
-            yield self.batch_at(epoch, i)
+        return (self.batch_at(epoch, i) for i in range(start, len(self)))
 
     def val_batches(self, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """n fixed batches at evenly spaced windows over the whole split, the same for every seed (windows
@@ -428,7 +413,7 @@ class ShardDataset:
         return [self.windows(r) for r in rows]
 
 
-class Prefetch:
+class Prefetch(contextlib.AbstractContextManager):
     """Batches of steps [start, stop) made and put on device by a background thread, `depth` ahead.
 
     Iterate it for the device batches in step order; `waits[i]` is how long the consumer waited for
@@ -483,9 +468,6 @@ class Prefetch:
             while True:
                 self._q.get_nowait()
         self._thread.join(timeout=5)
-
-    def __enter__(self) -> Prefetch:
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

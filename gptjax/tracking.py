@@ -53,7 +53,6 @@ class TensorBoardWriter:
     TensorBoard drops what the run logged from there on before it was stopped."""
 
     def __init__(self, out_dir: Path, config: dict, start_step: int = 0):
-        require("tensorboard")
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=start_step or None, flush_secs=10)
@@ -85,7 +84,6 @@ class WandbWriter:
     its config; its files go to out_dir/wandb. A resumed run is a new W&B run from its checkpoint's step."""
 
     def __init__(self, out_dir: Path, config: dict):
-        require("wandb")
         wandb = importlib.import_module("wandb")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gptjax"), name=out_dir.resolve().name,
                               dir=str(out_dir), config=config, mode=wandb_mode())
@@ -102,6 +100,4 @@ def make_writer(kind: str, out_dir: str | Path, config: dict, *, start_step: int
     require(kind)
     if kind == "tensorboard":
         return TensorBoardWriter(Path(out_dir), config, start_step)
-    if kind == "wandb":
-        return WandbWriter(Path(out_dir), config)
-    return NullWriter()
+    return WandbWriter(Path(out_dir), config) if kind == "wandb" else NullWriter()

@@ -225,6 +225,16 @@ def test_config_file_replays_a_run_and_the_command_line_wins(tmp_path, corpus, c
     assert "--epochs: invalid int value: 'many'" in capsys.readouterr().err
 
 
+def test_config_file_switches_take_the_flag_their_dest_is_named_for(tmp_path):
+    """`async_checkpoint = true` is --async-checkpoint, not --sync-checkpoints (the same dest)."""
+    from gptjax.cli import parse_args
+
+    for value in (True, False):
+        path = tmp_path / f"{value}.toml"
+        path.write_text(f"async_checkpoint = {str(value).lower()}\n")
+        assert parse_args(["pretrain", "--config", str(path)]).async_checkpoint is value
+
+
 def test_evaluate_matches_transformers_and_pretraining_continues_from_a_model(tmp_path, corpus, capsys):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

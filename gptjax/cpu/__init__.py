@@ -16,25 +16,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax.cpu import linear, matvec
+from gptjax.cpu import matvec
 from gptjax.cpu.barrier import grad_barrier
-from gptjax.cpu.linear import LinearOutIn, bf16_product, product_out_in, quantize_weights
+from gptjax.cpu.linear import LinearOutIn, bf16_product, dense, product_out_in, quantize_weights
 from gptjax.options import Options
 
 __all__ = ["dense", "Embed", "tied_head", "block_input", "fastest_linear_layout", "kernel_available", "grad_barrier",
            "bf16_product", "product_out_in", "LinearOutIn", "quantize_weights", "quantize_int8"]
 
 quantize_int8 = matvec.quantize_int8
-
-
-def dense(opts: Options, features: int, name: str, *, use_bias: bool = True, f32_out: bool = False,
-          dtype: Any = None, **inits) -> nn.Module:
-    """The Flax module of one projection (..., in) -> (..., features), laid out and multiplied as `opts`
-    say (in_out: nn.Dense; out_in: `LinearOutIn`; bfloat16 operands; the C++ matvec), computed in
-    `dtype` (default opts.dtype), float32 out with `f32_out`; `inits`: kernel_init / bias_init."""
-    return linear.dense(features, name, dtype=jnp.dtype(dtype or opts.dtype), linear_layout=opts.linear_layout,
-                matvec=opts.matvec, matmul_precision=opts.matmul_precision, use_bias=use_bias, f32_out=f32_out,
-                **inits)
 
 
 class Embed(nn.Module):
@@ -66,9 +56,8 @@ def block_input(x_BTD: jax.Array, opts: Options) -> jax.Array:
 
 
 def fastest_linear_layout() -> str:
-    """The kernel layout that runs faster on JAX's backend: "out_in" on CPU, where it made gpt2-small
-    decoding 8% and its train step 12-15% faster on two cores (experiments/decode_layout_cpu.py,
-    experiments/cpu_train_apart.py); "in_out" elsewhere. Asked when options are built."""
+    """The kernel layout that runs faster on JAX's backend, asked when options are built: "out_in" on CPU
+    (experiments/decode_layout_cpu.py, experiments/cpu_train_apart.py), "in_out" elsewhere."""
     return "out_in" if jax.default_backend() == "cpu" else "in_out"
 
 

@@ -9,13 +9,11 @@ import jax.numpy as jnp
 def grad_barrier(x: jax.Array) -> jax.Array:
     """Identity whose gradient XLA must materialise: no backward-pass fusion reaches across it.
 
-    Why: XLA:CPU otherwise fuses the residual stream's gradient through every later block's
-    layer-norm and dropout backward into each earlier block's weight-gradient operand, recomputing
-    the whole chain once per block (quadratic in depth, with transposed reads): 1.15 s of a 4.3 s
-    gpt2-small step on two cores (experiments/cpu_step_profile.py). Optimization barriers do not
-    stop it (XLA:CPU removes them before fusing), so the gradient goes through a while loop whose
-    trip count XLA cannot know (0 unless the first element is NaN) and whose body it cannot prove is
-    the identity (it is).
+    Why: XLA:CPU otherwise fuses the residual stream's gradient through every later block's layer-norm
+    and dropout backward into each earlier block's weight-gradient operand, recomputing the whole chain
+    once per block (quadratic in depth; experiments/cpu_step_profile.py). Optimization barriers do not
+    stop it (XLA:CPU removes them before fusing), so the gradient goes through a while loop whose trip
+    count XLA cannot know (0 unless the first element is NaN) and whose body it cannot prove is the identity.
     """
     return x
 

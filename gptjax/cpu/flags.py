@@ -4,13 +4,10 @@ from __future__ import annotations
 import os
 import warnings
 
-# XLA:CPU (jaxlib 0.10-0.12) hands dots and reductions to YNNPACK by default. Its reduce took ~4 s of
-# a ~9 s gpt2-small train step on two cores (the grad-norm sum of squares over the (768, 50257) head
-# gradient); "individual_dot" keeps YNNPACK for matmuls and drops the reduce: measured 2x faster
-# train steps than the default. It ties with "dot" (matmuls fused with their elementwise neighbours)
-# in float32 (experiments/cpu_train_flags.py), and only it runs bfloat16 products on AMX: 5x faster
-# than "dot" on a (512, 768) x (768, 3072) product (experiments/cpu_matmul_flags.py), 2.5x on a train
-# step with matmul_precision="bfloat16" (experiments/cpu_bf16_train.py).
+# XLA:CPU (jaxlib 0.10-0.12) hands dots and reductions to YNNPACK by default, and its reduce is slow (the
+# grad-norm sum of squares over the LM head's gradient). "individual_dot" keeps YNNPACK for matmuls only,
+# which makes train steps much faster and is the only setting that runs bfloat16 products on AMX
+# (experiments/cpu_train_flags.py, cpu_matmul_flags.py, cpu_bf16_train.py).
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot",)
 
 

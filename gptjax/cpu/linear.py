@@ -10,17 +10,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax.config import GPTConfig
 from gptjax.cpu import matvec as cpu_matvec
+from gptjax.options import Options
 
 
 def _transposed(a: jax.Array) -> jax.Array:
-    """a.T of a 2-D array, written so that XLA makes the copy instead of folding the transpose into the next dot.
-
-    Why: XLA:CPU (with YNNPACK) runs a bfloat16 product that contracts the leading axis of both
-    operands (a weight gradient, x.T @ g) at 230-250 GFLOP/s, on the same path as float32; with one
-    operand transposed first it takes the AMX path: 1,070-1,390 GFLOP/s with the copy for a
-    (512, 768) x (512, 3072) weight gradient (experiments/cpu_matmul_flags.py, individual_dot).
-    """
+    """a.T of a 2-D array, written so that XLA makes the copy instead of folding the transpose into the next dot:
+    XLA:CPU runs a bfloat16 product that contracts the leading axis of both operands (a weight gradient,
+    x.T @ g) on its slow float32 path, and a transposed copy times the other on AMX, several times faster
+    (experiments/cpu_matmul_flags.py)."""
     return jnp.swapaxes(a.reshape(*a.shape, 1), 0, 2)[0]
 
 
@@ -33,10 +32,8 @@ def _bf16_dot(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int) -> jax.Array
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def bf16_product(x_BTI: jax.Array, w: jax.Array, w_in_axis: int) -> jax.Array:
     """x (..., in) @ w with both rounded to bfloat16, accumulated and returned in float32
-    (Options.matmul_precision="bfloat16"). w is (in, out) for w_in_axis=0, (out, in) for 1.
-
-    The backward pass rounds the output gradient to bfloat16 too and returns float32 gradients.
-    """
+    (Options.matmul_precision="bfloat16"); w is (in, out) for w_in_axis=0, (out, in) for 1. The backward
+    pass rounds the output gradient to bfloat16 too and returns float32 gradients."""
     return _bf16_dot(x_BTI, w, x_BTI.ndim - 1, w_in_axis)
 
 
@@ -52,12 +49,10 @@ def _bf16_product_bwd(w_in_axis, res, g_BTO):
     gb = g_BTO.astype(jnp.bfloat16)
     dx_BTI = _bf16_dot(gb, wb, gb.ndim - 1, 1 - w_in_axis).astype(x_like.dtype)
     g_MO, x_MI = gb.reshape(-1, gb.shape[-1]), xb.reshape(-1, xb.shape[-1])  # M: every token
-    # one operand transposed, so the product is a plain (rows, M) @ (M, cols) whose result is already
-    # in the kernel's layout (no transpose of the weight-sized gradient)
-    if w_in_axis == 1:
-        dw = _bf16_dot(_transposed(g_MO), x_MI, 1, 0)  # (O, M) @ (M, I)
-    else:
-        dw = _bf16_dot(_transposed(x_MI), g_MO, 1, 0)  # (I, M) @ (M, O)
+    # one operand transposed, so the product is a plain (O, M) @ (M, I) or (I, M) @ (M, O) whose result is
+    # already in the kernel's layout (no transpose of the weight-sized gradient)
+    rows, cols = (g_MO, x_MI) if w_in_axis == 1 else (x_MI, g_MO)
+    dw = _bf16_dot(_transposed(rows), cols, 1, 0)
     return dx_BTI, dw.astype(w_like.dtype)
 
 
@@ -82,37 +77,35 @@ def product_out_in(x_BTI: jax.Array, w_OI: jax.Array, dtype: Any, f32_out: bool,
     x_BTI = x_BTI.astype(dtype)
     if matvec == "kernel" and cpu_matvec.applies(x_BTI, w_OI):
         y_BTO = cpu_matvec.matvec(x_BTI, w_OI, scale_O)
-        return y_BTO if f32_out else y_BTO.astype(dtype)
-    if matmul_precision == "bfloat16" and scale_O is None:
+    elif matmul_precision == "bfloat16" and scale_O is None:
         y_BTO = bf16_product(x_BTI, w_OI, 1)
-        return y_BTO if f32_out else y_BTO.astype(dtype)
-    y_BTO = jnp.einsum("...i,oi->...o", x_BTI, w_OI.astype(dtype),
-                       preferred_element_type=jnp.float32 if f32_out else None)
-    return y_BTO if scale_O is None else y_BTO * scale_O.astype(y_BTO.dtype)
+    else:
+        y_BTO = jnp.einsum("...i,oi->...o", x_BTI, w_OI.astype(dtype),
+                           preferred_element_type=jnp.float32 if f32_out else None)
+        return y_BTO if scale_O is None else y_BTO * scale_O.astype(y_BTO.dtype)
+    return y_BTO if f32_out else y_BTO.astype(dtype)
 
 
-def dense(features: int, name: str, *, dtype: Any, linear_layout: str = "in_out", matvec: str = "xla",
-          matmul_precision: str = "float32", use_bias: bool = True, f32_out: bool = False, **inits) -> nn.Module:
-    """A projection x (..., in) -> (..., features) computed in `dtype` (float32 result with `f32_out`),
-    params float32: nn.Dense for (in, out) kernels, `LinearOutIn` for (out, in) ones; `inits` are
-    kernel_init / bias_init."""
-    if linear_layout == "out_in":
-        return LinearOutIn(features, use_bias=use_bias, dtype=dtype, f32_out=f32_out, name=name, matvec=matvec,
-                           matmul_precision=matmul_precision, **inits)
+def dense(opts: Options, features: int, name: str, *, use_bias: bool = True, f32_out: bool = False,
+          dtype: Any = None, **inits) -> nn.Module:
+    """The Flax module of one projection (..., in) -> (..., features), params float32, laid out and multiplied
+    as `opts` say (in_out: nn.Dense; out_in: `LinearOutIn`; bfloat16 operands; the C++ matvec), computed in
+    `dtype` (default opts.dtype), float32 out with `f32_out`; `inits`: kernel_init / bias_init."""
+    dtype = jnp.dtype(dtype or opts.dtype)
+    if opts.linear_layout == "out_in":
+        return LinearOutIn(features, use_bias=use_bias, dtype=dtype, f32_out=f32_out, name=name, matvec=opts.matvec,
+                           matmul_precision=opts.matmul_precision, **inits)
     # f32_out: multiply in the compute dtype (bfloat16 tensor cores on a GPU), accumulate and return float32
     dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32) if f32_out else None
-    if matmul_precision == "bfloat16":
+    if opts.matmul_precision == "bfloat16":
         dot_general = _bf16_dot_general_in_out
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
                     dot_general=dot_general, **inits)
 
 
 class LinearOutIn(nn.Module):
-    """nn.Dense with its kernel stored (out, in), PyTorch's Linear layout (same init, same math).
-
-    Why: XLA:CPU's matrix-vector product (decoding one token) reads an (out, in) kernel's rows
-    contiguously: 38.0 vs 35.1 tokens/s decoding gpt2-small on two cores (experiments/decode_layout_cpu.py).
-    """
+    """nn.Dense with its kernel stored (out, in), PyTorch's Linear layout (same init, same math), whose rows
+    XLA:CPU's matrix-vector product (decoding one token) reads contiguously (experiments/decode_layout_cpu.py)."""
     features: int
     use_bias: bool = True
     dtype: Any = jnp.float32
@@ -134,16 +127,11 @@ class LinearOutIn(nn.Module):
         return y_BTO
 
 
-def quantize_weights(params: dict, cfg: Any, opts: Any) -> dict:
-    """Weight-only int8 for decoding: every matmul weight (block kernels, the LM head or the tied
-    embedding) becomes int8 with a float32 scale per out row (`cpu_matvec.quantize_int8`), stored
-    beside it as "kernel_scale" / "embedding_scale"; biases, layer norms and wpe stay as they are.
-
-    Needs (out, in) kernels (opts.linear_layout == "out_in": the scales are per out row). A quarter of
-    float32's bytes per decoded token; the model computes in opts.dtype (float32 on CPU) and the
-    C++ kernel (opts.matvec == "kernel") reads the int8 rows itself. Not for training.
-    `cfg` is the model's GPTConfig (whether wte is also the head).
-    """
+def quantize_weights(params: dict, cfg: GPTConfig, opts: Options) -> dict:
+    """Weight-only int8 for decoding (not training): every matmul weight (block kernels, the LM head or the
+    tied embedding) becomes int8 with a float32 scale per out row (`cpu_matvec.quantize_int8`), stored beside
+    it as "kernel_scale" / "embedding_scale"; biases, layer norms and wpe stay as they are. Needs (out, in)
+    kernels (opts.linear_layout == "out_in")."""
     if opts.linear_layout != "out_in":
         raise ValueError(f"int8 weights need (out, in) kernels, the options have linear_layout={opts.linear_layout!r}: "
                          f"convert first with layout.to_layout(layout.to_canonical(params, cfg, opts), cfg, "
@@ -154,10 +142,9 @@ def quantize_weights(params: dict, cfg: Any, opts: Any) -> dict:
         for k, v in tree.items():
             if isinstance(v, dict):
                 out[k] = walk(v, (*path, k))
-            elif v.dtype == jnp.int8 or (f"{k}_scale" in tree):
-                out[k] = v  # already quantized
-            elif (k == "kernel" and path[:1] != ("cls_head",)) or (k == "embedding" and path == ("wte",) and
-                                                                    cfg.tie_embeddings and not cfg.n_classes):
+            elif v.dtype != jnp.int8 and f"{k}_scale" not in tree and (  # not already quantized
+                    (k == "kernel" and path[:1] != ("cls_head",))
+                    or (k == "embedding" and path == ("wte",) and cfg.tie_embeddings and not cfg.n_classes)):
                 out[k], out[f"{k}_scale"] = cpu_matvec.quantize_int8(v)
             else:
                 out[k] = v

@@ -1,20 +1,14 @@
-"""The matrix-vector product of decoding on CPU (float32, bfloat16 or int8 weights), faster than XLA's
-dot: a C++ XLA FFI kernel.
+"""The matrix-vector product of decoding on CPU (float32, bfloat16 or int8 weights): a C++ XLA FFI kernel
+(`matvec.cc`: four weight rows at a time, row blocks shared over XLA's intra-op thread pool) that
+streams the weights closer to the memory bandwidth roofline than XLA's dot (experiments/cpu_matvec_chain.py),
+and reads bfloat16 or int8 weights (`quantize_int8`) directly. The model uses it for products of at most
+`MAX_ROWS` rows when `Options.matvec == "kernel"`, which `generate.decoding_model` sets on CPU.
 
-Decoding one token reads every weight once, so its speed is memory bandwidth. XLA:CPU's dot streams
-gpt2-small's (out, in) kernels at 0.80-0.84 of this machine's bandwidth roofline; this kernel
-(`matvec.cc`: four weight rows at a time, row blocks shared over XLA's intra-op thread pool)
-at 0.95 (experiments/cpu_matvec_chain.py). From bfloat16 weights it streams half the bytes, where
-XLA:CPU's bfloat16 dot is slower than its float32 one; from int8 weights with a float32 scale per
-row (`quantize_int8`) a quarter, which XLA:CPU reads slower still. `matvec` is used by the model for products
-of at most `MAX_ROWS` rows when `Options.matvec == "kernel"`, which `generate.decoding_model`
-sets on CPU.
-
-The kernel is compiled on first use with the system's C++ compiler ($CXX, else c++/g++/clang++;
--O3 -march=native) against the installed jaxlib's FFI headers, and cached under
-kernels/ in the cache root (gptjax.cache; $GPTJAX_KERNEL_DIR moves it), keyed by the source, the compiler, jaxlib and
-the CPU. Without a compiler, or with GPTJAX_CPU_KERNEL=0, `available()` is False (with the reason in
-`status()`) and decoding uses XLA's dot: the same tokens, somewhat slower (docs/performance.md).
+The kernel is compiled on first use with the system's C++ compiler ($CXX, else c++/g++/clang++) against
+the installed jaxlib's FFI headers, and cached in kernels/ of the cache root (gptjax.cache;
+$GPTJAX_KERNEL_DIR moves it), keyed by the source, the compiler, jaxlib and the CPU. Without a compiler,
+or with GPTJAX_CPU_KERNEL=0, `available()` is False (the reason in `status()`) and decoding uses XLA's
+dot: the same tokens, somewhat slower (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -58,12 +52,7 @@ def kernel_dir() -> Path:
 
 def find_compiler() -> str | None:
     """$CXX if set (even when it is missing: the error then names it), else the first C++ compiler on PATH."""
-    if os.environ.get("CXX"):
-        return os.environ["CXX"]
-    for name in ("c++", "g++", "clang++"):
-        if shutil.which(name):
-            return name
-    return None
+    return os.environ.get("CXX") or next((name for name in ("c++", "g++", "clang++") if shutil.which(name)), None)
 
 
 def _cpu_id() -> str:
@@ -75,17 +64,14 @@ def _cpu_id() -> str:
 
 
 def build(compiler: str | None = None, out_dir: str | Path | None = None) -> Path:
-    """Compile the kernel (or find it already compiled); returns the shared library's path.
-
-    Raises KernelBuildError naming the compiler and its first error lines.
-    """
+    """Compile the kernel (or find it already compiled); returns the shared library's path. Raises
+    KernelBuildError naming the compiler and its first error lines."""
     import jaxlib
 
     compiler = compiler or find_compiler()
     if compiler is None:
         raise KernelBuildError("no C++ compiler found (tried $CXX, c++, g++, clang++); install one (e.g. "
                                "apt install g++) or set CXX to a C++17 compiler")
-    include = jax.ffi.include_dir()
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, " ".join(FLAGS), jaxlib.__version__,
                                     platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
     out_dir = Path(out_dir) if out_dir is not None else kernel_dir()
@@ -99,7 +85,7 @@ def build(compiler: str | None = None, out_dir: str | Path | None = None) -> Pat
                                "writable directory") from None
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+    cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -114,16 +100,11 @@ def build(compiler: str | None = None, out_dir: str | Path | None = None) -> Pat
 
 
 def available() -> bool:
-    """Whether the kernel is built and registered with XLA in this process (built on the first call).
-
-    False when GPTJAX_CPU_KERNEL=0, or when the build fails (warned once, reason in `status()`).
-    """
+    """Whether the kernel is built and registered with XLA in this process (built on the first call); False
+    when GPTJAX_CPU_KERNEL=0 or when the build fails (warned once, reason in `status()`)."""
     with _lock:  # one build and one registration per process, whichever thread asks first
-        return _available()
-
-
-def _available() -> bool:
-    if "ok" not in _state:
+        if "ok" in _state:
+            return _state["ok"]
         _state.update(ok=False, library=None, reason=None)
         if os.environ.get("GPTJAX_CPU_KERNEL", "1") == "0":
             _state["reason"] = "turned off by GPTJAX_CPU_KERNEL=0"
@@ -136,16 +117,15 @@ def _available() -> bool:
         except (KernelBuildError, OSError, AttributeError) as e:
             _state["reason"] = str(e)
             warnings.warn(f"gptjax's CPU decoding kernel is unavailable, decoding uses XLA's dot (the same "
-                          f"tokens, slower): {e}", stacklevel=3)
+                          f"tokens, slower): {e}", stacklevel=2)
             return False
         _state.update(ok=True, library=str(lib))
-    return _state["ok"]
+        return True
 
 
 def status() -> dict:
     """{"available": bool, "library": path or None, "reason": why not, or None}."""
-    ok = available()
-    return {"available": ok, "library": _state.get("library"), "reason": _state.get("reason")}
+    return {"available": available(), "library": _state.get("library"), "reason": _state.get("reason")}
 
 
 def applies(x: jax.Array, w_OI: jax.Array) -> bool:
@@ -179,10 +159,6 @@ def _matvec(x: jax.Array, w_OI: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(x, w_OI, cpu=_kernel, default=_xla)
 
 
-def _fwd(x, w_OI):
-    return _matvec(x, w_OI), (x, w_OI)
-
-
 def _bwd(res, g):
     x, w_OI = res
     g2 = g.reshape(-1, g.shape[-1])
@@ -191,16 +167,12 @@ def _bwd(res, g):
     return dx.astype(x.dtype), dw.astype(w_OI.dtype)
 
 
-_matvec.defvjp(_fwd, _bwd)
+_matvec.defvjp(lambda *args: (_matvec(*args), args), _bwd)  # the residuals: the arguments
 
 
 @jax.custom_vjp
 def _matvec_int8(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(x, w_OI, scale_O, cpu=_kernel, default=_xla_int8)
-
-
-def _fwd_int8(x, w_OI, scale_O):
-    return _matvec_int8(x, w_OI, scale_O), (x, w_OI, scale_O)
 
 
 def _bwd_int8(res, g):
@@ -212,16 +184,14 @@ def _bwd_int8(res, g):
     return dx.astype(x.dtype), np.zeros(w_OI.shape, jax.dtypes.float0), dscale
 
 
-_matvec_int8.defvjp(_fwd_int8, _bwd_int8)
+_matvec_int8.defvjp(lambda *args: (_matvec_int8(*args), args), _bwd_int8)
 
 
 def matvec(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array | None = None) -> jax.Array:
     """x (..., I) times w (O, I) transposed -> float32 (..., O), accumulated in float32: the kernel
-    where it `applies` (float32, bfloat16 or int8 weights, at most MAX_ROWS rows), else XLA's dot.
-
+    where it `applies` (float32, bfloat16 or int8 weights, at most MAX_ROWS rows; CPU only), else XLA's dot.
     int8 weights need `scale_O`, a float32 scale per out row (`quantize_int8`): y = (x @ w.T) * scale.
-    Differentiable (the backward pass is XLA's; int8 weights are constants), and on non-CPU
-    platforms always XLA's dot.
+    Differentiable (the backward pass is XLA's; int8 weights are constants).
     """
     if w_OI.dtype == jnp.int8 or scale_O is not None:
         if w_OI.dtype != jnp.int8 or scale_O is None or scale_O.shape != w_OI.shape[:1]:
@@ -234,11 +204,8 @@ def matvec(x: jax.Array, w_OI: jax.Array, scale_O: jax.Array | None = None) -> j
 
 
 def quantize_int8(w_OI: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric int8 per out row: (q int8 (..., O, I), scale float32 (..., O)) with w ~ q * scale[..., None].
-
-    scale = max |w| of the row / 127 (1 for an all-zero row), q = round(w / scale): an error of at
-    most scale / 2 per weight.
-    """
+    """Symmetric int8 per out row: (q int8 (..., O, I), scale float32 (..., O)) with w ~ q * scale[..., None];
+    scale = max |w| of the row / 127 (1 for an all-zero row), q = round(w / scale)."""
     w = jnp.asarray(w_OI, jnp.float32)
     amax = jnp.max(jnp.abs(w), axis=-1)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)

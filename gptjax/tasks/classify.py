@@ -1,11 +1,5 @@
-"""Classification fine-tuning (the book's chapter 6), optionally with LoRA (appendix E).
-
-Data: the SMS Spam Collection (or any labelled CSV/TSV or Hugging Face dataset), balanced and split
-exactly as the book; tokenized with GPT-2 BPE and padded with <|endoftext|> to the longest training
-example. Model: the GPT with its LM head replaced by `cls_head`, classifying from the last position.
-Training: only the chosen parameters (and LoRA adapters) are differentiated and get optimizer state;
-the rest is passed to the jitted step as frozen constants.
-"""
+"""Classification fine-tuning (the book's chapter 6), optionally with LoRA (appendix E): the GPT with `cls_head`
+for its LM head classifies from the last position; only the chosen parameters (and LoRA adapters) train."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +7,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -23,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.model_io import begin_run, load_run, load_run_config, refuse_existing_run
+from gptjax.model_io import load_run, load_run_config, refuse_existing_run
 from gptjax.config import GPTConfig
 from gptjax.tasks.classify_data import (IGNORE_LABEL, SMS_SPAM_LABELS, ClassBatches, LabeledTexts, book_split,
                                         encode_texts, split_batches)
@@ -31,34 +25,27 @@ from gptjax.engine import Hooks, Steps, TrainConfig, TrainState, cross_entropy
 from gptjax.optim import OptimConfig
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params, dropout_rngs
-from gptjax.layout import layout_fns, to_canonical, unstack_layers
+from gptjax.layout import to_canonical, unstack_layers
 from gptjax.options import Options
-from gptjax.tasks.finetune import PAD_TOKEN_ID, check_lora_layout, check_pad_token, save_finished
+from gptjax.tasks.finetune import PAD_TOKEN_ID, begin, check_pad_token, finetune_options, make_steps, save_finished
 from gptjax.tokenizer import get_gpt2_tokenizer
 
 # --- model -----------------------------------------------------------------------------------------
 
 def to_classifier(params: dict, cfg: GPTConfig, n_classes: int, key: jax.Array) -> tuple[dict, GPTConfig]:
-    """The book's `model.out_head = nn.Linear(emb_dim, n_classes)`: drop the LM head, add a fresh `cls_head`.
-
-    Initialised as torch's Linear (weight and bias ~ U(+-1/sqrt(emb_dim))).
-    """
+    """The book's `model.out_head = nn.Linear(emb_dim, n_classes)`: drop the LM head, add a fresh `cls_head`
+    initialised as torch's Linear (weight and bias ~ U(+-1/sqrt(emb_dim)))."""
     bound = 1.0 / math.sqrt(cfg.emb_dim)
     k_w, k_b = jax.random.split(key)
     new = {k: v for k, v in params.items() if k not in ("lm_head", "cls_head")}
-    new["cls_head"] = {
-        "kernel": jax.random.uniform(k_w, (cfg.emb_dim, n_classes), jnp.float32, -bound, bound),
-        "bias": jax.random.uniform(k_b, (n_classes,), jnp.float32, -bound, bound),
-    }
+    new["cls_head"] = {"kernel": jax.random.uniform(k_w, (cfg.emb_dim, n_classes), jnp.float32, -bound, bound),
+                       "bias": jax.random.uniform(k_b, (n_classes,), jnp.float32, -bound, bound)}
     return new, cfg.replace(n_classes=n_classes)
 
 
 def trainable_mask(params: dict, train: str = "last-block") -> dict:
-    """Bool pytree over `params`: True where fine-tuning updates the parameter.
-
-    'last-block' (the book): the last transformer block, the final LayerNorm and the head;
-    'last-N': the last N blocks + ln_f + head; 'all'; 'head': the head only; 'none': nothing (LoRA only).
-    """
+    """Bool pytree over `params`, True where fine-tuning updates: 'last-block' (the book: the last transformer
+    block, the final LayerNorm and the head), 'last-N' (the last N blocks, ln_f, head), 'all', 'head' or 'none'."""
     n_layers = sum(1 for k in params if re.fullmatch(r"h_\d+", k))
     spec = train.strip().lower()
     named = {"all": set(params), "none": set(), "head": {"cls_head"}}
@@ -92,10 +79,8 @@ def _loss_and_correct(logits_BC: jax.Array, y_B: jax.Array) -> tuple[jax.Array, 
 
 @lru_cache(maxsize=8)
 def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Options()) -> engine.LossFn:
-    """The book's classifier loss on batches `(x_BT, y_B)`, with the correct count for the accuracy.
-
-    `trainable` holds only what trains ({"params": ..., "lora": ...}), so gradients and optimizer
-    state exist for nothing else."""
+    """The book's classifier loss on batches `(x_BT, y_B)`, with the correct count for the accuracy;
+    `trainable` is {"params": what trains, "lora": adapters}."""
     def loss_fn(trainable, frozen, batch, key):
         x_BT, y_B = batch
         logits_BC = last_token_logits(lora_lib.full_params(trainable, frozen, lora_scale), cfg, x_BT, key=key, opts=opts)
@@ -108,23 +93,18 @@ def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Option
 def make_classifier_steps(cfg: GPTConfig, optim: OptimConfig, trainable: Any, frozen: Any = None,
                           lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp",
                           opts: Options | None = None) -> Steps:
-    """The engine's steps for the classifier, weights laid out by `opts` (default Options.for_backend())."""
-    opts = opts or Options.for_backend()
-    return Steps(make_loss_fn(cfg, lora_scale, opts), optim, trainable, frozen=frozen, mesh=mesh, strategy=strategy,
-                 layout=layout_fns(cfg, opts, "params"))
+    """The engine's steps for the classifier (finetune.make_steps)."""
+    return make_steps(partial(make_loss_fn, cfg, lora_scale), cfg, optim, trainable, frozen, mesh, strategy, opts)
 
 
 def evaluate_split(steps: Steps, trainable: dict, batches: Iterator, num_batches: int | None = None
                    ) -> tuple[float, float]:
     """(loss, accuracy) as the book's calc_loss_loader (mean of batch losses) and calc_accuracy_loader."""
-    losses, correct, count = [], 0, 0
-    for batch in itertools.islice(batches, num_batches):
-        m = steps.eval_step(trainable, batch)
-        losses.append(m["loss"])
-        correct, count = correct + m["correct"], count + m["count"]
-    if not losses:
+    ms = [steps.eval_step(trainable, batch) for batch in itertools.islice(batches, num_batches)]
+    if not ms:
         return float("nan"), float("nan")
-    return float(jnp.mean(jnp.stack(losses))), float(correct) / max(int(count), 1)
+    correct, count = sum(m["correct"] for m in ms), sum(m["count"] for m in ms)
+    return float(jnp.mean(jnp.stack([m["loss"] for m in ms]))), float(correct) / max(int(count), 1)
 
 
 # --- the book's training loop -------------------------------------------------------------------
@@ -175,9 +155,8 @@ def train_classifier(steps: Steps, state: TrainState, train_b: ClassBatches, val
 
 def classifier_trainable(params: dict, cfg: GPTConfig, n_classes: int, train: str,
                          lora: lora_lib.LoRAConfig | None, key: jax.Array, opts: Options) -> tuple:
-    """(params, cfg, opts, trainable, frozen) of a classifier run: a fresh `n_classes` head where the
-    model has none of that size, `train`'s weights (and LoRA adapters) trainable, the rest frozen.
-    With scan_layers the params are unstacked first, so 'last-block' and LoRA can address single blocks."""
+    """(params, cfg, opts, trainable, frozen) of a classifier run: a fresh `n_classes` head where the model has none
+    of that size, `train`'s weights (and LoRA adapters) trainable; scan_layers params unstacked to single blocks."""
     if opts.scan_layers:
         params, opts = unstack_layers(params), opts.replace(scan_layers=False)
     head_key, lora_key = jax.random.split(key)
@@ -220,17 +199,12 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
                         overwrite: bool = False, stop_after: int | None = None, sharding: str = "none",
                         fsdp: int | None = None, opts: Options | None = None) -> dict:
     """Chapter 6 (and appendix E with `lora`) end to end; writes a run directory that `Classifier.from_run` loads.
-
     `params`/`cfg`: the base GPT (an LM or a classifier). `data`: all examples (split as the book) or ready
     {"train", "val", "test"} splits. `train`: which base params train (default 'last-block', or 'none' with LoRA,
     as the book). Writes params/ (merged), config.json, metrics.jsonl, loss.png, accuracy.png and, with LoRA,
-    adapters.safetensors. `resume` continues the run in `out_dir` from its newest intact checkpoint (an int: that
-    step's) on the same data and `base_model` (config.json records their sha256 and spec). `opts`: how it trains
-    (default Options.for_backend()), the layout of `params`; params/ and the returned params are canonical.
-    """
+    adapters.safetensors. `resume` and `opts` as finetune_instruct's."""
     tcfg = tcfg or ClassifierTrainConfig()
-    opts = opts or Options.for_backend()
-    check_lora_layout(lora, opts)
+    opts = finetune_options(opts, lora)
     train = train or ("none" if lora is not None else "last-block")
     splits = data if isinstance(data, dict) else book_split(data, balance=balance, train_frac=train_frac,
                                                              val_frac=val_frac, seed=tcfg.seed)
@@ -248,8 +222,7 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     inputs = {"base_model": base_model, "base_sha256": base_sha256, "data": data_source, "data_sha256": runs.data_sha256(
         {k: [v.texts, v.labels_N.tolist(), list(v.label_names)] for k, v in splits.items()})}
     # only once every input checked out: a bad option leaves no directory behind
-    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "classify": inputs},
-                        resume=resume)
+    out_dir, meta = begin(out_dir, cfg, opts, "classify", inputs, resume)
     with_lora = f", LoRA r={lora.rank} alpha={lora.alpha:g}" if lora else ""
     print(f"model: {count_params(params):,} parameters, {count_params(trainable):,} trainable ({train}{with_lora}); "
           f"max_length {max_length}; batches " + ", ".join(f"{name} {len(b)}" for name, b in loaders.items()))
@@ -259,9 +232,8 @@ def finetune_classifier(params: dict, cfg: GPTConfig, data: LabeledTexts | dict[
     # the book's check before fine-tuning: accuracy on 10 batches of each split (about chance)
     initial = {name: evaluate_split(steps, trainable, b.epoch(0), 10)[1] for name, b in loaders.items()}
     print("before fine-tuning: " + "  ".join(f"{k} accuracy {v * 100:.2f}%" for k, v in initial.items()))
-    result = train_classifier(steps, state, loaders["train"], loaders["val"], tcfg, out_dir, resume=resume,
-                              meta={"task": "classify", "model": cfg.to_dict()}, progress=progress,
-                              stop_after=stop_after)
+    result = train_classifier(steps, state, loaders["train"], loaders["val"], tcfg, out_dir, meta=meta,
+                              resume=resume, progress=progress, stop_after=stop_after)
     trainable = result["state"].params
     task = {"task": "classify", "label_names": list(label_names), "max_length": int(max_length),
             "pad_token_id": pad_token_id, **inputs, "train_layers": train, "lora": lora.to_dict() if lora else None,

@@ -1,6 +1,5 @@
 """Chapter 6's data: labelled texts (the SMS Spam Collection, CSV/TSV files, Hugging Face datasets), the
-book's balancing and split, GPT-2 encoding padded to the longest training text, and batches.
-"""
+book's balancing and split, GPT-2 encoding padded to the longest training text, and batches."""
 from __future__ import annotations
 
 import csv
@@ -26,8 +25,6 @@ SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c2
 SMS_SPAM_LABELS = ("ham", "spam")
 IGNORE_LABEL = -100   # label of the filler rows that complete a last partial batch
 
-
-# --- data ------------------------------------------------------------------------------------------
 
 @dataclass
 class LabeledTexts:
@@ -80,77 +77,63 @@ def _column(header: list[str] | None, col: int | str, path: str) -> int:
 
 def read_labeled_table(path: str | os.PathLike, *, label_col: int | str = 0, text_col: int | str = 1,
                        sep: str | None = None) -> tuple[list[str], list[str]]:
-    """(labels, texts) from a CSV/TSV. Columns by 0-based index (no header) or by name (first row is a header).
-
-    Parsed like pandas' read_csv with default quoting, as the book reads SMSSpamCollection (5,572 rows).
-    """
+    """(labels, texts) from a CSV/TSV, columns by 0-based index (no header) or by name (first row is a header);
+    parsed like pandas' read_csv with default quoting, as the book reads SMSSpamCollection."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist; pass a CSV/TSV path, 'sms-spam' or 'hf:NAME'")
     text = path.read_text(encoding="utf-8")
     if sep is None:
-        first = text.split("\n", 1)[0]
-        sep = "\t" if "\t" in first or path.suffix.lower() in ("", ".tsv", ".tab") else ","
+        sep = "\t" if "\t" in text.split("\n", 1)[0] or path.suffix.lower() in ("", ".tsv", ".tab") else ","
     rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=sep) if r]
     named = isinstance(label_col, str) or isinstance(text_col, str)
     header = rows.pop(0) if named and rows else None
     li, ti = _column(header, label_col, str(path)), _column(header, text_col, str(path))
-    labels, texts = [], []
     for n, row in enumerate(rows):
         if max(li, ti) >= len(row):
             raise ValueError(f"{str(path)!r} row {n + 1} has {len(row)} fields but columns {li} and {ti} are needed "
                              f"(separator {sep!r}); check --sep and the column options")
-        labels.append(row[li].strip())
-        texts.append(row[ti])
     if not rows:
         raise ValueError(f"data file {str(path)!r} has no rows")
-    return labels, texts
+    return [row[li].strip() for row in rows], [row[ti] for row in rows]
 
 
-def _label_ids(values: list, label_names: Sequence[str] | None, where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+def _labeled(texts: list[str], values: list, label_names: Sequence[str] | None, where: str) -> LabeledTexts:
+    """`texts` and their labels `values` as ids into `label_names` (default: the sorted values, numbers first)."""
     values = [str(v) for v in values]
     if label_names is None:
-        uniq = sorted(set(values), key=lambda s: (0, int(s), s) if re.fullmatch(r"-?\d+", s) else (1, 0, s))
-        label_names = tuple(uniq)
+        label_names = sorted(set(values), key=lambda s: (0, int(s), s) if re.fullmatch(r"-?\d+", s) else (1, 0, s))
     label_names = tuple(str(n) for n in label_names)
     index = {n: i for i, n in enumerate(label_names)}
-    unknown = sorted(set(values) - set(index))
-    if unknown:
+    if unknown := sorted(set(values) - set(index)):
         raise ValueError(f"{where} has labels {unknown[:5]} that are not among the label names {list(label_names)}; "
                          f"pass all label names (CLI: --labels a,b,...)")
     if len(label_names) < 2:
         raise ValueError(f"{where} has only the label(s) {list(label_names)}; classification needs at least 2 classes")
-    return np.asarray([index[v] for v in values], np.int32), label_names
+    return LabeledTexts(texts, np.asarray([index[v] for v in values], np.int32), label_names)
 
 
 def load_labeled_texts(source: str | os.PathLike | None = None, *, label_names: Sequence[str] | None = None,
                        label_col: int | str | None = None, text_col: int | str | None = None, sep: str | None = None,
                        cache_dir: str | os.PathLike | None = None) -> LabeledTexts:
     """Texts and integer labels from None/'sms-spam' (downloaded once), a CSV/TSV path, or 'hf:NAME[:CONFIG][:SPLIT]'.
-
-    `label_names` fixes the class order (label i = label_names[i]); by default the SMS data uses
-    ('ham', 'spam') and other data its sorted label values.
-    """
+    `label_names` fixes the class order (label i = label_names[i]); default ('ham', 'spam') for the SMS data."""
     src = None if source is None else os.fspath(source)
     if src is None or src == "sms-spam":
         labels, texts = read_labeled_table(sms_spam_path(cache_dir), label_col=0, text_col=1, sep="\t")
-        ids_N, names = _label_ids(labels, label_names or SMS_SPAM_LABELS, "the SMS Spam Collection")
-        return LabeledTexts(texts, ids_N, names)
+        return _labeled(texts, labels, label_names or SMS_SPAM_LABELS, "the SMS Spam Collection")
     if src.startswith("hf:"):
         return _load_hf(src, label_names, label_col, text_col, cache_dir)
     labels, texts = read_labeled_table(src, label_col=0 if label_col is None else label_col,
                                        text_col=1 if text_col is None else text_col, sep=sep)
-    ids_N, names = _label_ids(labels, label_names, repr(src))
-    return LabeledTexts(texts, ids_N, names)
+    return _labeled(texts, labels, label_names, repr(src))
 
 
 def _load_hf(src: str, label_names, label_col, text_col, cache_dir) -> LabeledTexts:
     ds = load_hf_split(src, cache_dir, "a local CSV/TSV (export the dataset to one)")
-    label_col = "label" if label_col is None else label_col
-    text_col = "text" if text_col is None else text_col
     cols = ds.column_names
-    label_col = cols[label_col] if isinstance(label_col, int) else label_col
-    text_col = cols[text_col] if isinstance(text_col, int) else text_col
+    label_col, text_col = (cols[c] if isinstance(c, int) else c for c in
+                           ("label" if label_col is None else label_col, "text" if text_col is None else text_col))
     for c in (label_col, text_col):
         if c not in cols:
             raise ValueError(f"Hugging Face dataset {src!r} has no column {c!r}; its columns are {cols}; "
@@ -160,16 +143,13 @@ def _load_hf(src: str, label_names, label_col, text_col, cache_dir) -> LabeledTe
     if label_names is None and hasattr(feature, "names"):  # ClassLabel: ints with names
         label_names = tuple(feature.names)
         values = [feature.names[v] for v in values]
-    ids_N, names = _label_ids(values, label_names, repr(src))
-    return LabeledTexts([str(t) for t in ds[text_col]], ids_N, names)
+    return _labeled([str(t) for t in ds[text_col]], values, label_names, repr(src))
 
 
 def balance_indices(labels_N: np.ndarray, seed: int = 123) -> np.ndarray:
-    """The book's create_balanced_dataset: undersample every class to the smallest one.
-
-    Class by class in label order, a larger class keeps `RandomState(seed).permutation(n)[:n_min]`
-    of its rows (= pandas `.sample(n_min, random_state=seed)`); the smallest keeps its rows in order.
-    """
+    """The book's create_balanced_dataset: undersample every class to the smallest one. Class by class in label
+    order, a larger class keeps `RandomState(seed).permutation(n)[:n_min]` of its rows (pandas
+    `.sample(n_min, random_state=seed)`); the smallest keeps its rows in order."""
     labels_N = np.asarray(labels_N)
     present = np.unique(labels_N)
     n_min = min(int(np.sum(labels_N == c)) for c in present)
@@ -207,11 +187,8 @@ def book_split(data: LabeledTexts, *, balance: bool = True, train_frac: float = 
 
 def encode_texts(texts: Sequence[str], tokenizer: Any, *, max_length: int | None = None,
                  context_length: int | None = None, pad_token_id: int = PAD_TOKEN_ID) -> tuple[np.ndarray, int]:
-    """The book's SpamDataset: token ids (N, T) padded with `pad_token_id` to `max_length`.
-
-    max_length None: the longest text (the training set's, then reused for val/test). Longer texts
-    are truncated; nothing exceeds `context_length`.
-    """
+    """The book's SpamDataset: token ids (N, T) padded with `pad_token_id` to `max_length` (None: the longest
+    text's), longer texts truncated, nothing longer than `context_length`; and that length."""
     encoded = [encode(tokenizer, t) for t in texts]
     if max_length is None:
         max_length = max((len(e) for e in encoded), default=0)
@@ -221,8 +198,7 @@ def encode_texts(texts: Sequence[str], tokenizer: Any, *, max_length: int | None
         raise ValueError(f"max_length must be positive, got {max_length} (are all texts empty?)")
     ids_NT = np.full((len(encoded), max_length), pad_token_id, np.int32)
     for i, e in enumerate(encoded):
-        e = e[:max_length]
-        ids_NT[i, :len(e)] = e
+        ids_NT[i, :min(len(e), max_length)] = e[:max_length]
     return ids_NT, max_length
 
 
@@ -244,12 +220,8 @@ class ClassBatches(EpochBatches):
         return len(self) * self.batch_size if self.drop_last else self.n
 
     def batch_at(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray]:
-        b, rows = self.batch_size, self.rows(epoch, i)
-        x_BT, y_B = self.ids_NT[rows], self.labels_N[rows]
-        if len(rows) < b:
-            x_BT = np.concatenate([x_BT, np.zeros((b - len(rows), x_BT.shape[1]), np.int32)])
-            y_B = np.concatenate([y_B, np.full(b - len(rows), IGNORE_LABEL, np.int32)])
-        return x_BT, y_B
+        rows = self.rows(epoch, i)
+        return self.filled(self.ids_NT[rows], 0), self.filled(self.labels_N[rows], IGNORE_LABEL)
 
 
 def split_batches(splits: dict[str, LabeledTexts], tokenizer: Any, batch_size: int, *, seed: int,

@@ -1,42 +1,34 @@
-"""Direct preference optimization, as the book's chapter-7 bonus (dpo-from-scratch).
-
-Data: records {instruction, input, chosen, rejected} (the book's instruction-data-with-preference.json),
-split as chapter 7. A batch holds the chosen and the rejected text of each record (prompt + "### Response:"
-+ answer), padded to one length, with masks that keep only the answer tokens. The loss compares the
-policy's and the frozen reference model's average answer log-probabilities:
-    loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))
-so it is exactly log 2 while the policy equals the reference. Rewards are the book's: policy minus
-reference average log-probability, per answer (no beta). Chosen and rejected rows go through the
-model as one batch of 2B rows; with LoRA the reference is the frozen base model itself.
-"""
+"""Direct preference optimization, as the book's chapter-7 bonus (dpo-from-scratch). A batch holds each record's
+chosen and rejected text (prompt + "### Response:" + answer), padded to one length and masked to the answer
+tokens; both go through the model as one batch of 2B rows. The loss on the policy's and the frozen reference's
+mean answer log-probabilities, -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))), is exactly log 2 while
+they are equal; rewards are the book's (policy minus reference, no beta). With LoRA the reference is the base."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-from jax.sharding import Mesh
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.model_io import begin_run, refuse_existing_run
+from gptjax.model_io import refuse_existing_run
 from gptjax.config import GPTConfig
-from gptjax.engine import Steps
 from gptjax.optim import OptimConfig
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT
-from gptjax.layout import layout_fns, to_canonical
+from gptjax.layout import to_canonical
 from gptjax.options import Options
-from gptjax.tasks.finetune import (PAD_TOKEN_ID, EpochBatches, check_lora_layout, check_pad_token, encode, save_finished,
-                                   split_trainable)
-from gptjax.tasks.instruct import (InstructTrainConfig, describe, fit, greedy_sampler, respond_and_evaluate,
-                                   run_settings, split_metrics, train_val_batches)
-from gptjax.tasks.instruct_data import bucket_length, format_example, format_input, load_json_records, split_data
+from gptjax.tasks.finetune import (PAD_TOKEN_ID, EpochBatches, begin, encode, finetune_options, make_steps,
+                                   save_finished, split_trainable)
+from gptjax.tasks.instruct import (InstructTrainConfig, chapter7_batches, describe, fit, greedy_sampler,
+                                   respond_and_evaluate, run_settings, split_metrics)
+from gptjax.tasks.instruct_data import bucket_length, format_example, format_input, load_json_records
 
 PREFERENCE_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
                        "04_preference-tuning-with-dpo/instruction-data-with-preference.json")
@@ -61,30 +53,23 @@ def encode_preferences(entries: Sequence[dict], tokenizer: Any, style: str = "al
 def collate_preferences(batch: Sequence[dict], *, pad_token_id: int = PAD_TOKEN_ID,
                         allowed_max_length: int | None = None, mask_prompt_tokens: bool = True,
                         pad_to: int | None = None) -> dict[str, np.ndarray]:
-    """The book's DPO custom_collate_fn -> chosen_BT, rejected_BT (int32) and their bool masks.
-
-    Both are padded to the longest of either + 1; the mask is False on padding and, with
-    `mask_prompt_tokens`, on the prompt and the 2 tokens after it (the book's "+2", the newlines before
-    "### Response"). `pad_to` pads to at least that length (a bucket); the extra positions are masked.
-    """
+    """The book's DPO custom_collate_fn -> chosen_BT, rejected_BT (int32) and their bool masks. Both are padded
+    to the longest of either + 1 (at least `pad_to`, a bucket); the mask is False on padding and, with
+    `mask_prompt_tokens`, on the prompt and the 2 tokens after it (the book's "+2": the newlines before
+    "### Response")."""
     if not batch:
         raise ValueError("collate needs at least one example")
-    n = max(len(item[k]) + 1 for item in batch for k in ("chosen", "rejected"))
-    if pad_to is not None:
-        n = max(n, pad_to)
-    out: dict[str, list] = {"chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
+    n = max(pad_to or 0, *(len(item[k]) + 1 for item in batch for k in ("chosen", "rejected")))
+    out: dict[str, list] = {k: [] for k in ("chosen", "rejected", "chosen_mask", "rejected_mask")}
     for item in batch:
         for k in ("chosen", "rejected"):
-            seq = item[k]
-            padded = np.full(n, pad_token_id, np.int32)
-            padded[:len(seq)] = seq
-            mask = np.zeros(n, bool)
-            mask[:len(seq)] = True
+            out[k].append(np.full(n, pad_token_id, np.int32))
+            out[k][-1][:len(item[k])] = item[k]
+            mask = np.arange(n) < len(item[k])
             if mask_prompt_tokens:
                 mask[:len(item["prompt"]) + 2] = False
-            out[k].append(padded)
             out[f"{k}_mask"].append(mask)
-    return {k: np.stack(v)[:, :allowed_max_length] if allowed_max_length else np.stack(v) for k, v in out.items()}
+    return {k: np.stack(v)[:, :allowed_max_length or None] for k, v in out.items()}
 
 
 class PreferenceBatches(EpochBatches):
@@ -101,18 +86,13 @@ class PreferenceBatches(EpochBatches):
     def batch_at(self, epoch: int, i: int) -> dict[str, np.ndarray]:
         rows = self.rows(epoch, i)
         items = [self.items[r] for r in rows]
-        pad_to = None
-        if self.pad_multiple > 1:
-            longest = max(len(it[k]) + 1 for it in items for k in ("chosen", "rejected"))
-            pad_to = bucket_length(longest, self.pad_multiple, self.allowed_max_length)
+        longest = max(len(it[k]) + 1 for it in items for k in ("chosen", "rejected"))
+        pad_to = bucket_length(longest, self.pad_multiple, self.allowed_max_length)
         b = collate_preferences(items, pad_token_id=self.pad_token_id, allowed_max_length=self.allowed_max_length,
                                 mask_prompt_tokens=self.mask_prompt_tokens, pad_to=pad_to)
         b["valid"] = np.arange(self.batch_size) < len(rows)
-        if len(rows) < self.batch_size:  # filler rows: padding, fully masked, left out of the means
-            fill = self.batch_size - len(rows)
-            for k in ("chosen", "rejected"):
-                b[k] = np.concatenate([b[k], np.full((fill, b[k].shape[1]), self.pad_token_id, np.int32)])
-                b[f"{k}_mask"] = np.concatenate([b[f"{k}_mask"], np.zeros((fill, b[k].shape[1]), bool)])
+        for k in ("chosen", "rejected"):  # filler rows: padding, fully masked, left out of the means
+            b[k], b[f"{k}_mask"] = self.filled(b[k], self.pad_token_id), self.filled(b[f"{k}_mask"], False)
         return b
 
 
@@ -151,9 +131,8 @@ def _pair_logprobs(params: dict, cfg: GPTConfig, batch: dict, opts: Options = Op
 
 @lru_cache(maxsize=8)
 def make_loss_fn(cfg: GPTConfig, beta: float = 0.1, lora_scale: float = 1.0, opts: Options = Options()) -> engine.LossFn:
-    """The book's DPO loss over `frozen = (base weights, reference params)`; `ref` None: the frozen base
-    params are the reference (LoRA). Dropout is off in both models, as the book (drop_rate 0), so
-    step 0's loss is exactly log 2."""
+    """The book's DPO loss over `fixed = (frozen base weights, reference params or None: the base, LoRA)`.
+    Dropout is off in both models (the book's drop_rate 0), so step 0's loss is exactly log 2."""
     def loss_fn(trainable, fixed, batch, key):
         frozen, ref = fixed
         pol_c, pol_r = _pair_logprobs(lora_lib.full_params(trainable, frozen, lora_scale), cfg, batch, opts)
@@ -163,16 +142,6 @@ def make_loss_fn(cfg: GPTConfig, beta: float = 0.1, lora_scale: float = 1.0, opt
         return loss, {"chosen_reward": chosen, "rejected_reward": rejected, "reward_margin": chosen - rejected}
 
     return loss_fn
-
-
-def make_dpo_steps(cfg: GPTConfig, optim: OptimConfig, trainable: Any, fixed: tuple, beta: float = 0.1,
-                   lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp",
-                   opts: Options | None = None) -> Steps:
-    """The engine's steps for DPO: `fixed` is (frozen base weights, reference params or None), laid out
-    by `opts` (default Options.for_backend()); checkpoints hold canonical weights."""
-    opts = opts or Options.for_backend()
-    return Steps(make_loss_fn(cfg, beta, lora_scale, opts), optim, trainable, frozen=fixed, mesh=mesh,
-                 strategy=strategy, layout=layout_fns(cfg, opts, "params"))
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -199,40 +168,29 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
                  overwrite: bool = False, progress: bool = True,
                  stop_after: int | None = None, pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none",
                  fsdp: int | None = None, opts: Options | None = None) -> dict:
-    """The book's DPO bonus end to end: the reference is a frozen copy of `params` (an SFT model).
-
-    Writes config.json, params/, checkpoints/, metrics.jsonl (train/val loss, chosen/rejected rewards,
-    margin every eval_freq steps), steps.jsonl (the same per step, of the step's batch), dpo.png and,
-    with `respond`, test-responses.json plus eval.json/eval.md scored against the chosen answers.
-    `resume` as finetune_instruct's (an int: from that step's checkpoint; the same data and base model).
-    `opts`: how it trains (default Options.for_backend()), the layout of `params`; params/,
-    checkpoints/ and the returned params are canonical.
-    """
+    """The book's DPO bonus end to end: the reference is a frozen copy of `params` (an SFT model). Writes what
+    finetune_instruct writes (metrics with chosen/rejected rewards and their margin), dpo.png, and scores the test
+    responses against the chosen answers. `resume` and `opts` as finetune_instruct's."""
     tcfg = tcfg or DPOTrainConfig()
-    opts = opts or Options.for_backend()
-    check_lora_layout(lora, opts)
+    opts = finetune_options(opts, lora)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax dpo ... --resume`")
-    splits = data if isinstance(data, dict) else split_data(data)
-    check_pad_token(cfg, pad_token_id)
     cfg = cfg.replace(drop_rate=0.0)
-    max_len = min(allowed_max_length, cfg.context_length)
-    enc = {k: encode_preferences(v, tokenizer, style) for k, v in splits.items() if v}
-    train_b, val_b = train_val_batches(PreferenceBatches, enc, tcfg, pad_multiple=pad_multiple,
-                                       allowed_max_length=max_len, mask_prompt_tokens=mask_prompt_tokens,
-                                       pad_token_id=pad_token_id)
+    splits, max_len, train_b, val_b = chapter7_batches(PreferenceBatches, encode_preferences, data, tokenizer, cfg,
+                                                       tcfg, style, allowed_max_length, pad_multiple, pad_token_id,
+                                                       mask_prompt_tokens=mask_prompt_tokens)
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     ref = None if lora else params  # LoRA: the frozen base is the reference
     scale = lora.scale if lora else 1.0
-    steps = make_dpo_steps(cfg, tcfg.optim, trainable, (frozen, ref), tcfg.beta, scale,
-                           mesh=mesh_for(sharding, fsdp, tcfg.batch_size), strategy=sharding, opts=opts)
+    steps = make_steps(partial(make_loss_fn, cfg, tcfg.beta, scale), cfg, tcfg.optim, trainable, (frozen, ref),
+                       mesh_for(sharding, fsdp, tcfg.batch_size), sharding, opts)
     state = steps.init_state(trainable, key)
     settings = run_settings("dpo", style, data_source, base_model, pad_multiple, max_len, lora, pad_token_id, tcfg,
                             splits, trainable, runs.tree_sha256(to_canonical(params, cfg, opts)), beta=tcfg.beta,
                             mask_prompt_tokens=mask_prompt_tokens)
     print(describe(params, settings, lora, who="policy") + f"; reference frozen; batches/epoch {len(train_b)}")
-    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "dpo": settings}, resume=resume)
+    out_dir, meta = begin(out_dir, cfg, opts, "dpo", settings, resume)
     initial = split_metrics(steps, trainable, train_b.epoch(0), val_b.epoch(0), 5)
     print(f"initial: training loss {initial['train_loss']:.4f}, validation loss {initial['val_loss']:.4f} "
           f"(log 2 = {math.log(2):.4f}), reward margins {initial['train_reward_margin']:.3f} / "
@@ -240,12 +198,9 @@ def finetune_dpo(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[str, 
     loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(b["chosen"][b["valid"]].size),
                sample=greedy_sampler(cfg, frozen, scale, tokenizer, splits["val"][0], style, tcfg.sample_tokens,
                                      pad_token_id, opts),
-               meta={"task": "dpo", "model": cfg.to_dict()}, resume=resume, progress=progress,
-               stop_after=stop_after, desc="dpo")
-    h = loop["history"]
+               meta=meta, resume=resume, progress=progress, stop_after=stop_after, desc="dpo")
     result = {**settings, "initial": initial, **loop["summary"]}
-    if h:
-        runs.plot_history(h, out_dir / "loss.png")
+    if h := loop["history"]:
         runs.plot_history(h, out_dir / "dpo.png", keys=(("train_reward_margin", "Training reward margin"),
                                                         ("val_reward_margin", "Validation reward margin")),
                           ylabel="Reward margin")

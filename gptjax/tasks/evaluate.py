@@ -31,8 +31,7 @@ def respond_file(model: str, data: str | None = None, out: str | Path | None = N
     and returns the offline scores. `decoding`: load_for_decoding's execution options."""
     out = Path(out) if out else (Path(model) / "responses.json" if Path(model).is_dir() else Path("responses.json"))
     runs.check_output(out, [data, model], overwrite=overwrite)
-    records = load_instruction_data(data) if data else trained_test_split(model)
-    records = records[:limit] if limit else records
+    records = (load_instruction_data(data) if data else trained_test_split(model))[:limit or None]
     params, cfg, opts = load_for_decoding(model, weight_dtype, **(decoding or {}))
     tok = get_gpt2_tokenizer(bpe_dir)
     responses = generate_responses(params, cfg, records, tok, style=style, max_new_tokens=max_new_tokens,
@@ -56,8 +55,7 @@ def judge_file(data: str, out: str | Path | None = None, *, key: str = "model_re
     printed, and saved to `out` (default DATA-scores.json)."""
     out = Path(out) if out else Path(data).with_name(Path(data).stem + "-scores.json")
     runs.check_output(out, [data, model], overwrite=overwrite)
-    records = load_json_records(data, keys=("instruction", "output", key))
-    records = records[:limit] if limit else records
+    records = load_json_records(data, keys=("instruction", "output", key))[:limit or None]
     responses = [r[key] for r in records]
     if model:
         params, cfg = load_model(model)

@@ -1,10 +1,10 @@
 """What the fine-tuning tasks (the classifier, SFT, DPO) share: the padding token, encoding, the `EpochBatches`
-base of their batches, Hugging Face splits, the trainable/frozen split and a finished run's files."""
+base of their batches, Hugging Face splits, options, the trainable/frozen split, steps, a run's start and files."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,10 @@ import numpy as np
 
 from gptjax import lora as lora_lib
 from gptjax.config import GPTConfig
-from gptjax.layout import to_canonical
-from gptjax.model_io import save_run
+from gptjax.engine import LossFn, Steps
+from gptjax.layout import layout_fns, to_canonical
+from gptjax.model_io import begin_run, save_run
+from gptjax.optim import OptimConfig
 from gptjax.options import Options
 
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>: the book's padding (and chapter 7's end-of-response) token
@@ -48,9 +50,12 @@ class EpochBatches:
         order_N = np.random.default_rng((self.seed, epoch)).permutation(self.n) if self.shuffle else np.arange(self.n)
         return order_N[i * self.batch_size:(i + 1) * self.batch_size]
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator:
-        for i in range(start, len(self)):
-            yield self.batch_at(epoch, i)
+    def filled(self, a: np.ndarray, value: Any) -> np.ndarray:
+        """`a` completed to batch_size rows with rows of `value`: a last partial batch keeps the batch shape."""
+        return np.pad(a, [(0, self.batch_size - len(a))] + [(0, 0)] * (a.ndim - 1), constant_values=value)
+
+    def epoch(self, epoch: int) -> Iterator:
+        return (self.batch_at(epoch, i) for i in range(len(self)))
 
     def __iter__(self):
         return self.epoch(0)
@@ -74,11 +79,13 @@ def load_hf_split(src: str, cache_dir: str | os.PathLike | None, local: str) -> 
                          f"config and split, or pass {local}") from e
 
 
-def check_lora_layout(lora: lora_lib.LoRAConfig | None, opts: Options) -> None:
-    """LoRA adapters are (in, out), as the kernels of the canonical layout: refuse (out, in) kernels."""
+def finetune_options(opts: Options | None, lora: lora_lib.LoRAConfig | None) -> Options:
+    """`opts` or Options.for_backend(); refused with LoRA unless kernels are (in, out), as its adapters."""
+    opts = opts or Options.for_backend()
     if lora is not None and opts.linear_layout != "in_out":
         raise ValueError(f"LoRA adapters train on (in, out) kernels, but the options lay them out "
                          f"{opts.linear_layout!r}; use Options(linear_layout='in_out') (CLI: drop --linear-layout)")
+    return opts
 
 
 def split_trainable(params: dict, lora: lora_lib.LoRAConfig | None, key: jax.Array) -> tuple[dict, dict]:
@@ -94,12 +101,29 @@ def check_pad_token(cfg: GPTConfig, pad_token_id: int) -> None:
                          f"(GPT-2's <|endoftext|>); use a model with vocab_size 50257")
 
 
+def make_steps(make_loss: Callable[[Options], LossFn], cfg: GPTConfig, optim: OptimConfig, trainable: Any,
+               frozen: Any, mesh: jax.sharding.Mesh | None, strategy: str, opts: Options | None) -> Steps:
+    """The engine's steps of the loss `make_loss(opts)`: only `trainable` gets gradients and optimizer state.
+    `opts` (default Options.for_backend()) lays out the weights; checkpoints hold canonical ones."""
+    opts = opts or Options.for_backend()
+    return Steps(make_loss(opts), optim, trainable, frozen=frozen, mesh=mesh, strategy=strategy,
+                 layout=layout_fns(cfg, opts, "params"))
+
+
+def begin(out_dir: str | Path, cfg: GPTConfig, opts: Options, task: str, settings: dict,
+          resume: bool | int) -> tuple[Path, dict]:
+    """model_io.begin_run, config.json holding the model, the options and the task's `settings`; returns the run
+    directory and engine.run's `meta` (what the checkpoints a resume restores must match)."""
+    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), task: settings}, resume=resume)
+    return out_dir, {"task": task, "model": cfg.to_dict()}
+
+
 def save_finished(out_dir: Path, trainable: dict, frozen: Any, lora: lora_lib.LoRAConfig | None, cfg: GPTConfig,
                   opts: Options, header: dict, adapters_extra: dict | None = None,
                   **adapters_meta) -> tuple[dict, dict]:
-    """A finished fine-tuning run's files (SFT, DPO, classifier): with LoRA, adapters.safetensors (the adapters,
-    `adapters_extra` params beside them, `adapters_meta`); params/ (LoRA merged in, canonical) and config.json
-    (`header`, "finished"). Returns the merged params (as `opts` lays them out) and their canonical copy."""
+    """A finished run's files: with LoRA, adapters.safetensors (the adapters, `adapters_extra` params beside them,
+    `adapters_meta`); params/ (LoRA merged in, canonical) and config.json (`header`, "finished").
+    Returns the merged params (as `opts` lays them out) and their canonical copy."""
     merged = lora_lib.full_params(trainable, frozen, lora.scale if lora else 1.0)
     if lora is not None:
         lora_lib.save_adapters(out_dir / "adapters.safetensors", trainable["lora"], lora, adapters_extra,

@@ -6,6 +6,7 @@ In x_N4T, 4 is the endings and T the tokens of context + ending, cropped from th
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import urllib.parse
@@ -68,13 +69,9 @@ def load_hellaswag(source: str | os.PathLike, *, limit: int | None = None,
         if not path.is_file():
             raise FileNotFoundError(f"HellaSwag file {src!r} does not exist; pass the official JSONL (e.g. "
                                     f"hellaswag_val.jsonl), its URL, or 'val' (downloaded once)")
-    items = []
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if line.strip():
-                items.append(_item(line, f"{src}:{i}"))
+        lines = ((i, line) for i, line in enumerate(f, 1) if line.strip())
+        items = [_item(line, f"{src}:{i}") for i, line in itertools.islice(lines, limit)]
     if not items:
         raise ValueError(f"HellaSwag file {src!r} holds no items")
     return items

@@ -1,10 +1,5 @@
-"""Instruction fine-tuning (the book's chapter 7) over the engine: SFT (full or LoRA), responses, the offline table.
-
-Training: `fit`, the engine's run with chapter 7's evaluation (also used by DPO), over steps whose
-state holds only what trains: every weight, or LoRA adapters beside frozen weights. Responses:
-greedy KV-cache decoding of many prompts of different lengths at once, text after the prompt, saved
-in the book's instruction-data-with-response.json format. Data and prompts: gptjax.tasks.instruct_data.
-"""
+"""Instruction fine-tuning (the book's chapter 7): SFT (full or LoRA); `fit`, the engine's run with chapter 7's
+evaluation (DPO's too); batched KV-cache responses and the offline table. Data and prompts: instruct_data."""
 from __future__ import annotations
 
 import json
@@ -22,36 +17,27 @@ import optax
 from tqdm.auto import tqdm
 
 from gptjax import engine, lora as lora_lib, runs
-from gptjax.model_io import begin_run, refuse_existing_run
+from gptjax.model_io import refuse_existing_run
 from gptjax.config import GPTConfig
 from gptjax.engine import IGNORE_INDEX, Hooks, Steps, TrainConfig, TrainState, mean_metrics, perplexity
 from gptjax.optim import OptimConfig
 from gptjax.generate import decoding_model, generate_batch
 from gptjax.sharding import mesh_for
 from gptjax.model import GPT, count_params
-from gptjax.layout import layout_fns, to_canonical
+from gptjax.layout import to_canonical
 from gptjax.options import Options
 from gptjax.tasks import pretrain
-from gptjax.tasks.finetune import (PAD_TOKEN_ID, check_lora_layout, check_pad_token, encode, save_finished,
-                                   split_trainable)
-from gptjax.tasks.instruct_data import (InstructionBatches, check_style, encode_examples, extract_response, format_input,
-                                        split_data)
+from gptjax.tasks.finetune import (PAD_TOKEN_ID, begin, check_pad_token, encode, finetune_options, make_steps,
+                                   save_finished, split_trainable)
+from gptjax.tasks.instruct_data import InstructionBatches, encode_examples, extract_response, format_input, split_data
 from gptjax.tasks.judge import text_scores
 
 # --- model, loss and steps -------------------------------------------------------------------------
 
-def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(summed negative log-likelihood, count) over targets that are not IGNORE_INDEX, float32."""
-    valid_BT = targets_BT != IGNORE_INDEX
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
-                                                             jnp.where(valid_BT, targets_BT, 0))
-    return jnp.sum(nll_BT * valid_BT), jnp.sum(valid_BT)
-
-
 @lru_cache(maxsize=8)
 def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Options()) -> engine.LossFn:
-    """The book's SFT loss: pretraining's mean cross-entropy of batches `(x_BT, y_BT)` (targets of -100 skipped)
-    over the whole model: `trainable` is {"params": every weight} or {"lora": adapters} over the `frozen` weights."""
+    """The book's SFT loss: pretraining's on batches `(x_BT, y_BT)` (targets of -100 skipped); `trainable` is
+    {"params": every weight} or {"lora": adapters} over the `frozen` weights."""
     lm_loss = pretrain.make_loss_fn(cfg, opts)
 
     def loss_fn(trainable, frozen, batch, key):
@@ -63,11 +49,8 @@ def make_loss_fn(cfg: GPTConfig, lora_scale: float = 1.0, opts: Options = Option
 def make_sft_steps(cfg: GPTConfig, optim: OptimConfig, trainable: Any, frozen: Any = None,
                    lora_scale: float = 1.0, mesh: Mesh | None = None, strategy: str = "dp",
                    opts: Options | None = None) -> Steps:
-    """The engine's steps for supervised fine-tuning: only `trainable` has gradients and optimizer state.
-    `opts` (default Options.for_backend()) is the layout of the weights; checkpoints hold canonical ones."""
-    opts = opts or Options.for_backend()
-    return Steps(make_loss_fn(cfg, lora_scale, opts), optim, trainable, frozen=frozen, mesh=mesh, strategy=strategy,
-                 layout=layout_fns(cfg, opts, "params"))
+    """The engine's steps for supervised fine-tuning (finetune.make_steps)."""
+    return make_steps(partial(make_loss_fn, cfg, lora_scale), cfg, optim, trainable, frozen, mesh, strategy, opts)
 
 
 # --- the fine-tuning loop (SFT and DPO) ------------------------------------------------------------
@@ -82,64 +65,63 @@ class InstructTrainConfig(TrainConfig):
     sample_tokens: int = 35      # greedy sample of the first validation prompt after each epoch (0: none)
 
 
-def train_val_batches(make_batches: Callable, enc: dict, tcfg: TrainConfig, **kw) -> tuple[Any, Any]:
-    """A chapter-7 run's batches: training shuffled (its last partial batch dropped), validation in order."""
+def chapter7_batches(make_batches: Callable, encode_split: Callable, data: Sequence[dict] | dict, tokenizer: Any,
+                     cfg: GPTConfig, tcfg: TrainConfig, style: str, allowed_max_length: int, pad_multiple: int,
+                     pad_token_id: int, **kw) -> tuple[dict, int, Any, Any]:
+    """A chapter-7 run's (splits, max length, training batches, validation batches): `data` split as the book,
+    each split `encode_split`, training batches shuffled (the last partial one dropped), validation in order."""
+    splits = data if isinstance(data, dict) else split_data(data)
+    check_pad_token(cfg, pad_token_id)
+    max_len = min(allowed_max_length, cfg.context_length)
+    enc = {k: encode_split(v, tokenizer, style) for k, v in splits.items() if v}
+    kw.update(pad_multiple=pad_multiple, allowed_max_length=max_len, pad_token_id=pad_token_id)
     train_b = make_batches(enc["train"], tcfg.batch_size, shuffle=True, drop_last=True, seed=tcfg.seed,
                            name="training", **kw)
     if "val" not in enc:
         raise ValueError("the validation split is empty; use more data")
-    return train_b, make_batches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation", **kw)
+    val_b = make_batches(enc["val"], tcfg.batch_size, shuffle=False, drop_last=False, name="validation", **kw)
+    return splits, max_len, train_b, val_b
 
 
 def split_metrics(steps: Steps, params: Any, train_batches, val_batches, num_batches: int) -> dict[str, float]:
     """Every metric of the eval step on the first batches of each split, as train_* and val_*."""
-    tr = mean_metrics(steps, params, train_batches, num_batches)
-    va = mean_metrics(steps, params, val_batches, num_batches)
-    return {**{f"train_{k}": v for k, v in tr.items()}, **{f"val_{k}": v for k, v in va.items()}}
+    return {f"{split}_{k}": v for split, batches in (("train", train_batches), ("val", val_batches))
+            for k, v in mean_metrics(steps, params, batches, num_batches).items()}
 
 
 def fit(steps: Steps, state: TrainState, tcfg: TrainConfig, train_b, val_b, out_dir: Path, *,
         count: Callable[[Any], int], sample: Callable[[Any], str] | None, meta: dict, resume: bool | int,
         progress: bool, stop_after: int | None, desc: str) -> dict:
-    """The engine's run with chapter 7's evaluation (every metric of the eval step, on `eval_iter` batches
-    of a fresh training shuffle and of the validation set) and the batch shapes the steps compiled for.
-    Its "summary": steps, tokens, time, those shapes and the last evaluation ("final"); samples.json: the samples."""
+    """The engine's run with chapter 7's evaluation (every eval-step metric on `eval_iter` batches of a fresh
+    training shuffle and of the validation set); writes samples.json and loss.png. Its "summary": steps, tokens,
+    time, the batch shapes the steps compiled for and the last evaluation ("final")."""
     shapes: dict[str, set] = {"train": set(), "eval": set()}
 
-    def counted(batches, kind):
-        for b in batches:
-            shapes[kind].add(_shape(b))
-            yield b
+    def shaped(kind: str, batch):
+        shapes[kind].add(tuple(tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(batch)))
+        return batch
+
+    def for_eval(batches):
+        return (shaped("eval", b) for b in batches)
 
     def evaluate(params, step: int) -> dict:
-        return split_metrics(steps, params, counted(train_b.epoch(10**6 + step), "eval"),
-                             counted(val_b.epoch(0), "eval"), tcfg.eval_iter)
+        return split_metrics(steps, params, for_eval(train_b.epoch(10**6 + step)), for_eval(val_b.epoch(0)),
+                             tcfg.eval_iter)
 
     def validate(params) -> float:
-        return mean_metrics(steps, params, counted(val_b.epoch(0), "eval"), tcfg.eval_iter)["loss"]
+        return mean_metrics(steps, params, for_eval(val_b.epoch(0)), tcfg.eval_iter)["loss"]
 
-    class Batches:  # the training batches, their shapes recorded
-        def __len__(self):
-            return len(train_b)
-
-        def batch_at(self, epoch, i):
-            batch = train_b.batch_at(epoch, i)
-            shapes["train"].add(_shape(batch))
-            return batch
-
-    hooks = Hooks(evaluate=evaluate, validate=validate, count=count, sample=sample)
-    loop = engine.run(steps, state, tcfg, Batches(), out_dir, hooks, meta=meta, resume=resume, progress=progress,
+    # the engine counts every training batch: record its shape there
+    hooks = Hooks(evaluate=evaluate, validate=validate, count=lambda b: count(shaped("train", b)), sample=sample)
+    loop = engine.run(steps, state, tcfg, train_b, out_dir, hooks, meta=meta, resume=resume, progress=progress,
                       stop_after=stop_after, desc=desc)
     runs.write_json_atomic(out_dir / "samples.json", loop["samples"])
-    compiled, h = {k: sorted(v) for k, v in shapes.items()}, loop["history"]
+    if h := loop["history"]:
+        runs.plot_history(h, out_dir / "loss.png")
     summary = {"steps": loop["steps"], "tokens_seen": loop["tokens_seen"], "wall_s": round(loop["wall_s"], 1),
-               "compiled_shapes": {k: [list(map(list, s)) for s in v] for k, v in compiled.items()},
+               "compiled_shapes": {k: [list(map(list, s)) for s in sorted(v)] for k, v in shapes.items()},
                "final": {k: v[-1] for k, v in h.items() if k.startswith(("train_", "val_"))} if h else {}}
-    return {**loop, "compiled_shapes": compiled, "summary": summary}
-
-
-def _shape(batch) -> tuple:
-    return tuple(tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(batch))
+    return {**loop, "summary": summary}
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -150,10 +132,9 @@ def generate_responses(params: dict, cfg: GPTConfig, entries: Sequence[dict], to
                        seed: int = 123, eos_id: int | None = PAD_TOKEN_ID, progress: bool = False,
                        return_finished: bool = False, opts: Options | None = None
                        ) -> list[str] | tuple[list[str], list[bool]]:
-    """The book's test-set loop: generate after format_input(entry) (greedy, 256 tokens, stop at
-    <|endoftext|>) and keep the text after the prompt without the "### Response:" marker. Prompts of
-    different lengths are decoded `batch_size` at a time (KV cache), each as if alone.
-    `return_finished` also returns, per answer, whether it ended with `eos_id` before the limit."""
+    """The book's test-set loop: generate after format_input(entry) (greedy, 256 tokens, stop at <|endoftext|>),
+    keep the text after the prompt without the "### Response:" marker; `batch_size` prompts at a time, each as if
+    alone. `return_finished` also returns, per answer, whether it ended with `eos_id` before the limit."""
     params, opts = decoding_model(params, cfg, opts)  # once for all the batches
     prompts = [format_input(e, style) for e in entries]
     ids = [encode(tokenizer, p) for p in prompts]
@@ -202,9 +183,14 @@ def response_nll(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenize
 
 
 @partial(jax.jit, static_argnames=("cfg", "opts"))
-def _nll_batch(params, batch, *, cfg: GPTConfig, opts: Options):
+def _nll_batch(params, batch, *, cfg: GPTConfig, opts: Options) -> tuple[jax.Array, jax.Array]:
+    """(summed float32 negative log-likelihood, count) of the targets that are not IGNORE_INDEX."""
     x_BT, y_BT = batch
-    return token_nll(GPT(cfg, opts).apply({"params": params}, x_BT, deterministic=True), y_BT)
+    logits_BTV = GPT(cfg, opts).apply({"params": params}, x_BT, deterministic=True)
+    valid_BT = y_BT != IGNORE_INDEX
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32),
+                                                             jnp.where(valid_BT, y_BT, 0))
+    return jnp.sum(nll_BT * valid_BT), jnp.sum(valid_BT)
 
 
 def offline_report(entries: Sequence[dict], responses: Sequence[str] | None = None, *, params: dict | None = None,
@@ -250,54 +236,40 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                       pad_token_id: int = PAD_TOKEN_ID, sharding: str = "none", fsdp: int | None = None,
                       opts: Options | None = None) -> dict:
     """Chapter 7 end to end; writes a run directory that `load_run`, `gptjax respond/chat/dpo` read.
-
     `data`: all records (split as the book) or ready {"train", "val", "test"} splits. Writes config.json, params/
     (LoRA merged in), checkpoints/, metrics.jsonl, steps.jsonl, loss.png and, with `respond`, test-responses.json
-    (the book's format) and eval.json / eval.md (the offline table). `pad_token_id`: the tokenizer's end-of-text
-    token (GPT-2's 50256), which also pads. `resume` continues the run in `out_dir` from its newest intact
-    checkpoint (an int: that step's) on the same data and `base_model` (config.json records their sha256 and
-    spec). `opts`: how it trains (default Options.for_backend()), the layout of `params`; params/, checkpoints/
-    and the returned params are canonical.
-    """
+    and eval.json / eval.md (the offline table). `pad_token_id`: the end-of-text token, which also pads. `resume`
+    continues the run in `out_dir` from its newest intact checkpoint (an int: that step's) on the same data and
+    base model. `opts`: how it trains (default Options.for_backend()), the layout of `params`; what it saves
+    and returns is canonical."""
     tcfg = tcfg or InstructTrainConfig()
-    opts = opts or Options.for_backend()
-    check_lora_layout(lora, opts)
-    check_style(style)
+    opts = finetune_options(opts, lora)
     if not resume:
         refuse_existing_run(out_dir, overwrite=overwrite, resume_hint="`gptjax finetune-instruct ... --resume`")
-    splits = data if isinstance(data, dict) else split_data(data)
-    check_pad_token(cfg, pad_token_id)
-    max_len = min(allowed_max_length, cfg.context_length)
-    enc = {k: encode_examples(v, tokenizer, style) for k, v in splits.items() if v}
-    train_b, val_b = train_val_batches(InstructionBatches, enc, tcfg, pad_multiple=pad_multiple,
-                                       allowed_max_length=max_len, mask=mask, pad_token_id=pad_token_id)
+    splits, max_len, train_b, val_b = chapter7_batches(InstructionBatches, encode_examples, data, tokenizer, cfg, tcfg,
+                                                       style, allowed_max_length, pad_multiple, pad_token_id, mask=mask)
     key = jax.random.PRNGKey(tcfg.seed)
     trainable, frozen = split_trainable(params, lora, jax.random.fold_in(key, 1))
     scale = lora.scale if lora else 1.0
     steps = make_sft_steps(cfg, tcfg.optim, trainable, frozen, scale,
                            mesh=mesh_for(sharding, fsdp, tcfg.batch_size), strategy=sharding, opts=opts)
     state = steps.init_state(trainable, key)
-    longest = max(len(x) for x in enc["train"].ids)
+    longest = max(len(x) for x in train_b.examples.ids)
     settings = run_settings("instruct", style, data_source, base_model, pad_multiple, max_len, lora, pad_token_id,
                             tcfg, splits, trainable, runs.tree_sha256(to_canonical(params, cfg, opts)), mask=mask)
     print(describe(params, settings, lora) + f"; longest training example {longest} tokens"
           + (f" (> {max_len}: cut)" if longest > max_len else "") + f"; batches/epoch {len(train_b)}")
-    out_dir = begin_run(out_dir, {"model": cfg.to_dict(), "options": opts.to_dict(), "instruct": settings},
-                        resume=resume)
+    out_dir, meta = begin(out_dir, cfg, opts, "instruct", settings, resume)
     initial = split_metrics(steps, trainable, train_b.epoch(0), val_b.epoch(0), 5)
     print(f"initial losses: training {initial['train_loss']:.3f}, validation {initial['val_loss']:.3f}")
     loop = fit(steps, state, tcfg, train_b, val_b, out_dir, count=lambda b: int(np.sum(b[1] != IGNORE_INDEX)),
                sample=greedy_sampler(cfg, frozen, scale, tokenizer, splits["val"][0], style, tcfg.sample_tokens,
                                      pad_token_id, opts),
-               meta={"task": "instruct", "model": cfg.to_dict()}, resume=resume, progress=progress,
-               stop_after=stop_after, desc="finetune-instruct")
-    h = loop["history"]
+               meta=meta, resume=resume, progress=progress, stop_after=stop_after, desc="finetune-instruct")
     result = {**settings, "initial": initial, **loop["summary"], "samples": loop["samples"]}
-    shapes = loop["compiled_shapes"]
+    shapes = loop["summary"]["compiled_shapes"]
     print(f"trained {loop['steps']} steps in {loop['wall_s']:.0f} s; train step compiled for "
           f"{len(shapes['train'])} batch shape(s), eval step for {len(shapes['eval'])}")
-    if h:
-        runs.plot_history(h, out_dir / "loss.png")
     merged, canonical = save_finished(out_dir, loop["state"].params, frozen, lora, cfg, opts,
                                       {"instruct": {k: v for k, v in result.items() if k != "samples"}},
                                       base_model=base_model)
@@ -306,7 +278,7 @@ def finetune_instruct(params: dict, cfg: GPTConfig, data: Sequence[dict] | dict[
                                               max_new_tokens=max_new_tokens, batch_size=tcfg.batch_size,
                                               name=base_model or "model", progress=progress, eos_id=pad_token_id,
                                               opts=opts)
-    return {**result, "history": h, "out_dir": str(out_dir), "params": canonical, "cfg": cfg}
+    return {**result, "history": loop["history"], "out_dir": str(out_dir), "params": canonical, "cfg": cfg}
 
 
 def run_settings(task: str, style: str, data_source: str | None, base_model: str | None, pad_multiple: int,
@@ -339,12 +311,11 @@ def greedy_sampler(cfg: GPTConfig, frozen: Any, scale: float, tokenizer: Any, en
     return sample
 
 
-def respond_and_evaluate(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenizer: Any, out_dir: str | Path,
+def respond_and_evaluate(params: dict, cfg: GPTConfig, entries: Sequence[dict], tokenizer: Any, out_dir: Path,
                          *, style: str = "alpaca", max_new_tokens: int = 256, batch_size: int = 8,
                          name: str = "model", progress: bool = False, eos_id: int = PAD_TOKEN_ID,
                          opts: Options | None = None) -> dict:
     """Test-set responses (test-responses.json) and the offline table (eval.json, eval.md) into `out_dir`."""
-    out_dir = Path(out_dir)
     t0 = time.time()
     responses, finished = generate_responses(params, cfg, entries, tokenizer, style=style,
                                              max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
@@ -363,10 +334,7 @@ def respond_and_evaluate(params: dict, cfg: GPTConfig, entries: Sequence[dict], 
 
 def run_style(run_dir: str | Path | None, default: str = "alpaca") -> str:
     """The prompt style a finetune-instruct (or DPO) run was trained with; `default` for other models."""
-    if run_dir is None:
-        return default
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    if run_dir is None or not (path := Path(run_dir) / "config.json").is_file():
         return default
     meta = json.loads(path.read_text())
     for task in ("dpo", "instruct"):

@@ -1,12 +1,6 @@
-"""Chapter 7's data: Alpaca-style records, prompt templates, the book's collate and length-bucketed batches.
-
-Records {instruction, input, output} come from the book's instruction-data.json (downloaded once), a
-local JSON file or a Hugging Face dataset, split 85 / 10 / 5 (train / test / val) in file order as the
-book. Prompts: the book's Alpaca template or its exercise-7.1 Phi-3 template. Batches: the book's
-custom_collate_fn (append <|endoftext|>, pad with it, mask all padding targets but the first with
--100), optionally masking the prompt (exercise 7.2) and padding to length buckets so the jitted step
-compiles once per bucket instead of once per batch length.
-"""
+"""Chapter 7's data: Alpaca-style records {instruction, input, output} (the book's instruction-data.json, a JSON
+file or a Hugging Face dataset) split in file order as the book; the Alpaca and Phi-3 (exercise 7.1) prompts; the
+book's collate, optionally masking the prompt (exercise 7.2), in length-bucketed batches (one compile per bucket)."""
 from __future__ import annotations
 
 import json
@@ -76,12 +70,11 @@ def _check_entries(data: Any, where: str, keys: Sequence[str] = ("instruction", 
     for i, e in enumerate(data):
         if not isinstance(e, dict):
             raise ValueError(f"{where}: record {i} is {type(e).__name__}, not an object with keys {list(keys)}")
-        missing = [k for k in keys if k not in e]
-        if missing:
+        if missing := [k for k in keys if k not in e]:
             raise ValueError(f"{where}: record {i} lacks {missing} (it has {sorted(e)}); every record needs "
                              f"{list(keys)}")
-        wrong = {k: type(e[k]).__name__ for k in (*keys, "input") if e.get(k) is not None and not isinstance(e[k], str)}
-        if wrong:
+        if wrong := {k: type(e[k]).__name__ for k in (*keys, "input")
+                     if e.get(k) is not None and not isinstance(e[k], str)}:
             raise ValueError(f"{where}: record {i} has non-text fields {wrong}; every field the prompts use must be "
                              f"a string")
         out.append({**e, "input": e.get("input") or ""})
@@ -95,11 +88,10 @@ def load_json_records(source: str | os.PathLike | None = None, *, url: str = INS
     src = None if source is None else os.fspath(source)
     if src is None or src == "default":
         try:
-            path = cached_download(url, cache_dir=cache_dir, sha256=sha256)
+            src = str(cached_download(url, cache_dir=cache_dir, sha256=sha256))
         except RuntimeError as e:
             raise FileNotFoundError(f"{e}. The file is {Path(url).name} from the book's repository: pass a local "
                                     f"copy (CLI: --data PATH)") from None
-        src = str(path)
     elif src.startswith("hf:"):
         ds = load_hf_split(src, cache_dir, "a local JSON file (the dataset saved as a list of records)")
         return _check_entries([dict(r) for r in ds], repr(src), keys)
@@ -149,10 +141,7 @@ class InstructionExamples:
 
 def _prefix_len(full: list[int], prefix: list[int]) -> int:
     """Tokens of `full` that are `prefix` (BPE can merge across the boundary; then the common part)."""
-    n = min(len(prefix), len(full))
-    if full[:n] == prefix[:n]:
-        return n
-    return next(i for i, (a, b) in enumerate(zip(full, prefix)) if a != b)
+    return next((i for i, (a, b) in enumerate(zip(full, prefix)) if a != b), min(len(prefix), len(full)))
 
 
 def encode_examples(entries: Sequence[dict], tokenizer: Any, style: str = "alpaca",
@@ -178,19 +167,14 @@ def bucket_length(n: int, multiple: int, cap: int | None = None) -> int:
 def collate(batch: Sequence[Sequence[int]], *, pad_token_id: int = PAD_TOKEN_ID, ignore_index: int = IGNORE_INDEX,
             allowed_max_length: int | None = None, mask_lengths: Sequence[int] | None = None,
             pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The book's custom_collate_fn -> (inputs_BT, targets_BT) int32.
-
-    Each item gets one <|endoftext|>, then padding to the longest item + 1; inputs drop the last token,
-    targets the first; every padding target but the first becomes `ignore_index`; both are cut to
-    `allowed_max_length`. `mask_lengths[i]` (exercise 7.2): the first n tokens of item i are prompt, so
-    `targets[:n - 1]` are ignored too. `pad_to`: pad inputs to at least this length (a bucket); the
-    extra positions are padding with ignored targets, so the loss equals the book's.
-    """
+    """The book's custom_collate_fn -> (inputs_BT, targets_BT) int32. Each item gets one <|endoftext|>, then
+    padding to the longest item + 1; inputs drop the last token, targets the first; every padding target but the
+    first becomes `ignore_index`; both are cut to `allowed_max_length`. `mask_lengths[i]` (exercise 7.2): the
+    first n tokens of item i are prompt, so `targets[:n - 1]` are ignored too. `pad_to`: pad inputs to at least
+    this length (a bucket); the extra positions are padding with ignored targets, so the loss equals the book's."""
     if not batch:
         raise ValueError("collate needs at least one example")
-    batch_max_length = max(len(item) + 1 for item in batch)
-    if pad_to is not None:
-        batch_max_length = max(batch_max_length, pad_to + 1)
+    batch_max_length = max(pad_to or 0, *map(len, batch)) + 1
     inputs, targets = [], []
     for i, item in enumerate(batch):
         padded = np.full(batch_max_length, pad_token_id, np.int32)
@@ -201,10 +185,8 @@ def collate(batch: Sequence[Sequence[int]], *, pad_token_id: int = PAD_TOKEN_ID,
             y_T[pads[1:]] = ignore_index
         if mask_lengths is not None:
             y_T[:max(int(mask_lengths[i]) - 1, 0)] = ignore_index
-        if allowed_max_length is not None:
-            x_T, y_T = x_T[:allowed_max_length], y_T[:allowed_max_length]
-        inputs.append(x_T)
-        targets.append(y_T)
+        inputs.append(x_T[:allowed_max_length])
+        targets.append(y_T[:allowed_max_length])
     return np.stack(inputs), np.stack(targets)
 
 
@@ -213,11 +195,9 @@ MASKS = ("none", "instruction", "prompt")
 
 class InstructionBatches(EpochBatches):
     """Batches of the book's collate; a last partial batch is filled with ignored rows so B never changes.
-
-    `pad_multiple` > 1 pads T up to a multiple of it (capped at `allowed_max_length`): a run then
-    compiles one step per bucket. `mask`: 'none' (the book), 'instruction' (exercise 7.2: the tokens of
-    format_input) or 'prompt' (everything before the answer text, the response header too).
-    """
+    `pad_multiple` > 1 pads T up to a multiple of it (capped at `allowed_max_length`): a run then compiles one
+    step per bucket. `mask`: 'none' (the book), 'instruction' (exercise 7.2: the tokens of format_input) or
+    'prompt' (everything before the answer text, the response header too)."""
 
     def __init__(self, examples: InstructionExamples, batch_size: int, *, shuffle: bool, drop_last: bool,
                  seed: int = 123, pad_multiple: int = 1, allowed_max_length: int | None = 1024, mask: str = "none",
@@ -235,17 +215,11 @@ class InstructionBatches(EpochBatches):
     def batch_at(self, epoch: int, i: int) -> tuple[np.ndarray, np.ndarray]:
         rows = self.rows(epoch, i)
         items = [self.examples.ids[r] for r in rows]
-        longest = max(len(it) for it in items)
         cap = self.allowed_max_length
-        pad_to = bucket_length(longest, self.pad_multiple, cap) if self.pad_multiple > 1 else None
         masks = None if self._masks is None else [self._masks[r] for r in rows]
         x_BT, y_BT = collate(items, pad_token_id=self.pad_token_id, allowed_max_length=cap, mask_lengths=masks,
-                             pad_to=pad_to)
-        if len(rows) < self.batch_size:  # filler rows: all targets ignored, the loss is unchanged
-            fill = self.batch_size - len(rows)
-            x_BT = np.concatenate([x_BT, np.full((fill, x_BT.shape[1]), self.pad_token_id, np.int32)])
-            y_BT = np.concatenate([y_BT, np.full((fill, y_BT.shape[1]), IGNORE_INDEX, np.int32)])
-        return x_BT, y_BT
+                             pad_to=bucket_length(max(map(len, items)), self.pad_multiple, cap))
+        return self.filled(x_BT, self.pad_token_id), self.filled(y_BT, IGNORE_INDEX)  # filler targets: ignored
 
     def shapes(self, epoch: int = 0) -> set[tuple[int, int]]:
         """Batch shapes of one pass: the programs a jitted step compiles for it."""

@@ -2,6 +2,7 @@
 scores (exact match, ROUGE-L) that need no judge."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -43,11 +44,9 @@ def _post(endpoint: str, payload: dict, model: str, timeout: float):
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         body = e.read().decode("utf-8", "replace")[:300]
-        try:
+        with contextlib.suppress(json.JSONDecodeError, AttributeError):  # the server's own message, where it has one
             error = json.loads(body).get("error", body)
             body = error.get("message", error) if isinstance(error, dict) else error
-        except (json.JSONDecodeError, AttributeError):
-            pass
         raise JudgeUnavailableError(f"the judge at {endpoint} answered HTTP {e.code}: {body}; check the model name "
                                     f"({model!r}, CLI: --judge-model) and the URL") from None
     except (urllib.error.URLError, OSError) as e:
@@ -98,10 +97,8 @@ def query_model(prompt: str, model: str = DEFAULT_JUDGE, url: str = DEFAULT_URL,
 
 def judge_prompt(entry: dict, json_key: str = "model_response", style: str = "alpaca") -> str:
     """The book's scoring prompt for one record."""
-    return (f"Given the input `{format_input(entry, style)}` "
-            f"and correct output `{entry['output']}`, "
-            f"score the model response `{entry[json_key]}`"
-            f" on a scale from 0 to 100, where 100 is the best score. "
+    return (f"Given the input `{format_input(entry, style)}` and correct output `{entry['output']}`, score the model "
+            f"response `{entry[json_key]}` on a scale from 0 to 100, where 100 is the best score. "
             f"Respond with the integer number only.")
 
 
@@ -111,8 +108,7 @@ def generate_model_scores(entries: Sequence[dict], json_key: str = "model_respon
     """The book's generate_model_scores: one judge score per record, `int(reply)`; replies that are not an
     integer, or an integer outside 0-100, are counted and left out of the mean. Returns scores, their mean,
     and the replies left out."""
-    missing = [i for i, e in enumerate(entries) if json_key not in e or "output" not in e]
-    if missing:
+    if missing := [i for i, e in enumerate(entries) if json_key not in e or "output" not in e]:
         raise ValueError(f"records {missing[:5]} lack '{json_key}' or 'output'; pass the responses JSON written by "
                          f"`gptjax respond` (or --key with the field holding the responses)")
     scores, unparsable, out_of_range = [], [], []
